@@ -1,0 +1,31 @@
+//! The hapair API vocabulary, shared by the controller and the node agents.
+//!
+//! This crate defines what users write and what the two halves of the system say to each
+//! other, and nothing that performs I/O:
+//!
+//! - [`hagroup`] and [`volume`]: the `HaGroup` and `ReplicatedVolume` custom resources
+//!   (API group `hapair.dev`, version `v1alpha1`), their status types and defaults;
+//! - [`validation`]: the semantic rules a schema cannot express, run by the controller
+//!   and again by every agent;
+//! - [`manifest`]: reading YAML manifests with API-server strictness, for standalone mode
+//!   and for tests;
+//! - [`nodeapi`]: the desired-config bundle, node report, witness lease and admin-action
+//!   messages of the node API;
+//! - [`crd`]: CRD generation (the `crdgen` binary writes them into the Helm chart).
+//!
+//! Reconciling, serving and deciding live elsewhere: in `hapair-operator` and `hapair-agent`.
+
+pub mod condition;
+pub mod crd;
+pub mod duration;
+pub mod hagroup;
+pub mod manifest;
+pub mod nodeapi;
+pub mod quantity;
+pub mod validation;
+pub mod volume;
+
+pub use duration::Duration;
+pub use hagroup::{HaGroup, HaGroupSpec, HaGroupStatus};
+pub use nodeapi::GroupKey;
+pub use volume::{ReplicatedVolume, ReplicatedVolumeSpec, ReplicatedVolumeStatus};

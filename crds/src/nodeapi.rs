@@ -1,0 +1,450 @@
+//! Types exchanged between the controller and the node agents (the node API).
+//!
+//! Agents connect out to the controller: they long-poll their [`DesiredConfig`], post a
+//! [`NodeReport`], and ask the witness for leases with [`LeaseRequest`]. Admin actions travel
+//! inside the desired config; their outcomes come back inside the report. Every type here is
+//! plain data so both sides (and the tests) can build and compare it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::hagroup::{FailoverRecord, HaGroupSpec, Hardware, LinkStatus, NodeHealth, NodeRole};
+use crate::volume::{ConnectionState, DiskState, ReplicatedVolumeSpec, SyncProgress, VolumeRole};
+
+/// URL paths of the node API, relative to the controller's base URL.
+pub mod paths {
+    /// `GET ?revision=N&wait=SECONDS`: the node's desired config once its revision exceeds N.
+    pub fn config(node: &str) -> String {
+        format!("/v1/nodes/{node}/config")
+    }
+    /// `POST`: the node's [`super::NodeReport`].
+    pub fn report(node: &str) -> String {
+        format!("/v1/nodes/{node}/report")
+    }
+    /// `POST`: a [`super::LeaseRequest`], answered by a [`super::LeaseResponse`].
+    pub const LEASE: &str = "/v1/witness/lease";
+    /// `POST`: an [`super::EnrollRequest`] carrying a one-time token.
+    pub const ENROLL: &str = "/v1/enroll";
+    /// `GET`: every group's status (admin API).
+    pub const GROUPS: &str = "/v1/groups";
+    /// `POST`: an [`super::AdminAction`] for a group (admin API).
+    pub fn actions(namespace: &str, name: &str) -> String {
+        format!("/v1/groups/{namespace}/{name}/actions")
+    }
+}
+
+/// A group's identity across namespaces, written `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl GroupKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        GroupKey { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for GroupKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid group key {0:?}: expected namespace/name")]
+pub struct GroupKeyError(String);
+
+impl FromStr for GroupKey {
+    type Err = GroupKeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(GroupKey::new(ns, name))
+            }
+            _ => Err(GroupKeyError(s.to_string())),
+        }
+    }
+}
+
+impl Serialize for GroupKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for GroupKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GroupKey".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "pattern": "^[^/]+/[^/]+$" })
+    }
+}
+
+/// Everything one node must run: every group it belongs to, at one revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredConfig {
+    pub node: String,
+    /// Increases with every change to anything in this bundle.
+    pub revision: u64,
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
+}
+
+/// One group as seen by one of its nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupConfig {
+    pub key: GroupKey,
+    /// `metadata.generation` of the HaGroup this was built from.
+    #[serde(default)]
+    pub generation: i64,
+    /// The validated spec, with unreferenced virtual IPs made explicit as trailing steps.
+    pub spec: HaGroupSpec,
+    /// The ReplicatedVolumes this group's flow and monitors use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeConfig>,
+    pub heartbeat_key: HeartbeatKey,
+    /// Admin actions not yet acknowledged by this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<AdminAction>,
+    /// The group is being deleted: stop the flow, remove VIPs, demote volumes, then report.
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+/// A ReplicatedVolume as delivered to a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Stable identity written into the on-disk metadata; a replica with another UUID is
+    /// foreign and refused.
+    pub uuid: String,
+    #[serde(default)]
+    pub generation: i64,
+    pub spec: ReplicatedVolumeSpec,
+}
+
+/// The HMAC-SHA256 key authenticating a group's heartbeats.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum HeartbeatKey {
+    /// Base64 key material, delivered over the mutually authenticated node API.
+    Inline(String),
+    /// A file on the node holding the key (raw bytes).
+    File(String),
+}
+
+impl fmt::Debug for HeartbeatKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeartbeatKey::Inline(_) => f.write_str("Inline(<redacted>)"),
+            HeartbeatKey::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// An operator's request to change roles, carried to the agents in their desired config.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminAction {
+    /// Unique per request, so retries are idempotent and outcomes can be matched.
+    pub id: String,
+    #[serde(flatten)]
+    pub kind: AdminActionKind,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum AdminActionKind {
+    /// Graceful move of the service to `to`, with no data loss.
+    Switchover { to: String },
+    /// Make `node` active regardless of health and sync (never overlapping leases).
+    ForceActive { node: String },
+    /// End a split brain: `winner` keeps its data and becomes active.
+    ResolveSplitBrain { winner: String },
+    /// Freeze (or unfreeze) automatic actions.
+    Maintenance { enabled: bool },
+}
+
+impl AdminActionKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AdminActionKind::Switchover { .. } => "switchover",
+            AdminActionKind::ForceActive { .. } => "force-active",
+            AdminActionKind::ResolveSplitBrain { .. } => "resolve-split-brain",
+            AdminActionKind::Maintenance { .. } => "maintenance",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ActionOutcome {
+    /// Accepted and in progress.
+    Pending,
+    Succeeded,
+    Failed,
+    /// Refused before doing anything (for example a switchover to an out-of-sync node).
+    Rejected,
+}
+
+impl ActionOutcome {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, ActionOutcome::Pending)
+    }
+}
+
+/// A node's answer to an admin action.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionResult {
+    pub id: String,
+    pub outcome: ActionOutcome,
+    pub message: String,
+}
+
+/// What an agent tells the controller about itself and its groups.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    pub node: String,
+    /// Revision of the desired config the agent is running.
+    pub applied_revision: u64,
+    /// Why the agent refused the latest desired config, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    pub agent_version: String,
+    pub os: String,
+    pub uptime_seconds: u64,
+    #[serde(default)]
+    pub hardware: Hardware,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkStatus>,
+    #[serde(default)]
+    pub groups: Vec<GroupReport>,
+}
+
+/// One group as one node sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupReport {
+    pub key: GroupKey,
+    pub role: NodeRole,
+    pub epoch: u64,
+    pub health: NodeHealth,
+    /// Why the node is in its role (e.g. "waiting for witness: unreachable").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_reason: Option<String>,
+    /// Whether any heartbeat link currently reaches the peer.
+    pub peer_reachable: bool,
+    /// RFC 3339 time of the last heartbeat received from the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_peer_heartbeat: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heartbeat_links: Vec<HeartbeatLinkReport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepReport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitors: Vec<MonitorReport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<FailoverRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ActionResult>,
+    /// Events since the previous report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventRecord>,
+    /// Set once a deleting group has stopped everything on this node.
+    #[serde(default)]
+    pub cleaned_up: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatLinkReport {
+    pub index: u32,
+    pub local_address: String,
+    pub peer_address: String,
+    pub up: bool,
+    /// Heartbeats lost over the recent window, percent.
+    pub loss_percent: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StepState {
+    Stopped,
+    Starting,
+    /// Started; waiting out the stabilization time.
+    Stabilizing,
+    Running,
+    Restarting,
+    Stopping,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    pub name: String,
+    pub state: StepState,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorReport {
+    pub name: String,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeReport {
+    pub name: String,
+    pub disk_state: DiskState,
+    pub role: VolumeRole,
+    pub connection: ConnectionState,
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncProgress>,
+    /// Whether the peer's replica was UpToDate at last contact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_disk_state: Option<DiskState>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// A decision or incident, with its reason, as it becomes a Kubernetes Event.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRecord {
+    /// RFC 3339.
+    pub time: String,
+    #[serde(rename = "type")]
+    pub type_: EventType,
+    /// CamelCase, e.g. `Failover`, `ProbeFailed`, `SelfFenced`.
+    pub reason: String,
+    pub message: String,
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum LeaseOp {
+    Acquire,
+    Renew,
+    Release,
+}
+
+/// A node asking the witness for (or giving back) the group's lease.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRequest {
+    pub group: GroupKey,
+    pub node: String,
+    pub op: LeaseOp,
+    /// The epoch the node will act in once granted.
+    pub epoch: u64,
+    /// Requested lifetime; the witness never grants longer than the group's leaseTTL.
+    pub ttl_ms: u64,
+}
+
+/// The witness's answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "camelCase")]
+pub enum LeaseResponse {
+    /// The lease is the caller's for `ttlMs`, measured from when it sent the request.
+    Granted {
+        holder: String,
+        ttl_ms: u64,
+        epoch: u64,
+    },
+    /// Someone else holds it, or the witness is waiting out a restart.
+    Denied {
+        holder: Option<String>,
+        retry_after_ms: u64,
+        reason: String,
+    },
+    Released,
+}
+
+/// Exchanging a one-time token for a client certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    pub node: String,
+    pub token: String,
+    /// PEM certificate signing request for the node's key (CN = node name).
+    pub csr_pem: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
+/// Body of every non-2xx node API answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_key_round_trips() {
+        let key: GroupKey = "db/pg".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(key, GroupKey::new("db", "pg"));
+        assert_eq!(serde_json::to_string(&key).ok().as_deref(), Some("\"db/pg\""));
+        for bad in ["pg", "/pg", "db/", "a/b/c"] {
+            assert!(bad.parse::<GroupKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn admin_actions_are_tagged() {
+        let action = AdminAction { id: "a1".into(), kind: AdminActionKind::Switchover { to: "b".into() } };
+        let json = serde_json::to_value(&action).unwrap_or_default();
+        assert_eq!(json, serde_json::json!({"id": "a1", "action": "switchover", "to": "b"}));
+        let back: AdminAction = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, action);
+    }
+
+    #[test]
+    fn heartbeat_key_debug_is_redacted() {
+        let key = HeartbeatKey::Inline("c2VjcmV0".into());
+        assert!(!format!("{key:?}").contains("c2VjcmV0"));
+    }
+}
