@@ -1,0 +1,115 @@
+//! Accepting a desired-config bundle: the agent re-validates everything the controller sent,
+//! so a bad bundle from any source (controller bug, hand-edited file) is refused whole.
+
+use std::collections::BTreeMap;
+
+use hapair_crds::nodeapi::{DesiredConfig, GroupConfig};
+use hapair_crds::validation::{ValidationErrors, validate_group, validate_references, validate_volume};
+
+/// Why a bundle was refused. Nothing of a refused bundle is applied.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle is not valid JSON or YAML: {0}")]
+    Decode(String),
+    #[error("bundle is for node {found:?}, but this agent is {expected:?}")]
+    WrongNode { expected: String, found: String },
+    #[error("group {group}: node {node:?} is not one of the group's nodes")]
+    NotAMember { group: String, node: String },
+    #[error("group {group}: {errors}")]
+    Invalid { group: String, errors: ValidationErrors },
+    #[error("group {group}: volume {volume}: {errors}")]
+    InvalidVolume { group: String, volume: String, errors: ValidationErrors },
+    #[error("group {0} appears twice")]
+    DuplicateGroup(String),
+}
+
+/// Decodes a bundle from JSON or YAML text.
+///
+/// YAML goes through a JSON value first so enums read the same in both forms
+/// (`heartbeatKey: {file: ...}`) instead of needing YAML tags.
+pub fn decode(text: &str) -> Result<DesiredConfig, BundleError> {
+    let value: serde_json::Value = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| BundleError::Decode(e.to_string()))?
+    } else {
+        serde_yaml::from_str(text).map_err(|e| BundleError::Decode(e.to_string()))?
+    };
+    serde_path_to_error::deserialize(value).map_err(|e| BundleError::Decode(format!("{}: {}", e.path(), e.inner())))
+}
+
+/// Checks a bundle addressed to `node`: membership, then every group's and volume's rules.
+pub fn check(bundle: &DesiredConfig, node: &str) -> Result<(), BundleError> {
+    if bundle.node != node {
+        return Err(BundleError::WrongNode { expected: node.to_string(), found: bundle.node.clone() });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for group in &bundle.groups {
+        if !seen.insert(&group.key) {
+            return Err(BundleError::DuplicateGroup(group.key.to_string()));
+        }
+        check_group(group, node)?;
+    }
+    Ok(())
+}
+
+fn check_group(group: &GroupConfig, node: &str) -> Result<(), BundleError> {
+    let key = group.key.to_string();
+    if !group.spec.nodes.iter().any(|n| n.name == node) {
+        return Err(BundleError::NotAMember { group: key, node: node.to_string() });
+    }
+    validate_group(&group.spec).map_err(|errors| BundleError::Invalid { group: key.clone(), errors })?;
+    let mut volumes = BTreeMap::new();
+    for volume in &group.volumes {
+        validate_volume(&volume.spec).map_err(|errors| BundleError::InvalidVolume {
+            group: key.clone(),
+            volume: volume.name.clone(),
+            errors,
+        })?;
+        volumes.insert(volume.name.clone(), volume.spec.clone());
+    }
+    validate_references(&group.key.name, &group.spec, &volumes)
+        .map_err(|errors| BundleError::Invalid { group: key, errors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUNDLE: &str = r#"
+node: a
+revision: 3
+groups:
+  - key: default/web
+    spec:
+      nodes:
+        - {name: a, heartbeatAddresses: [198.18.1.1]}
+        - {name: b, heartbeatAddresses: [198.18.1.2]}
+    heartbeatKey: {file: /etc/hapair/web.key}
+"#;
+
+    #[test]
+    fn accepts_a_valid_bundle() {
+        let bundle = decode(BUNDLE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bundle.revision, 3);
+        check(&bundle, "a").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn refuses_a_bundle_for_another_node() {
+        let bundle = decode(BUNDLE).unwrap_or_else(|e| panic!("{e}"));
+        let err = check(&bundle, "c").err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("bundle is for node \"a\", but this agent is \"c\""));
+    }
+
+    #[test]
+    fn refuses_an_invalid_group_naming_the_field() {
+        let text = BUNDLE.replace("198.18.1.2", "not-an-ip");
+        let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
+        let err = check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("spec.nodes[1].heartbeatAddresses[0]"), "{err}");
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert!(matches!(decode("{nope"), Err(BundleError::Decode(_))));
+    }
+}

@@ -1,0 +1,237 @@
+//! A directory of manifests, loaded and checked as one consistent set.
+//!
+//! Standalone mode keeps its desired state in files; this is where those files become
+//! objects. Each object is checked on its own (schema, strict decoding, semantic rules) and
+//! then against the others (a volume's group exists, nodes match, references resolve). An
+//! object that fails is left out and reported with file, object and field; the rest load.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hapair_crds::manifest::{Document, ManifestError, Object, parse_documents};
+use hapair_crds::nodeapi::GroupKey;
+use hapair_crds::validation::{validate_references, validate_volume_group};
+use hapair_crds::{HaGroup, ReplicatedVolume};
+use k8s_openapi::api::core::v1::Secret;
+
+/// Where an object was read from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    pub index: usize,
+}
+
+/// The valid objects of a manifest directory, and the reasons the others were refused.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub groups: BTreeMap<GroupKey, (HaGroup, Origin)>,
+    /// Keyed by namespace and name, like groups.
+    pub volumes: BTreeMap<GroupKey, (ReplicatedVolume, Origin)>,
+    pub secrets: BTreeMap<GroupKey, Secret>,
+    pub errors: Vec<ManifestError>,
+}
+
+/// Why a directory could not be read at all (as opposed to a bad manifest in it).
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("reading manifest directory {path}: {source}")]
+    ReadDir { path: PathBuf, source: std::io::Error },
+}
+
+impl Catalog {
+    /// Loads every `*.yaml` / `*.yml` file of `dir` (not recursive; hidden files skipped).
+    pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogError> {
+        let read_err = |source| CatalogError::ReadDir { path: dir.to_path_buf(), source };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(read_err)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+            })
+            .collect();
+        files.sort();
+        let mut sources = Vec::with_capacity(files.len());
+        let mut errors = Vec::new();
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => sources.push((file.display().to_string(), text)),
+                Err(e) => errors.push(ManifestError {
+                    file: file.display().to_string(),
+                    index: 0,
+                    object: None,
+                    field: None,
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        let mut catalog = Catalog::from_sources(sources.iter().map(|(f, t)| (f.as_str(), t.as_str())));
+        errors.append(&mut catalog.errors);
+        catalog.errors = errors;
+        Ok(catalog)
+    }
+
+    /// Builds a catalog from in-memory sources `(name, yaml text)`.
+    pub fn from_sources<'a>(sources: impl IntoIterator<Item = (&'a str, &'a str)>) -> Catalog {
+        let mut catalog = Catalog::default();
+        let mut documents: Vec<Document> = Vec::new();
+        for (name, text) in sources {
+            let (docs, mut errors) = parse_documents(name, text);
+            documents.extend(docs);
+            catalog.errors.append(&mut errors);
+        }
+        for doc in documents {
+            let key = GroupKey::new(doc.object.namespace(), doc.object.name());
+            let origin = Origin { file: doc.source.clone(), index: doc.index };
+            let kind = doc.object.kind();
+            let duplicate = |previous: &Origin| ManifestError {
+                file: doc.source.clone(),
+                index: doc.index,
+                object: Some(format!("{kind} {key}")),
+                field: Some("metadata.name".into()),
+                message: format!("also defined in {} (document {})", previous.file, previous.index),
+            };
+            match doc.object {
+                Object::Group(group) => match catalog.groups.get(&key) {
+                    Some((_, previous)) => catalog.errors.push(duplicate(previous)),
+                    None => {
+                        catalog.groups.insert(key, (*group, origin));
+                    }
+                },
+                Object::Volume(volume) => match catalog.volumes.get(&key) {
+                    Some((_, previous)) => catalog.errors.push(duplicate(previous)),
+                    None => {
+                        catalog.volumes.insert(key, (*volume, origin));
+                    }
+                },
+                Object::Secret(secret) => {
+                    catalog.secrets.insert(key, *secret);
+                }
+            }
+        }
+        catalog.check_cross_references();
+        catalog
+    }
+
+    /// Drops objects whose references do not resolve, recording why.
+    fn check_cross_references(&mut self) {
+        let mut refused_volumes = Vec::new();
+        for (key, (volume, origin)) in &self.volumes {
+            let group = self.groups.get(&GroupKey::new(&key.namespace, &volume.spec.group)).map(|(g, _)| &g.spec);
+            if let Err(errors) = validate_volume_group(&volume.spec, group) {
+                self.errors.push(error_for(origin, "ReplicatedVolume", key, errors));
+                refused_volumes.push(key.clone());
+            }
+        }
+        for key in refused_volumes {
+            self.volumes.remove(&key);
+        }
+        let mut refused_groups = Vec::new();
+        for (key, (group, origin)) in &self.groups {
+            let volumes = self.volume_specs_in(&key.namespace);
+            if let Err(errors) = validate_references(&key.name, &group.spec, &volumes) {
+                self.errors.push(error_for(origin, "HaGroup", key, errors));
+                refused_groups.push(key.clone());
+            }
+        }
+        for key in refused_groups {
+            self.groups.remove(&key);
+        }
+    }
+
+    /// Volume specs of one namespace, by name.
+    pub fn volume_specs_in(&self, namespace: &str) -> BTreeMap<String, hapair_crds::ReplicatedVolumeSpec> {
+        self.volumes
+            .iter()
+            .filter(|(k, _)| k.namespace == namespace)
+            .map(|(k, (v, _))| (k.name.clone(), v.spec.clone()))
+            .collect()
+    }
+}
+
+fn error_for(
+    origin: &Origin,
+    kind: &str,
+    key: &GroupKey,
+    errors: hapair_crds::validation::ValidationErrors,
+) -> ManifestError {
+    ManifestError {
+        file: origin.file.clone(),
+        index: origin.index,
+        object: Some(format!("{kind} {key}")),
+        field: errors.first().map(|e| e.path.clone()),
+        message: errors.0.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GROUP: &str = r#"
+apiVersion: hapair.dev/v1alpha1
+kind: HaGroup
+metadata: {name: g, namespace: ns}
+spec:
+  nodes:
+    - {name: a, heartbeatAddresses: [198.18.1.1]}
+    - {name: b, heartbeatAddresses: [198.18.1.2]}
+  flow:
+    - name: data
+      volume: {volumeRef: data}
+"#;
+
+    const VOLUME: &str = r#"
+apiVersion: hapair.dev/v1alpha1
+kind: ReplicatedVolume
+metadata: {name: data, namespace: ns}
+spec:
+  group: g
+  size: 1Gi
+  backing:
+    - {node: a, path: /srv/data.img}
+    - {node: b, path: /srv/data.img}
+"#;
+
+    #[test]
+    fn loads_a_consistent_set() {
+        let catalog = Catalog::from_sources([("g.yaml", GROUP), ("v.yaml", VOLUME)]);
+        assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
+        assert_eq!(catalog.groups.len(), 1);
+        assert_eq!(catalog.volumes.len(), 1);
+    }
+
+    #[test]
+    fn refuses_a_group_whose_volume_is_missing() {
+        let catalog = Catalog::from_sources([("g.yaml", GROUP)]);
+        assert!(catalog.groups.is_empty());
+        let error = catalog.errors.first().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            error,
+            "g.yaml (document 1), HaGroup ns/g: spec.flow[0].volume.volumeRef: no ReplicatedVolume named \"data\" in the group's namespace"
+        );
+    }
+
+    #[test]
+    fn refuses_a_volume_on_foreign_nodes() {
+        let volume = VOLUME.replace("node: b", "node: c");
+        let catalog = Catalog::from_sources([("g.yaml", GROUP), ("v.yaml", volume.as_str())]);
+        let errors: Vec<String> = catalog.errors.iter().map(|e| e.to_string()).collect();
+        assert!(errors[0].contains("spec.backing[1].node: \"c\" is not a node of group \"g\""), "{errors:?}");
+        // Without its volume the group no longer resolves either.
+        assert!(catalog.groups.is_empty());
+    }
+
+    #[test]
+    fn refuses_duplicates_naming_both_files() {
+        let catalog = Catalog::from_sources([("one.yaml", VOLUME), ("two.yaml", VOLUME), ("g.yaml", GROUP)]);
+        let error = catalog.errors.first().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.starts_with(
+                "two.yaml (document 1), ReplicatedVolume ns/data: metadata.name: also defined in one.yaml"
+            ),
+            "{error}"
+        );
+        assert_eq!(catalog.volumes.len(), 1);
+    }
+}
