@@ -1,0 +1,37 @@
+# Shared helpers for hapair's scripts. Source it; do not run it.
+
+# Installs the Debian packages named in "$@" that are not installed yet.
+ensure_debian_packages() {
+    local missing=()
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # keepalived's postinst tries to start the daemon; nothing here wants it running.
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        rm -f /usr/sbin/policy-rc.d
+    fi
+}
+
+# Installs the PyPI packages named in "$@" (name==version) that are not importable yet.
+ensure_pip_packages() {
+    local missing=()
+    local spec
+    for spec in "$@"; do
+        python3 -m pip show -q "${spec%%=*}" >/dev/null 2>&1 || missing+=("$spec")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing PyPI packages: ${missing[*]}"
+        python3 -m pip install -q --disable-pip-version-check "${missing[@]}"
+    fi
+}
+
+repo_root() {
+    cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
+}
