@@ -19,12 +19,17 @@ ensure_debian_packages() {
     fi
 }
 
-# Installs the PyPI packages named in "$@" (name==version) that are not importable yet.
+# Installs the PyPI packages named in "$@" (name==version) that are not installed at that
+# version yet (a bare name accepts any installed version).
 ensure_pip_packages() {
     local missing=()
-    local spec
+    local spec have
     for spec in "$@"; do
-        python3 -m pip show -q "${spec%%=*}" >/dev/null 2>&1 || missing+=("$spec")
+        have=$(python3 -m pip show "${spec%%=*}" 2>/dev/null | sed -n 's/^Version: //p')
+        case "$spec" in
+            *==*) [ "$have" = "${spec#*==}" ] || missing+=("$spec") ;;
+            *) [ -n "$have" ] || missing+=("$spec") ;;
+        esac
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing PyPI packages: ${missing[*]}"

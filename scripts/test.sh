@@ -22,4 +22,6 @@ echo "==> crdgen --check"
 echo "==> cargo test"
 cargo test --workspace --locked --no-fail-fast
 
+bash scripts/test-chart.sh
+
 echo "==> all checks passed"
