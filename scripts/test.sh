@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
-ensure_debian_packages iproute2 qemu-utils
+ensure_debian_packages iproute2 qemu-utils systemd
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check
@@ -23,5 +23,6 @@ echo "==> cargo test"
 cargo test --workspace --locked --no-fail-fast
 
 bash scripts/test-chart.sh
+bash scripts/test-install.sh
 
 echo "==> all checks passed"
