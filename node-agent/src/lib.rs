@@ -10,6 +10,10 @@
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
+pub mod arp;
 pub mod bundle;
+pub mod flow;
 pub mod heartbeat;
+pub mod iface;
 pub mod state;
+pub mod vip;
