@@ -21,6 +21,8 @@ pub enum BundleError {
     InvalidVolume { group: String, volume: String, errors: ValidationErrors },
     #[error("group {0} appears twice")]
     DuplicateGroup(String),
+    #[error("group {group}: {reason}")]
+    Unsupported { group: String, reason: crate::flow::UnsupportedFlow },
 }
 
 /// Decodes a bundle from JSON or YAML text.
@@ -67,7 +69,8 @@ fn check_group(group: &GroupConfig, node: &str) -> Result<(), BundleError> {
         volumes.insert(volume.name.clone(), volume.spec.clone());
     }
     validate_references(&group.key.name, &group.spec, &volumes)
-        .map_err(|errors| BundleError::Invalid { group: key, errors })
+        .map_err(|errors| BundleError::Invalid { group: key.clone(), errors })?;
+    crate::flow::check_supported(&group.spec).map_err(|reason| BundleError::Unsupported { group: key, reason })
 }
 
 #[cfg(test)]
@@ -106,6 +109,17 @@ groups:
         let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
         let err = check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("spec.nodes[1].heartbeatAddresses[0]"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_volume_step_naming_it() {
+        let text = format!(
+            "{BUNDLE}    volumes:\n      - name: pgdata\n        uuid: 0b6f5a52-9b43-4d3c-9f0e-3f1f0d6f2a11\n        spec:\n          group: web\n          size: 1Gi\n          backing:\n            - {{node: a, path: /var/lib/a.img}}\n            - {{node: b, path: /var/lib/b.img}}\n"
+        )
+        .replace("    spec:\n      nodes:", "    spec:\n      flow:\n        - {name: data, volume: {volumeRef: pgdata}}\n      nodes:");
+        let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
+        let err = check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("group default/web: flow step \"data\" is a volume step"), "{err}");
     }
 
     #[test]

@@ -5,9 +5,25 @@
 //! into events.
 //!
 //! - [`bundle`]: checking a desired-config bundle before anything acts on it.
+//! - I/O adapters the runtime drives for the engine: [`heartbeat`] (authenticated UDP
+//!   envelopes per link, drop reasons, per-link loss), [`vip`] (rtnetlink addresses,
+//!   gratuitous ARP / unsolicited NA, built on [`iface`] and [`arp`]), [`flow`] (exec,
+//!   systemd and virtual-IP step executors, checks, stabilization and restart trackers),
+//!   [`probe`] (process, link, gateway, CPU/memory, mount detectors and monitor state),
+//!   [`state`] (atomic, checksummed state directory), [`metrics`] and [`endpoints`]
+//!   (`/healthz`, `/metrics`, `/v1/status`).
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
+pub mod arp;
 pub mod bundle;
+pub mod endpoints;
+pub mod flow;
+pub mod heartbeat;
+pub mod iface;
+pub mod metrics;
+pub mod probe;
+pub mod state;
+pub mod vip;

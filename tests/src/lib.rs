@@ -3,3 +3,11 @@
 //!
 //! Nothing here ships; it drives the product crates from outside, as users and the network
 //! would.
+//!
+//! - [`netns`]: drop guards for network namespaces, veth pairs, bridges, addresses, child
+//!   processes and mounts, with unique names per test process; code under test runs inside
+//!   a namespace on a thread that joined it.
+//! - [`topology`]: ready-made networks such as two servers with two links and a client.
+
+pub mod netns;
+pub mod topology;

@@ -1,0 +1,85 @@
+//! Service flow steps: the executors that start, stop and check each step, and the small
+//! pure trackers (stabilization and failure threshold, restart budget) the engine uses to
+//! judge them.
+//!
+//! The engine decides the order (start in order on promotion, stop in reverse on
+//! demotion) and when to check; [`runner::FlowRunner`] carries out one step operation at a
+//! time and reports a structured [`Outcome`].
+
+pub mod check;
+pub mod command;
+pub mod health;
+pub mod restart;
+pub mod runner;
+pub mod systemd;
+
+use std::time::Duration;
+
+use hapair_crds::hagroup::{HaGroupSpec, StepKind};
+
+pub use health::{Health, StepHealth};
+pub use restart::{RestartBudget, RestartDecision};
+pub use runner::FlowRunner;
+
+/// How one start, stop or check went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `detail` is what the step printed or did, for events.
+    Ok {
+        detail: String,
+    },
+    Failed {
+        reason: String,
+        detail: String,
+    },
+    /// Overran its timeout; a command was killed with its whole process group.
+    TimedOut {
+        after: Duration,
+        detail: String,
+    },
+}
+
+impl Outcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok { .. })
+    }
+
+    /// A one-line reason, for events and step reports.
+    pub fn summary(&self) -> String {
+        match self {
+            Outcome::Ok { .. } => "ok".to_string(),
+            Outcome::Failed { reason, .. } => reason.clone(),
+            Outcome::TimedOut { after, .. } => {
+                format!("timed out after {}", hapair_crds::duration::Duration::from(*after))
+            }
+        }
+    }
+}
+
+/// A flow this agent cannot run yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsupportedFlow {
+    #[error(
+        "flow step {step:?} is a volume step; replicated volumes are not supported by this agent yet, so the group cannot run here (remove the step or run an agent with replicated-volume support)"
+    )]
+    VolumeStep { step: String },
+    #[error(
+        "monitor {monitor:?} watches replication; replicated volumes are not supported by this agent yet (remove the monitor or run an agent with replicated-volume support)"
+    )]
+    ReplicationMonitor { monitor: String },
+}
+
+/// Refuses a spec that uses features this agent does not implement, naming the step.
+pub fn check_supported(spec: &HaGroupSpec) -> Result<(), UnsupportedFlow> {
+    for step in &spec.flow {
+        if let Some(StepKind::Volume(_)) = step.kind() {
+            return Err(UnsupportedFlow::VolumeStep { step: step.name.clone() });
+        }
+    }
+    for monitor in &spec.monitors {
+        if monitor.replication.is_some() {
+            return Err(UnsupportedFlow::ReplicationMonitor { monitor: monitor.name.clone() });
+        }
+    }
+    Ok(())
+}

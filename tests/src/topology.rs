@@ -1,0 +1,70 @@
+//! Ready-made test networks built from [`crate::netns`] guards.
+
+use crate::netns::{Address, Bridge, Netns, Result, Veth};
+
+/// Two servers (`a`, `b`) with two links each and a client (`c`), all in their own
+/// namespaces, cabled through bridges in a fourth ("switch") namespace:
+///
+/// ```text
+///   a:eth0 ─┐                       ┌─ a:eth1
+///   b:eth0 ─┼─ br0 (link 0, LAN)    ├─ br1 (link 1, heartbeat only) ─ b:eth1
+///   c:eth0 ─┘                       │
+/// ```
+///
+/// Link 0 is 198.18.0.0/24 and 2001:db8::/64 (a = .1/::1, b = .2/::2, c = .10/::10);
+/// link 1 is 198.18.1.0/24 and 2001:db8:1::/64 (a = .1, b = .2). Inside the server and
+/// client namespaces the devices are simply `eth0`/`eth1`: the namespaces are private, so
+/// only namespace names need to be unique.
+#[derive(Debug)]
+pub struct TwoServersAndClient {
+    // Drop order: addresses, links, bridges, then namespaces.
+    _addresses: Vec<Address>,
+    _veths: Vec<Veth>,
+    _bridges: Vec<Bridge>,
+    pub a: Netns,
+    pub b: Netns,
+    pub client: Netns,
+    pub switch: Netns,
+}
+
+/// Link 0 address of a host, IPv4.
+pub const A0: &str = "198.18.0.1";
+pub const B0: &str = "198.18.0.2";
+pub const C0: &str = "198.18.0.10";
+pub const A1: &str = "198.18.1.1";
+pub const B1: &str = "198.18.1.2";
+pub const A0_V6: &str = "2001:db8::1";
+pub const B0_V6: &str = "2001:db8::2";
+pub const C0_V6: &str = "2001:db8::10";
+
+impl TwoServersAndClient {
+    pub fn build() -> Result<Self> {
+        let switch = Netns::new("sw")?;
+        let a = Netns::new("a")?;
+        let b = Netns::new("b")?;
+        let client = Netns::new("c")?;
+        let bridges = vec![Bridge::new(&switch, "br0")?, Bridge::new(&switch, "br1")?];
+        let mut veths = Vec::new();
+        for (host, port) in [(&a, "a0"), (&b, "b0"), (&client, "c0")] {
+            veths.push(Veth::new(host, "eth0", &switch, port)?);
+            bridges[0].attach(port)?;
+        }
+        for (host, port) in [(&a, "a1"), (&b, "b1")] {
+            veths.push(Veth::new(host, "eth1", &switch, port)?);
+            bridges[1].attach(port)?;
+        }
+        let mut addresses = Vec::new();
+        for (host, v4, v6) in [(&a, A0, A0_V6), (&b, B0, B0_V6), (&client, C0, C0_V6)] {
+            addresses.push(Address::new(host, "eth0", &format!("{v4}/24"))?);
+            addresses.push(Address::new(host, "eth0", &format!("{v6}/64"))?);
+        }
+        addresses.push(Address::new(&a, "eth1", &format!("{A1}/24"))?);
+        addresses.push(Address::new(&b, "eth1", &format!("{B1}/24"))?);
+        Ok(TwoServersAndClient { _addresses: addresses, _veths: veths, _bridges: bridges, a, b, client, switch })
+    }
+
+    /// The namespace names, for checking cleanup.
+    pub fn namespace_names(&self) -> Vec<String> {
+        [&self.a, &self.b, &self.client, &self.switch].iter().map(|n| n.name().to_string()).collect()
+    }
+}
