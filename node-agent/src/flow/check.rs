@@ -210,6 +210,15 @@ mod tests {
         check.tcp = Some(TcpCheck { host: None, port });
         assert!(run(&check, &BTreeMap::new()).await.is_ok());
         drop(listener);
+        // A bound socket that never listens refuses connections and keeps the port from
+        // being handed to a concurrent test, which a merely closed port would not.
+        let closed =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap_or_else(|e| panic!("{e}"));
+        let any_port: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        closed.bind(&any_port.into()).unwrap_or_else(|e| panic!("{e}"));
+        let closed_port =
+            closed.local_addr().ok().and_then(|a| a.as_socket()).map(|a| a.port()).unwrap_or_else(|| panic!("no port"));
+        check.tcp = Some(TcpCheck { host: None, port: closed_port });
         assert!(matches!(run(&check, &BTreeMap::new()).await, Outcome::Failed { .. }));
     }
 
