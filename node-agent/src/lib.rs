@@ -4,10 +4,13 @@
 //! into commands, and I/O adapters that execute those commands and turn the world back
 //! into events.
 //!
-//! - [`bundle`]: checking a desired-config bundle before anything acts on it.
+//! - [`bundle`]: checking a desired-config bundle before anything acts on it;
+//! - [`enroll`]: `hapair-agent enroll`, trading a one-time token for the node's client
+//!   certificate and writing the controller connection settings.
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
 pub mod bundle;
+pub mod enroll;

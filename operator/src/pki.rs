@@ -131,7 +131,10 @@ impl Ca {
                 let key = KeyPair::generate().map_err(rc("generating the CA key"))?;
                 let now = OffsetDateTime::now_utc();
                 let mut params = CertificateParams::default();
-                params.distinguished_name = name("hapair controller CA");
+                // A unique name per CA, so a certificate from another hapair controller is
+                // recognised as foreign by its issuer, not only by its signature.
+                let tag: [u8; 4] = rand::random();
+                params.distinguished_name = name(&format!("hapair controller CA {}", hex(&tag)));
                 params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
                 params.key_usages =
                     vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];

@@ -138,7 +138,7 @@ fn describe(error: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
         ) => "client certificate is not valid yet".into(),
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
             "client certificate is not signed by this controller's CA".into()
         }
         rustls::Error::InvalidCertificate(CertificateError::Revoked) => "client certificate is revoked".into(),
