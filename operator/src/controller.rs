@@ -235,7 +235,7 @@ impl<S: Store> Controller<S> {
         for (key, event) in events {
             self.record_event(core, &key, event).await;
         }
-        self.refresh_statuses(core, now).await
+        self.refresh_statuses(core, now, None).await
     }
 
     fn settle_actions(&self, core: &mut Core, now: UnixMillis, events: &mut Vec<(GroupKey, GroupEvent)>) {
@@ -288,13 +288,23 @@ impl<S: Store> Controller<S> {
         }
     }
 
-    async fn refresh_statuses(&self, core: &mut Core, now: UnixMillis) -> Result<(), StoreError> {
+    /// Recomputes statuses: of every group, or with `only` of those groups (a report's).
+    async fn refresh_statuses(
+        &self,
+        core: &mut Core,
+        now: UnixMillis,
+        only: Option<&BTreeSet<GroupKey>>,
+    ) -> Result<(), StoreError> {
         let mut phases = Vec::new();
         let mut group_writes: Vec<(GroupKey, Option<HaGroupStatus>)> = Vec::new();
         let mut volume_writes: Vec<(GroupKey, Option<ReplicatedVolumeStatus>)> = Vec::new();
         let mut events = Vec::new();
         let mut live_volumes = BTreeSet::new();
         for (key, plan) in &core.reconciled.groups {
+            if only.is_some_and(|o| !o.contains(key)) {
+                phases.extend(core.statuses.groups.get(key).and_then(|s| s.phase));
+                continue;
+            }
             let nodes = plan.nodes();
             let observations: Vec<Observation<'_>> = nodes
                 .iter()
@@ -365,12 +375,12 @@ impl<S: Store> Controller<S> {
             }
         }
         for key in core.statuses.groups.keys() {
-            if !core.reconciled.groups.contains_key(key) {
+            if only.is_none() && !core.reconciled.groups.contains_key(key) {
                 group_writes.push((key.clone(), None));
             }
         }
         for key in core.statuses.volumes.keys() {
-            if !live_volumes.contains(key) {
+            if only.is_none() && !live_volumes.contains(key) {
                 volume_writes.push((key.clone(), None));
             }
         }
@@ -429,14 +439,21 @@ impl<S: Store> Controller<S> {
         }
         let now = crate::timestamp::now_millis();
         let mut events = Vec::new();
+        let mut groups = BTreeSet::new();
+        // Whether the report touches what bundles are built from (action answers, cleanup),
+        // or could decide a pending action; otherwise only statuses need recomputing.
+        let mut rebuild = false;
         for group in &report.groups {
             if !core.reconciled.groups.contains_key(&group.key) {
                 // A group the controller no longer knows: nothing in it can matter.
                 continue;
             }
-            actions::record_results(&mut core.state.actions, &group.key, node, &group.actions);
+            groups.insert(group.key.clone());
+            rebuild |= actions::record_results(&mut core.state.actions, &group.key, node, &group.actions);
+            rebuild |= core.state.actions.values().any(|a| a.group == group.key && !a.is_final());
             if group.cleaned_up && note_cleaned_up(&mut core.state, &group.key, node) {
                 info!(group = %group.key, node, "node cleaned up a deleted group");
+                rebuild = true;
             }
             for event in &group.events {
                 let _span = info_span!("group", group = %group.key, node, epoch = event.epoch).entered();
@@ -451,9 +468,14 @@ impl<S: Store> Controller<S> {
         for (key, event) in events {
             self.record_event(&mut core, &key, event).await;
         }
-        let catalog = core.catalog.clone();
-        if let Err(e) = self.apply(&mut core, catalog).await {
-            // The report itself is recorded; the store will be retried on the next tick.
+        let result = if rebuild {
+            let catalog = core.catalog.clone();
+            self.apply(&mut core, catalog).await
+        } else {
+            self.refresh_statuses(&mut core, now, Some(&groups)).await
+        };
+        if let Err(e) = result {
+            // The report itself is recorded; the store is retried on the next tick.
             warn!(node, error = %e, "cannot persist after a report");
         }
         Ok(())

@@ -29,6 +29,9 @@ use crate::server::{ApiSettings, NodeApi, Server};
 use crate::store::StoreError;
 use crate::tokens::TokenFile;
 
+/// Full reconciles happen at least this often, changed directory or not.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
 /// How the standalone controller runs.
 #[derive(Clone, Debug)]
 pub struct StandaloneConfig {
@@ -189,6 +192,7 @@ impl Standalone {
         let interval = config.poll_interval;
         let watcher = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
+            let mut last_full = std::time::Instant::now();
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -196,8 +200,14 @@ impl Standalone {
                     _ = ticker.tick() => {}
                 }
                 let current = directory_fingerprint(&manifests);
-                if current != fingerprint {
-                    info!(manifests = %manifests.display(), "manifest directory changed; reconciling");
+                // Besides changes, reconcile now and then anyway: a read that failed earlier
+                // (or at start) is retried even when the directory looks unchanged.
+                let resync = last_full.elapsed() >= RESYNC_EVERY;
+                if current != fingerprint || resync {
+                    if current != fingerprint {
+                        info!(manifests = %manifests.display(), "manifest directory changed; reconciling");
+                    }
+                    last_full = std::time::Instant::now();
                     match watched.reconcile().await {
                         Ok(()) => fingerprint = current,
                         Err(e) => warn!(error = %e, "reconcile failed; the last good configs stay in force"),

@@ -467,3 +467,45 @@ async fn health_and_metrics_are_open_and_count_requests() {
     assert!(!text.contains("default/g"), "no group names in metrics");
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_removed_group_is_deleted_once_both_nodes_cleaned_up() {
+    let h = Harness::start(&[("g.yaml", GROUP), ("solo.yaml", SOLO)]).await;
+    let g = key("default", "g");
+    let (a, b) = (h.enroll("a").await, h.enroll("b").await);
+    let mut running = group_report(&g, NodeRole::Primary, 1);
+    running.events = vec![hapair_crds::nodeapi::EventRecord {
+        time: "2025-01-01T00:00:00Z".into(),
+        type_: hapair_crds::nodeapi::EventType::Normal,
+        reason: "Promoted".into(),
+        message: "acquired the witness lease".into(),
+        epoch: 1,
+    }];
+    let post = |client: &reqwest::Client, node: &str, group: hapair_crds::nodeapi::GroupReport| {
+        client.post(h.url(&paths::report(node))).json(&report(node, 1, vec![group])).send()
+    };
+    assert_eq!(post(&a, "a", running.clone()).await.unwrap().status(), 204);
+    // The same event re-sent (a retried report) is kept once.
+    assert_eq!(post(&a, "a", running).await.unwrap().status(), 204);
+    let events = h.overview().await.groups.into_iter().find(|v| v.key == g).unwrap().events;
+    let promoted: Vec<_> = events.iter().filter(|e| e.event.reason == "Promoted").collect();
+    assert_eq!(promoted.len(), 1);
+    assert_eq!(promoted[0].node.as_deref(), Some("a"));
+
+    std::fs::remove_file(manifests_dir(&h).join("g.yaml")).unwrap();
+    let bundle: DesiredConfig = config(&a, &h, "a", "?revision=1&wait=10").await.json().await.unwrap();
+    assert_eq!((bundle.revision, bundle.groups.len(), bundle.groups[0].deleting), (2, 1, true));
+    let overview = h.overview().await;
+    assert!(overview.groups.iter().any(|v| v.key == g && v.deleting));
+
+    let mut done = group_report(&g, NodeRole::Standby, 1);
+    done.cleaned_up = true;
+    assert_eq!(post(&a, "a", done.clone()).await.unwrap().status(), 204);
+    assert_eq!(config(&a, &h, "a", "?revision=2").await.status(), 304, "still deleting until b is done");
+    assert_eq!(post(&b, "b", done).await.unwrap().status(), 204);
+    let bundle: DesiredConfig = config(&a, &h, "a", "?revision=2&wait=10").await.json().await.unwrap();
+    assert_eq!((bundle.revision, bundle.groups.len()), (3, 0));
+    let overview = h.overview().await;
+    assert_eq!(overview.groups.iter().map(|v| v.key.to_string()).collect::<Vec<_>>(), ["edge/solo"]);
+    h.shutdown().await;
+}

@@ -104,17 +104,17 @@ impl Harness {
         for (name, text) in files {
             std::fs::write(manifests.path().join(name), text).unwrap();
         }
-        let mut config = StandaloneConfig::new(manifests.path(), state.path(), "127.0.0.1:0".parse().unwrap());
-        config.poll_interval = Duration::from_millis(100);
-        config.api = api;
-        let authority = TestAuthority::default();
-        let seen = authority.seen.clone();
-        let controller = Standalone::start(config, Some(Box::new(authority))).await.unwrap();
-        let base = format!("https://127.0.0.1:{}", controller.local_addr().port());
-        let admin: AdminConfig =
-            serde_json::from_slice(&std::fs::read(state.path().join(CLI_CONFIG_FILE)).unwrap()).unwrap();
-        assert_eq!(admin.controller, base);
+        let (controller, base, admin, seen) = launch(manifests.path(), state.path(), api).await;
         Harness { manifests, state, controller: Some(controller), base, admin, seen }
+    }
+
+    /// Stops the controller and starts a new one on the same directories (a new port).
+    pub async fn restart(&mut self) {
+        if let Some(controller) = self.controller.take() {
+            controller.shutdown().await;
+        }
+        let (controller, base, admin, seen) = launch(self.manifests.path(), self.state.path(), settings()).await;
+        (self.controller, self.base, self.admin, self.seen) = (Some(controller), base, admin, seen);
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -168,6 +168,19 @@ impl Harness {
             controller.shutdown().await;
         }
     }
+}
+
+async fn launch(manifests: &Path, state: &Path, api: ApiSettings) -> (Standalone, String, AdminConfig, Seen) {
+    let mut config = StandaloneConfig::new(manifests, state, "127.0.0.1:0".parse().unwrap());
+    config.poll_interval = Duration::from_millis(100);
+    config.api = api;
+    let authority = TestAuthority::default();
+    let seen = authority.seen.clone();
+    let controller = Standalone::start(config, Some(Box::new(authority))).await.unwrap();
+    let base = format!("https://127.0.0.1:{}", controller.local_addr().port());
+    let admin: AdminConfig = serde_json::from_slice(&std::fs::read(state.join(CLI_CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!(admin.controller, base);
+    (controller, base, admin, seen)
 }
 
 pub fn client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
