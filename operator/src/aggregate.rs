@@ -84,7 +84,9 @@ pub fn group_status(previous: &HaGroupStatus, inputs: &GroupInputs<'_>) -> HaGro
     let transitioning =
         seen.iter().filter_map(|s| s.live()).any(|g| matches!(g.role, NodeRole::Promoting | NodeRole::Demoting));
     let active = if split_brain || primaries.len() != 1 { None } else { primaries.first().map(|n| n.to_string()) };
-    let volumes = volume_summaries(&seen);
+    let configured: Vec<&str> =
+        inputs.plan.config.iter().flat_map(|c| c.volumes.iter().map(|v| v.name.as_str())).collect();
+    let volumes = volume_summaries(&seen, &configured);
     let degraded_reasons = degraded_reasons(&seen, active.as_deref(), &volumes);
 
     let phase = if inputs.plan.config.is_none() {
@@ -172,17 +174,14 @@ pub fn group_status(previous: &HaGroupStatus, inputs: &GroupInputs<'_>) -> HaGro
         (_, None) => condition(types::READY, ConditionStatus::False, "NoActiveNode", "no node is active".into()),
     };
     set_condition(conditions, ready);
-    if degraded_reasons.is_empty() || active.is_none() {
-        set_condition(
-            conditions,
-            condition(types::DEGRADED, ConditionStatus::False, "Redundant", "standby is ready".into()),
-        );
+    let degraded = if active.is_none() {
+        condition(types::DEGRADED, ConditionStatus::Unknown, "NoActiveNode", "no node is active".into())
+    } else if degraded_reasons.is_empty() {
+        condition(types::DEGRADED, ConditionStatus::False, "Redundant", "the standby is ready to take over".into())
     } else {
-        set_condition(
-            conditions,
-            condition(types::DEGRADED, ConditionStatus::True, "NoReadyStandby", degraded_reasons.join("; ")),
-        );
-    }
+        condition(types::DEGRADED, ConditionStatus::True, "NoReadyStandby", degraded_reasons.join("; "))
+    };
+    set_condition(conditions, degraded);
     let synced = if volumes.is_empty() {
         condition(types::SYNCED, ConditionStatus::True, "NoVolumes", "the group has no replicated volumes".into())
     } else if volumes.iter().all(|(_, s)| s == "UpToDate") {
@@ -282,10 +281,14 @@ fn degraded_reasons(seen: &[Seen<'_>], active: Option<&str>, volumes: &[(String,
     reasons
 }
 
-/// Per volume the group's nodes report: its name and one-word sync state.
-fn volume_summaries(seen: &[Seen<'_>]) -> Vec<(String, String)> {
-    let mut names: Vec<&str> =
-        seen.iter().filter_map(|s| s.group).flat_map(|g| g.volumes.iter().map(|v| v.name.as_str())).collect();
+/// Per volume of the group (configured or reported): its name and one-word sync state.
+fn volume_summaries<'a>(seen: &[Seen<'a>], configured: &[&'a str]) -> Vec<(String, String)> {
+    let mut names: Vec<&str> = seen
+        .iter()
+        .filter_map(|s| s.group)
+        .flat_map(|g| g.volumes.iter().map(|v| v.name.as_str()))
+        .chain(configured.iter().copied())
+        .collect();
     names.sort();
     names.dedup();
     names
@@ -527,8 +530,28 @@ mod tests {
         assert_eq!(status.active_node, None);
         assert_eq!(condition(&status, types::READY), (ConditionStatus::Unknown, "NoReports".into()));
         assert!(status.nodes.iter().all(|n| n.health == Some(NodeHealth::Unknown)));
+        assert_eq!(condition(&status, types::DEGRADED), (ConditionStatus::Unknown, "NoActiveNode".into()));
+        assert_eq!(condition(&status, types::SYNCED), (ConditionStatus::True, "NoVolumes".into()));
         assert_eq!(status.observed_generation, Some(4));
         assert!(find(&status.conditions, types::QUORUM_RISK).is_none());
+    }
+
+    #[test]
+    fn a_configured_volume_nobody_reported_is_not_called_synced() {
+        let mut plan = plan("controller");
+        let spec =
+            serde_yaml::from_str("group: g\nsize: 1Gi\nbacking: [{node: a, path: /srv/d}, {node: b, path: /srv/d}]")
+                .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(config) = plan.config.as_mut() {
+            config.volumes.push(hapair_crds::nodeapi::VolumeConfig {
+                name: "data".into(),
+                uuid: "u".into(),
+                generation: 1,
+                spec,
+            });
+        }
+        let status = status_of(&plan, None, None);
+        assert_eq!(condition(&status, types::SYNCED), (ConditionStatus::Unknown, "NoReports".into()));
     }
 
     #[test]

@@ -59,9 +59,13 @@ fn roles(group: &GroupView) -> String {
         .iter()
         .map(|n| {
             let node = group.status.nodes.iter().find(|s| s.name == *n);
-            let role = node.and_then(|s| s.role).map(|r| r.as_str()).unwrap_or("?");
-            let unknown = node.and_then(|s| s.health) == Some(NodeHealth::Unknown);
-            format!("{n}:{role}{}", if unknown { "(unknown)" } else { "" })
+            let role = node.and_then(|s| s.role).map(|r| r.as_str());
+            let unknown = node.and_then(|s| s.health).is_none_or(|h| h == NodeHealth::Unknown);
+            match role {
+                None => format!("{n}:Unknown"),
+                Some(role) if unknown => format!("{n}:{role}(stale)"),
+                Some(role) => format!("{n}:{role}"),
+            }
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -156,7 +160,7 @@ pub fn describe(group: &GroupView) -> String {
         let status = s.nodes.iter().find(|n| n.name == *name);
         let detail = group.node_details.iter().find(|d| d.node == *name);
         let report = detail.and_then(|d| d.report.as_ref());
-        let role = status.and_then(|n| n.role).map(|r| r.as_str()).unwrap_or("?");
+        let role = status.and_then(|n| n.role).map(|r| r.as_str()).unwrap_or("Unknown");
         let health = status.and_then(|n| n.health).map(|h| format!("{h:?}")).unwrap_or_else(|| "Unknown".into());
         let _ = writeln!(out, "Node {name}:");
         let reason = report.and_then(|r| r.role_reason.as_deref()).map(|r| format!(" ({r})")).unwrap_or_default();
@@ -365,7 +369,7 @@ mod tests {
         assert!(lines[0].starts_with("GROUP   PHASE      ACTIVE   EPOCH   ROLES"), "{text}");
         assert_eq!(
             lines[1],
-            "db/pg   Degraded   db1      7       db1:Primary db2:Standby(unknown)   data:Syncing 40%   2025-01-01T10:00:00Z -> db1 (peer dead)"
+            "db/pg   Degraded   db1      7       db1:Primary db2:Standby(stale)   data:Syncing 40%   2025-01-01T10:00:00Z -> db1 (peer dead)"
         );
         assert!(text.contains("Refused manifests"), "{text}");
         assert!(text.contains("  g.yaml (document 1), HaGroup db/x: spec: bad"), "{text}");
