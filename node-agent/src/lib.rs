@@ -5,6 +5,8 @@
 //! into events.
 //!
 //! - [`bundle`]: checking a desired-config bundle before anything acts on it.
+//! - [`enroll`]: `hapair-agent enroll`, trading a one-time token for the node's client
+//!   certificate and writing the controller connection settings.
 //! - I/O adapters the runtime drives for the engine: [`heartbeat`] (authenticated UDP
 //!   envelopes per link, drop reasons, per-link loss), [`vip`] (rtnetlink addresses,
 //!   gratuitous ARP / unsolicited NA, built on [`iface`] and [`arp`]), [`flow`] (exec,
@@ -20,6 +22,7 @@
 pub mod arp;
 pub mod bundle;
 pub mod endpoints;
+pub mod enroll;
 pub mod flow;
 pub mod heartbeat;
 pub mod iface;

@@ -15,7 +15,7 @@ use hapair_crds::{HaGroup, ReplicatedVolume};
 use k8s_openapi::api::core::v1::Secret;
 
 /// Where an object was read from, for error messages.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     pub file: String,
     pub index: usize,

@@ -5,6 +5,40 @@
 //! a directory of manifests (standalone mode, the embedded default). This crate is the glue
 //! around that core: loading and cross-checking manifests ([`catalog`]), describing what
 //! they ask for ([`plan`]). Deciding who is primary is not done here; the agents do that.
+//!
+//! - [`reconcile`]: the pure core (with [`resolve`], [`build`], [`revision`]): a snapshot
+//!   and the controller's [`state`] in, one desired-config bundle per node out;
+//! - [`aggregate`]: the pure status aggregation from the agents' reports; [`events`] keeps
+//!   each group's recent events and [`actions`] the admin actions' bookkeeping;
+//! - [`store`] (trait, with the standalone [`file_store`]) and [`publish`]: the only places
+//!   reconcile touches the outside world; [`controller`] runs the loop around them;
+//! - [`pki`] and [`tokens`]: the controller's CA, certificates and one-time enrollment
+//!   tokens; [`lease`]: the seam to the witness;
+//! - [`server`]: the node API over HTTPS with mutual TLS, and [`metrics`];
+//! - [`standalone`]: `hapair-operator standalone`, watching a manifest directory;
+//! - [`cli`] and [`adminapi`]: `kubectl-hapair` / `hapair` and the admin API it speaks.
 
+pub mod actions;
+pub mod adminapi;
+pub mod aggregate;
+pub mod atomic_file;
+pub mod build;
 pub mod catalog;
+pub mod cli;
+pub mod controller;
+pub mod events;
+pub mod file_store;
+pub mod lease;
+pub mod metrics;
+pub mod pki;
 pub mod plan;
+pub mod publish;
+pub mod reconcile;
+pub mod resolve;
+pub mod revision;
+pub mod server;
+pub mod standalone;
+pub mod state;
+pub mod store;
+pub mod timestamp;
+pub mod tokens;

@@ -1,0 +1,404 @@
+//! `hapair-agent enroll`: trading a one-time token for the node's client certificate.
+//!
+//! The agent makes a key pair and a CSR (CN = node name), posts them with the token to the
+//! controller's `POST /v1/enroll`, and writes what it got into its directory: `node.key`
+//! (mode 0600), `node.crt`, `ca.crt` and `agent.json` ([`ControllerConfig`]), which is all
+//! the agent needs to reach the node API afterwards.
+//!
+//! The first contact must not trust whoever answers: the controller is authenticated either
+//! by a CA file obtained out of band or by the CA's SHA-256 fingerprint that
+//! `hapair-operator token create` prints. There is no trust-on-first-use.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hapair_crds::nodeapi::{ApiError, EnrollRequest, EnrollResponse, paths};
+use hapair_crds::validation::is_valid_name;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use rustls::DigitallySignedStruct;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const KEY_FILE: &str = "node.key";
+pub const CERT_FILE: &str = "node.crt";
+pub const CA_FILE: &str = "ca.crt";
+pub const CONFIG_FILE: &str = "agent.json";
+
+/// How the agent reaches the controller, written by `enroll` as `agent.json`. Relative
+/// paths are relative to the file's directory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerConfig {
+    /// Base URL of the node API, e.g. `https://ctl.example:7443`.
+    pub controller: String,
+    /// This node's name (the CN of its certificate).
+    pub node: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ControllerConfig {
+    /// Reads `agent.json`, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> Result<ControllerConfig, EnrollError> {
+        let text = std::fs::read_to_string(path).map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))?;
+        let mut config: ControllerConfig =
+            serde_json::from_str(&text).map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut config.ca, &mut config.cert, &mut config.key] {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+        Ok(config)
+    }
+
+    /// The mutual-TLS client configuration for the node API.
+    pub fn tls(&self) -> Result<rustls::ClientConfig, EnrollError> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| EnrollError::Io(format!("{}: {e}", p.display())));
+        client_tls(&read(&self.ca)?, &read(&self.cert)?, &read(&self.key)?)
+    }
+}
+
+/// How the controller is recognised on first contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// SHA-256 of the controller CA's certificate, lowercase hex.
+    Fingerprint(String),
+    /// The controller CA's certificate, PEM.
+    CaPem(String),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnrollOptions {
+    /// Base URL of the controller, `https://…`.
+    pub controller: String,
+    pub token: String,
+    pub node: String,
+    pub dir: PathBuf,
+    pub trust: Trust,
+    /// Replace an existing enrollment in `dir`.
+    pub force: bool,
+}
+
+impl fmt::Debug for EnrollOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollOptions")
+            .field("controller", &self.controller)
+            .field("token", &"<redacted>")
+            .field("node", &self.node)
+            .field("dir", &self.dir)
+            .field("trust", &self.trust)
+            .field("force", &self.force)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0} already holds an enrollment (node.crt); pass --force to replace it")]
+    AlreadyEnrolled(PathBuf),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot reach the controller at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("the controller refused the enrollment ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("the controller's answer is not acceptable: {0}")]
+    BadAnswer(String),
+}
+
+/// SHA-256 of a DER certificate, lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Normalizes a typed fingerprint (`AB:CD:…`, `sha256:abcd…`) to lowercase hex.
+pub fn normalize_fingerprint(text: &str) -> Result<String, EnrollError> {
+    let trimmed = text.trim();
+    let bare = trimmed.strip_prefix("sha256:").or_else(|| trimmed.strip_prefix("SHA256:")).unwrap_or(trimmed);
+    let hex: String = bare.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(EnrollError::Usage(format!("--ca-fingerprint {text:?} is not a SHA-256 fingerprint (64 hex digits)")))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts the controller only if a certificate in its chain has the pinned fingerprint
+/// and the chain verifies against that certificate as CA (name, validity, signatures).
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates.iter().find(|c| fingerprint(c) == self.fingerprint) else {
+            return Err(rustls::Error::General(
+                "no certificate the controller presented matches the pinned CA fingerprint".into(),
+            ));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, EnrollError> {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EnrollError::Tls(e.to_string()))
+}
+
+fn roots_from_pem(ca_pem: &str) -> Result<rustls::RootCertStore, EnrollError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| EnrollError::Tls(format!("CA certificate: {e}")))?;
+        roots.add(cert).map_err(|e| EnrollError::Tls(format!("CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(EnrollError::Tls("CA file holds no certificate".into()));
+    }
+    Ok(roots)
+}
+
+/// A mutual-TLS client configuration: trust `ca_pem`, authenticate with the certificate and
+/// key. This is how the agent talks to the node API once enrolled.
+pub fn client_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<rustls::ClientConfig, EnrollError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| EnrollError::Tls(format!("certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| EnrollError::Tls(format!("key: {e}")))?;
+    tls_builder()?
+        .with_root_certificates(roots_from_pem(ca_pem)?)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| EnrollError::Tls(e.to_string()))
+}
+
+fn first_contact_tls(trust: &Trust) -> Result<rustls::ClientConfig, EnrollError> {
+    Ok(match trust {
+        Trust::CaPem(pem) => tls_builder()?.with_root_certificates(roots_from_pem(pem)?).with_no_client_auth(),
+        Trust::Fingerprint(fp) => tls_builder()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCa { fingerprint: fp.clone(), provider: provider() }))
+            .with_no_client_auth(),
+    })
+}
+
+/// Writes `bytes` to `path` via a temporary file and rename, with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
+    let io = |e: std::io::Error| EnrollError::Io(format!("{}: {e}", path.display()));
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// The CN of a PEM certificate.
+fn common_name(cert_pem: &str) -> Option<String> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
+/// Enrolls this node; returns the path of the written `agent.json`.
+pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
+    if !is_valid_name(&options.node) {
+        return Err(EnrollError::Usage(format!(
+            "--node {:?} is not a valid node name (lowercase letters, digits and '-', at most 63)",
+            options.node
+        )));
+    }
+    let base = options.controller.trim_end_matches('/');
+    if !base.starts_with("https://") {
+        return Err(EnrollError::Usage(format!("--controller {base:?} must be an https:// URL")));
+    }
+    if options.dir.join(CERT_FILE).exists() && !options.force {
+        return Err(EnrollError::AlreadyEnrolled(options.dir.clone()));
+    }
+    std::fs::create_dir_all(&options.dir).map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
+
+    let key = KeyPair::generate().map_err(|e| EnrollError::Tls(format!("generating the node key: {e}")))?;
+    let mut params = CertificateParams::default();
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::CommonName, options.node.as_str());
+    params.distinguished_name = subject;
+    let csr =
+        params.serialize_request(&key).and_then(|c| c.pem()).map_err(|e| EnrollError::Tls(format!("CSR: {e}")))?;
+
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(first_contact_tls(&options.trust)?)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| EnrollError::Tls(e.to_string()))?;
+    let request = EnrollRequest { node: options.node.clone(), token: options.token.trim().to_string(), csr_pem: csr };
+    let url = format!("{base}{}", paths::ENROLL);
+    let response = client
+        .post(&url)
+        .json(&request)
+        .send()
+        .await
+        .map_err(|e| EnrollError::Unreachable { url: url.clone(), message: error_chain(&e) })?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ApiError>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(EnrollError::Refused { status: status.as_u16(), message });
+    }
+    let answer: EnrollResponse = serde_json::from_slice(&bytes).map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+
+    // The CA handed back must be the one the connection was authenticated with.
+    let ca_der = CertificateDer::from_pem_slice(answer.ca_pem.as_bytes())
+        .map_err(|e| EnrollError::BadAnswer(format!("caPem: {e}")))?;
+    let expected = match &options.trust {
+        Trust::Fingerprint(fp) => fp.clone(),
+        Trust::CaPem(pem) => {
+            CertificateDer::from_pem_slice(pem.as_bytes()).map(|d| fingerprint(&d)).unwrap_or_default()
+        }
+    };
+    if fingerprint(&ca_der) != expected {
+        return Err(EnrollError::BadAnswer("caPem is not the CA the controller was authenticated with".into()));
+    }
+    match common_name(&answer.certificate_pem) {
+        Some(cn) if cn == options.node => {}
+        other => return Err(EnrollError::BadAnswer(format!("certificatePem names {other:?}, not {:?}", options.node))),
+    }
+    // Refuse a certificate that does not work with our key before writing anything.
+    client_tls(&answer.ca_pem, &answer.certificate_pem, &key.serialize_pem())?;
+
+    write_file(&options.dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&options.dir.join(CERT_FILE), answer.certificate_pem.as_bytes(), 0o644)?;
+    write_file(&options.dir.join(CA_FILE), answer.ca_pem.as_bytes(), 0o644)?;
+    let config = ControllerConfig {
+        controller: base.to_string(),
+        node: options.node.clone(),
+        ca: PathBuf::from(CA_FILE),
+        cert: PathBuf::from(CERT_FILE),
+        key: PathBuf::from(KEY_FILE),
+    };
+    let mut json = serde_json::to_vec_pretty(&config).map_err(|e| EnrollError::Io(e.to_string()))?;
+    json.push(b'\n');
+    let config_path = options.dir.join(CONFIG_FILE);
+    write_file(&config_path, &json, 0o644)?;
+    Ok(config_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_accept_common_spellings() {
+        let hex = "0f".repeat(32);
+        assert_eq!(normalize_fingerprint(&hex).ok(), Some(hex.clone()));
+        assert_eq!(normalize_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).ok(), Some(hex.clone()));
+        let colons: Vec<&str> = (0..32).map(|_| "0F").collect();
+        assert_eq!(normalize_fingerprint(&colons.join(":")).ok(), Some(hex));
+        assert!(normalize_fingerprint("0f0f").is_err());
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_input_before_touching_the_network_or_disk() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let options = |controller: &str, node: &str| EnrollOptions {
+            controller: controller.into(),
+            token: "t".into(),
+            node: node.into(),
+            dir: dir.path().join("agent"),
+            trust: Trust::Fingerprint("00".repeat(32)),
+            force: false,
+        };
+        let err = enroll(&options("http://ctl:7443", "db1")).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("must be an https:// URL"), "{err}");
+        let err = enroll(&options("https://ctl:7443", "DB_1")).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("not a valid node name"), "{err}");
+        assert!(!dir.path().join("agent").exists());
+        std::fs::create_dir_all(dir.path().join("agent"))?;
+        std::fs::write(dir.path().join("agent").join(CERT_FILE), "x")?;
+        let err = enroll(&options("https://ctl:7443", "db1")).await.err();
+        assert!(matches!(err, Some(EnrollError::AlreadyEnrolled(_))), "{err:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_config_resolves_paths_next_to_itself() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(
+            &path,
+            r#"{"controller": "https://ctl:7443", "node": "db1", "ca": "ca.crt", "cert": "/abs/node.crt", "key": "node.key"}"#,
+        )?;
+        let config = ControllerConfig::load(&path)?;
+        assert_eq!(config.ca, dir.path().join("ca.crt"));
+        assert_eq!(config.cert, PathBuf::from("/abs/node.crt"));
+        Ok(())
+    }
+}

@@ -1,0 +1,410 @@
+//! Turning admin-API answers into the text `status`, `describe` and the actions print.
+//! Pure, so the layouts are tested without a controller.
+
+use std::fmt::Write;
+
+use hapair_crds::condition::{ConditionStatus, find, types};
+use hapair_crds::hagroup::{NodeHealth, WitnessMode};
+use hapair_crds::nodeapi::{AdminActionKind, EventType};
+
+use crate::adminapi::{ActionView, GroupView, GroupsOverview};
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}   ", width = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn or_dash(text: Option<&str>) -> String {
+    text.filter(|t| !t.is_empty()).unwrap_or("-").to_string()
+}
+
+/// The group's replication state in a few words.
+fn sync_summary(group: &GroupView) -> String {
+    match find(&group.status.conditions, types::SYNCED) {
+        Some(c) if c.reason == "NoVolumes" => "-".into(),
+        Some(c) if c.status == ConditionStatus::True => "UpToDate".into(),
+        _ if !group.volumes.is_empty() => group
+            .volumes
+            .iter()
+            .map(|v| format!("{}:{}", v.name, v.status.sync_state.as_deref().unwrap_or("Unknown")))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Some(c) => c.reason.clone(),
+        None => "-".into(),
+    }
+}
+
+fn roles(group: &GroupView) -> String {
+    if group.nodes.is_empty() {
+        return "-".into();
+    }
+    group
+        .nodes
+        .iter()
+        .map(|n| {
+            let node = group.status.nodes.iter().find(|s| s.name == *n);
+            let role = node.and_then(|s| s.role).map(|r| r.as_str());
+            let unknown = node.and_then(|s| s.health).is_none_or(|h| h == NodeHealth::Unknown);
+            match role {
+                None => format!("{n}:Unknown"),
+                Some(role) if unknown => format!("{n}:{role}(stale)"),
+                Some(role) => format!("{n}:{role}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `status`: one line per group.
+pub fn status(overview: &GroupsOverview) -> String {
+    let mut rows =
+        vec![["GROUP", "PHASE", "ACTIVE", "EPOCH", "ROLES", "SYNC", "LAST FAILOVER"].map(String::from).to_vec()];
+    for group in &overview.groups {
+        let s = &group.status;
+        let last_failover = s
+            .last_failover
+            .as_ref()
+            .map(|f| format!("{} -> {} ({})", f.time, f.to, f.reason))
+            .unwrap_or_else(|| "-".into());
+        let mut phase = s.phase.map(|p| p.as_str().to_string()).unwrap_or_else(|| "Unknown".into());
+        if group.deleting {
+            phase.push_str(",Deleting");
+        }
+        rows.push(vec![
+            group.key.to_string(),
+            phase,
+            or_dash(s.active_node.as_deref()),
+            s.epoch.to_string(),
+            roles(group),
+            sync_summary(group),
+            last_failover,
+        ]);
+    }
+    let mut out = if overview.groups.is_empty() { "No HaGroups.\n".to_string() } else { table(&rows) };
+    if !overview.errors.is_empty() {
+        out.push_str("\nRefused manifests (the last good config of each group stays in force):\n");
+        for error in &overview.errors {
+            let _ = writeln!(out, "  {error}");
+        }
+    }
+    out
+}
+
+/// `describe GROUP`: everything the controller knows about one group.
+pub fn describe(group: &GroupView) -> String {
+    let s = &group.status;
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:        {}", group.key.name);
+    let _ = writeln!(out, "Namespace:   {}", group.key.namespace);
+    let _ = writeln!(out, "Phase:       {}", s.phase.map(|p| p.as_str()).unwrap_or("Unknown"));
+    let _ = writeln!(out, "Active:      {}", or_dash(s.active_node.as_deref()));
+    let _ = writeln!(out, "Epoch:       {}", s.epoch);
+    let witness = match group.witness {
+        WitnessMode::Controller => "controller",
+        WitnessMode::None => "none (two-node mode: a full partition can make both nodes active)",
+    };
+    let _ = writeln!(out, "Witness:     {witness}");
+    if let Some(generation) = s.observed_generation {
+        let _ = writeln!(out, "Generation:  {generation}");
+    }
+    if group.deleting {
+        let _ = writeln!(out, "Deleting:    waiting for both nodes to clean up");
+    }
+    if let Some(error) = &group.error {
+        let _ = writeln!(out, "Invalid:     {error}");
+        let _ = writeln!(out, "             (the last good config stays in force)");
+    }
+    match &s.last_failover {
+        Some(f) => {
+            let from = f.from.as_deref().map(|n| format!("{n} -> ")).unwrap_or_default();
+            let _ = writeln!(out, "Last failover: {} {from}{} ({}, {} ms)", f.time, f.to, f.reason, f.duration_ms);
+        }
+        None => {
+            let _ = writeln!(out, "Last failover: -");
+        }
+    }
+    if let Some(a) = &s.last_action {
+        let _ = writeln!(out, "Last action: {} {} {:?} at {}: {}", a.action, a.id, a.outcome, a.time, a.message);
+    }
+    if !s.conditions.is_empty() {
+        let _ = writeln!(out, "Conditions:");
+        let mut rows = vec![["  TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"].map(String::from).to_vec()];
+        for c in &s.conditions {
+            rows.push(vec![
+                format!("  {}", c.type_),
+                format!("{:?}", c.status),
+                c.reason.clone(),
+                c.last_transition_time.clone(),
+                c.message.clone(),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    for name in &group.nodes {
+        let status = s.nodes.iter().find(|n| n.name == *name);
+        let detail = group.node_details.iter().find(|d| d.node == *name);
+        let report = detail.and_then(|d| d.report.as_ref());
+        let role = status.and_then(|n| n.role).map(|r| r.as_str()).unwrap_or("Unknown");
+        let health = status.and_then(|n| n.health).map(|h| format!("{h:?}")).unwrap_or_else(|| "Unknown".into());
+        let _ = writeln!(out, "Node {name}:");
+        let reason = report.and_then(|r| r.role_reason.as_deref()).map(|r| format!(" ({r})")).unwrap_or_default();
+        let _ = writeln!(out, "  Role:        {role}{reason}");
+        let _ = writeln!(out, "  Health:      {health}");
+        if let Some(d) = detail {
+            let applied = d.applied_revision.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
+            let _ = writeln!(out, "  Config:      revision {} desired, {applied} applied", d.desired_revision);
+            if let Some(e) = &d.config_error {
+                let _ = writeln!(out, "  Config error: {e}");
+            }
+        }
+        if let Some(n) = status {
+            let _ = writeln!(out, "  Last report: {}", or_dash(n.last_report.as_deref()));
+            let _ = writeln!(out, "  Heard by peer: {}", or_dash(n.last_heartbeat.as_deref()));
+            if let Some(version) = &n.agent_version {
+                let _ =
+                    writeln!(out, "  Agent:       {version} on {}, up {}s", or_dash(n.os.as_deref()), n.uptime_seconds);
+            }
+            if let Some(h) = &n.hardware {
+                let _ = writeln!(
+                    out,
+                    "  Hardware:    {} / {} ({} CPUs, {} MiB), CPU {}%, memory {}%, kernel {}",
+                    or_dash(h.model.as_deref()),
+                    or_dash(h.cpu_model.as_deref()),
+                    h.cpus,
+                    h.memory_bytes / (1024 * 1024),
+                    h.cpu_percent,
+                    h.memory_percent,
+                    or_dash(h.kernel.as_deref())
+                );
+            }
+            for link in &n.links {
+                let hb = link.heartbeat_link.map(|i| format!(" heartbeat link {i}")).unwrap_or_default();
+                let loss = link.heartbeat_loss_percent.map(|l| format!(", {l}% loss")).unwrap_or_default();
+                let speed = link.speed_mbps.map(|s| format!(", {s} Mb/s")).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  Link {}:{hb} {} [{}]{speed}{loss}",
+                    link.interface,
+                    if link.up { "up" } else { "DOWN" },
+                    link.addresses.join(", ")
+                );
+            }
+        }
+        if let Some(r) = report {
+            let _ = writeln!(out, "  Peer reachable: {}", if r.peer_reachable { "yes" } else { "NO" });
+            for l in &r.heartbeat_links {
+                let _ = writeln!(
+                    out,
+                    "  Heartbeat link {}: {} -> {} {} ({}% loss)",
+                    l.index,
+                    l.local_address,
+                    l.peer_address,
+                    if l.up { "up" } else { "DOWN" },
+                    l.loss_percent
+                );
+            }
+            if !r.steps.is_empty() {
+                let _ = writeln!(out, "  Flow:");
+                for (i, step) in r.steps.iter().enumerate() {
+                    let restarts =
+                        if step.restarts > 0 { format!(", {} restarts", step.restarts) } else { String::new() };
+                    let message = step.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+                    let _ = writeln!(out, "    {}. {} {:?}{restarts}{message}", i + 1, step.name, step.state);
+                }
+            }
+            if !r.monitors.is_empty() {
+                let _ = writeln!(out, "  Probes:");
+                for m in &r.monitors {
+                    let message = m.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+                    let _ = writeln!(out, "    {} {}{message}", m.name, if m.healthy { "ok" } else { "FAILING" });
+                }
+            }
+            for v in &r.volumes {
+                let sync = v.sync.as_ref().map(|s| format!(", syncing {}%", s.percent())).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  Volume {}: {:?} {} {:?}, {} bytes out of sync{sync}",
+                    v.name,
+                    v.role,
+                    v.disk_state.as_str(),
+                    v.connection,
+                    v.out_of_sync_bytes
+                );
+            }
+        } else {
+            let _ = writeln!(out, "  (no report of this group from the node yet)");
+        }
+    }
+    for v in &group.volumes {
+        let _ = writeln!(out, "Volume {}: {}", v.name, v.status.sync_state.as_deref().unwrap_or("Unknown"));
+    }
+    let _ = writeln!(out, "Events:");
+    if group.events.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    } else {
+        let mut rows = vec![["  TIME", "TYPE", "REASON", "FROM", "MESSAGE"].map(String::from).to_vec()];
+        for e in group.events.iter().rev().take(20).rev() {
+            let type_ = match e.event.type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            };
+            let from = e.node.clone().unwrap_or_else(|| "controller".into());
+            rows.push(vec![
+                format!("  {}", e.event.time),
+                type_.into(),
+                e.event.reason.clone(),
+                from,
+                e.event.message.clone(),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
+/// What an action asked for, in words.
+pub fn action_words(kind: &AdminActionKind) -> String {
+    match kind {
+        AdminActionKind::Switchover { to } => format!("switchover to {to}"),
+        AdminActionKind::ForceActive { node } => format!("force-active {node}"),
+        AdminActionKind::ResolveSplitBrain { winner } => format!("resolve-split-brain, winner {winner}"),
+        AdminActionKind::Maintenance { enabled } => format!("maintenance {}", if *enabled { "on" } else { "off" }),
+    }
+}
+
+/// An action's outcome, one line plus one line per node that answered.
+pub fn action(view: &ActionView) -> String {
+    let mut out =
+        format!("{} ({}) on {}: {:?}: {}\n", action_words(&view.kind), view.id, view.group, view.outcome, view.message);
+    for r in &view.results {
+        let _ = writeln!(out, "  {}: {:?} {}", r.node, r.outcome, r.message);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adminapi::{NodeActionResult, VolumeView};
+    use crate::events::GroupEvent;
+    use hapair_crds::hagroup::{FailoverRecord, GroupPhase, NodeRole, NodeStatus};
+    use hapair_crds::nodeapi::{ActionOutcome, GroupKey};
+    use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
+
+    fn group() -> GroupView {
+        GroupView {
+            key: GroupKey::new("db", "pg"),
+            nodes: vec!["db1".into(), "db2".into()],
+            witness: WitnessMode::Controller,
+            error: None,
+            deleting: false,
+            status: HaGroupStatus {
+                phase: Some(GroupPhase::Degraded),
+                active_node: Some("db1".into()),
+                epoch: 7,
+                last_failover: Some(FailoverRecord {
+                    time: "2025-01-01T10:00:00Z".into(),
+                    from: Some("db2".into()),
+                    to: "db1".into(),
+                    reason: "peer dead".into(),
+                    duration_ms: 1100,
+                }),
+                nodes: vec![
+                    NodeStatus {
+                        name: "db1".into(),
+                        role: Some(NodeRole::Primary),
+                        health: Some(NodeHealth::Healthy),
+                        ..NodeStatus::default()
+                    },
+                    NodeStatus {
+                        name: "db2".into(),
+                        role: Some(NodeRole::Standby),
+                        health: Some(NodeHealth::Unknown),
+                        ..NodeStatus::default()
+                    },
+                ],
+                ..HaGroupStatus::default()
+            },
+            volumes: vec![VolumeView {
+                name: "data".into(),
+                status: ReplicatedVolumeStatus {
+                    sync_state: Some("Syncing 40%".into()),
+                    ..ReplicatedVolumeStatus::default()
+                },
+            }],
+            node_details: vec![],
+            events: vec![GroupEvent::controller(
+                "2025-01-01T10:00:01Z".into(),
+                EventType::Warning,
+                "PhaseChanged",
+                "Healthy -> Degraded".into(),
+            )],
+        }
+    }
+
+    #[test]
+    fn status_is_a_table_with_roles_epoch_and_sync() {
+        let overview = GroupsOverview {
+            groups: vec![group()],
+            errors: vec!["g.yaml (document 1), HaGroup db/x: spec: bad".into()],
+        };
+        let text = status(&overview);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("GROUP   PHASE      ACTIVE   EPOCH   ROLES"), "{text}");
+        assert_eq!(
+            lines[1],
+            "db/pg   Degraded   db1      7       db1:Primary db2:Standby(stale)   data:Syncing 40%   2025-01-01T10:00:00Z -> db1 (peer dead)"
+        );
+        assert!(text.contains("Refused manifests"), "{text}");
+        assert!(text.contains("  g.yaml (document 1), HaGroup db/x: spec: bad"), "{text}");
+        assert_eq!(status(&GroupsOverview::default()), "No HaGroups.\n");
+    }
+
+    #[test]
+    fn describe_shows_nodes_failover_and_events() {
+        let text = describe(&group());
+        assert!(text.contains("Active:      db1"), "{text}");
+        assert!(text.contains("Last failover: 2025-01-01T10:00:00Z db2 -> db1 (peer dead, 1100 ms)"), "{text}");
+        assert!(text.contains("Node db2:\n  Role:        Standby\n  Health:      Unknown"), "{text}");
+        assert!(text.contains("Volume data: Syncing 40%"), "{text}");
+        assert!(text.contains("Warning   PhaseChanged   controller   Healthy -> Degraded"), "{text}");
+    }
+
+    #[test]
+    fn action_outcomes_name_the_nodes() {
+        let view = ActionView {
+            id: "a-1".into(),
+            group: GroupKey::new("db", "pg"),
+            kind: AdminActionKind::Switchover { to: "db2".into() },
+            outcome: ActionOutcome::Rejected,
+            message: "db2: out of sync".into(),
+            submitted: "t".into(),
+            finished: Some("t".into()),
+            results: vec![NodeActionResult {
+                node: "db2".into(),
+                outcome: ActionOutcome::Rejected,
+                message: "out of sync".into(),
+            }],
+        };
+        assert_eq!(
+            action(&view),
+            "switchover to db2 (a-1) on db/pg: Rejected: db2: out of sync\n  db2: Rejected out of sync\n"
+        );
+    }
+}

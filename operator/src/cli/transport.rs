@@ -1,0 +1,161 @@
+//! How the CLI reaches a controller. Standalone controllers are reached over the admin API
+//! with the admin certificate; a Kubernetes backend (actions as annotations, status from
+//! the HaGroup objects) will implement the same trait.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hapair_crds::nodeapi::{ApiError, GroupKey, paths};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::pem::PemObject;
+use serde::de::DeserializeOwned;
+
+use crate::adminapi::{ActionRequest, ActionView, AdminConfig, GroupsOverview, action_path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the controller at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("controller answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected answer from the controller: {0}")]
+    Decode(String),
+}
+
+/// What the CLI needs from a controller.
+pub trait Transport {
+    fn groups(&self) -> impl Future<Output = Result<GroupsOverview, CliError>>;
+    fn submit(&self, key: &GroupKey, request: &ActionRequest) -> impl Future<Output = Result<ActionView, CliError>>;
+    fn action(&self, key: &GroupKey, id: &str) -> impl Future<Output = Result<ActionView, CliError>>;
+}
+
+/// Where the connection settings come from: a config file, individual flags, or both (flags
+/// win).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFlags {
+    pub config: Option<PathBuf>,
+    pub controller: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn read(path: &Path, what: &str) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|e| CliError::Config(format!("reading {what} {}: {e}", path.display())))
+}
+
+impl ConnectionFlags {
+    /// Resolves the flags into complete settings.
+    pub fn resolve(&self) -> Result<AdminConfig, CliError> {
+        let base: Option<AdminConfig> = match &self.config {
+            Some(path) => Some(
+                serde_json::from_str(&read(path, "config")?)
+                    .map_err(|e| CliError::Config(format!("{}: not a hapair admin config: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let missing = |what: &str| {
+            CliError::Config(format!(
+                "no {what}: pass --config (hapair-admin.json from the controller's state directory, or set HAPAIR_CONFIG) or --controller, --ca, --cert and --key"
+            ))
+        };
+        let controller = match (&self.controller, &base) {
+            (Some(url), _) => url.clone(),
+            (None, Some(b)) => b.controller.clone(),
+            (None, None) => return Err(missing("controller URL")),
+        };
+        let pick = |flag: &Option<PathBuf>, from_base: Option<&String>, what: &str| match (flag, from_base) {
+            (Some(path), _) => read(path, what),
+            (None, Some(pem)) => Ok(pem.clone()),
+            (None, None) => Err(missing(what)),
+        };
+        Ok(AdminConfig {
+            controller: controller.trim_end_matches('/').to_string(),
+            ca_pem: pick(&self.ca, base.as_ref().map(|b| &b.ca_pem), "CA certificate")?,
+            cert_pem: pick(&self.cert, base.as_ref().map(|b| &b.cert_pem), "client certificate")?,
+            key_pem: pick(&self.key, base.as_ref().map(|b| &b.key_pem), "client key")?,
+        })
+    }
+}
+
+/// The admin API over HTTPS with the admin client certificate.
+#[derive(Debug, Clone)]
+pub struct HttpsTransport {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl HttpsTransport {
+    pub fn new(config: &AdminConfig) -> Result<Self, CliError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| CliError::Config(format!("{what}: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(config.ca_pem.as_bytes()) {
+            roots.add(cert.map_err(|e| bad("CA certificate", &e))?).map_err(|e| bad("CA certificate", &e))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(config.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("client certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(config.key_pem.as_bytes()).map_err(|e| bad("client key", &e))?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS", &e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("client certificate", &e))?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| bad("HTTP client", &e))?;
+        Ok(HttpsTransport { base: config.controller.clone(), client })
+    }
+
+    async fn answer<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, CliError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable { url: self.base.clone(), message: error_chain(&e) })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| CliError::Decode(e.to_string()))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(CliError::Api { status: status.as_u16(), message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| CliError::Decode(e.to_string()))
+    }
+}
+
+/// reqwest's errors hide the interesting part (the TLS or connect failure) in the source
+/// chain.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+impl Transport for HttpsTransport {
+    async fn groups(&self) -> Result<GroupsOverview, CliError> {
+        self.answer(self.client.get(format!("{}{}", self.base, paths::GROUPS))).await
+    }
+
+    async fn submit(&self, key: &GroupKey, request: &ActionRequest) -> Result<ActionView, CliError> {
+        let url = format!("{}{}", self.base, paths::actions(&key.namespace, &key.name));
+        self.answer(self.client.post(url).json(request)).await
+    }
+
+    async fn action(&self, key: &GroupKey, id: &str) -> Result<ActionView, CliError> {
+        let url = format!("{}{}", self.base, action_path(&key.namespace, &key.name, id));
+        self.answer(self.client.get(url)).await
+    }
+}

@@ -1,0 +1,635 @@
+//! The controller loop around the pure core: it takes snapshots from a [`Store`], runs
+//! [`reconcile`], publishes bundles, folds the agents' reports and admin actions in, and
+//! writes statuses and events back.
+//!
+//! One lock serializes every change, so a report, an action and a manifest change are each
+//! applied whole. Long-polls never take it: they wait on the [`BundleBoard`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hapair_crds::hagroup::{ActionRecord, GroupPhase};
+use hapair_crds::manifest::ManifestError;
+use hapair_crds::nodeapi::{AdminActionKind, DesiredConfig, EventType, GroupKey, LeaseRequest, NodeReport};
+use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use tokio::sync::Mutex;
+use tracing::{info, info_span, warn};
+
+use crate::actions::{self, Refusal, Target};
+use crate::adminapi::{ActionRequest, ActionView, GroupView, GroupsOverview, NodeActionResult, NodeDetail, VolumeView};
+use crate::aggregate::{self, GroupInputs, Observation};
+use crate::catalog::Catalog;
+use crate::events::{EventRing, GroupEvent};
+use crate::lease::{LeaseParams, LeaseRefusal, admit};
+use crate::metrics::Metrics;
+use crate::publish::{BundleBoard, Poll, Publisher};
+use crate::reconcile::{Reconciled, note_cleaned_up, reconcile};
+use crate::resolve::group_named_by;
+use crate::state::{ActionEntry, ControllerState};
+use crate::store::{Statuses, Store, StoreError};
+use crate::timestamp::{UnixMillis, format_millis};
+
+/// Tunables of the controller loop.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A node whose last report is older than this reads as health Unknown.
+    pub stale_after: Duration,
+    /// An admin action without a final outcome after this is declared failed.
+    pub action_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { stale_after: aggregate::DEFAULT_STALE_AFTER, action_timeout: actions::DEFAULT_ACTION_TIMEOUT }
+    }
+}
+
+/// Why a node's report was refused; nothing of it was applied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReportRefusal {
+    #[error("report is for node {found:?} but was posted for {path:?}")]
+    NodeMismatch { path: String, found: String },
+    #[error("node {node:?} is not a node of HaGroup {group}")]
+    NotAMember { node: String, group: String },
+}
+
+struct Core {
+    state: ControllerState,
+    catalog: Catalog,
+    reconciled: Reconciled,
+    reports: BTreeMap<String, (NodeReport, UnixMillis)>,
+    statuses: Statuses,
+    events: EventRing,
+    /// Manifest errors already logged, so each is reported once, not every second.
+    known_errors: BTreeSet<String>,
+    rng: StdRng,
+}
+
+/// The running controller.
+pub struct Controller<S: Store> {
+    store: S,
+    board: BundleBoard,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    core: Mutex<Core>,
+}
+
+impl<S: Store> std::fmt::Debug for Controller<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// A catalog that refuses nothing new but names every file the last good configs came
+/// from as unreadable: reconciling it keeps every group running as it was.
+fn hold_everything(state: &ControllerState, why: &str) -> Catalog {
+    let files: BTreeSet<&str> = state.last_good.values().map(|s| s.origin.file.as_str()).collect();
+    Catalog {
+        errors: files
+            .into_iter()
+            .map(|file| ManifestError {
+                file: file.to_string(),
+                index: 0,
+                object: None,
+                field: None,
+                message: why.to_string(),
+            })
+            .collect(),
+        ..Catalog::default()
+    }
+}
+
+impl<S: Store> Controller<S> {
+    /// Loads what the store remembers and runs a first reconcile. When the desired state
+    /// cannot be read, the last good configs are served until it can.
+    pub async fn start(store: S, settings: Settings, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let state = store.load_state().await?;
+        let statuses = store.load_statuses().await?;
+        let events = store.load_events().await?;
+        let catalog = hold_everything(&state, "desired state not read yet");
+        let controller = Controller {
+            store,
+            board: BundleBoard::default(),
+            metrics,
+            settings,
+            core: Mutex::new(Core {
+                state,
+                catalog,
+                reconciled: Reconciled::default(),
+                reports: BTreeMap::new(),
+                statuses,
+                events,
+                known_errors: BTreeSet::new(),
+                rng: StdRng::from_rng(&mut rand::rng()),
+            }),
+        };
+        if let Err(e) = controller.reconcile().await {
+            warn!(error = %e, "cannot read the desired state; serving the last good configs");
+            let mut core = controller.core.lock().await;
+            let catalog = hold_everything(&core.state, &format!("desired state unreadable: {e}"));
+            controller.apply(&mut core, catalog).await?;
+        }
+        Ok(controller)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Reads the desired state and applies it. On a store error nothing changes.
+    pub async fn reconcile(&self) -> Result<(), StoreError> {
+        let catalog = match self.store.snapshot().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.error("store");
+                return Err(e);
+            }
+        };
+        let mut core = self.core.lock().await;
+        self.apply(&mut core, catalog).await
+    }
+
+    /// Re-evaluates time-dependent state (stale reports, action timeouts) without reading
+    /// the desired state, and makes buffered writes durable.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        {
+            let mut core = self.core.lock().await;
+            let catalog = core.catalog.clone();
+            self.apply(&mut core, catalog).await?;
+        }
+        self.store.flush().await
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
+    async fn apply(&self, core: &mut Core, catalog: Catalog) -> Result<(), StoreError> {
+        let now = crate::timestamp::now_millis();
+        let before = core.state.clone();
+        let mut events: Vec<(GroupKey, GroupEvent)> = Vec::new();
+
+        self.settle_actions(core, now, &mut events);
+        let Core { state, rng, .. } = &mut *core;
+        let reconciled = reconcile(&catalog, state, now, rng);
+        self.metrics.reconciled();
+
+        let mut current_errors = BTreeSet::new();
+        for error in &reconciled.errors {
+            let text = error.to_string();
+            if !core.known_errors.contains(&text) {
+                warn!(file = %error.file, object = error.object.as_deref().unwrap_or(""), field = error.field.as_deref().unwrap_or(""), "manifest refused: {text}");
+                self.metrics.error("manifest");
+                if let Some(key) = group_named_by(error) {
+                    let kept = reconciled.groups.get(&key).is_some_and(|p| p.config.is_some());
+                    let message =
+                        if kept { format!("{text}; the last good config stays in force") } else { text.clone() };
+                    events.push((
+                        key,
+                        GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", message),
+                    ));
+                }
+            }
+            current_errors.insert(text);
+        }
+        core.known_errors = current_errors;
+        for key in &reconciled.deletion_started {
+            events.push((
+                key.clone(),
+                GroupEvent::controller(
+                    format_millis(now),
+                    EventType::Normal,
+                    "Deleting",
+                    "removed from the desired state; waiting for both nodes to clean up".into(),
+                ),
+            ));
+        }
+        for key in &reconciled.deletion_finished {
+            info!(group = %key, "both nodes cleaned up; group removed");
+        }
+
+        // Serving bundles the store could not record would let revisions repeat after a
+        // restart: on failure keep the old state and bundles instead.
+        if core.state != before
+            && let Err(e) = self.store.save_state(&core.state).await
+        {
+            self.metrics.error("store");
+            core.state = before;
+            return Err(e);
+        }
+        for bundle in reconciled.bundles.values() {
+            if reconciled.changed.contains(&bundle.node) {
+                info!(node = %bundle.node, revision = bundle.revision, groups = bundle.groups.len(), "publishing desired config");
+            }
+            self.board.publish(bundle);
+        }
+        core.catalog = catalog;
+        core.reconciled = reconciled;
+        for (key, event) in events {
+            self.record_event(core, &key, event).await;
+        }
+        self.refresh_statuses(core, now, None).await
+    }
+
+    fn settle_actions(&self, core: &mut Core, now: UnixMillis, events: &mut Vec<(GroupKey, GroupEvent)>) {
+        let reporting = self.reporting_members(core, now);
+        for entry in core.state.actions.values_mut() {
+            let members = reporting.get(&entry.group).cloned().unwrap_or_default();
+            let was_final = entry.is_final();
+            if actions::settle(entry, &members, now, self.settings.action_timeout) && !was_final && entry.is_final() {
+                let type_ = if entry.outcome == hapair_crds::nodeapi::ActionOutcome::Succeeded {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                };
+                let reason = format!("Action{:?}", entry.outcome);
+                let message = format!("{} {}: {}", entry.action.kind.label(), entry.action.id, entry.message);
+                let _span = info_span!("group", group = %entry.group).entered();
+                info!(action = %entry.action.id, outcome = ?entry.outcome, "{message}");
+                events.push((entry.group.clone(), GroupEvent::controller(format_millis(now), type_, &reason, message)));
+            }
+        }
+        actions::prune(&mut core.state.actions, now, actions::FINISHED_RETENTION);
+    }
+
+    /// Per group, the members whose reports are fresh.
+    fn reporting_members(&self, core: &Core, now: UnixMillis) -> BTreeMap<GroupKey, BTreeSet<String>> {
+        core.reconciled
+            .groups
+            .iter()
+            .map(|(key, plan)| {
+                let fresh = plan
+                    .nodes()
+                    .into_iter()
+                    .filter(|n| {
+                        core.reports
+                            .get(n)
+                            .is_some_and(|(_, t)| crate::timestamp::age(now, *t) < self.settings.stale_after)
+                    })
+                    .collect();
+                (key.clone(), fresh)
+            })
+            .collect()
+    }
+
+    async fn record_event(&self, core: &mut Core, key: &GroupKey, event: GroupEvent) {
+        if core.events.push(key, event.clone())
+            && let Err(e) = self.store.record_event(key, &event).await
+        {
+            self.metrics.error("store");
+            warn!(group = %key, error = %e, "cannot record event");
+        }
+    }
+
+    /// Recomputes statuses: of every group, or with `only` of those groups (a report's).
+    async fn refresh_statuses(
+        &self,
+        core: &mut Core,
+        now: UnixMillis,
+        only: Option<&BTreeSet<GroupKey>>,
+    ) -> Result<(), StoreError> {
+        let mut phases = Vec::new();
+        let mut group_writes: Vec<(GroupKey, Option<HaGroupStatus>)> = Vec::new();
+        let mut volume_writes: Vec<(GroupKey, Option<ReplicatedVolumeStatus>)> = Vec::new();
+        let mut events = Vec::new();
+        let mut live_volumes = BTreeSet::new();
+        for (key, plan) in &core.reconciled.groups {
+            if only.is_some_and(|o| !o.contains(key)) {
+                phases.extend(core.statuses.groups.get(key).and_then(|s| s.phase));
+                continue;
+            }
+            let nodes = plan.nodes();
+            let observations: Vec<Observation<'_>> = nodes
+                .iter()
+                .map(|n| {
+                    let report = core.reports.get(n);
+                    Observation { node: n, report: report.map(|r| &r.0), received: report.map(|r| r.1) }
+                })
+                .collect();
+            let previous = core.statuses.groups.get(key).cloned().unwrap_or_default();
+            let inputs = GroupInputs {
+                key,
+                plan,
+                observations,
+                last_action: last_action(&core.state.actions, key),
+                now,
+                stale_after: self.settings.stale_after,
+            };
+            let status = aggregate::group_status(&previous, &inputs);
+            if let Some(phase) = status.phase {
+                phases.push(phase);
+                if previous.phase.is_some_and(|p| p != phase)
+                    || previous.phase.is_none() && phase != GroupPhase::Pending
+                {
+                    let from = previous.phase.map(|p| p.as_str()).unwrap_or("none");
+                    let why = phase_reason(&status);
+                    let type_ = if matches!(phase, GroupPhase::Healthy | GroupPhase::Maintenance) {
+                        EventType::Normal
+                    } else {
+                        EventType::Warning
+                    };
+                    info!(group = %key, epoch = status.epoch, active = status.active_node.as_deref().unwrap_or(""), "phase {from} -> {}", phase.as_str());
+                    events.push((
+                        key.clone(),
+                        GroupEvent::controller(
+                            format_millis(now),
+                            type_,
+                            "PhaseChanged",
+                            format!("{from} -> {}{why}", phase.as_str()),
+                        ),
+                    ));
+                }
+            }
+            if status != previous {
+                group_writes.push((key.clone(), Some(status)));
+            }
+            if let Some(config) = &plan.config {
+                for volume in &config.volumes {
+                    let vkey = GroupKey::new(&key.namespace, &volume.name);
+                    live_volumes.insert(vkey.clone());
+                    let per_node: Vec<(&str, Option<&hapair_crds::nodeapi::VolumeReport>, bool)> = nodes
+                        .iter()
+                        .map(|n| {
+                            let seen = core.reports.get(n);
+                            let fresh =
+                                seen.is_some_and(|(_, t)| crate::timestamp::age(now, *t) < self.settings.stale_after);
+                            let report = seen
+                                .and_then(|(r, _)| r.groups.iter().find(|g| g.key == *key))
+                                .and_then(|g| g.volumes.iter().find(|v| v.name == volume.name));
+                            (n.as_str(), report, fresh)
+                        })
+                        .collect();
+                    let previous = core.statuses.volumes.get(&vkey).cloned().unwrap_or_default();
+                    let status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
+                    if status != previous {
+                        volume_writes.push((vkey, Some(status)));
+                    }
+                }
+            }
+        }
+        for key in core.statuses.groups.keys() {
+            if only.is_none() && !core.reconciled.groups.contains_key(key) {
+                group_writes.push((key.clone(), None));
+            }
+        }
+        for key in core.statuses.volumes.keys() {
+            if only.is_none() && !live_volumes.contains(key) {
+                volume_writes.push((key.clone(), None));
+            }
+        }
+        self.metrics.set_groups(phases);
+        for (key, status) in group_writes {
+            self.store.write_group_status(&key, status.as_ref()).await?;
+            match status {
+                Some(s) => {
+                    core.statuses.groups.insert(key, s);
+                }
+                None => {
+                    core.statuses.groups.remove(&key);
+                    core.events.forget(&key);
+                }
+            }
+        }
+        for (key, status) in volume_writes {
+            self.store.write_volume_status(&key, status.as_ref()).await?;
+            match status {
+                Some(s) => core.statuses.volumes.insert(key, s),
+                None => core.statuses.volumes.remove(&key),
+            };
+        }
+        for (key, event) in events {
+            self.record_event(core, &key, event).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the controller has a bundle for `node` (it is, or was, in some group).
+    pub fn knows_node(&self, node: &str) -> bool {
+        self.board.knows(node)
+    }
+
+    /// Long-poll for the node's bundle; see [`BundleBoard::poll`].
+    pub async fn poll_config(&self, node: &str, have: Option<u64>, wait: Duration) -> Poll {
+        self.board.poll(node, have, wait).await
+    }
+
+    pub fn current_config(&self, node: &str) -> Option<Arc<DesiredConfig>> {
+        self.board.current(node)
+    }
+
+    /// Applies a node's report. `node` is the authenticated node the report was posted for.
+    pub async fn accept_report(&self, node: &str, report: NodeReport) -> Result<(), ReportRefusal> {
+        if report.node != node {
+            return Err(ReportRefusal::NodeMismatch { path: node.to_string(), found: report.node.clone() });
+        }
+        let mut core = self.core.lock().await;
+        for group in &report.groups {
+            if let Some(plan) = core.reconciled.groups.get(&group.key)
+                && !plan.nodes().iter().any(|n| n == node)
+            {
+                return Err(ReportRefusal::NotAMember { node: node.to_string(), group: group.key.to_string() });
+            }
+        }
+        let now = crate::timestamp::now_millis();
+        let mut events = Vec::new();
+        let mut groups = BTreeSet::new();
+        // Whether the report touches what bundles are built from (action answers, cleanup),
+        // or could decide a pending action; otherwise only statuses need recomputing.
+        let mut rebuild = false;
+        for group in &report.groups {
+            if !core.reconciled.groups.contains_key(&group.key) {
+                // A group the controller no longer knows: nothing in it can matter.
+                continue;
+            }
+            groups.insert(group.key.clone());
+            rebuild |= actions::record_results(&mut core.state.actions, &group.key, node, &group.actions);
+            rebuild |= core.state.actions.values().any(|a| a.group == group.key && !a.is_final());
+            if group.cleaned_up && note_cleaned_up(&mut core.state, &group.key, node) {
+                info!(group = %group.key, node, "node cleaned up a deleted group");
+                rebuild = true;
+            }
+            for event in &group.events {
+                let _span = info_span!("group", group = %group.key, node, epoch = event.epoch).entered();
+                info!(reason = %event.reason, "{}", event.message);
+                events.push((group.key.clone(), GroupEvent { node: Some(node.to_string()), event: event.clone() }));
+            }
+        }
+        if let Some(error) = &report.config_error {
+            warn!(node, revision = report.applied_revision, "agent refused its desired config: {error}");
+        }
+        core.reports.insert(node.to_string(), (report, now));
+        for (key, event) in events {
+            self.record_event(&mut core, &key, event).await;
+        }
+        let result = if rebuild {
+            let catalog = core.catalog.clone();
+            self.apply(&mut core, catalog).await
+        } else {
+            self.refresh_statuses(&mut core, now, Some(&groups)).await
+        };
+        if let Err(e) = result {
+            // The report itself is recorded; the store is retried on the next tick.
+            warn!(node, error = %e, "cannot persist after a report");
+        }
+        Ok(())
+    }
+
+    /// Checks a lease request from the node `cert` and returns the group's lease rules.
+    pub async fn admit_lease(&self, cert: &str, request: &LeaseRequest) -> Result<LeaseParams, LeaseRefusal> {
+        let core = self.core.lock().await;
+        let plan = core.reconciled.groups.get(&request.group);
+        let spec = plan.and_then(|p| p.config.as_ref()).map(|c| &c.spec);
+        admit(cert, request, spec, plan.is_some_and(|p| p.deleting))
+    }
+
+    /// Queues an admin action for the group's agents.
+    pub async fn submit_action(&self, key: &GroupKey, request: ActionRequest) -> Result<ActionView, Refusal> {
+        let mut core = self.core.lock().await;
+        let id = match &request.id {
+            Some(id) => id.clone(),
+            None => {
+                let mut bytes = [0u8; 6];
+                core.rng.fill_bytes(&mut bytes);
+                format!("a-{}", crate::revision::hex(&bytes))
+            }
+        };
+        let target = core
+            .reconciled
+            .groups
+            .get(key)
+            .and_then(|p| p.config.as_ref().map(|c| Target { spec: &c.spec, deleting: p.deleting }));
+        if let Some(existing) = actions::check(key, &id, &request.kind, target, &core.state.actions)? {
+            return Ok(view(existing));
+        }
+        let now = crate::timestamp::now_millis();
+        let entry = actions::queue(key, &id, request.kind.clone(), now);
+        let message = format!("{} {id} requested{}", request.kind.label(), describe_kind(&request.kind));
+        info!(group = %key, action = %id, "{message}");
+        core.state.actions.insert(id.clone(), entry);
+        self.record_event(
+            &mut core,
+            key,
+            GroupEvent::controller(format_millis(now), EventType::Normal, "ActionRequested", message),
+        )
+        .await;
+        let catalog = core.catalog.clone();
+        if let Err(e) = self.apply(&mut core, catalog).await {
+            core.state.actions.remove(&id);
+            self.metrics.error("action");
+            return Err(Refusal::Conflict(format!("cannot record the action: {e}")));
+        }
+        core.state.actions.get(&id).map(view).ok_or_else(|| Refusal::NotFound(format!("action {id} vanished")))
+    }
+
+    pub async fn action(&self, key: &GroupKey, id: &str) -> Option<ActionView> {
+        let core = self.core.lock().await;
+        core.state.actions.get(id).filter(|a| a.group == *key).map(view)
+    }
+
+    /// Everything `status` and `describe` show.
+    pub async fn overview(&self) -> GroupsOverview {
+        let core = self.core.lock().await;
+        let groups = core
+            .reconciled
+            .groups
+            .iter()
+            .map(|(key, plan)| {
+                let nodes = plan.nodes();
+                let node_details = nodes
+                    .iter()
+                    .map(|n| {
+                        let report = core.reports.get(n).map(|r| &r.0);
+                        NodeDetail {
+                            node: n.clone(),
+                            desired_revision: core.state.nodes.get(n).map(|r| r.revision).unwrap_or(0),
+                            applied_revision: report.map(|r| r.applied_revision),
+                            config_error: report.and_then(|r| r.config_error.clone()),
+                            report: report.and_then(|r| r.groups.iter().find(|g| g.key == *key).cloned()),
+                        }
+                    })
+                    .collect();
+                let volumes = plan
+                    .config
+                    .iter()
+                    .flat_map(|c| &c.volumes)
+                    .filter_map(|v| {
+                        let status = core.statuses.volumes.get(&GroupKey::new(&key.namespace, &v.name))?;
+                        Some(VolumeView { name: v.name.clone(), status: status.clone() })
+                    })
+                    .collect();
+                GroupView {
+                    key: key.clone(),
+                    nodes,
+                    witness: plan.config.as_ref().map(|c| c.spec.witness.mode).unwrap_or_default(),
+                    error: plan.error.as_ref().map(|e| e.to_string()),
+                    deleting: plan.deleting,
+                    status: core.statuses.groups.get(key).cloned().unwrap_or_default(),
+                    volumes,
+                    node_details,
+                    events: core.events.recent(key),
+                }
+            })
+            .collect();
+        GroupsOverview { groups, errors: core.reconciled.errors.iter().map(|e| e.to_string()).collect() }
+    }
+}
+
+fn describe_kind(kind: &AdminActionKind) -> String {
+    match kind {
+        AdminActionKind::Switchover { to } => format!(": move the service to {to}"),
+        AdminActionKind::ForceActive { node } => format!(": force {node} active"),
+        AdminActionKind::ResolveSplitBrain { winner } => format!(": {winner} keeps its data"),
+        AdminActionKind::Maintenance { enabled } => format!(": maintenance {}", if *enabled { "on" } else { "off" }),
+    }
+}
+
+fn phase_reason(status: &HaGroupStatus) -> String {
+    let interesting = ["Degraded", "Ready", "Valid", "SplitBrain"];
+    status
+        .conditions
+        .iter()
+        .filter(|c| interesting.contains(&c.type_.as_str()))
+        .find(|c| {
+            (c.type_ == "Ready" || c.type_ == "Valid") && c.status != hapair_crds::condition::ConditionStatus::True
+                || (c.type_ == "Degraded" || c.type_ == "SplitBrain")
+                    && c.status == hapair_crds::condition::ConditionStatus::True
+        })
+        .map(|c| format!(" ({})", c.message))
+        .unwrap_or_default()
+}
+
+fn last_action(actions: &BTreeMap<String, ActionEntry>, key: &GroupKey) -> Option<ActionRecord> {
+    actions.values().filter(|a| a.group == *key).max_by_key(|a| (a.submitted, a.action.id.clone())).map(|a| {
+        ActionRecord {
+            id: a.action.id.clone(),
+            action: a.action.kind.label().to_string(),
+            outcome: a.outcome,
+            message: a.message.clone(),
+            time: format_millis(a.finished.unwrap_or(a.submitted)),
+        }
+    })
+}
+
+fn view(entry: &ActionEntry) -> ActionView {
+    ActionView {
+        id: entry.action.id.clone(),
+        group: entry.group.clone(),
+        kind: entry.action.kind.clone(),
+        outcome: entry.outcome,
+        message: entry.message.clone(),
+        submitted: format_millis(entry.submitted),
+        finished: entry.finished.map(format_millis),
+        results: entry
+            .results
+            .iter()
+            .map(|(node, r)| NodeActionResult { node: node.clone(), outcome: r.outcome, message: r.message.clone() })
+            .collect(),
+    }
+}

@@ -1,0 +1,115 @@
+//! The seam between the node API and the witness: the `/v1/witness/lease` endpoint checks
+//! who is asking and for which group, then hands the request to a [`LeaseAuthority`].
+//!
+//! The authority (the witness state machine) decides grants; it is pure, with the monotonic
+//! time since the controller started as input, and it waits out `L·(1+drift)` after a
+//! restart because it may have forgotten a holder.
+
+use std::time::Duration;
+
+use hapair_crds::HaGroupSpec;
+use hapair_crds::hagroup::WitnessMode;
+use hapair_crds::nodeapi::{LeaseOp, LeaseRequest, LeaseResponse};
+
+/// The lease rules of one group, from its spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseParams {
+    /// `spec.heartbeat.leaseTTL`: the longest lease ever granted.
+    pub ttl: Duration,
+    /// `spec.heartbeat.maxClockDriftPpm`: expiry is stretched by this factor.
+    pub max_clock_drift_ppm: u32,
+}
+
+impl LeaseParams {
+    pub fn from_spec(spec: &HaGroupSpec) -> Self {
+        LeaseParams { ttl: spec.heartbeat.lease_ttl.as_std(), max_clock_drift_ppm: spec.heartbeat.max_clock_drift_ppm }
+    }
+}
+
+/// Decides lease requests for every group (one witness serves them all).
+pub trait LeaseAuthority: Send {
+    /// `now` is monotonic time since the authority was created.
+    fn handle(&mut self, now: Duration, request: &LeaseRequest, params: LeaseParams) -> LeaseResponse;
+}
+
+/// Why a lease request is not handed to the authority at all.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseRefusal {
+    #[error("node {cert:?} cannot ask for a lease on behalf of {requested:?}")]
+    OtherNode { cert: String, requested: String },
+    #[error("no HaGroup {0}")]
+    UnknownGroup(String),
+    #[error("node {node:?} is not a node of HaGroup {group}")]
+    NotAMember { node: String, group: String },
+    #[error("HaGroup {0} has witness mode none: it fails over without a witness")]
+    NoWitness(String),
+    #[error("HaGroup {0} is being deleted")]
+    Deleting(String),
+}
+
+/// Checks that the caller (certificate name `cert`) may ask for this lease, and returns the
+/// group's lease parameters.
+pub fn admit(
+    cert: &str,
+    request: &LeaseRequest,
+    spec: Option<&HaGroupSpec>,
+    deleting: bool,
+) -> Result<LeaseParams, LeaseRefusal> {
+    if request.node != cert {
+        return Err(LeaseRefusal::OtherNode { cert: cert.to_string(), requested: request.node.clone() });
+    }
+    let group = request.group.to_string();
+    let Some(spec) = spec else { return Err(LeaseRefusal::UnknownGroup(group)) };
+    if !spec.nodes.iter().any(|n| n.name == cert) {
+        return Err(LeaseRefusal::NotAMember { node: cert.to_string(), group });
+    }
+    if spec.witness.mode == WitnessMode::None {
+        return Err(LeaseRefusal::NoWitness(group));
+    }
+    // Giving a lease back is always allowed: a node cleaning up a deleted group does it.
+    if deleting && request.op != LeaseOp::Release {
+        return Err(LeaseRefusal::Deleting(group));
+    }
+    Ok(LeaseParams::from_spec(spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hapair_crds::nodeapi::GroupKey;
+
+    fn spec(witness: &str) -> HaGroupSpec {
+        serde_yaml::from_str(&format!(
+            "nodes: [{{name: a, heartbeatAddresses: [198.18.1.1]}}, {{name: b, heartbeatAddresses: [198.18.1.2]}}]\nwitness: {{mode: {witness}}}\nheartbeat: {{leaseTTL: 600ms, maxClockDriftPpm: 500}}"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn request(node: &str) -> LeaseRequest {
+        LeaseRequest {
+            group: GroupKey::new("default", "g"),
+            node: node.into(),
+            op: LeaseOp::Acquire,
+            epoch: 2,
+            ttl_ms: 600,
+        }
+    }
+
+    #[test]
+    fn params_come_from_the_heartbeat_spec() {
+        let params = admit("a", &request("a"), Some(&spec("controller")), false);
+        assert_eq!(params, Ok(LeaseParams { ttl: Duration::from_millis(600), max_clock_drift_ppm: 500 }));
+    }
+
+    #[test]
+    fn refuses_impersonation_strangers_unknown_groups_and_witnessless_groups() {
+        let s = spec("controller");
+        assert!(matches!(admit("a", &request("b"), Some(&s), false), Err(LeaseRefusal::OtherNode { .. })));
+        assert!(matches!(admit("c", &request("c"), Some(&s), false), Err(LeaseRefusal::NotAMember { .. })));
+        assert!(matches!(admit("a", &request("a"), None, false), Err(LeaseRefusal::UnknownGroup(_))));
+        assert!(matches!(admit("a", &request("a"), Some(&spec("none")), false), Err(LeaseRefusal::NoWitness(_))));
+        assert!(matches!(admit("a", &request("a"), Some(&s), true), Err(LeaseRefusal::Deleting(_))));
+        let release = LeaseRequest { op: LeaseOp::Release, ..request("a") };
+        assert!(admit("a", &release, Some(&s), true).is_ok());
+    }
+}

@@ -1,0 +1,130 @@
+//! The controller's Prometheus metrics, served at `GET /metrics`.
+//!
+//! Labels carry categories, endpoints and phases, never group or node names: the endpoint
+//! is served without a client certificate so any Prometheus can scrape it, and names would
+//! tell a stranger what runs where.
+
+use std::sync::Mutex;
+
+use hapair_crds::hagroup::GroupPhase;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, String); 1];
+type Labels2 = [(&'static str, String); 2];
+
+const PHASES: [GroupPhase; 8] = [
+    GroupPhase::Pending,
+    GroupPhase::Healthy,
+    GroupPhase::Degraded,
+    GroupPhase::FailingOver,
+    GroupPhase::Down,
+    GroupPhase::SplitBrain,
+    GroupPhase::Maintenance,
+    GroupPhase::Invalid,
+];
+
+/// Every metric of the controller, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    reconciles: Counter,
+    errors: Family<Labels, Counter>,
+    witness: Family<Labels, Counter>,
+    requests: Family<Labels2, Counter>,
+    groups: Family<Labels, Gauge>,
+    enrollments: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hapair_controller");
+        let reconciles = Counter::default();
+        let errors = Family::<Labels, Counter>::default();
+        let witness = Family::<Labels, Counter>::default();
+        let requests = Family::<Labels2, Counter>::default();
+        let groups = Family::<Labels, Gauge>::default();
+        let enrollments = Family::<Labels, Counter>::default();
+        registry.register("reconciles", "Reconciles of the desired state", reconciles.clone());
+        registry.register("errors", "Errors by category (manifest, store, report, action, tls)", errors.clone());
+        registry.register("witness_decisions", "Witness answers by decision", witness.clone());
+        registry.register("api_requests", "Node API requests by endpoint and status code", requests.clone());
+        registry.register("groups", "HaGroups by phase", groups.clone());
+        registry.register("enrollments", "Enrollment attempts by result", enrollments.clone());
+        Metrics { registry: Mutex::new(registry), reconciles, errors, witness, requests, groups, enrollments }
+    }
+
+    pub fn reconciled(&self) {
+        self.reconciles.inc();
+    }
+
+    pub fn error(&self, category: &str) {
+        self.errors.get_or_create(&[("category", category.to_string())]).inc();
+    }
+
+    pub fn witness_decision(&self, decision: &str) {
+        self.witness.get_or_create(&[("decision", decision.to_string())]).inc();
+    }
+
+    pub fn request(&self, endpoint: &str, code: u16) {
+        self.requests.get_or_create(&[("endpoint", endpoint.to_string()), ("code", code.to_string())]).inc();
+    }
+
+    pub fn enrollment(&self, result: &str) {
+        self.enrollments.get_or_create(&[("result", result.to_string())]).inc();
+    }
+
+    /// Sets the per-phase group counts; phases not in `phases` read 0.
+    pub fn set_groups(&self, phases: impl IntoIterator<Item = GroupPhase>) {
+        let mut counts = [0i64; PHASES.len()];
+        for phase in phases {
+            if let Some(i) = PHASES.iter().position(|p| *p == phase) {
+                counts[i] += 1;
+            }
+        }
+        for (phase, count) in PHASES.iter().zip(counts) {
+            self.groups.get_or_create(&[("phase", phase.as_str().to_string())]).set(count);
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_their_labels() {
+        let metrics = Metrics::new();
+        metrics.reconciled();
+        metrics.request("/v1/groups", 200);
+        metrics.witness_decision("granted");
+        metrics.set_groups([GroupPhase::Healthy, GroupPhase::Healthy, GroupPhase::Down]);
+        let text = metrics.render();
+        assert!(text.contains("hapair_controller_reconciles_total 1"), "{text}");
+        assert!(
+            text.contains("hapair_controller_api_requests_total{endpoint=\"/v1/groups\",code=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("hapair_controller_groups{phase=\"Healthy\"} 2"), "{text}");
+        assert!(text.contains("hapair_controller_groups{phase=\"SplitBrain\"} 0"), "{text}");
+        assert!(text.contains("hapair_controller_witness_decisions_total{decision=\"granted\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,383 @@
+//! The reconcile core: a snapshot of the desired objects and the controller's own state in,
+//! one desired-config bundle per node out.
+//!
+//! Dereference (reading the snapshot), publish (handing bundles to the node API) and status
+//! writes touch the outside world and live behind [`crate::store::Store`] and
+//! [`crate::publish::Publisher`]; everything here is a pure function of its inputs, with
+//! time and randomness passed in. The Kubernetes operator calls the same function with a
+//! snapshot read from the API server.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hapair_crds::manifest::ManifestError;
+use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, GroupKey};
+use rand::RngCore;
+
+use crate::actions::pending_for;
+use crate::build::group_config;
+use crate::catalog::Catalog;
+use crate::resolve::resolve;
+use crate::revision::assign;
+use crate::state::{ControllerState, Deleting};
+use crate::timestamp::UnixMillis;
+
+/// What the controller knows about one group after a reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupPlan {
+    /// The config its nodes run (without per-node actions); `None` when it never was valid.
+    pub config: Option<GroupConfig>,
+    /// Why the current manifest is refused (the config, if any, is the last good one).
+    pub error: Option<ManifestError>,
+    /// Removed from the desired state; nodes are cleaning up.
+    pub deleting: bool,
+}
+
+impl GroupPlan {
+    pub fn nodes(&self) -> Vec<String> {
+        self.config.as_ref().map(|c| c.spec.nodes.iter().map(|n| n.name.clone()).collect()).unwrap_or_default()
+    }
+}
+
+/// The result of one reconcile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reconciled {
+    /// Every node that has ever had a bundle, with its current one.
+    pub bundles: BTreeMap<String, DesiredConfig>,
+    /// Nodes whose bundle changed (their revision went up).
+    pub changed: BTreeSet<String>,
+    pub groups: BTreeMap<GroupKey, GroupPlan>,
+    /// Every refused document or object.
+    pub errors: Vec<ManifestError>,
+    /// Groups that started deleting in this reconcile.
+    pub deletion_started: Vec<GroupKey>,
+    /// Groups whose deletion every node confirmed in this reconcile; they are gone.
+    pub deletion_finished: Vec<GroupKey>,
+}
+
+/// Builds every node's bundle from `catalog`, updating `state` (last good configs, UUIDs,
+/// generated keys, deletions, revisions).
+pub fn reconcile(catalog: &Catalog, state: &mut ControllerState, now: UnixMillis, rng: &mut dyn RngCore) -> Reconciled {
+    let resolution = resolve(catalog, state, rng);
+    let mut out = Reconciled { errors: resolution.errors.clone(), ..Reconciled::default() };
+
+    for key in &resolution.removed {
+        if let Some(source) = state.last_good.remove(key) {
+            state.deleting.insert(key.clone(), Deleting { source, cleaned_up: BTreeSet::new(), since: now });
+            out.deletion_started.push(key.clone());
+        }
+    }
+    for key in resolution.live.keys() {
+        // Re-added while its nodes were still cleaning up: it simply runs again.
+        state.deleting.remove(key);
+    }
+    let finished: Vec<GroupKey> = state
+        .deleting
+        .iter()
+        .filter(|(_, d)| d.source.group.spec.nodes.iter().all(|n| d.cleaned_up.contains(&n.name)))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in finished {
+        state.deleting.remove(&key);
+        state.generated_keys.remove(&key);
+        state.actions.retain(|_, a| a.group != key);
+        out.deletion_finished.push(key);
+    }
+
+    for (key, live) in &resolution.live {
+        let config = group_config(key, &live.source, &mut state.volume_uuids, rng);
+        out.groups.insert(key.clone(), GroupPlan { config: Some(config), error: live.error.clone(), deleting: false });
+    }
+    for (key, deleting) in &state.deleting {
+        let mut config = group_config(key, &deleting.source, &mut state.volume_uuids, rng);
+        config.deleting = true;
+        out.groups.insert(key.clone(), GroupPlan { config: Some(config), error: None, deleting: true });
+    }
+    for (key, error) in &resolution.refused {
+        out.groups.entry(key.clone()).or_insert(GroupPlan {
+            config: None,
+            error: Some(error.clone()),
+            deleting: false,
+        });
+    }
+
+    let mut per_node: BTreeMap<String, Vec<GroupConfig>> =
+        state.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
+    for (key, plan) in &out.groups {
+        let Some(config) = &plan.config else { continue };
+        for node in &config.spec.nodes {
+            let mut for_node = config.clone();
+            if !plan.deleting {
+                for_node.actions = pending_for(&state.actions, key, &node.name);
+            }
+            per_node.entry(node.name.clone()).or_default().push(for_node);
+        }
+    }
+    for (node, groups) in per_node {
+        let (bundle, changed) = assign(&mut state.nodes, &node, groups);
+        if changed {
+            out.changed.insert(node.clone());
+        }
+        out.bundles.insert(node, bundle);
+    }
+    out
+}
+
+/// Records that `node` finished cleaning up a deleting group. Returns whether this was news.
+pub fn note_cleaned_up(state: &mut ControllerState, key: &GroupKey, node: &str) -> bool {
+    match state.deleting.get_mut(key) {
+        Some(deleting) if deleting.source.group.spec.nodes.iter().any(|n| n.name == node) => {
+            deleting.cleaned_up.insert(node.to_string())
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actions::queue;
+    use base64::Engine;
+    use hapair_crds::nodeapi::{AdminActionKind, HeartbeatKey};
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const GROUP: &str = r#"
+apiVersion: hapair.dev/v1alpha1
+kind: HaGroup
+metadata: {name: g, namespace: ns}
+spec:
+  nodes:
+    - {name: a, heartbeatAddresses: [198.18.1.1]}
+    - {name: b, heartbeatAddresses: [198.18.1.2]}
+  virtualIPs:
+    - {name: www, address: 198.18.1.80/24, interface: eth0}
+  flow:
+    - name: data
+      volume: {volumeRef: data}
+"#;
+
+    const VOLUME: &str = r#"
+apiVersion: hapair.dev/v1alpha1
+kind: ReplicatedVolume
+metadata: {name: data, namespace: ns}
+spec:
+  group: g
+  size: 1Gi
+  backing:
+    - {node: a, path: /srv/data.img}
+    - {node: b, path: /srv/data.img}
+"#;
+
+    const OTHER: &str = r#"
+apiVersion: hapair.dev/v1alpha1
+kind: HaGroup
+metadata: {name: other, namespace: ns}
+spec:
+  nodes:
+    - {name: b, heartbeatAddresses: [198.18.2.2]}
+    - {name: c, heartbeatAddresses: [198.18.2.3]}
+"#;
+
+    fn catalog(sources: &[(&str, &str)]) -> Catalog {
+        Catalog::from_sources(sources.iter().copied())
+    }
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(7)
+    }
+
+    fn bundle<'a>(out: &'a Reconciled, node: &str) -> &'a DesiredConfig {
+        out.bundles.get(node).unwrap_or_else(|| panic!("no bundle for {node}: {:?}", out.bundles.keys()))
+    }
+
+    fn key() -> GroupKey {
+        GroupKey::new("ns", "g")
+    }
+
+    #[test]
+    fn builds_one_bundle_per_node_with_explicit_vips_volumes_and_a_key() {
+        let mut state = ControllerState::default();
+        let out =
+            reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", VOLUME), ("o.yaml", OTHER)]), &mut state, 0, &mut rng());
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.bundles.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(out.changed.len(), 3);
+        let a = bundle(&out, "a");
+        assert_eq!((a.node.as_str(), a.revision, a.groups.len()), ("a", 1, 1));
+        let b_groups: Vec<String> = bundle(&out, "b").groups.iter().map(|g| g.key.to_string()).collect();
+        assert_eq!(b_groups, ["ns/g", "ns/other"]);
+        let g = &a.groups[0];
+        let steps: Vec<&str> = g.spec.flow.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(steps, ["data", "vip-www"]);
+        assert_eq!(g.volumes.len(), 1);
+        assert_eq!(g.volumes[0].name, "data");
+        assert!(uuid::Uuid::parse_str(&g.volumes[0].uuid).is_ok());
+        let HeartbeatKey::Inline(k) = &g.heartbeat_key else { panic!("inline key expected") };
+        let raw = base64::engine::general_purpose::STANDARD.decode(k).unwrap_or_default();
+        assert_eq!(raw.len(), crate::resolve::GENERATED_KEY_BYTES);
+        // Both nodes of a group get identical group content.
+        let g_on_b = bundle(&out, "b").groups.iter().find(|c| c.key == key()).cloned();
+        assert_eq!(g_on_b.as_ref(), Some(g));
+        // Every bundle passes the agent's own checks.
+        for (node, b) in &out.bundles {
+            for group in &b.groups {
+                hapair_crds::validation::validate_group(&group.spec).unwrap_or_else(|e| panic!("{node}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn uuids_keys_and_revisions_survive_a_restart_and_move_only_on_change() {
+        let sources = [("g.yaml", GROUP), ("v.yaml", VOLUME), ("o.yaml", OTHER)];
+        let mut state = ControllerState::default();
+        let first = reconcile(&catalog(&sources), &mut state, 0, &mut rng());
+        // A restart: the state goes through JSON and the RNG is different.
+        let json = serde_json::to_string(&state).unwrap_or_else(|e| panic!("{e}"));
+        let mut restored: ControllerState = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(restored, state);
+        let again = reconcile(&catalog(&sources), &mut restored, 1, &mut StdRng::seed_from_u64(99));
+        assert!(again.changed.is_empty(), "{:?}", again.changed);
+        assert_eq!(again.bundles, first.bundles);
+
+        // Editing only group "other" changes b's and c's bundles, not a's.
+        let edited = OTHER.replace("198.18.2.3", "198.18.2.4");
+        let sources = [("g.yaml", GROUP), ("v.yaml", VOLUME), ("o.yaml", edited.as_str())];
+        let third = reconcile(&catalog(&sources), &mut restored, 2, &mut rng());
+        assert_eq!(third.changed, ["b".to_string(), "c".to_string()].into());
+        assert_eq!(bundle(&third, "a").revision, 1);
+        assert_eq!(bundle(&third, "b").revision, 2);
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_good_config_and_names_the_field() {
+        let mut state = ControllerState::default();
+        let good = reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", VOLUME)]), &mut state, 0, &mut rng());
+        let broken = GROUP.replace("198.18.1.2]", "not-an-ip]");
+        let out = reconcile(&catalog(&[("g.yaml", broken.as_str()), ("v.yaml", VOLUME)]), &mut state, 1, &mut rng());
+        assert!(out.changed.is_empty(), "nothing may change on the nodes");
+        assert_eq!(out.bundles, good.bundles);
+        let plan = out.groups.get(&key()).unwrap_or_else(|| panic!("group kept"));
+        let error = plan.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            error,
+            "g.yaml (document 1), HaGroup ns/g: spec.nodes[1].heartbeatAddresses[0]: \"not-an-ip\" is not an IP address"
+        );
+        assert!(plan.config.is_some() && !plan.deleting);
+        // A YAML syntax error names no object but must not delete the group either.
+        let out = reconcile(&catalog(&[("g.yaml", "nodes: [unclosed"), ("v.yaml", VOLUME)]), &mut state, 2, &mut rng());
+        assert!(out.changed.is_empty());
+        assert!(out.groups.get(&key()).is_some_and(|p| p.error.is_some() && !p.deleting));
+        // A volume turned invalid refuses the group through its reference; still no change.
+        let bad_volume = VOLUME.replace("1Gi", "1001");
+        let out = reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", bad_volume.as_str())]), &mut state, 3, &mut rng());
+        assert!(out.changed.is_empty());
+        assert!(out.groups.get(&key()).is_some_and(|p| p.error.is_some()));
+    }
+
+    #[test]
+    fn a_group_never_valid_runs_nothing_but_is_reported() {
+        let mut state = ControllerState::default();
+        let broken = GROUP.replace("198.18.1.2]", "not-an-ip]");
+        let out = reconcile(&catalog(&[("g.yaml", broken.as_str()), ("v.yaml", VOLUME)]), &mut state, 0, &mut rng());
+        assert!(out.bundles.is_empty());
+        let plan = out.groups.get(&key()).unwrap_or_else(|| panic!("reported"));
+        assert!(plan.config.is_none() && plan.error.is_some());
+    }
+
+    #[test]
+    fn heartbeat_keys_come_from_secret_data_or_string_data() {
+        let with_ref =
+            GROUP.replace("  virtualIPs:", "  heartbeat:\n    keySecretRef: {name: hb, key: k}\n  virtualIPs:");
+        let data =
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: hb, namespace: ns}\ndata:\n  k: MDEyMzQ1Njc4OWFiY2RlZg==\n";
+        let string_data =
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: hb, namespace: ns}\nstringData:\n  k: 0123456789abcdef\n";
+        for secret in [data, string_data] {
+            let mut state = ControllerState::default();
+            let sources = [("g.yaml", with_ref.as_str()), ("v.yaml", VOLUME), ("s.yaml", secret)];
+            let out = reconcile(&catalog(&sources), &mut state, 0, &mut rng());
+            assert!(out.errors.is_empty(), "{:?}", out.errors);
+            let key = &bundle(&out, "a").groups[0].heartbeat_key;
+            let expected = base64::engine::general_purpose::STANDARD.encode("0123456789abcdef");
+            assert_eq!(key, &HeartbeatKey::Inline(expected));
+            assert!(state.generated_keys.is_empty());
+        }
+        let mut state = ControllerState::default();
+        let short = string_data.replace("0123456789abcdef", "short");
+        let out = reconcile(
+            &catalog(&[("g.yaml", with_ref.as_str()), ("v.yaml", VOLUME), ("s.yaml", short.as_str())]),
+            &mut state,
+            0,
+            &mut rng(),
+        );
+        let error = out.errors.first().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.contains("HaGroup ns/g: spec.heartbeat.keySecretRef.key: key \"k\" of Secret ns/hb is 5 bytes"),
+            "{error}"
+        );
+        let out = reconcile(&catalog(&[("g.yaml", with_ref.as_str()), ("v.yaml", VOLUME)]), &mut state, 0, &mut rng());
+        let error = out.errors.first().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.ends_with("spec.heartbeat.keySecretRef.name: no Secret named \"hb\" in namespace \"ns\""),
+            "{error}"
+        );
+        assert!(out.bundles.is_empty());
+    }
+
+    #[test]
+    fn a_removed_group_is_delivered_as_deleting_until_both_nodes_cleaned_up() {
+        let mut state = ControllerState::default();
+        reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", VOLUME), ("o.yaml", OTHER)]), &mut state, 0, &mut rng());
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 1, &mut rng());
+        assert_eq!(out.deletion_started, [key()]);
+        let a = bundle(&out, "a");
+        assert_eq!((a.revision, a.groups.len(), a.groups[0].deleting), (2, 1, true));
+        assert!(note_cleaned_up(&mut state, &key(), "a"));
+        assert!(!note_cleaned_up(&mut state, &key(), "c"), "c is not a member");
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 2, &mut rng());
+        assert!(out.changed.is_empty() && out.deletion_finished.is_empty());
+        assert!(note_cleaned_up(&mut state, &key(), "b"));
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 3, &mut rng());
+        assert_eq!(out.deletion_finished, [key()]);
+        // a keeps an (empty) bundle so its agent learns it has nothing left to run.
+        let a = bundle(&out, "a");
+        assert_eq!((a.revision, a.groups.len()), (3, 0));
+        assert!(!out.groups.contains_key(&key()));
+        // The volume's identity outlives the group, for retained data.
+        assert!(state.volume_uuids.contains_key(&GroupKey::new("ns", "data")));
+    }
+
+    #[test]
+    fn pending_actions_ride_in_the_bundles_of_the_groups_nodes() {
+        let mut state = ControllerState::default();
+        let sources = [("g.yaml", GROUP), ("v.yaml", VOLUME), ("o.yaml", OTHER)];
+        reconcile(&catalog(&sources), &mut state, 0, &mut rng());
+        state.actions.insert("s1".into(), queue(&key(), "s1", AdminActionKind::Switchover { to: "b".into() }, 0));
+        let out = reconcile(&catalog(&sources), &mut state, 1, &mut rng());
+        assert_eq!(out.changed, ["a".to_string(), "b".to_string()].into());
+        let on_b = bundle(&out, "b").groups.iter().find(|g| g.key == key()).map(|g| g.actions.clone());
+        assert_eq!(on_b.map(|a| a.len()), Some(1));
+        let other_on_b = bundle(&out, "b").groups.iter().find(|g| g.key.name == "other").map(|g| g.actions.len());
+        assert_eq!(other_on_b, Some(0));
+    }
+
+    #[test]
+    fn the_examples_build() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let catalog = Catalog::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut state = ControllerState::default();
+        let out = reconcile(&catalog, &mut state, 0, &mut rng());
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.bundles.keys().collect::<Vec<_>>(), ["db1", "db2", "web1", "web2"]);
+        let web = &bundle(&out, "web1").groups[0];
+        assert_eq!(web.spec.flow.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["vip-www"]);
+        let pg = &bundle(&out, "db2").groups[0];
+        assert_eq!(pg.key, GroupKey::new("databases", "pg"));
+        // Every VIP of the PostgreSQL pair is already referenced by a step.
+        assert_eq!(pg.spec.flow.len(), 3);
+        assert_eq!(pg.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["pg-data"]);
+        let expected = base64::engine::general_purpose::STANDARD.encode("3q2+7wVg0r8dYk6m1u9QWx4ZJpL5sT2aNcRfHbEiKoM=");
+        assert_eq!(pg.heartbeat_key, HeartbeatKey::Inline(expected));
+        assert_eq!(state.generated_keys.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["default/web"]);
+    }
+}

@@ -1,0 +1,478 @@
+//! The node API: HTTPS with mutual TLS, served by the controller, reached by agents (which
+//! connect out) and by the CLI.
+//!
+//! | endpoint | who | what |
+//! |---|---|---|
+//! | `GET /v1/nodes/{node}/config?revision=N&wait=S` | that node | long-poll the desired config |
+//! | `POST /v1/nodes/{node}/report` | that node | post a [`NodeReport`] |
+//! | `POST /v1/witness/lease` | a member node | acquire, renew or release a lease |
+//! | `POST /v1/enroll` | anyone with a token | trade a one-time token and a CSR for a certificate |
+//! | `GET /v1/groups` | admin | every group's status, volumes and recent events |
+//! | `POST /v1/groups/{ns}/{name}/actions` | admin | queue an admin action |
+//! | `GET /v1/groups/{ns}/{name}/actions/{id}` | admin | an action's outcome |
+//! | `GET /healthz`, `GET /metrics` | anyone | liveness, Prometheus metrics |
+//!
+//! No client certificate → 401; a certificate that is expired or from another CA → 401 with
+//! the reason; a valid certificate for the wrong node or role → 403. Refused requests change
+//! nothing. Bodies are limited to [`body::MAX_BODY_BYTES`] (413), malformed JSON gets a 400
+//! naming the field, and each client has a request budget (429).
+
+pub mod body;
+pub mod identity;
+pub mod ratelimit;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use hapair_crds::nodeapi::{EnrollRequest, EnrollResponse, GroupKey, LeaseRequest, LeaseResponse, NodeReport, paths};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::actions::Refusal;
+use crate::adminapi::ActionRequest;
+use crate::controller::{Controller, ReportRefusal};
+use crate::lease::{LeaseAuthority, LeaseRefusal};
+use crate::pki::Ca;
+use crate::publish::Poll;
+use crate::store::Store;
+use crate::tokens::{TokenError, TokenFile, TokenFileError, check_node_name};
+use body::{ApiFailure, ApiJson};
+use identity::{ClientAuth, PeerIdentity};
+use ratelimit::{RateLimiter, RateSettings};
+
+/// Tunables of the node API.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    pub rate: RateSettings,
+    /// Longest long-poll wait honoured, whatever `wait` asks for.
+    pub max_wait: Duration,
+    /// Lifetime of node certificates issued by enrollment.
+    pub node_cert_validity: Duration,
+    /// A client that has not finished the TLS handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            rate: RateSettings::default(),
+            max_wait: Duration::from_secs(60),
+            node_cert_validity: crate::pki::LEAF_VALIDITY,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything the handlers need.
+pub struct NodeApi<S: Store> {
+    controller: Arc<Controller<S>>,
+    ca: Arc<Ca>,
+    tokens: TokenFile,
+    authority: Option<Mutex<Box<dyn LeaseAuthority>>>,
+    started: Instant,
+    limiter: RateLimiter,
+    settings: ApiSettings,
+}
+
+impl<S: Store> std::fmt::Debug for NodeApi<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeApi").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> NodeApi<S> {
+    /// `authority` decides lease requests; without one the lease endpoint answers 503.
+    /// Its clock (the `now` it is given) starts here.
+    pub fn new(
+        controller: Arc<Controller<S>>,
+        ca: Arc<Ca>,
+        tokens: TokenFile,
+        authority: Option<Box<dyn LeaseAuthority>>,
+        settings: ApiSettings,
+    ) -> Self {
+        NodeApi {
+            controller,
+            ca,
+            tokens,
+            authority: authority.map(Mutex::new),
+            started: Instant::now(),
+            limiter: RateLimiter::new(settings.rate),
+            settings,
+        }
+    }
+}
+
+/// Who sent a request: the connection's identity and address.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub identity: PeerIdentity,
+    pub addr: SocketAddr,
+}
+
+impl Peer {
+    /// The node this peer authenticates as, if it may act for `node`.
+    fn require_node(&self, node: &str) -> Result<(), ApiFailure> {
+        match &self.identity {
+            PeerIdentity::Node(n) if n == node => Ok(()),
+            PeerIdentity::Node(n) => Err(ApiFailure::forbidden(format!("certificate is for node {n:?}, not {node:?}"))),
+            other => self.refuse_non_node(other),
+        }
+    }
+
+    fn any_node(&self) -> Result<&str, ApiFailure> {
+        match &self.identity {
+            PeerIdentity::Node(n) => Ok(n),
+            other => self.refuse_non_node(other),
+        }
+    }
+
+    fn refuse_non_node<T>(&self, identity: &PeerIdentity) -> Result<T, ApiFailure> {
+        Err(match identity {
+            PeerIdentity::Anonymous => ApiFailure::unauthorized("a client certificate is required"),
+            PeerIdentity::Invalid(why) => ApiFailure::unauthorized(why.clone()),
+            _ => ApiFailure::forbidden("only node certificates may use this endpoint"),
+        })
+    }
+
+    fn require_admin(&self) -> Result<(), ApiFailure> {
+        match &self.identity {
+            PeerIdentity::Admin => Ok(()),
+            PeerIdentity::Anonymous => Err(ApiFailure::unauthorized("a client certificate is required")),
+            PeerIdentity::Invalid(why) => Err(ApiFailure::unauthorized(why.clone())),
+            PeerIdentity::Node(n) => Err(ApiFailure::forbidden(format!("node {n:?} may not use the admin API"))),
+        }
+    }
+}
+
+/// The axum router of the node API.
+pub fn router<S: Store>(api: Arc<NodeApi<S>>) -> Router {
+    let group_actions = paths::actions("{namespace}", "{name}");
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics::<S>))
+        .route(paths::ENROLL, post(enroll::<S>))
+        .route(&paths::config("{node}"), get(config::<S>))
+        .route(&paths::report("{node}"), post(report::<S>))
+        .route(paths::LEASE, post(lease::<S>))
+        .route(paths::GROUPS, get(groups::<S>))
+        .route(&group_actions, post(submit_action::<S>))
+        .route(&format!("{group_actions}/{{id}}"), get(get_action::<S>))
+        .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(api.clone(), guard::<S>))
+        .with_state(api)
+}
+
+/// Rate limiting, request metrics and a tracing span, around every endpoint.
+async fn guard<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = matched.map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let key = match &peer.identity {
+        PeerIdentity::Node(_) | PeerIdentity::Admin => peer.identity.label(),
+        _ => format!("ip:{}", peer.addr.ip()),
+    };
+    let span = info_span!("request", endpoint = %endpoint, peer = %peer.identity.label());
+    let response = match api.limiter.check(&key, Instant::now()) {
+        Err(wait) if endpoint != "/healthz" => {
+            let mut failure =
+                ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, format!("rate limit exceeded for {key}; slow down"));
+            failure.retry_after = Some(wait.as_secs().max(1));
+            failure.into_response()
+        }
+        _ => next.run(request).instrument(span.clone()).await,
+    };
+    let code = response.status().as_u16();
+    if code >= 400 {
+        span.in_scope(|| debug!(code, "request refused"));
+    }
+    api.controller.metrics().request(&endpoint, code);
+    response
+}
+
+async fn metrics<S: Store>(State(api): State<Arc<NodeApi<S>>>) -> Response {
+    let text = api.controller.metrics().render();
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+fn parse_number(query: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, ApiFailure> {
+    query
+        .get(name)
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| ApiFailure::bad_request(format!("query parameter {name}: {v:?} is not a number")))
+        })
+        .transpose()
+}
+
+async fn config<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+    Path(node): Path<String>,
+    query: Result<Query<BTreeMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiFailure> {
+    peer.require_node(&node)?;
+    if !api.controller.knows_node(&node) {
+        return Err(ApiFailure::forbidden(format!("node {node:?} is not in any group")));
+    }
+    let Query(query) = query.map_err(|e| ApiFailure::bad_request(format!("query: {e}")))?;
+    let have = parse_number(&query, "revision")?;
+    let wait = Duration::from_secs(parse_number(&query, "wait")?.unwrap_or(0)).min(api.settings.max_wait);
+    match api.controller.poll_config(&node, have, wait).await {
+        Poll::Changed(bundle) => Ok(Json(bundle.as_ref()).into_response()),
+        Poll::Unchanged => Ok(StatusCode::NOT_MODIFIED.into_response()),
+        Poll::Unknown => Err(ApiFailure::forbidden(format!("node {node:?} is not in any group"))),
+    }
+}
+
+async fn report<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+    Path(node): Path<String>,
+    request: Request,
+) -> Result<StatusCode, ApiFailure> {
+    // Authentication comes before the body is even read.
+    peer.require_node(&node)?;
+    if !api.controller.knows_node(&node) {
+        return Err(ApiFailure::forbidden(format!("node {node:?} is not in any group")));
+    }
+    let ApiJson(report) = ApiJson::<NodeReport>::from_request(request, &()).await?;
+    match api.controller.accept_report(&node, report).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(refusal @ (ReportRefusal::NodeMismatch { .. } | ReportRefusal::NotAMember { .. })) => {
+            api.controller.metrics().error("report");
+            Err(ApiFailure::forbidden(refusal.to_string()))
+        }
+    }
+}
+
+async fn lease<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+    request: Request,
+) -> Result<Json<LeaseResponse>, ApiFailure> {
+    let cert = peer.any_node()?.to_string();
+    let ApiJson(lease) = ApiJson::<LeaseRequest>::from_request(request, &()).await?;
+    let params = api.controller.admit_lease(&cert, &lease).await.map_err(|refusal| {
+        api.controller.metrics().witness_decision("refused");
+        let status = match refusal {
+            LeaseRefusal::OtherNode { .. } | LeaseRefusal::NotAMember { .. } => StatusCode::FORBIDDEN,
+            LeaseRefusal::UnknownGroup(_) => StatusCode::NOT_FOUND,
+            LeaseRefusal::NoWitness(_) | LeaseRefusal::Deleting(_) => StatusCode::CONFLICT,
+        };
+        ApiFailure::new(status, refusal.to_string())
+    })?;
+    let Some(authority) = &api.authority else {
+        return Err(ApiFailure::new(StatusCode::SERVICE_UNAVAILABLE, "this controller has no witness configured"));
+    };
+    let now = api.started.elapsed();
+    let answer = {
+        let mut authority = authority.lock().unwrap_or_else(|p| p.into_inner());
+        authority.handle(now, &lease, params)
+    };
+    let decision = match &answer {
+        LeaseResponse::Granted { .. } => "granted",
+        LeaseResponse::Denied { .. } => "denied",
+        LeaseResponse::Released => "released",
+    };
+    api.controller.metrics().witness_decision(decision);
+    let _span = info_span!("group", group = %lease.group, node = %cert, epoch = lease.epoch).entered();
+    info!(op = ?lease.op, decision, "witness: {answer:?}");
+    Ok(Json(answer))
+}
+
+async fn enroll<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    ApiJson(request): ApiJson<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiFailure> {
+    let result = enroll_inner(&api, request).await;
+    api.controller.metrics().enrollment(if result.is_ok() { "issued" } else { "refused" });
+    result.map(Json)
+}
+
+async fn enroll_inner<S: Store>(api: &NodeApi<S>, request: EnrollRequest) -> Result<EnrollResponse, ApiFailure> {
+    check_node_name(&request.node).map_err(|e| ApiFailure::bad_request(format!("node: {e}")))?;
+    // Sign first: a bad CSR must not burn the token. The certificate is only handed out
+    // once the token is burned.
+    let certificate_pem = api
+        .ca
+        .sign_node_csr(&request.node, &request.csr_pem, api.settings.node_cert_validity)
+        .map_err(|e| ApiFailure::bad_request(format!("csrPem: {e}")))?;
+    let tokens = api.tokens.clone();
+    let (token, node) = (request.token.clone(), request.node.clone());
+    let now = crate::timestamp::now_millis();
+    let redeemed = tokio::task::spawn_blocking(move || tokens.redeem(&token, &node, now))
+        .await
+        .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("token check failed: {e}")))?;
+    match redeemed {
+        Ok(()) => {
+            info!(node = %request.node, "enrolled node");
+            Ok(EnrollResponse { certificate_pem, ca_pem: api.ca.cert_pem().to_string() })
+        }
+        Err(TokenFileError::Token(e @ TokenError::WrongNode { .. })) => Err(ApiFailure::forbidden(e.to_string())),
+        Err(TokenFileError::Token(e @ (TokenError::InvalidNode(_) | TokenError::ReservedNode))) => {
+            Err(ApiFailure::bad_request(e.to_string()))
+        }
+        Err(TokenFileError::Token(e)) => {
+            warn!(node = %request.node, "enrollment refused: {e}");
+            Err(ApiFailure::unauthorized(e.to_string()))
+        }
+        Err(e) => {
+            api.controller.metrics().error("store");
+            Err(ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
+}
+
+async fn groups<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Response, ApiFailure> {
+    peer.require_admin()?;
+    Ok(Json(api.controller.overview().await).into_response())
+}
+
+async fn submit_action<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+    Path((namespace, name)): Path<(String, String)>,
+    request: Request,
+) -> Result<Response, ApiFailure> {
+    peer.require_admin()?;
+    let ApiJson(action) = ApiJson::<ActionRequest>::from_request(request, &()).await?;
+    let key = GroupKey::new(namespace, name);
+    match api.controller.submit_action(&key, action).await {
+        Ok(view) => Ok((StatusCode::ACCEPTED, Json(view)).into_response()),
+        Err(refusal) => {
+            api.controller.metrics().error("action");
+            let status = match refusal {
+                Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+                Refusal::Invalid(_) => StatusCode::BAD_REQUEST,
+                Refusal::Conflict(_) => StatusCode::CONFLICT,
+            };
+            Err(ApiFailure::new(status, refusal.to_string()))
+        }
+    }
+}
+
+async fn get_action<S: Store>(
+    State(api): State<Arc<NodeApi<S>>>,
+    Extension(peer): Extension<Peer>,
+    Path((namespace, name, id)): Path<(String, String, String)>,
+) -> Result<Response, ApiFailure> {
+    peer.require_admin()?;
+    let key = GroupKey::new(namespace, name);
+    match api.controller.action(&key, &id).await {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiFailure::new(StatusCode::NOT_FOUND, format!("no action {id:?} on HaGroup {key}"))),
+    }
+}
+
+use axum::extract::FromRequest;
+
+/// A running node API server.
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `api` on `listener` with TLS until [`Server::shutdown`].
+    pub fn start<S: Store>(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        auth: ClientAuth,
+        api: Arc<NodeApi<S>>,
+    ) -> std::io::Result<Server> {
+        let local_addr = listener.local_addr()?;
+        let (shutdown, mut stop) = watch::channel(false);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let handshake_timeout = api.settings.handshake_timeout;
+        let metrics = api.controller.metrics().clone();
+        let app = router(api);
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, addr) = tokio::select! {
+                    _ = stop.changed() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (acceptor, auth, app, metrics, mut stop) =
+                    (acceptor.clone(), auth.clone(), app.clone(), metrics.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            metrics.error("tls");
+                            debug!(%addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.error("tls");
+                            debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let identity = auth.identify(tls.get_ref().1.peer_certificates());
+                    let peer = Peer { identity, addr };
+                    let service =
+                        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                            request.extensions_mut().insert(peer.clone());
+                            app.clone().oneshot(request)
+                        });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(30))
+                        .serve_connection(TokioIo::new(tls), service);
+                    let mut connection = std::pin::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => {
+                            if let Err(e) = result {
+                                debug!(%addr, error = %e, "connection ended with an error");
+                            }
+                        }
+                        _ = stop.changed() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Server { local_addr, shutdown, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets open requests finish briefly, and waits for the accept loop.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,80 @@
+//! What reconcile reads and writes outside itself, as a trait: the standalone controller
+//! keeps it in a state directory ([`crate::file_store::FileStore`]); the Kubernetes operator
+//! will keep it in the API server (objects, status subresources, Events, a state Secret).
+//!
+//! Reconcile = dereference ([`Store::snapshot`]) → validate and build (pure) → publish
+//! ([`crate::publish::Publisher`]) → write status ([`Store::write_group_status`]). Nothing
+//! else in the reconcile path touches a client.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use hapair_crds::nodeapi::GroupKey;
+use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic_file::FileError;
+use crate::catalog::{Catalog, CatalogError};
+use crate::events::{EventRing, GroupEvent};
+use crate::state::ControllerState;
+
+/// Why the store could not be read or written. Reconcile keeps the last good state in
+/// force and retries; none of these is about a bad manifest (those are in the snapshot).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Every status the controller last wrote; reloaded at start so condition transition
+/// times and epochs continue instead of restarting.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Statuses {
+    #[serde(default)]
+    pub groups: BTreeMap<GroupKey, HaGroupStatus>,
+    #[serde(default)]
+    pub volumes: BTreeMap<GroupKey, ReplicatedVolumeStatus>,
+}
+
+/// The controller's view of the outside world. Methods take `&self`: implementations do
+/// their own locking so the node API can serve while a reconcile runs.
+pub trait Store: Send + Sync + 'static {
+    /// Dereference: every HaGroup, ReplicatedVolume and Secret in scope, validated, with
+    /// refused objects as errors naming file/object/field. `metadata.generation` is set.
+    fn snapshot(&self) -> impl Future<Output = Result<Catalog, StoreError>> + Send;
+
+    fn load_state(&self) -> impl Future<Output = Result<ControllerState, StoreError>> + Send;
+
+    /// Persists the controller's state durably before returning: bundles built from it may
+    /// be served as soon as this returns.
+    fn save_state(&self, state: &ControllerState) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn load_statuses(&self) -> impl Future<Output = Result<Statuses, StoreError>> + Send;
+
+    /// Writes (or with `None` removes) a group's status. May be buffered until [`Store::flush`].
+    fn write_group_status(
+        &self,
+        key: &GroupKey,
+        status: Option<&HaGroupStatus>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn write_volume_status(
+        &self,
+        key: &GroupKey,
+        status: Option<&ReplicatedVolumeStatus>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records one event of a group. May be buffered until [`Store::flush`].
+    fn record_event(&self, key: &GroupKey, event: &GroupEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Events recorded before a restart, for `describe`.
+    fn load_events(&self) -> impl Future<Output = Result<EventRing, StoreError>> + Send;
+
+    /// Makes buffered status and event writes durable.
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
