@@ -5,9 +5,13 @@
 //! into events.
 //!
 //! - [`bundle`]: checking a desired-config bundle before anything acts on it.
+//! - [`engine`]: the failover decision engine (sans-IO): who is primary, leases, epochs,
+//!   self-fencing, flow order, restarts, failback and admin actions; plus the heartbeat
+//!   message the engines exchange.
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
 pub mod bundle;
+pub mod engine;
