@@ -75,8 +75,8 @@ fn random_schedules_keep_every_invariant() {
     let (failures, stats, failovers) = run_many(base, count, &Options::default());
     println!(
         "{count} schedules from seed {base} in {:.1} s: {} events, {} faults, {} terms, {} self-fencings, \
-         {} watchdog resets, {} witness denials, {} admin actions, {} exempt overlaps (witness mode none), \
-         {} failovers measured",
+         {} watchdog resets, {} witness denials, {} admin actions, {} local restarts, \
+         {} exempt overlaps (witness mode none), {} failovers measured",
         started.elapsed().as_secs_f64(),
         stats.events,
         stats.faults,
@@ -85,6 +85,7 @@ fn random_schedules_keep_every_invariant() {
         stats.watchdog_resets,
         stats.witness_denials,
         stats.admin_actions,
+        stats.local_restarts,
         stats.exempt_overlaps,
         failovers.len()
     );
@@ -100,7 +101,10 @@ fn random_schedules_keep_every_invariant() {
     );
     // The schedules must actually exercise the protocol.
     assert_eq!(failovers.len() as u64, count, "every schedule ends with a measured failover");
-    assert!(stats.self_fenced > 0 && stats.watchdog_resets > 0 && stats.witness_denials > 0, "{stats:?}");
+    assert!(
+        stats.self_fenced > 0 && stats.watchdog_resets > 0 && stats.witness_denials > 0 && stats.local_restarts > 0,
+        "{stats:?}"
+    );
 }
 
 /// The mutation named by `HAPAIR_SIM_MUTATION`, to replay a seed of a mutated-engine test.

@@ -140,8 +140,8 @@ pub struct Engine {
     answered_takeover: Option<Option<String>>,
     flow_restart: bool,
     flow_restarts: RestartWindow,
-    /// A failover is wanted (monitor, exhausted restarts, failed volume), with the reason.
-    failover_wanted: Option<String>,
+    /// A failover is wanted, with its cause and the reason.
+    failover_wanted: Option<(serving::FailoverCause, String)>,
     failover_blocked_noted: bool,
     volumes: BTreeMap<String, (DiskState, ConnectionState)>,
     monitors: Monitors,
@@ -582,4 +582,3 @@ fn disk_rank(disk: DiskState) -> u8 {
         DiskState::Diskless => 4,
     }
 }
-

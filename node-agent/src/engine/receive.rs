@@ -20,6 +20,7 @@ use super::heartbeat::Heartbeat;
 use super::monitor::Change;
 use super::peer::{Arrival, PeerTracker};
 use super::role::Role;
+use super::serving::FailoverCause;
 use super::time::Instant;
 use hapair_crds::hagroup::MonitorAction;
 
@@ -136,9 +137,7 @@ impl Engine {
             Change::None => {}
             Change::Recovered => {
                 self.notice(EventType::Normal, Reason::ProbeRecovered, format!("monitor {monitor} healthy again"));
-                if plan.action == MonitorAction::Failover
-                    && self.failover_wanted.as_deref().is_some_and(|w| w.contains(&format!("monitor {monitor} ")))
-                {
+                if matches!(&self.failover_wanted, Some((FailoverCause::Monitor(m), _)) if m == monitor) {
                     self.failover_wanted = None;
                     self.failover_blocked_noted = false;
                 }
@@ -152,7 +151,10 @@ impl Engine {
                 let serving = self.acting && matches!(self.role, Role::Primary | Role::Promoting);
                 match plan.action {
                     MonitorAction::Alert => {}
-                    MonitorAction::Failover if serving => self.want_failover(format!("monitor {monitor} failed")),
+                    MonitorAction::Failover if serving => self.want_failover(
+                        FailoverCause::Monitor(monitor.to_string()),
+                        format!("monitor {monitor} failed"),
+                    ),
                     MonitorAction::Failover => {}
                     MonitorAction::Restart if serving => self.restart_for_monitor(now, monitor, plan.restart_step),
                     MonitorAction::Restart => {}
@@ -182,7 +184,10 @@ impl Engine {
                         format!("restarting step {name} (monitor {monitor})"),
                     );
                 } else {
-                    self.want_failover(format!("monitor {monitor} failed and step {name} reached its restart limit"));
+                    self.want_failover(
+                        FailoverCause::Monitor(monitor.to_string()),
+                        format!("monitor {monitor} failed and step {name} reached its restart limit"),
+                    );
                 }
             }
             None => {
@@ -195,7 +200,10 @@ impl Engine {
                         format!("restarting the whole flow (monitor {monitor})"),
                     );
                 } else {
-                    self.want_failover(format!("monitor {monitor} failed and the flow reached its restart limit"));
+                    self.want_failover(
+                        FailoverCause::Monitor(monitor.to_string()),
+                        format!("monitor {monitor} failed and the flow reached its restart limit"),
+                    );
                 }
             }
         }

@@ -31,6 +31,17 @@ use super::status::FailoverSummary;
 use super::time::Instant;
 use super::{Engine, mutation};
 
+/// Why a failover is wanted; the wish ends when its cause recovers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailoverCause {
+    /// A monitor with action failover (or restart, past its limit) fired.
+    Monitor(String),
+    /// A step failed past its restart limit.
+    Step(usize),
+    /// A volume failed.
+    Volume,
+}
+
 /// What the current promotion is for, to report when the flow is up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Promotion {
@@ -248,7 +259,7 @@ impl Engine {
     }
 
     pub(super) fn step_primary(&mut self, now: Instant) {
-        if self.flow_restart {
+        if self.flow_restart && !self.cfg.deleting {
             if !self.flow.drive_down(true, &mut self.out) {
                 return;
             }
@@ -260,14 +271,28 @@ impl Engine {
             self.wake_at(at);
         }
         match progress {
-            Progress::Done | Progress::Working => {}
+            Progress::Done => {
+                // A step that failed past its limit runs again (restarted once the window
+                // allowed it): no failover is wanted for it any more.
+                if matches!(self.failover_wanted, Some((FailoverCause::Step(_), _))) {
+                    self.failover_wanted = None;
+                    self.failover_blocked_noted = false;
+                }
+            }
+            Progress::Working => {}
             Progress::StepFailed(i) => self.handle_step_failure(now, i),
-            Progress::VolumeFailed(volume) => self.want_failover(format!("volume {volume} failed")),
+            Progress::VolumeFailed(volume) => {
+                self.want_failover(FailoverCause::Volume, format!("volume {volume} failed"))
+            }
+        }
+        if self.cfg.deleting {
+            self.begin_demotion(Reason::Demoting, "group is being deleted".into(), None, false, None);
+            return;
         }
         if self.answer_takeover(now) {
             return;
         }
-        if let Some(why) = self.failover_wanted.clone() {
+        if let Some((_, why)) = self.failover_wanted.clone() {
             if self.maintenance() {
                 self.note_blocked(format!("failover wanted ({why}) but maintenance freezes it"));
                 return;
@@ -297,10 +322,10 @@ impl Engine {
         self.role_reason = message;
     }
 
-    pub(super) fn want_failover(&mut self, why: String) {
+    pub(super) fn want_failover(&mut self, cause: FailoverCause, why: String) {
         if self.failover_wanted.is_none() {
             self.notice(EventType::Warning, Reason::StepFailed, format!("failover wanted: {why}"));
-            self.failover_wanted = Some(why);
+            self.failover_wanted = Some((cause, why));
         }
     }
 
@@ -321,7 +346,10 @@ impl Engine {
             );
             return;
         }
-        self.want_failover(format!("step {name} failed and its restart limit ({limit} in {window:?}) is reached"));
+        self.want_failover(
+            FailoverCause::Step(i),
+            format!("step {name} failed and its restart limit ({limit} in {window:?}) is reached"),
+        );
     }
 
     /// A takeover request in the peer's heartbeat (switchover or force-active asked on the
@@ -398,6 +426,9 @@ impl Engine {
     pub(super) fn finished_down(&mut self, now: Instant) {
         self.acting = false;
         self.promotion = None;
+        // A wanted failover was about the service here, which is gone.
+        self.failover_wanted = None;
+        self.failover_blocked_noted = false;
         self.release_witness_if_held(now);
         if let Some(epoch) = self.release_after_stop.take() {
             self.release_witness_epoch(now, epoch);

@@ -13,6 +13,8 @@ use super::clock::{fastest_rate, slowest_rate};
 pub const NODES: [&str; 2] = ["alpha", "beta"];
 pub const VOLUME: &str = "data";
 pub const MONITOR: &str = "gw";
+/// The flow step whose health check the simulation can fail.
+pub const APP_STEP: usize = 1;
 
 /// The four timing knobs of `spec.heartbeat`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,7 +172,7 @@ virtualIPs:
   - {{name: svc, address: 198.18.9.100/24, interface: eth0}}
 flow:
   - {{name: data, volume: {{volumeRef: {VOLUME}}}}}
-  - {{name: app, exec: {{start: "true", stop: "true"}}, restart: {{limit: 2, window: 60s}}}}
+  - {{name: app, exec: {{start: "true", stop: "true"}}, restart: {{limit: 2, window: 60s}}, check: {{exec: {{command: "true"}}, failureThreshold: 1}}}}
   - {{name: svc-ip, virtualIP: {{name: svc}}}}
 monitors:
   - {{name: {MONITOR}, gateway: {{address: 198.18.9.254}}, action: failover, failureThreshold: 1}}

@@ -83,6 +83,7 @@ pub struct Stats {
     pub witness_denials: u64,
     pub admin_actions: u64,
     pub exempt_overlaps: u64,
+    pub local_restarts: u64,
 }
 
 impl Stats {
@@ -95,6 +96,7 @@ impl Stats {
         self.witness_denials += other.witness_denials;
         self.admin_actions += other.admin_actions;
         self.exempt_overlaps += other.exempt_overlaps;
+        self.local_restarts += other.local_restarts;
     }
 }
 
@@ -435,7 +437,19 @@ impl World {
         let mut parts = Vec::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let engine = match &n.engine {
-                Some(e) => format!("{} e{}{}", e.role().as_str(), e.epoch(), if e.holding() { " holding" } else { "" }),
+                Some(e) => {
+                    let status = e.status(n.local(self.now));
+                    format!(
+                        "{} e{} floor {}{} health {:?}{} ({})",
+                        e.role().as_str(),
+                        e.epoch(),
+                        e.floor(),
+                        if e.holding() { " holding" } else { "" },
+                        status.health,
+                        if status.maintenance { " maintenance" } else { "" },
+                        status.role_reason
+                    )
+                }
                 None => "down".into(),
             };
             parts.push(format!(
@@ -657,6 +671,7 @@ impl World {
                     self.start_op(node, Op::Step(step, StepOp::Stop))?
                 }
                 Command::RestartStep { step, .. } => {
+                    self.outcome.stats.local_restarts += 1;
                     self.acquire(node)?;
                     if let Some(h) = self.nodes[node].held_steps.get_mut(step) {
                         *h = true;

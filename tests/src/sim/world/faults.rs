@@ -8,7 +8,7 @@
 use hapair_crds::volume::DiskState;
 use rand::Rng;
 
-use super::super::params::{MONITOR, NODES, VOLUME};
+use super::super::params::{APP_STEP, MONITOR, NODES, VOLUME};
 use super::{Admin, Ev, Failure, Heal, Phase, World, nanos};
 use hapair_agent::engine::Event;
 use hapair_crds::volume::ConnectionState;
@@ -21,7 +21,7 @@ impl World {
         let until = self.now + duration;
         let era = self.era;
         let node = self.rng.random_range(0..2);
-        match self.rng.random_range(0..16) {
+        match self.rng.random_range(0..17) {
             0 | 1 => {
                 let link = self.rng.random_range(0..self.p.links);
                 let dirs: &[usize] = match self.rng.random_range(0..3) {
@@ -125,6 +125,13 @@ impl World {
                     self.push(until, 2, Ev::Heal { era, heal: Heal::Probe { node } });
                     trace!(self, "FAULT {} gateway monitor failing for {:.0} ms", NODES[node], duration as f64 / 1e6);
                 }
+            }
+            15 => {
+                // The application's health check fails once: a local restart, or past
+                // the restart limit a failover.
+                trace!(self, "FAULT {} application health check fails", NODES[node]);
+                let event = Event::StepCheck { step: APP_STEP, healthy: false, message: Some("exit status 1".into()) };
+                self.deliver(node, event)?;
             }
             _ => {
                 let target = match self.rng.random_range(0..10) {
