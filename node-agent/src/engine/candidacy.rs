@@ -87,7 +87,7 @@ impl Engine {
     /// Standby and Fenced: finish bringing the flow down, then look for a reason to
     /// become a candidate.
     pub(super) fn step_idle(&mut self, now: Instant) {
-        if self.acting || !self.flow.is_idle() {
+        if self.stopping || self.acting || !self.flow.is_idle() {
             if self.flow.drive_down(false, &mut self.out) {
                 self.finished_down(now);
             }
@@ -178,8 +178,10 @@ impl Engine {
             return;
         }
         if !self.eligible_auto() {
-            self.role_reason =
-                format!("not eligible to promote: disk {}, health {:?}", self.disk().as_str(), self.health());
+            self.role_reason = match self.promotion_refused_until {
+                Some(until) if now < until => format!("a volume refused promotion; not trying again before {until}"),
+                _ => format!("not eligible to promote: disk {}, health {:?}", self.disk().as_str(), self.health()),
+            };
             return;
         }
         if self.peer_silent(now) {
@@ -375,6 +377,8 @@ impl Engine {
         self.promotion =
             Some(super::serving::Promotion { kind: c.kind, forced: c.forced, action: c.action, since: c.since });
         self.set_role(Role::Promoting, format!("acting in epoch {} ({via}); starting the flow", self.epoch));
+        // The peer learns the new term at once.
+        self.heartbeat_now = true;
         self.notice(EventType::Normal, Reason::Acting, format!("acting as primary in epoch {} ({via})", self.epoch));
         self.feed_watchdog();
     }

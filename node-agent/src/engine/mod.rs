@@ -120,6 +120,8 @@ pub struct Engine {
     acting: bool,
     /// The lease was given up (fencing): no renewals, the watchdog deadline stays fixed.
     lease_abandoned: bool,
+    /// Bringing everything down (startup cleanup, fencing) until `finished_down`.
+    stopping: bool,
     /// Witness grant (by epoch) to release once the flow is down after fencing.
     release_after_stop: Option<u64>,
     maintenance_override: Option<bool>,
@@ -144,6 +146,9 @@ pub struct Engine {
     failover_wanted: Option<(serving::FailoverCause, String)>,
     failover_blocked_noted: bool,
     volumes: BTreeMap<String, (DiskState, ConnectionState)>,
+    /// A volume refused promotion: no automatic candidacy before this instant (or until a
+    /// volume reports a new state), so a refusal does not turn into a loop.
+    promotion_refused_until: Option<Instant>,
     monitors: Monitors,
     results: VecDeque<ActionResult>,
     finished_actions: VecDeque<String>,
@@ -188,6 +193,7 @@ impl Engine {
             granted_proposal: None,
             acting: false,
             lease_abandoned: false,
+            stopping: true,
             release_after_stop: None,
             maintenance_override: restored.maintenance,
             seq: 0,
@@ -209,6 +215,7 @@ impl Engine {
             failover_wanted: None,
             failover_blocked_noted: false,
             volumes: BTreeMap::new(),
+            promotion_refused_until: None,
             monitors: Monitors::new(cfg.monitors.clone()),
             results: VecDeque::new(),
             finished_actions: restored.finished_actions.iter().cloned().collect(),
@@ -259,6 +266,7 @@ impl Engine {
             Event::VolumeDone { volume, op, result } => self.on_volume_done(now, &volume, op, result),
             Event::Volume { volume, disk, connection } => {
                 self.volumes.insert(volume, (disk, connection));
+                self.promotion_refused_until = None;
             }
             Event::Admin(action) => self.on_admin(now, action),
             Event::Config(config) => self.on_config(now, &config),
@@ -349,7 +357,10 @@ impl Engine {
 
     /// Data and health allow an automatic promotion here.
     fn eligible_auto(&self) -> bool {
-        !self.cfg.deleting && self.disk() == DiskState::UpToDate && self.health() != NodeHealth::Failed
+        !self.cfg.deleting
+            && self.disk() == DiskState::UpToDate
+            && self.health() != NodeHealth::Failed
+            && self.promotion_refused_until.is_none_or(|t| self.last_now >= t)
     }
 
     fn controller_witness(&self) -> bool {
@@ -555,6 +566,9 @@ impl Engine {
         if let Some(since) = self.both_idle_since {
             self.wake_at(since + t.bootstrap_settle);
         }
+        if let Some(until) = self.promotion_refused_until {
+            self.wake_at(until);
+        }
         if let Some(since) = self.peer_ready_since {
             self.wake_at(since + self.cfg.failback_stabilization);
         }
@@ -572,6 +586,9 @@ impl Engine {
         let _ = now;
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 fn disk_rank(disk: DiskState) -> u8 {
     match disk {

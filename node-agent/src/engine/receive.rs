@@ -264,6 +264,7 @@ impl Engine {
             self.pending_plan = Some(new.flow.clone());
         }
         self.monitors.replace(new.monitors.clone());
+        self.next_heartbeat = self.next_heartbeat.min(now + new.timing.interval);
         let generation = new.generation;
         self.cfg = new;
         self.notice(EventType::Normal, Reason::ConfigApplied, format!("config generation {generation} applied"));

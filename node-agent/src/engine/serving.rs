@@ -101,6 +101,7 @@ impl Engine {
 
     fn fence(&mut self, now: Instant, why: &str) {
         self.lease_abandoned = true;
+        self.stopping = true;
         // Given back once everything is down, so the peer need not wait for it to expire.
         self.release_after_stop = self.lease.witness_epoch().or(self.release_after_stop);
         self.lease.void();
@@ -179,7 +180,9 @@ impl Engine {
 
     /// Gives the witness lease back (the node no longer needs it and holds nothing under it).
     pub(super) fn release_witness(&mut self, now: Instant) {
-        let epoch = self.lease.witness_epoch().unwrap_or(self.epoch);
+        // Name the newest grant this node may hold, including one still on its way.
+        let asked = self.witness.outstanding().iter().map(|o| o.epoch).max().unwrap_or(0);
+        let epoch = self.lease.witness_epoch().unwrap_or(self.epoch).max(asked);
         self.release_witness_epoch(now, epoch);
     }
 
@@ -198,9 +201,10 @@ impl Engine {
         self.out.push(Command::Witness { request_id, request });
     }
 
+    /// Releases the witness lease if it still runs here, or a request may still be granted.
     pub(super) fn release_witness_if_held(&mut self, now: Instant) {
         if self.controller_witness()
-            && (self.lease.witness_expiry().is_some() || !self.witness.outstanding().is_empty())
+            && (!self.lease.witness_left(now).is_zero() || !self.witness.outstanding().is_empty())
         {
             self.release_witness(now);
         }
@@ -220,6 +224,7 @@ impl Engine {
             Progress::StepFailed(i) => self.handle_step_failure(now, i),
             Progress::VolumeFailed(volume) => {
                 let why = format!("volume {volume} could not be promoted");
+                self.promotion_refused_until = Some(now + self.cfg.timing.dead_after);
                 let handover = self.peer_ready_for_switchover(now).is_ok().then_some((false, None));
                 self.begin_demotion(Reason::Demoting, why, handover, false, None);
             }
@@ -425,6 +430,7 @@ impl Engine {
     /// Everything is down (or as down as it gets): drop the lease, settle the role.
     pub(super) fn finished_down(&mut self, now: Instant) {
         self.acting = false;
+        self.stopping = false;
         self.promotion = None;
         // A wanted failover was about the service here, which is gone.
         self.failover_wanted = None;
