@@ -295,13 +295,13 @@ impl Engine {
             return;
         }
         if self.lease.peer_left(now) > t.fence_margin {
-            self.start_acting(now, c.proposal, "peer consent");
+            self.start_acting(c.proposal, "peer consent");
             return;
         }
         if self.controller_witness() {
             if (c.forced || silent) && self.lease.witness_left(now) > t.fence_margin {
                 match self.lease.witness_epoch() {
-                    Some(epoch) if epoch > self.epoch => self.start_acting(now, epoch, "witness grant"),
+                    Some(epoch) if epoch > self.epoch => self.start_acting(epoch, "witness grant"),
                     // Granted in an epoch this node has since seen used: ask again, higher.
                     _ => {
                         self.release_witness(now);
@@ -313,7 +313,7 @@ impl Engine {
             if silent && self.mutated(mutation::Mutation::PromoteWithoutWitness) {
                 // The bug: behave as if the witness had granted, without asking it.
                 self.lease.on_witness_grant(now, t.lease_ttl, c.proposal);
-                self.start_acting(now, c.proposal, "mutation: witness grant assumed");
+                self.start_acting(c.proposal, "mutation: witness grant assumed");
                 return;
             }
             if c.uses_witness {
@@ -326,7 +326,7 @@ impl Engine {
             return;
         }
         if silent {
-            self.start_acting(now, c.proposal, "peer silent, no witness");
+            self.start_acting(c.proposal, "peer silent, no witness");
         } else {
             self.role_reason = "waiting for the peer's consent".into();
         }
@@ -361,7 +361,7 @@ impl Engine {
     }
 
     /// Takes epoch `epoch` and starts acting: from here on this node may hold resources.
-    fn start_acting(&mut self, _now: Instant, epoch: u64, via: &str) {
+    fn start_acting(&mut self, epoch: u64, via: &str) {
         if epoch <= self.epoch {
             self.repropose();
             return;

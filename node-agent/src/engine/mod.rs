@@ -261,9 +261,9 @@ impl Engine {
             Event::Heartbeat { link, message } => self.on_heartbeat(now, link, message),
             Event::Witness { request_id, answer } => self.on_witness(now, request_id, answer),
             Event::Probe { monitor, healthy, message } => self.on_probe(now, &monitor, healthy, message),
-            Event::StepCheck { step, healthy, message } => self.on_step_check(now, step, healthy, message),
+            Event::StepCheck { step, healthy, message } => self.on_step_check(step, healthy, message),
             Event::StepDone { step, op, result } => self.on_step_done(now, step, op, result),
-            Event::VolumeDone { volume, op, result } => self.on_volume_done(now, &volume, op, result),
+            Event::VolumeDone { volume, op, result } => self.on_volume_done(&volume, op, result),
             Event::Volume { volume, disk, connection } => {
                 self.volumes.insert(volume, (disk, connection));
                 self.promotion_refused_until = None;
@@ -452,7 +452,7 @@ impl Engine {
             }
         }
         self.send_heartbeat_if_due(now);
-        self.collect_wakes(now);
+        self.collect_wakes();
     }
 
     fn step(&mut self, now: Instant) {
@@ -475,7 +475,7 @@ impl Engine {
         self.heartbeat_now = false;
         self.next_heartbeat = now + self.cfg.timing.interval;
         self.seq += 1;
-        let grant = self.grant(now);
+        let grant = self.grant();
         let offer = |until: Instant| until > now;
         let message = Heartbeat {
             sender: self.cfg.me.clone(),
@@ -510,7 +510,7 @@ impl Engine {
     /// and is not trying to promote, to a peer that wants a lease, is not from an older
     /// epoch and — if it is a candidate — proposes an epoch above this node's floor (which
     /// then rises to it, durably, before the grant is sent).
-    fn grant(&mut self, _now: Instant) -> Option<LeaseGrant> {
+    fn grant(&mut self) -> Option<LeaseGrant> {
         let grantable =
             matches!(self.role, Role::Standby | Role::Fenced) && !self.holding() && self.candidacy.is_none();
         if !grantable {
@@ -535,7 +535,7 @@ impl Engine {
         Some(LeaseGrant { incarnation, seq, ttl_ms })
     }
 
-    fn collect_wakes(&mut self, now: Instant) {
+    fn collect_wakes(&mut self) {
         let t = self.cfg.timing.clone();
         self.wake_at(self.next_heartbeat);
         match self.peer.last_heard() {
@@ -583,7 +583,6 @@ impl Engine {
         for d in deadlines {
             self.wake_at(d);
         }
-        let _ = now;
     }
 }
 

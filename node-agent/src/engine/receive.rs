@@ -209,7 +209,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_step_check(&mut self, _now: Instant, step: usize, healthy: bool, message: Option<String>) {
+    pub(super) fn on_step_check(&mut self, step: usize, healthy: bool, message: Option<String>) {
         if self.flow.on_check(step, healthy, message.clone()) {
             let name = self.flow.step(step).map(|(p, _)| p.name.clone()).unwrap_or_default();
             self.notice(
@@ -228,7 +228,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_volume_done(&mut self, _now: Instant, volume: &str, op: VolumeOp, result: Result<(), String>) {
+    pub(super) fn on_volume_done(&mut self, volume: &str, op: VolumeOp, result: Result<(), String>) {
         if let Outcome::Failed(e) = self.flow.on_volume_done(volume, op, result) {
             let (reason, what) = match op {
                 VolumeOp::Promote => (Reason::StepFailed, "promotion"),

@@ -94,12 +94,12 @@ impl Engine {
         }
         match self.lease.expiry() {
             Some(end) if now + self.cfg.timing.fence_margin < end => {}
-            Some(end) if now < end => self.fence(now, &format!("lease ends at {end}, renewal failed")),
-            _ => self.fence(now, "lease expired"),
+            Some(end) if now < end => self.fence(&format!("lease ends at {end}, renewal failed")),
+            _ => self.fence("lease expired"),
         }
     }
 
-    fn fence(&mut self, now: Instant, why: &str) {
+    fn fence(&mut self, why: &str) {
         self.lease_abandoned = true;
         self.stopping = true;
         // Given back once everything is down, so the peer need not wait for it to expire.
@@ -123,7 +123,6 @@ impl Engine {
         for action in actions {
             self.action_result(action, ActionOutcome::Failed, format!("self-fenced: {why}"));
         }
-        let _ = now;
     }
 
     /// Moves the watchdog to the current lease end (only ever forward).
