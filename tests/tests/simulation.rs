@@ -75,7 +75,7 @@ fn random_schedules_keep_every_invariant() {
     let (failures, stats, failovers) = run_many(base, count, &Options::default());
     println!(
         "{count} schedules from seed {base} in {:.1} s: {} events, {} faults, {} terms, {} self-fencings, \
-         {} watchdog resets, {} witness denials, {} admin actions, {} local restarts, \
+         {} watchdog resets, {} witness denials, {} admin actions, {} local restarts, {} failed stops, \
          {} exempt overlaps (witness mode none), {} failovers measured",
         started.elapsed().as_secs_f64(),
         stats.events,
@@ -86,6 +86,7 @@ fn random_schedules_keep_every_invariant() {
         stats.witness_denials,
         stats.admin_actions,
         stats.local_restarts,
+        stats.failed_stops,
         stats.exempt_overlaps,
         failovers.len()
     );
@@ -102,7 +103,11 @@ fn random_schedules_keep_every_invariant() {
     // The schedules must actually exercise the protocol.
     assert_eq!(failovers.len() as u64, count, "every schedule ends with a measured failover");
     assert!(
-        stats.self_fenced > 0 && stats.watchdog_resets > 0 && stats.witness_denials > 0 && stats.local_restarts > 0,
+        stats.self_fenced > 0
+            && stats.watchdog_resets > 0
+            && stats.witness_denials > 0
+            && stats.local_restarts > 0
+            && stats.failed_stops > 0,
         "{stats:?}"
     );
 }

@@ -434,12 +434,20 @@ impl Engine {
         // A wanted failover was about the service here, which is gone.
         self.failover_wanted = None;
         self.failover_blocked_noted = false;
-        self.release_witness_if_held(now);
-        if let Some(epoch) = self.release_after_stop.take() {
-            self.release_witness_epoch(now, epoch);
+        let clean = self.flow.is_clean_idle();
+        let release_after_stop = self.release_after_stop.take();
+        // Only a clean stop gives the witness lease back early. After a failed stop the
+        // grant must run out on its own: it outlasts the watchdog deadline, so the peer
+        // cannot be granted before this machine is reset.
+        if clean {
+            self.release_witness_if_held(now);
+            if let Some(epoch) = release_after_stop {
+                self.release_witness_epoch(now, epoch);
+            }
+        } else {
+            self.witness.forget();
         }
         self.lease.void();
-        let clean = self.flow.is_clean_idle();
         if clean {
             if self.watchdog.is_some() || self.watchdog_unknown {
                 self.watchdog = None;

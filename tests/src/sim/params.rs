@@ -99,6 +99,9 @@ pub struct Params {
     pub chaos: Duration,
     /// Mean gap between two faults.
     pub fault_gap: Duration,
+    /// Probability that stopping a held resource fails (it stays held). Only with a
+    /// witness: without one there is no watchdog to reset a node stuck that way.
+    pub stop_failure: f64,
     pub latencies: Latencies,
 }
 
@@ -126,6 +129,7 @@ impl Params {
             rates: random_rates(rng, timings.drift_ppm),
             chaos: d * rng.random_range(10..=30),
             fault_gap: d / rng.random_range(1..=4),
+            stop_failure: if witness == WitnessMode::Controller && rng.random_bool(0.3) { 0.03 } else { 0.0 },
             latencies: LATENCIES,
         }
     }
@@ -142,6 +146,7 @@ impl Params {
             rates: random_rates(rng, timings.drift_ppm),
             chaos: Duration::ZERO,
             fault_gap: timings.dead_after,
+            stop_failure: 0.0,
             latencies: LATENCIES,
         }
     }
@@ -206,7 +211,8 @@ monitors:
     /// Longest true duration of `d` measured on the slowest clock of this schedule.
     pub fn true_max(&self, d: Duration) -> u64 {
         let slowest = self.rates.iter().copied().min().unwrap_or(super::clock::PPB);
-        u64::try_from(d.as_nanos() * u128::from(super::clock::PPB)).unwrap_or(u64::MAX).div_ceil(slowest)
+        let nanos = (d.as_nanos() * u128::from(super::clock::PPB)).div_ceil(u128::from(slowest));
+        u64::try_from(nanos).unwrap_or(u64::MAX)
     }
 
     /// Shortest true duration of `d` measured on the fastest clock.
@@ -241,7 +247,8 @@ monitors:
 
 fn bound(timings: &Timings, l: &Latencies, witness: WitnessMode, slowest_ppb: u64) -> u64 {
     let wait = timings.dead_after.max(timings.lease_wait());
-    let wait = u64::try_from(wait.as_nanos() * u128::from(super::clock::PPB)).unwrap_or(u64::MAX).div_ceil(slowest_ppb);
+    let wait = (wait.as_nanos() * u128::from(super::clock::PPB)).div_ceil(u128::from(slowest_ppb));
+    let wait = u64::try_from(wait).unwrap_or(u64::MAX);
     let witness = if witness == WitnessMode::Controller { 2 * l.witness.max } else { 0 };
     l.heartbeat.max + wait + witness + l.volume.max + 2 * l.step.max + l.vip.max
 }

@@ -84,6 +84,7 @@ pub struct Stats {
     pub admin_actions: u64,
     pub exempt_overlaps: u64,
     pub local_restarts: u64,
+    pub failed_stops: u64,
 }
 
 impl Stats {
@@ -97,6 +98,7 @@ impl Stats {
         self.admin_actions += other.admin_actions;
         self.exempt_overlaps += other.exempt_overlaps;
         self.local_restarts += other.local_restarts;
+        self.failed_stops += other.failed_stops;
     }
 }
 
@@ -659,7 +661,10 @@ impl World {
                     let ok = force || self.nodes[node].disk == DiskState::UpToDate;
                     self.start_op_result(node, Op::Volume(VolumeOp::Promote), ok)?;
                 }
-                Command::DemoteVolume { .. } => self.start_op(node, Op::Volume(VolumeOp::Demote))?,
+                Command::DemoteVolume { .. } => {
+                    let ok = self.stop_succeeds(self.nodes[node].held_volume);
+                    self.start_op_result(node, Op::Volume(VolumeOp::Demote), ok)?
+                }
                 Command::StartStep { step, .. } | Command::AddVip { step, .. } => {
                     self.acquire(node)?;
                     if let Some(h) = self.nodes[node].held_steps.get_mut(step) {
@@ -668,7 +673,9 @@ impl World {
                     self.start_op(node, Op::Step(step, StepOp::Start))?;
                 }
                 Command::StopStep { step, .. } | Command::RemoveVip { step, .. } => {
-                    self.start_op(node, Op::Step(step, StepOp::Stop))?
+                    let held = self.nodes[node].held_steps.get(step).copied().unwrap_or(false);
+                    let ok = self.stop_succeeds(held);
+                    self.start_op_result(node, Op::Step(step, StepOp::Stop), ok)?
                 }
                 Command::RestartStep { step, .. } => {
                     self.outcome.stats.local_restarts += 1;
@@ -712,6 +719,15 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Whether stopping a resource works; only a held one can fail to stop.
+    fn stop_succeeds(&mut self, held: bool) -> bool {
+        let fails = held && self.p.stop_failure > 0.0 && self.rng.random_bool(self.p.stop_failure);
+        if fails {
+            self.outcome.stats.failed_stops += 1;
+        }
+        !fails
     }
 
     /// A command that takes a resource: checks the invariants when it starts a term.
@@ -799,15 +815,16 @@ impl World {
     }
 
     fn op_done(&mut self, node: usize, machine: u64, agent: u64, op: Op, ok: bool) -> Result<(), Failure> {
+        trace!(self, "{} done {op:?}{}", NODES[node], if ok { "" } else { " FAILED" });
         let steps = self.nodes[node].held_steps.len();
         let n = &mut self.nodes[node];
         if n.machine != machine {
             return Ok(());
         }
         match op {
-            Op::Volume(VolumeOp::Demote) => n.held_volume = false,
+            Op::Volume(VolumeOp::Demote) if ok => n.held_volume = false,
             Op::Volume(VolumeOp::Promote) if !ok => n.held_volume = false,
-            Op::Step(step, StepOp::Stop) => {
+            Op::Step(step, StepOp::Stop) if ok => {
                 if let Some(h) = n.held_steps.get_mut(step) {
                     *h = false;
                 }
@@ -826,10 +843,14 @@ impl World {
             n.term_start = None;
             n.term_exempt = false;
         }
-        let result = if ok { Ok(()) } else { Err("replica is not UpToDate; promotion refused".to_string()) };
+        let result = match (ok, op) {
+            (true, _) => Ok(()),
+            (false, Op::Volume(VolumeOp::Promote)) => Err("replica is not UpToDate; promotion refused".to_string()),
+            (false, _) => Err("still running after the stop timeout".to_string()),
+        };
         let event = match op {
             Op::Volume(op) => Event::VolumeDone { volume: VOLUME.into(), op, result },
-            Op::Step(step, op) => Event::StepDone { step, op, result: Ok(()) },
+            Op::Step(step, op) => Event::StepDone { step, op, result },
         };
         self.deliver(node, event)
     }

@@ -651,3 +651,25 @@ fn a_demotion_that_outlives_its_lease_becomes_a_fence() {
     assert_eq!(h.e.status(at(1673)).watchdog, Some(at(1873)));
     h.expect(1700, stop_done(1), &["stop 0:data"]);
 }
+
+#[test]
+fn a_step_that_fails_to_stop_leaves_the_watchdog_armed() {
+    let mut h = serving("");
+    h.expect(1650, tick(), &["event Warning SelfFenced", "remove-vip 2:svc", "hb #6 Fenced e2 f2 holding"]);
+    h.expect(1651, stop_done(2), &["stop 1:app"]);
+    h.expect(
+        1652,
+        Event::StepDone { step: 1, op: StepOp::Stop, result: Err("still running after timeout".into()) },
+        &["event Warning StopFailed", "stop 0:data"],
+    );
+    h.expect(1653, stop_done(0), &["demote data"]);
+    // Nothing more to try: no disarm, so the machine is reset at the lease's end; the
+    // witness lease is not given back early (the peer must not get it before the reset);
+    // until then the node says it may hold resources, and grants nothing.
+    h.expect(1654, demote_done(), &["event Warning StopFailed"]);
+    let status = h.e.status(at(1654));
+    assert_eq!((status.role, status.holding, status.watchdog), (Role::Fenced, true, Some(at(1850))));
+    h.expect(1700, peer(2, Role::Primary, 3).event(), &["event Normal PeerFound", "persist e3 f3 peer#3"]);
+    h.expect(1750, tick(), &["hb #7 Fenced e3 f3 holding Degraded"]);
+    assert_eq!(h.e.role(), Role::Fenced);
+}
