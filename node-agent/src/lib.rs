@@ -14,6 +14,9 @@
 //!   [`probe`] (process, link, gateway, CPU/memory, mount detectors and monitor state),
 //!   [`state`] (atomic, checksummed state directory), [`metrics`] and [`endpoints`]
 //!   (`/healthz`, `/metrics`, `/v1/status`).
+//! - [`engine`]: the failover decision engine (sans-IO): who is primary, leases, epochs,
+//!   self-fencing, flow order, restarts, failback and admin actions; plus the heartbeat
+//!   message the engines exchange.
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
@@ -22,6 +25,7 @@
 pub mod arp;
 pub mod bundle;
 pub mod endpoints;
+pub mod engine;
 pub mod enroll;
 pub mod flow;
 pub mod heartbeat;
