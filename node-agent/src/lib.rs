@@ -11,3 +11,4 @@
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
 pub mod bundle;
+pub mod replication;
