@@ -159,9 +159,8 @@ impl ActivityLog {
         }
         // Choose victims: empty slots first, then the least recently used idle slots that
         // this write does not itself need.
-        let mut candidates: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.refs[s] == 0 && !wanted.contains(&self.slots[s]))
-            .collect();
+        let mut candidates: Vec<usize> =
+            (0..self.slots.len()).filter(|&s| self.refs[s] == 0 && !wanted.contains(&self.slots[s])).collect();
         candidates.sort_by_key(|&s| (self.slots[s] != EMPTY, self.last_used[s]));
         if candidates.len() < missing.len() {
             return Admission::Busy;
@@ -256,7 +255,11 @@ fn decode(b: &[u8], format_id: u64, slots: u32) -> Option<DecodedTx> {
     let ctx_len = get_u32(b, 32) as usize;
     let table = get_u32(b, 36);
     let n = slots as usize;
-    if table != slots || n_updates > MAX_UPDATES || ctx_len > CONTEXT_PER_BLOCK || ctx_len > n || (n > 0 && ctx_start >= n)
+    if table != slots
+        || n_updates > MAX_UPDATES
+        || ctx_len > CONTEXT_PER_BLOCK
+        || ctx_len > n
+        || (n > 0 && ctx_start >= n)
     {
         return None;
     }

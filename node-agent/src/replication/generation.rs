@@ -93,10 +93,16 @@ pub enum Relation {
     BothJustCreated,
     /// The local data descends from the peer's; `full` when the bitmap does not cover
     /// the difference.
-    LocalNewer { full: bool },
-    PeerNewer { full: bool },
+    LocalNewer {
+        full: bool,
+    },
+    PeerNewer {
+        full: bool,
+    },
     /// Both changed since a common ancestor; `full` when no bitmap covers the divergence.
-    Diverged { full: bool },
+    Diverged {
+        full: bool,
+    },
     /// No common history at all: not the same volume's data.
     Unrelated,
 }

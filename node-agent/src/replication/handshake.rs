@@ -100,7 +100,8 @@ pub fn decide(local: &Hello, peer: &Hello) -> Decision {
     match compare(&a.gens, &b.gens) {
         Relation::BothJustCreated => {
             if a.data_zeroed && b.data_zeroed && a.disk == WireDisk::Inconsistent && b.disk == WireDisk::Inconsistent {
-                let (lo, hi) = if a.format_id <= b.format_id { (a.format_id, b.format_id) } else { (b.format_id, a.format_id) };
+                let (lo, hi) =
+                    if a.format_id <= b.format_id { (a.format_id, b.format_id) } else { (b.format_id, a.format_id) };
                 let mut seed = [0u8; 16];
                 seed[..8].copy_from_slice(&lo.to_le_bytes());
                 seed[8..].copy_from_slice(&hi.to_le_bytes());
@@ -108,8 +109,9 @@ pub fn decide(local: &Hello, peer: &Hello) -> Decision {
                 Decision::InitialSkip { current }
             } else {
                 Decision::WaitForForce {
-                    reason: "both replicas are new and their data may differ; force one primary to start the initial sync"
-                        .into(),
+                    reason:
+                        "both replicas are new and their data may differ; force one primary to start the initial sync"
+                            .into(),
                 }
             }
         }
@@ -136,9 +138,7 @@ pub fn decide(local: &Hello, peer: &Hello) -> Decision {
 fn directed(a: &Hello, b: &Hello, local_is_source: bool, full: bool, reason: SyncReason) -> Decision {
     let (source, target) = if local_is_source { (a, b) } else { (b, a) };
     if !consistent(source.disk) {
-        return Decision::WaitForForce {
-            reason: format!("{} has the newer data but it is inconsistent", source.node),
-        };
+        return Decision::WaitForForce { reason: format!("{} has the newer data but it is inconsistent", source.node) };
     }
     if target.role == WireRole::Primary {
         return Decision::Refuse {
@@ -381,7 +381,11 @@ mod tests {
         for i in 0..20_000 {
             let mut h = [hello("a", 0, 0), hello("b", 0, 0)];
             for x in &mut h {
-                x.gens = Generations { current: pick(&mut rng).max(4), bitmap: pick(&mut rng), history: [pick(&mut rng), 0] };
+                x.gens = Generations {
+                    current: pick(&mut rng).max(4),
+                    bitmap: pick(&mut rng),
+                    history: [pick(&mut rng), 0],
+                };
                 x.disk = [WireDisk::UpToDate, WireDisk::Inconsistent, WireDisk::Outdated][rng.random_range(0..3)];
                 x.role = if rng.random_bool(0.3) { WireRole::Primary } else { WireRole::Secondary };
                 x.crashed_primary = rng.random_bool(0.2);
@@ -390,7 +394,8 @@ mod tests {
                 x.promoted_epoch = rng.random_range(0..3);
                 x.policy = [WirePolicy::Manual, WirePolicy::DiscardYoungerPrimary, WirePolicy::DiscardLeastChanges]
                     [rng.random_range(0..3)];
-                x.resolution = [None, Some(Resolution::DiscardLocal), Some(Resolution::KeepLocal)][rng.random_range(0..3)];
+                x.resolution =
+                    [None, Some(Resolution::DiscardLocal), Some(Resolution::KeepLocal)][rng.random_range(0..3)];
             }
             let [a, b] = &h;
             let _ = both(a, b);

@@ -291,8 +291,7 @@ pub fn encode_bitmap_page(bm: &Bitmap, page: u32, format_id: u64) -> Vec<u8> {
 
 /// The payload of an intact bitmap page, or `None` when the page cannot be trusted.
 pub fn decode_bitmap_page(b: &[u8], page: u32, format_id: u64) -> Option<&[u8]> {
-    if b.len() != BLOCK as usize || get_u32(b, 0) != PAGE_MAGIC || get_u32(b, 4) != page || get_u64(b, 8) != format_id
-    {
+    if b.len() != BLOCK as usize || get_u32(b, 0) != PAGE_MAGIC || get_u32(b, 4) != page || get_u64(b, 8) != format_id {
         return None;
     }
     (page_crc(b) == get_u32(b, 16)).then(|| &b[BITMAP_PAGE_HEADER..])
@@ -376,7 +375,10 @@ mod tests {
         assert_eq!(choose_slot([a.clone(), b]), SlotChoice::Valid { sb: sb(5), slot: 1 });
         assert_eq!(choose_slot([a, SlotContent::Corrupt]), SlotChoice::Valid { sb: sb(4), slot: 0 });
         assert_eq!(choose_slot([SlotContent::Corrupt, SlotContent::Blank]), SlotChoice::Corrupt);
-        assert_eq!(choose_slot([SlotContent::Blank, SlotContent::Foreign(*b"ABCDEFGH")]), SlotChoice::Foreign(*b"ABCDEFGH"));
+        assert_eq!(
+            choose_slot([SlotContent::Blank, SlotContent::Foreign(*b"ABCDEFGH")]),
+            SlotChoice::Foreign(*b"ABCDEFGH")
+        );
         assert_eq!(choose_slot([SlotContent::Blank, SlotContent::Blank]), SlotChoice::Blank);
     }
 

@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod generation;
 pub mod geometry;
 pub mod handshake;
+pub mod machine;
 pub mod metadata;
 pub mod resync;
 pub mod split_brain;

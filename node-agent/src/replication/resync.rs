@@ -36,8 +36,7 @@ impl RateLimiter {
     fn refill(&mut self, now_ms: u64) {
         if let Some(rate) = self.rate {
             let elapsed = now_ms.saturating_sub(self.last_ms);
-            self.milli_tokens =
-                (self.milli_tokens + u128::from(rate) * u128::from(elapsed)).min(self.capacity_milli);
+            self.milli_tokens = (self.milli_tokens + u128::from(rate) * u128::from(elapsed)).min(self.capacity_milli);
         }
         self.last_ms = self.last_ms.max(now_ms);
     }
@@ -77,7 +76,8 @@ impl ProgressMeter {
         self.done += bytes;
         self.total = self.total.max(self.done);
         self.samples.push_back((now_ms, self.done));
-        while self.samples.len() > 2 && self.samples.front().is_some_and(|&(t, _)| now_ms.saturating_sub(t) > WINDOW_MS) {
+        while self.samples.len() > 2 && self.samples.front().is_some_and(|&(t, _)| now_ms.saturating_sub(t) > WINDOW_MS)
+        {
             self.samples.pop_front();
         }
     }

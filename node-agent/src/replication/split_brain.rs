@@ -11,10 +11,16 @@ use super::wire::{Hello, Resolution, WirePolicy, WireRole};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// The local replica's changes are discarded; it becomes the sync target.
-    LocalLoses { by: ResolvedBy },
-    PeerLoses { by: ResolvedBy },
+    LocalLoses {
+        by: ResolvedBy,
+    },
+    PeerLoses {
+        by: ResolvedBy,
+    },
     /// No automatic decision; the replicas stay disconnected until someone decides.
-    Undecided { reason: String },
+    Undecided {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +68,17 @@ pub fn resolve(local: &Hello, peer: &Hello) -> Verdict {
 }
 
 fn pick(local: &Hello, peer: &Hello) -> Verdict {
-    let local_loses = local.resolution == Some(Resolution::DiscardLocal) || peer.resolution == Some(Resolution::KeepLocal);
-    let peer_loses = peer.resolution == Some(Resolution::DiscardLocal) || local.resolution == Some(Resolution::KeepLocal);
+    let local_loses =
+        local.resolution == Some(Resolution::DiscardLocal) || peer.resolution == Some(Resolution::KeepLocal);
+    let peer_loses =
+        peer.resolution == Some(Resolution::DiscardLocal) || local.resolution == Some(Resolution::KeepLocal);
     match (local_loses, peer_loses) {
         (true, false) => return Verdict::LocalLoses { by: ResolvedBy::Operator },
         (false, true) => return Verdict::PeerLoses { by: ResolvedBy::Operator },
         (true, true) => {
-            return Verdict::Undecided { reason: "the operator's choices on the two nodes contradict each other".into() };
+            return Verdict::Undecided {
+                reason: "the operator's choices on the two nodes contradict each other".into(),
+            };
         }
         (false, false) => {}
     }

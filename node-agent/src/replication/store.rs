@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use super::activity_log::{ActivityLog, AL_BLOCK_SIZE, ring_len_for};
+use super::activity_log::{AL_BLOCK_SIZE, ActivityLog, ring_len_for};
 use super::bitmap::{self, Bitmap};
 use super::generation::Generations;
 use super::geometry::{block_count, extent_blocks};
@@ -39,7 +39,10 @@ pub enum MetadataError {
     Truncated { path: String, len: u64, needed: u64, size: u64, kind: &'static str },
     #[error("{path}: no hapair metadata here (found {found:?} where the magic belongs): refusing foreign data")]
     WrongMagic { path: String, found: String },
-    #[error("{path}: metadata format version {version} is not supported (this agent reads version {})", metadata::VERSION)]
+    #[error(
+        "{path}: metadata format version {version} is not supported (this agent reads version {})",
+        metadata::VERSION
+    )]
     UnsupportedVersion { path: String, version: u32 },
     #[error("{path}: metadata superblock checksum failure in both slots: refusing to guess")]
     Checksum { path: String },
@@ -189,7 +192,13 @@ pub fn open(plan: &BackingPlan, format_id_seed: u64) -> Result<Opened, MetadataE
             (Some(Arc::new(open_rw(path)?)), path.clone())
         }
     };
-    let files = BackingFiles { data: Arc::new(data), meta: meta_file, data_path: data_path.to_path_buf(), meta_path, is_block_device };
+    let files = BackingFiles {
+        data: Arc::new(data),
+        meta: meta_file,
+        data_path: data_path.to_path_buf(),
+        meta_path,
+        is_block_device,
+    };
     let internal = files.internal();
     let kind = if internal { "internal" } else { "external" };
     let mp = files.meta_path.display().to_string();
@@ -295,16 +304,7 @@ pub fn open(plan: &BackingPlan, format_id_seed: u64) -> Result<Opened, MetadataE
         ring.push(read_block(layout.al_block_offset(i), AL_BLOCK_SIZE)?);
     }
     let al = ActivityLog::recover(sb.format_id, sb.al_slots, &ring);
-    let mut opened = Opened {
-        files,
-        layout,
-        sb,
-        bitmap: bm,
-        al,
-        created: false,
-        untrusted_pages,
-        crash_extents: None,
-    };
+    let mut opened = Opened { files, layout, sb, bitmap: bm, al, created: false, untrusted_pages, crash_extents: None };
     recover_crash(&mut opened)?;
     Ok(opened)
 }
@@ -339,7 +339,9 @@ fn recover_crash(o: &mut Opened) -> Result<(), MetadataError> {
     o.files.sync_meta().map_err(io_err(&path, "syncing metadata"))?;
     o.sb.seq += 1;
     let slot = (o.sb.seq % 2) as usize;
-    o.files.write_meta(o.layout.superblock_offset(slot), &o.sb.encode()).map_err(io_err(&path, "writing superblock"))?;
+    o.files
+        .write_meta(o.layout.superblock_offset(slot), &o.sb.encode())
+        .map_err(io_err(&path, "writing superblock"))?;
     o.files.sync_meta().map_err(io_err(&path, "syncing metadata"))?;
     Ok(())
 }
@@ -495,7 +497,10 @@ mod tests {
         let mut smaller = p.clone();
         smaller.size = SIZE / 2;
         let err = open(&smaller, 1).unwrap_err();
-        assert!(matches!(err, MetadataError::SizeMismatch { expected, found, .. } if expected == SIZE / 2 && found == SIZE), "{err}");
+        assert!(
+            matches!(err, MetadataError::SizeMismatch { expected, found, .. } if expected == SIZE / 2 && found == SIZE),
+            "{err}"
+        );
         assert_eq!(digest(&p.data_path, SIZE), before);
 
         let f = OpenOptions::new().write(true).open(&p.data_path).unwrap();

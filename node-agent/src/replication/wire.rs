@@ -111,32 +111,81 @@ pub struct Hello {
 pub enum Frame {
     Hello(Box<Hello>),
     /// An application write, replicated.
-    Data { seq: u64, offset: u64, fua: bool, data: Bytes },
+    Data {
+        seq: u64,
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    },
     /// The peer applied (or failed) write or zero `seq`.
-    Ack { seq: u64, ok: bool },
+    Ack {
+        seq: u64,
+        ok: bool,
+    },
     /// Everything before this is to be made durable.
-    Flush { seq: u64 },
-    FlushAck { seq: u64, ok: bool },
+    Flush {
+        seq: u64,
+    },
+    FlushAck {
+        seq: u64,
+        ok: bool,
+    },
     /// Zero a range (`punch`: deallocate as well), replicated like a write.
-    Zero { seq: u64, offset: u64, len: u64, fua: bool, punch: bool },
-    ResyncRequest { offset: u64, len: u32 },
+    Zero {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    },
+    ResyncRequest {
+        offset: u64,
+        len: u32,
+    },
     /// Resync data; `data` is empty and `zero_len` set when the range reads as zeroes.
-    ResyncReply { offset: u64, data: Bytes, zero_len: u32 },
-    ResyncAck { offset: u64, len: u32 },
+    ResyncReply {
+        offset: u64,
+        data: Bytes,
+        zero_len: u32,
+    },
+    ResyncAck {
+        offset: u64,
+        len: u32,
+    },
     /// The sync target is up to date; carries the identifiers both now share.
-    SyncDone { gens: Generations },
+    SyncDone {
+        gens: Generations,
+    },
     /// A run-length-encoded slice of the sender's bitmap, starting at block `start`.
-    Bitmap { start: u64, last: bool, runs: Bytes },
+    Bitmap {
+        start: u64,
+        last: bool,
+        runs: Bytes,
+    },
     Ping,
     PingAck,
-    VerifyRequest { offset: u64, len: u32 },
-    VerifyReply { offset: u64, digests: Vec<u128> },
+    VerifyRequest {
+        offset: u64,
+        len: u32,
+    },
+    VerifyReply {
+        offset: u64,
+        digests: Vec<u128>,
+    },
     /// Blocks the sender found different; the receiver marks them too.
-    OutOfSync { offset: u64, len: u64 },
-    State { role: WireRole, disk: WireDisk },
+    OutOfSync {
+        offset: u64,
+        len: u64,
+    },
+    State {
+        role: WireRole,
+        disk: WireDisk,
+    },
     /// The sender becomes sync source for what both bitmaps hold; bitmaps follow.
     StartResync,
-    Goodbye { reason: String },
+    Goodbye {
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -409,7 +458,7 @@ fn bad(kind: u8, reason: impl Into<String>) -> WireError {
 }
 
 fn checked_len(kind: u8, len: u32) -> Result<u32, WireError> {
-    if len == 0 || len > MAX_DATA || len % 512 != 0 {
+    if len == 0 || len > MAX_DATA || !len.is_multiple_of(512) {
         return Err(bad(kind, format!("range length {len} is not a non-zero multiple of 512 up to {MAX_DATA}")));
     }
     Ok(len)
@@ -493,7 +542,7 @@ fn decode_payload(kind: u8, flags: u8, mut p: Bytes) -> Result<Frame, WireError>
         15 => {
             at_least(kind, &p, 8)?;
             let offset = p.get_u64();
-            if p.len() % 16 != 0 || p.is_empty() || p.len() / 16 > (MAX_DATA / 4096) as usize {
+            if !p.len().is_multiple_of(16) || p.is_empty() || p.len() / 16 > (MAX_DATA / 4096) as usize {
                 return Err(bad(kind, format!("{} digest bytes is not 1..=1024 digests", p.len())));
             }
             let digests = (0..p.len() / 16).map(|_| p.get_u128()).collect();
