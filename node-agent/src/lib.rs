@@ -11,4 +11,5 @@
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
 pub mod bundle;
+pub mod nbd;
 pub mod replication;

@@ -99,6 +99,7 @@ pub enum MetaPurpose {
     SyncTargetDone(ConnId),
     SyncSourceDone,
     Housekeeping,
+    Checkpoint(ReqId),
 }
 
 /// One step of a metadata update; steps run in order.
@@ -130,19 +131,66 @@ pub enum IoOutput {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
-    Write { req: ReqId, offset: u64, data: Bytes, fua: bool },
-    Zero { req: ReqId, offset: u64, len: u64, fua: bool, punch: bool },
-    Flush { req: ReqId },
-    Promote { req: ReqId, epoch: u64, force: bool, wall_ms: u64 },
-    Demote { req: ReqId, force: bool, open_clients: usize },
-    ObserveEpoch { epoch: u64 },
-    StartVerify { req: ReqId },
-    ResolveSplitBrain { req: ReqId, resolution: Resolution },
-    Connected { conn: ConnId },
-    Frame { conn: ConnId, env: Envelope },
-    Sent { conn: ConnId, seq: u64 },
-    Disconnected { conn: ConnId, reason: String },
-    IoDone { tag: IoTag, result: Result<IoOutput, String> },
+    Write {
+        req: ReqId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Zero {
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    },
+    Flush {
+        req: ReqId,
+    },
+    Promote {
+        req: ReqId,
+        epoch: u64,
+        force: bool,
+        wall_ms: u64,
+    },
+    Demote {
+        req: ReqId,
+        force: bool,
+        open_clients: usize,
+    },
+    ObserveEpoch {
+        epoch: u64,
+    },
+    StartVerify {
+        req: ReqId,
+    },
+    ResolveSplitBrain {
+        req: ReqId,
+        resolution: Resolution,
+    },
+    /// Make the bitmap and superblock durable now (clean shutdown).
+    Checkpoint {
+        req: ReqId,
+    },
+    Connected {
+        conn: ConnId,
+    },
+    Frame {
+        conn: ConnId,
+        env: Envelope,
+    },
+    Sent {
+        conn: ConnId,
+        seq: u64,
+    },
+    Disconnected {
+        conn: ConnId,
+        reason: String,
+    },
+    IoDone {
+        tag: IoTag,
+        result: Result<IoOutput, String>,
+    },
     Tick,
 }
 
@@ -172,18 +220,25 @@ pub enum Output {
 }
 
 /// Blocks overwritten when a split brain was resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DiscardRecord {
     /// True on the replica whose changes were discarded.
     pub local_discarded: bool,
     pub resolved_by: String,
-    /// Byte ranges `(offset, length)` the resync overwrites on the losing replica.
+    /// Byte ranges `(offset, length)` the resync overwrites on the losing replica (in
+    /// status snapshots only the first [`SNAPSHOT_RANGES`]; events carry them all).
     pub ranges: Vec<(u64, u64)>,
+    pub total_ranges: usize,
     pub bytes: u64,
 }
 
+/// Ranges kept in status snapshots; the events and logs carry the full lists.
+pub const SNAPSHOT_RANGES: usize = 64;
+
 /// Things worth telling the engine and the operator, each with its reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ReplicaEvent {
     Promoted { epoch: u64, forced: bool },
     Demoted,
@@ -318,7 +373,8 @@ struct VerifyRun {
 }
 
 /// Counters for status and benchmarks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Counters {
     pub resync_bytes_sent: u64,
     pub resync_bytes_received: u64,
@@ -436,6 +492,7 @@ impl Machine {
             Input::ObserveEpoch { epoch } => self.observe_epoch(epoch, "the engine reported a newer epoch"),
             Input::StartVerify { req } => self.on_start_verify(req),
             Input::ResolveSplitBrain { req, resolution } => self.on_resolve(req, resolution),
+            Input::Checkpoint { req } => self.persist(Some(IoTag::Meta(MetaPurpose::Checkpoint(req))), true),
             Input::Connected { conn } => self.on_connected(conn),
             Input::Frame { conn, env } => self.on_frame(conn, env),
             Input::Sent { conn, seq } => self.on_sent(conn, seq),
@@ -1214,6 +1271,10 @@ impl Machine {
                 self.set_disk(StoredDisk::UpToDate, "both replicas are new and all zeroes: identical without a sync");
                 self.persist(None, false);
                 self.set_phase(Phase::Ready);
+                if let Some(link) = self.link.as_mut() {
+                    // The peer reaches the same verdict and is up to date as well.
+                    link.peer_disk = WireDisk::UpToDate;
+                }
                 self.event(ReplicaEvent::Connected { peer: self.cfg.peer.clone() });
             }
             Decision::Resync { local_is_source, full, reason } => {
@@ -1314,7 +1375,9 @@ impl Machine {
         self.event(ReplicaEvent::SyncStarted { source, full, bytes: total, reason: reason.label() });
         if let Some(by) = resolved_by {
             let ranges: Vec<(u64, u64)> = self.bitmap.runs().iter().map(|r| (r.byte_offset(), r.byte_len())).collect();
-            let record = DiscardRecord { local_discarded: !source, resolved_by: by, ranges, bytes: total };
+            let total_ranges = ranges.len();
+            let record =
+                DiscardRecord { local_discarded: !source, resolved_by: by, ranges, total_ranges, bytes: total };
             self.last_discard = Some(record.clone());
             if let Some(sync) = self.link.as_mut().and_then(|l| l.sync.as_mut()) {
                 sync.discard = Some(record.clone());
@@ -1705,6 +1768,10 @@ impl Machine {
                 self.send(conn, Frame::SyncDone { gens });
                 self.event(ReplicaEvent::SyncFinished { source: false, bytes, elapsed_ms: elapsed });
             }
+            MetaPurpose::Checkpoint(req) => {
+                let r = result.map_err(|e| refusal(ErrorCode::Io, format!("could not persist metadata: {e}")));
+                self.complete(req, r);
+            }
             MetaPurpose::SyncSourceDone | MetaPurpose::Housekeeping => {}
         }
     }
@@ -1796,8 +1863,17 @@ impl Machine {
             refused: self.refused.clone(),
             crashed_primary: self.sb.has(flags::CRASHED_PRIMARY),
             generations: self.sb.gens,
-            last_discard: self.last_discard.clone(),
-            last_verify_mismatches: self.last_verify.clone(),
+            last_discard: self.last_discard.as_ref().map(|d| DiscardRecord {
+                local_discarded: d.local_discarded,
+                resolved_by: d.resolved_by.clone(),
+                ranges: d.ranges.iter().take(SNAPSHOT_RANGES).copied().collect(),
+                total_ranges: d.total_ranges,
+                bytes: d.bytes,
+            }),
+            last_verify_mismatches: self
+                .last_verify
+                .as_ref()
+                .map(|v| v.iter().take(SNAPSHOT_RANGES).copied().collect()),
             counters: self.counters.clone(),
             writes_allowed: self.writes_allowed().is_ok(),
             reads_allowed: self.role == Role::Primary || matches!(disk, DiskState::UpToDate | DiskState::Outdated),

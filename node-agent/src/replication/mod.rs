@@ -8,13 +8,18 @@
 
 pub mod activity_log;
 pub mod bitmap;
+pub mod disk;
 pub mod generation;
 pub mod geometry;
 pub mod handshake;
+pub mod link;
 pub mod machine;
 pub mod metadata;
+pub mod replica;
 pub mod resync;
 pub mod split_brain;
+pub mod status;
 pub mod store;
+pub mod tls;
 pub mod verify;
 pub mod wire;
