@@ -5,6 +5,10 @@
 //! into events.
 //!
 //! - [`bundle`]: checking a desired-config bundle before anything acts on it.
+//! - [`replication`]: DRBD-style block replication of a `ReplicatedVolume` (sans-IO state
+//!   machine, metadata, wire protocol, and the [`replication::replica::Replica`] driver).
+//! - [`nbd`]: the NBD export the primary serves its replicated volume on.
+//! - [`volume_step`]: attach, filesystem and mount pieces of the `volume` flow step.
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
@@ -13,3 +17,4 @@
 pub mod bundle;
 pub mod nbd;
 pub mod replication;
+pub mod volume_step;
