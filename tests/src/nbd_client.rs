@@ -106,7 +106,14 @@ impl NbdClient {
     }
 
     /// Sends one request and reads its simple reply: `Ok(data)` or the server's errno.
-    pub fn request(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> Result<Vec<u8>, NbdError> {
+    pub fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, NbdError> {
         let cookie = self.next;
         self.next += 1;
         let mut h = Vec::with_capacity(28 + payload.len());

@@ -148,17 +148,13 @@ impl ReplicaProc {
         let mut p = ReplicaProc { node: node.to_string(), socket: socket.to_path_buf(), log, child, stdin, lines };
         let first = p.next_line(Duration::from_secs(60))?;
         let v: Value = serde_json::from_str(&first).map_err(|e| format!("harness said {first:?}: {e}"))?;
-        if v["ready"] == Value::Bool(true) {
-            Ok(p)
-        } else {
-            Err(v["error"].as_str().unwrap_or(&first).to_string())
-        }
+        if v["ready"] == Value::Bool(true) { Ok(p) } else { Err(v["error"].as_str().unwrap_or(&first).to_string()) }
     }
 
     fn next_line(&mut self, timeout: Duration) -> Result<String, String> {
-        self.lines.recv_timeout(timeout).map_err(|e| {
-            format!("replica {} gave no answer ({e}); log:\n{}", self.node, self.log_text())
-        })
+        self.lines
+            .recv_timeout(timeout)
+            .map_err(|e| format!("replica {} gave no answer ({e}); log:\n{}", self.node, self.log_text()))
     }
 
     pub fn log_text(&self) -> String {
@@ -273,7 +269,8 @@ impl ReplicaPair {
 
     /// Starts `node` again after it was killed or shut down.
     pub fn restart(&mut self, node: &str) {
-        let p = Self::spawn(&self.harness, &self.net, &self.volume, node).unwrap_or_else(|e| panic!("restarting {node}: {e}"));
+        let p = Self::spawn(&self.harness, &self.net, &self.volume, node)
+            .unwrap_or_else(|e| panic!("restarting {node}: {e}"));
         if node == "a" {
             self.a = p;
         } else {

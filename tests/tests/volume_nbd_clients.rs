@@ -31,7 +31,12 @@ fn run(program: &str, args: &[&str]) -> std::process::Output {
 fn ok(program: &str, args: &[&str]) -> String {
     let out = run(program, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{program} {args:?} failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -134,7 +139,11 @@ fn the_secondary_refuses_writes_and_invalid_requests_get_error_replies() {
         Some(nbd_client::ENOSPC),
         "write past the end"
     );
-    assert_eq!(nbd_client::errno(&c.read(100, 512)), Some(nbd_client::EINVAL), "misaligned for a client that asked for block sizes");
+    assert_eq!(
+        nbd_client::errno(&c.read(100, 512)),
+        Some(nbd_client::EINVAL),
+        "misaligned for a client that asked for block sizes"
+    );
     assert_eq!(nbd_client::errno(&c.request(nbd_client::CMD_FLUSH, 0, 4096, 0, &[])), Some(nbd_client::EINVAL));
     c.write(8192, &[0x42; 4096], true).unwrap();
     assert_eq!(c.read(8192, 4096).unwrap(), vec![0x42; 4096]);

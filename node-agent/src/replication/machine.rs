@@ -1815,6 +1815,11 @@ impl Machine {
         self.role
     }
 
+    /// The newest engine epoch this replica knows.
+    pub fn snapshot_epoch(&self) -> u64 {
+        self.sb.known_epoch
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let now = self.now;
         let connection = match &self.link {

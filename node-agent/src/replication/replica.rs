@@ -271,7 +271,7 @@ impl Replica {
             .await
             .map_err(|e| ReplicaError::Io { volume: name.clone(), message: e.to_string() })?
             .map_err(|source| ReplicaError::Metadata { volume: name.clone(), source })?;
-        let span = tracing::info_span!("replica", volume = %name, node = %node, epoch = opened.sb.known_epoch);
+        let span = tracing::info_span!("replica", group = %spec.group, volume = %name, node = %node);
         {
             let _g = span.enter();
             if opened.created {
@@ -371,8 +371,6 @@ impl Replica {
             wire: Arc::new(WireCounters::default()),
             link_tx,
             last_publish: Instant::now(),
-            epoch: 0,
-            span: span.clone(),
         };
         let handle = tokio::spawn(core.run(cmd_rx, stream_rx, link_rx, io_rx, timing.tick).instrument(span));
         Ok(Replica {
@@ -526,8 +524,6 @@ struct Core {
     wire: Arc<WireCounters>,
     link_tx: mpsc::Sender<LinkEvent>,
     last_publish: Instant,
-    epoch: u64,
-    span: tracing::Span,
 }
 
 impl Core {
@@ -606,6 +602,8 @@ impl Core {
         let now = self.start.elapsed().as_millis() as u64;
         let outputs = self.machine.handle(now, input);
         let mut changed = false;
+        // Callers learn of completions only after the status reflects them.
+        let mut completions = Vec::new();
         for o in outputs {
             match o {
                 Output::Io(op) => {
@@ -627,11 +625,7 @@ impl Core {
                         l.send(frame, epoch, seq);
                     }
                 }
-                Output::Complete { req, result } => {
-                    if let Some(reply) = self.replies.remove(&req) {
-                        let _ = reply.send(result);
-                    }
-                }
+                Output::Complete { req, result } => completions.push((req, result)),
                 Output::Close { conn, reason, retry_after_ms } => {
                     if let Some(l) = self.links.remove(&conn) {
                         info!(%reason, "closing the replication connection");
@@ -641,22 +635,23 @@ impl Core {
                 }
                 Output::Event(e) => {
                     changed = true;
-                    log_event(&e);
+                    log_event(&e, self.machine.snapshot_epoch());
                     let _ = self.events.send(e);
                 }
             }
         }
-        self.publish(changed);
+        self.publish(changed || !completions.is_empty());
+        for (req, result) in completions {
+            if let Some(reply) = self.replies.remove(&req) {
+                let _ = reply.send(result);
+            }
+        }
     }
 
     fn publish(&mut self, force: bool) {
         let snap = self.machine.snapshot();
         self.shared.writable.store(snap.writes_allowed, Ordering::SeqCst);
         self.shared.readable.store(snap.reads_allowed, Ordering::SeqCst);
-        if snap.epoch != self.epoch {
-            self.epoch = snap.epoch;
-            self.span.record("epoch", snap.epoch);
-        }
         let key_changed = {
             let cur = self.status.borrow();
             cur.role != snap.role
@@ -687,7 +682,8 @@ impl Core {
     }
 }
 
-fn log_event(e: &ReplicaEvent) {
+fn log_event(e: &ReplicaEvent, epoch: u64) {
+    let _epoch = tracing::info_span!("epoch", epoch).entered();
     let (reason, warning) = e.reason();
     match e {
         ReplicaEvent::Discarded(d) => warn!(

@@ -35,7 +35,9 @@ pub fn choose(attach_command: Option<&str>, detach_command: Option<&str>) -> Res
     if let Some(attach) = attach_command {
         return Ok(AttachMethod::Command { attach: attach.to_string(), detach: detach_command.map(str::to_string) });
     }
-    free_nbd_device(Path::new("/sys/block"), Path::new("/dev")).map(|device| AttachMethod::NbdClient { device }).ok_or(AttachError::NoMethod)
+    free_nbd_device(Path::new("/sys/block"), Path::new("/dev"))
+        .map(|device| AttachMethod::NbdClient { device })
+        .ok_or(AttachError::NoMethod)
 }
 
 /// The first `/dev/nbdN` whose sysfs entry shows no attached client.
@@ -51,7 +53,13 @@ pub fn free_nbd_device(sys_block: &Path, dev: &Path) -> Option<PathBuf> {
 
 /// The command line `nbd-client` is run with.
 pub fn nbd_client_args(socket: &Path, device: &Path) -> Vec<String> {
-    vec!["-unix".into(), socket.display().to_string(), device.display().to_string(), "-block-size".into(), "4096".into()]
+    vec![
+        "-unix".into(),
+        socket.display().to_string(),
+        device.display().to_string(),
+        "-block-size".into(),
+        "4096".into(),
+    ]
 }
 
 async fn run(mut cmd: Command, label: String, timeout: Duration) -> Result<String, AttachError> {
@@ -157,7 +165,8 @@ mod tests {
         let method = AttachMethod::Command { attach: "echo oops >&2; exit 3".into(), detach: None };
         let err = attach(&method, Path::new("/x"), Duration::from_secs(5)).await.unwrap_err();
         assert!(err.to_string().contains("oops"), "{err}");
-        let method = AttachMethod::Command { attach: "test \"$HAPAIR_NBD_SOCKET\" = /s.sock && sleep 5".into(), detach: None };
+        let method =
+            AttachMethod::Command { attach: "test \"$HAPAIR_NBD_SOCKET\" = /s.sock && sleep 5".into(), detach: None };
         let err = attach(&method, Path::new("/s.sock"), Duration::from_millis(200)).await.unwrap_err();
         assert!(matches!(err, AttachError::Timeout { .. }), "{err}");
         let err = detach(&method, Path::new("/dev/null"), Duration::from_secs(1)).await.unwrap_err();

@@ -24,7 +24,10 @@ async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<std::pro
     cmd.args(args).kill_on_drop(true).stdin(std::process::Stdio::null());
     tokio::time::timeout(timeout, cmd.output())
         .await
-        .map_err(|_| FsError::Command { command: label.clone(), message: format!("no answer within {}s", timeout.as_secs()) })?
+        .map_err(|_| FsError::Command {
+            command: label.clone(),
+            message: format!("no answer within {}s", timeout.as_secs()),
+        })?
         .map_err(|e| FsError::Command { command: label, message: e.to_string() })
 }
 

@@ -84,7 +84,9 @@ pub async fn activate(replica: &Replica, plan: &StepPlan, epoch: u64) -> Result<
     let device = match attach::attach(&plan.attach, &socket, plan.timeout).await {
         Ok(d) => d,
         Err(e) => {
-            let _ = replica.demote(false).await;
+            if let Err(undo) = replica.demote(false).await {
+                tracing::warn!(error = %undo, "demoting after a failed attach failed too");
+            }
             return Err(StepError::new(Stage::Attach, e));
         }
     };
@@ -105,7 +107,9 @@ pub async fn activate(replica: &Replica, plan: &StepPlan, epoch: u64) -> Result<
             Ok(active)
         }
         Err(e) => {
-            let _ = deactivate(replica, active, plan.timeout).await;
+            if let Err(undo) = deactivate(replica, active, plan.timeout).await {
+                tracing::warn!(error = %undo, "undoing a failed volume step activation failed too");
+            }
             Err(e)
         }
     }

@@ -70,7 +70,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.volume).with_context(|| format!("reading {}", args.volume.display()))?;
-    let volume: VolumeConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", args.volume.display()))?;
+    let volume: VolumeConfig =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", args.volume.display()))?;
     let mut opts = ReplicaOptions::new(&args.nbd_socket);
     opts.nbd_tcp = args.nbd_tcp;
     opts.listen = args.listen;
