@@ -142,3 +142,35 @@ async fn pair_replicates_over_mutual_tls() {
     b.shutdown().await.unwrap();
     assert_eq!(b.status().role, VolumeRole::Secondary);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_oversized_frames_close_the_connection_and_the_replica_carries_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let vol = volume(dir.path(), false);
+    let b = Replica::open(&vol, "b", opts(dir.path(), "b", addr, None)).await.unwrap();
+    let attacks: [&[u8]; 3] = [
+        // A header claiming a 4 GiB payload.
+        &[0x48, 0x50, 0x52, 0x31, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff],
+        // Wrong magic.
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        // A well-formed ping before any hello.
+        &[0x48, 0x50, 0x52, 0x31, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+    ];
+    for attack in attacks {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(attack).await.unwrap();
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "the replica kept a connection open after {attack:?}");
+    }
+    assert_eq!(b.status().role, VolumeRole::Secondary);
+    // A genuine peer still gets in.
+    let a = Replica::open(&vol, "a", opts(dir.path(), "a", addr, None)).await.unwrap();
+    for r in [&a, &b] {
+        wait(r, "connection after the attacks", |s| s.connection == ConnectionState::Connected).await;
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -185,3 +185,60 @@ pub fn errno(r: &Result<Vec<u8>, NbdError>) -> Option<u32> {
         _ => None,
     }
 }
+
+/// Timings of a pipelined sequential write.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    /// Until every write was acknowledged.
+    pub acked: Duration,
+    /// Until the final FLUSH was acknowledged too.
+    pub flushed: Duration,
+}
+
+/// Writes `total` bytes sequentially from `offset` in `chunk`-byte writes, keeping `depth`
+/// requests in flight on one connection, then flushes.
+pub fn write_stream(
+    socket: &Path,
+    offset: u64,
+    total: u64,
+    chunk: u32,
+    depth: usize,
+) -> Result<StreamTiming, NbdError> {
+    let mut client = NbdClient::connect(socket, true)?;
+    let mut reader = client.stream.try_clone()?;
+    let count = total.div_ceil(u64::from(chunk));
+    let (slots, freed) = std::sync::mpsc::sync_channel::<()>(depth);
+    let replies = std::thread::spawn(move || -> Result<(), NbdError> {
+        for _ in 0..count {
+            let mut r = [0u8; 16];
+            reader.read_exact(&mut r)?;
+            let errno = be_u32(&r[4..]);
+            if errno != 0 {
+                return Err(NbdError::Errno(errno));
+            }
+            let _ = freed.recv();
+        }
+        Ok(())
+    });
+    let data = vec![0xa5u8; chunk as usize];
+    let start = std::time::Instant::now();
+    for i in 0..count {
+        if slots.send(()).is_err() {
+            break;
+        }
+        let mut h = Vec::with_capacity(28 + data.len());
+        h.extend(0x2560_9513u32.to_be_bytes());
+        h.extend(0u16.to_be_bytes());
+        h.extend(CMD_WRITE.to_be_bytes());
+        h.extend((i + 1).to_be_bytes());
+        h.extend((offset + i * u64::from(chunk)).to_be_bytes());
+        h.extend(chunk.to_be_bytes());
+        h.extend_from_slice(&data);
+        client.stream.write_all(&h)?;
+    }
+    replies.join().map_err(|_| NbdError::Protocol("reply reader panicked".into()))??;
+    let acked = start.elapsed();
+    client.next = count + 1;
+    client.flush()?;
+    Ok(StreamTiming { acked, flushed: start.elapsed() })
+}

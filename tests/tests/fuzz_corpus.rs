@@ -98,8 +98,15 @@ fn opt(option: u32, data: &[u8]) -> Vec<u8> {
 }
 
 fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Vec<u8> {
-    [&0x2560_9513u32.to_be_bytes()[..], &flags.to_be_bytes(), &kind.to_be_bytes(), &7u64.to_be_bytes(), &offset.to_be_bytes(), &len.to_be_bytes()]
-        .concat()
+    [
+        &0x2560_9513u32.to_be_bytes()[..],
+        &flags.to_be_bytes(),
+        &kind.to_be_bytes(),
+        &7u64.to_be_bytes(),
+        &offset.to_be_bytes(),
+        &len.to_be_bytes(),
+    ]
+    .concat()
 }
 
 fn write_nbd_seeds(dir: &Path) {
@@ -113,9 +120,26 @@ fn write_nbd_seeds(dir: &Path) {
         ("go-read", nbd_seed(&[&flags, &go, &req(0, 0, 0, 4096)])),
         ("structured-write-flush", nbd_seed(&[&flags, &structured, &go, &write, &req(3, 0, 0, 0), &req(2, 0, 0, 0)])),
         ("export-name", nbd_seed(&[&flags, &opt(1, b""), &req(4, 0, 0, 65536), &req(6, 2, 8192, 4096)])),
-        ("options", nbd_seed(&[&flags, &opt(3, &[]), &opt(5, &[]), &opt(6, &[0, 0, 0, 3, b'v', b'o', b'l', 0, 0]), &opt(99, b"x")])),
+        (
+            "options",
+            nbd_seed(&[
+                &flags,
+                &opt(3, &[]),
+                &opt(5, &[]),
+                &opt(6, &[0, 0, 0, 3, b'v', b'o', b'l', 0, 0]),
+                &opt(99, b"x"),
+            ]),
+        ),
         ("invalid-requests", nbd_seed(&[&flags, &go, &req(42, 0, 0, 512), &req(0, 0, 1 << 20, 512), &req(0, 0, 3, 5)])),
-        ("meta-context", nbd_seed(&[&flags, &structured, &opt(10, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15]), &opt(10, b"base:allocation")])),
+        (
+            "meta-context",
+            nbd_seed(&[
+                &flags,
+                &structured,
+                &opt(10, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15]),
+                &opt(10, b"base:allocation"),
+            ]),
+        ),
         ("abort", nbd_seed(&[&flags, &opt(2, &[])])),
     ];
     for (name, data) in seeds {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use hapair_tests::nbd_client::{self, NbdClient, NbdError};
+use hapair_tests::nbd_client::{self, NbdClient};
 use hapair_tests::replica_proc::{ReplicaPair, VolumeSpec};
 use rand::{RngCore, SeedableRng};
 
@@ -156,6 +156,5 @@ fn the_secondary_refuses_writes_and_invalid_requests_get_error_replies() {
     let mut again = NbdClient::connect(&sa, false).unwrap();
     assert_eq!(again.read(8192, 512).unwrap(), vec![0x42; 512]);
     again.disconnect();
-    assert!(matches!(NbdClient::connect(&sa, false), Ok(_)), "the server keeps accepting");
-    let _: Option<NbdError> = None;
+    assert!(NbdClient::connect(&sa, false).is_ok(), "the server keeps accepting");
 }

@@ -97,3 +97,56 @@ fn resync_sends_only_dirty_blocks_and_after_a_crash_only_the_activity_log() {
     assert!(sent <= synced + synced / 20 + METADATA_ALLOWANCE, "sent {sent} bytes to resync {synced}");
     assert!(synced < (4 << 30) / 100, "far less than the volume");
 }
+
+#[test]
+fn a_rate_limited_resync_reports_progress_survives_interruption_and_resumes() {
+    const RATE: u64 = 8 * MIB;
+    let spec = VolumeSpec { size: "256Mi".into(), resync_rate: Some("8Mi".into()), ..VolumeSpec::default() };
+    let mut pair = ReplicaPair::start(HARNESS, &spec);
+    pair.a.promote(1).unwrap();
+    pair.net.cut().unwrap();
+    pair.a.wait("disconnection", Duration::from_secs(10), |s| s["connection"] != "Connected");
+    pair.b.wait("disconnection", Duration::from_secs(10), |s| s["connection"] != "Connected");
+    let dirty = 24 * MIB;
+    let mut c = NbdClient::connect(&pair.volume.socket("a"), true).unwrap();
+    for i in 0..dirty / CHUNK {
+        c.write(i * 2 * CHUNK, &pattern(i), false).unwrap();
+    }
+    c.flush().unwrap();
+    let s = pair.a.wait("tracked changes", Duration::from_secs(10), |s| s["outOfSyncBytes"] == dirty);
+    let sent_before = num(&s, "wireSentBytes");
+
+    // First attempt: watch it progress at the limited rate, then cut it off midway.
+    pair.net.heal().unwrap();
+    let s = pair.b.wait("resync progress", Duration::from_secs(30), |s| {
+        s["connection"] == "SyncTarget" && s["sync"]["doneBytes"].as_u64().is_some_and(|d| d >= 4 * MIB)
+    });
+    let sync = &s["sync"];
+    assert_eq!(s["disk"], "Inconsistent", "a sync target is inconsistent: {s:#}");
+    assert!(num(sync, "doneBytes") < num(sync, "totalBytes"), "{s:#}");
+    assert!(sync["etaSeconds"].as_u64().is_some(), "no ETA reported: {s:#}");
+    assert!(num(sync, "bytesPerSecond") <= 2 * RATE, "the resync ignores its rate limit: {s:#}");
+    pair.net.cut().unwrap();
+    let s = pair.b.wait("interruption", Duration::from_secs(10), |s| s["connection"] != "SyncTarget");
+    assert_eq!(s["disk"], "Inconsistent");
+    let err = pair.b.promote(5).unwrap_err();
+    assert!(err.contains("Inconsistent"), "an interrupted sync target must not be promoted: {err}");
+
+    // Second attempt: it resumes from the bitmaps instead of starting over.
+    pair.net.heal().unwrap();
+    let a = pair.a.wait("resumed resync", Duration::from_secs(60), in_sync);
+    pair.b.wait("resumed resync", Duration::from_secs(60), in_sync);
+    let second = num(&a["counters"], "lastSyncBytes");
+    let total = num(&a, "wireSentBytes") - sent_before;
+    eprintln!(
+        "interrupted resync: {total} bytes on the wire in two attempts for {dirty} dirty; second attempt {second} bytes"
+    );
+    assert!(second < dirty, "the second attempt resent everything ({second} bytes)");
+    assert!(total < dirty + dirty / 4, "{total} bytes for {dirty} dirty bytes: not resumed");
+    let b_file = std::fs::File::open(pair.volume.backing("b")).unwrap();
+    for i in 0..dirty / CHUNK {
+        let mut buf = vec![0u8; CHUNK as usize];
+        b_file.read_exact_at(&mut buf, i * 2 * CHUNK).unwrap();
+        assert!(buf == pattern(i), "chunk {i} differs after the resumed resync");
+    }
+}

@@ -126,3 +126,59 @@ impl ReplicaEvent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::machine::Snapshot;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            role: VolumeRole::Secondary,
+            disk: DiskState::Inconsistent,
+            connection: ConnectionState::SyncTarget,
+            peer_disk: Some(DiskState::UpToDate),
+            peer_role: Some(VolumeRole::Primary),
+            out_of_sync_bytes: 3 << 20,
+            sync: Some(SyncProgress {
+                done_bytes: 1 << 20,
+                total_bytes: 4 << 20,
+                bytes_per_second: 1 << 20,
+                eta_seconds: Some(3),
+            }),
+            verify: None,
+            epoch: 4,
+            fenced: false,
+            split_brain: None,
+            refused: None,
+            crashed_primary: false,
+            generations: Generations::default(),
+            last_discard: None,
+            last_verify_mismatches: None,
+            counters: Counters::default(),
+            writes_allowed: false,
+            reads_allowed: false,
+        }
+    }
+
+    #[test]
+    fn a_sync_target_reports_inconsistent_with_progress() {
+        let s = ReplicaStatus::new("pgdata", "b", "a", snapshot());
+        let r = s.report();
+        assert_eq!(r.name, "pgdata");
+        assert_eq!(r.disk_state, DiskState::Inconsistent);
+        assert_eq!(r.connection, ConnectionState::SyncTarget);
+        assert_eq!(r.out_of_sync_bytes, 3 << 20);
+        assert_eq!(r.peer_disk_state, Some(DiskState::UpToDate));
+        assert_eq!(r.sync.as_ref().map(|p| p.percent()), Some(25));
+        assert_eq!(s.summary(), "Syncing 25%");
+    }
+
+    #[test]
+    fn event_reasons_flag_warnings() {
+        assert_eq!(ReplicaEvent::Demoted.reason(), ("VolumeDemoted", false));
+        assert_eq!(ReplicaEvent::SplitBrain { reason: "x".into() }.reason(), ("SplitBrain", true));
+        let clean = ReplicaEvent::VerifyFinished { mismatched: vec![], checked_bytes: 1 };
+        assert_eq!(clean.reason(), ("VerifyClean", false));
+    }
+}
