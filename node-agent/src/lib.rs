@@ -17,6 +17,10 @@
 //! - [`engine`]: the failover decision engine (sans-IO): who is primary, leases, epochs,
 //!   self-fencing, flow order, restarts, failback and admin actions; plus the heartbeat
 //!   message the engines exchange.
+//! - [`replication`]: DRBD-style block replication of a `ReplicatedVolume` (sans-IO state
+//!   machine, metadata, wire protocol, and the [`replication::replica::Replica`] driver).
+//! - [`nbd`]: the NBD export the primary serves its replicated volume on.
+//! - [`volume_step`]: attach, filesystem and mount pieces of the `volume` flow step.
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
@@ -31,6 +35,9 @@ pub mod flow;
 pub mod heartbeat;
 pub mod iface;
 pub mod metrics;
+pub mod nbd;
 pub mod probe;
+pub mod replication;
 pub mod state;
 pub mod vip;
+pub mod volume_step;
