@@ -99,6 +99,8 @@ pub enum Reason {
     Acting,
     /// The flow is up: serving.
     Promoted,
+    /// The agent restarted within its lease and serves on without interruption.
+    Resumed,
     Demoting,
     Demoted,
     /// Lost (or about to lose) the lease: demoting itself.
@@ -138,6 +140,7 @@ impl Reason {
             Reason::Promoting => "Promoting",
             Reason::Acting => "Acting",
             Reason::Promoted => "Promoted",
+            Reason::Resumed => "Resumed",
             Reason::Demoting => "Demoting",
             Reason::Demoted => "Demoted",
             Reason::SelfFenced => "SelfFenced",

@@ -115,6 +115,18 @@ impl Flow {
         Flow { plan, steps, volumes }
     }
 
+    /// The flow a serving node left up when its agent restarted: every step running.
+    pub fn resumed(plan: FlowPlan) -> Flow {
+        let mut flow = Flow::unknown(plan);
+        for s in &mut flow.steps {
+            s.phase = StepPhase::Running;
+        }
+        for v in &mut flow.volumes {
+            v.phase = VolumePhase::Primary;
+        }
+        flow
+    }
+
     pub fn plan(&self) -> &FlowPlan {
         &self.plan
     }

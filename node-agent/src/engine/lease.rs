@@ -18,8 +18,9 @@
 //! Fenced and holds nothing has forgotten the send times of all its earlier heartbeats
 //! ([`LeaseBook::void`]), so no acknowledgement of those can ever give it a lease again.
 //!
-//! A restarted node holds no lease and does not know what it granted before; it starts
-//! with a full promise (`now + L·(1+δ)`).
+//! A restarted node does not know what it granted before; it starts with a full promise
+//! (`now + L·(1+δ)`). It holds no lease either, unless it was serving and resumes under
+//! the lease end its previous run recorded ([`LeaseBook::resume`]).
 //!
 //! # The witness lease
 //!
@@ -59,6 +60,13 @@ impl LeaseBook {
     /// A fresh book for a node that may have granted a lease just before `now`.
     pub fn new(now: Instant, lease_wait: Duration) -> LeaseBook {
         LeaseBook { promise_until: now + lease_wait, ..LeaseBook::default() }
+    }
+
+    /// Holds a lease until `until`, recorded by the previous run of this agent while it
+    /// served (a lower bound of that lease's end). Only acknowledgements of heartbeats
+    /// sent from now on extend it.
+    pub fn resume(&mut self, until: Instant) {
+        self.peer_expiry = Some(until);
     }
 
     /// Remembers that heartbeat `seq` left at `at` and may earn a lease.

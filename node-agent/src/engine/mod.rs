@@ -176,7 +176,9 @@ impl Engine {
     /// An engine for `identity` in the group of `config`, restoring what the node
     /// persisted (`None` on first start). Returns the startup commands: the engine cannot
     /// know what a previous run left behind, so it starts by bringing everything down
-    /// (virtual IPs first) and holds nothing until that is done.
+    /// (virtual IPs first) and holds nothing until that is done — unless the previous run
+    /// was serving and its recorded lease still runs ([`PersistedState::serving`]): then
+    /// it resumes as primary in the same epoch, with the flow taken as up.
     pub fn new(
         identity: Identity,
         config: &GroupConfig,
@@ -185,6 +187,7 @@ impl Engine {
     ) -> Result<(Engine, Vec<Command>), ConfigError> {
         let cfg = EngineConfig::from_group(config, &identity.node)?;
         let restored = restored.unwrap_or_default();
+        let resume = restored.serving.clone().filter(|s| resumable(s, &restored, &cfg, now));
         let mut engine = Engine {
             incarnation: identity.incarnation,
             role: Role::Standby,
@@ -238,6 +241,9 @@ impl Engine {
             #[cfg(feature = "sim-mutations")]
             mutation: mutation::Mutation::None,
         };
+        if let Some(serving) = resume {
+            engine.resume(&serving);
+        }
         let actions = config.actions.clone();
         for action in actions {
             engine.on_admin(now, action);
@@ -246,6 +252,27 @@ impl Engine {
         engine.persist_if_changed();
         let out = std::mem::take(&mut engine.out);
         Ok((engine, out))
+    }
+
+    /// Takes up serving again after an agent restart within the lease (see
+    /// [`PersistedState::serving`]): the flow was left up and the lease still runs, so
+    /// stopping and restarting everything would only flap the service. The flow is taken
+    /// as up; its health checks and monitors tell otherwise.
+    fn resume(&mut self, serving: &persist::ServingLease) {
+        let until = Instant::from_nanos(serving.lease_end_nanos);
+        self.role = Role::Primary;
+        self.acting = true;
+        self.stopping = false;
+        self.flow = Flow::resumed(self.cfg.flow.clone());
+        self.lease.resume(until);
+        self.heartbeat_now = true;
+        self.role_reason = format!("serving in epoch {}, resumed after an agent restart within the lease", self.epoch);
+        self.notice(
+            EventType::Normal,
+            Reason::Resumed,
+            format!("agent restarted within the lease (until {until}): still serving in epoch {}", self.epoch),
+        );
+        self.feed_watchdog();
     }
 
     /// Handles one event at `now` (local monotonic time) and returns the commands to run,
@@ -409,19 +436,40 @@ impl Engine {
     }
 
     fn persist_if_changed(&mut self) {
+        let serving = self.serving_record();
         let state = PersistedState {
             epoch: self.epoch,
             floor: self.floor,
             peer_incarnation: self.peer.incarnation(),
             maintenance: self.maintenance_override,
             finished_actions: self.finished_actions.iter().cloned().collect(),
+            serving,
         };
-        if state != self.persisted {
-            self.persisted = state.clone();
+        if state == self.persisted {
+            return;
+        }
+        let previous = std::mem::replace(&mut self.persisted, state.clone());
+        let shrunk = match (&previous.serving, &state.serving) {
+            (Some(old), Some(new)) => {
+                new.epoch != old.epoch || new.steps != old.steps || new.lease_end_nanos < old.lease_end_nanos
+            }
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let only_extended = !shrunk
+            && PersistedState { serving: None, ..previous.clone() } == PersistedState { serving: None, ..state.clone() };
+        let at = if shrunk {
+            // A restarted agent must never rely on a lease this node stopped serving
+            // under: durable before anything is taken down or said to the peer.
+            0
+        } else if only_extended {
+            // A longer lease is only an optimisation for a restart; it need not delay
+            // anything.
+            self.out.len()
+        } else {
             // An epoch must be durable before the node acts in it, and a floor before a
             // heartbeat proposes or grants it: Persist goes before those commands.
-            let at = self
-                .out
+            self.out
                 .iter()
                 .position(|c| {
                     matches!(
@@ -432,9 +480,39 @@ impl Engine {
                             | Command::SendHeartbeat(_)
                     )
                 })
-                .unwrap_or(self.out.len());
-            self.out.insert(at, Command::Persist(state));
+                .unwrap_or(self.out.len())
+        };
+        self.out.insert(at, Command::Persist(state));
+    }
+
+    /// What a restarted agent may rely on: set while serving with the whole flow up. The
+    /// recorded lease end moves forward only in steps of the fence margin, so the state
+    /// file is not rewritten for every acknowledgement; an older end is a safe
+    /// under-estimate.
+    fn serving_record(&self) -> Option<persist::ServingLease> {
+        let plan = self.flow.plan();
+        let serving = self.acting
+            && !self.lease_abandoned
+            && self.role == Role::Primary
+            && self.demotion.is_none()
+            && !self.flow_restart
+            && plan.volumes.is_empty()
+            && self.flow.is_up();
+        if !serving {
+            return None;
         }
+        let end = self.lease.expiry()?;
+        let steps: Vec<String> = plan.steps.iter().map(|s| s.name.clone()).collect();
+        if let Some(old) = &self.persisted.serving
+            && old.epoch == self.epoch
+            && old.steps == steps
+            && end.as_nanos() >= old.lease_end_nanos
+            && Instant::from_nanos(end.as_nanos()).since(Instant::from_nanos(old.lease_end_nanos))
+                < self.cfg.timing.fence_margin
+        {
+            return Some(old.clone());
+        }
+        Some(persist::ServingLease { epoch: self.epoch, lease_end_nanos: end.as_nanos(), steps })
     }
 
     /// Runs the role machine until it settles, sends a heartbeat when due, and computes
@@ -588,6 +666,19 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether a restarted engine may take up serving under `serving`: the same term, the same
+/// flow (without volumes, whose replicas do not outlive the agent), not being deleted, and
+/// enough lease left that it would not fence itself at once.
+fn resumable(serving: &persist::ServingLease, restored: &PersistedState, cfg: &EngineConfig, now: Instant) -> bool {
+    let steps: Vec<&str> = cfg.flow.steps.iter().map(|s| s.name.as_str()).collect();
+    serving.epoch > 0
+        && serving.epoch == restored.epoch
+        && cfg.flow.volumes.is_empty()
+        && !cfg.deleting
+        && serving.steps.iter().map(String::as_str).eq(steps)
+        && now + cfg.timing.fence_margin < Instant::from_nanos(serving.lease_end_nanos)
+}
 
 fn disk_rank(disk: DiskState) -> u8 {
     match disk {

@@ -982,6 +982,11 @@ impl World {
         n.term_start = None;
         n.term_exempt = false;
         n.clock = SimClock::new(self.now, 0, n.rate);
+        // A new boot: the recorded lease end was on the old clock. The agent's runtime
+        // drops it when the machine's boot id changed; so does the simulation.
+        if let Some(p) = &mut n.persisted {
+            p.serving = None;
+        }
     }
 
     /// Only the agent process dies: the kernel keeps the VIP, units keep running, the

@@ -251,6 +251,12 @@ impl Hb {
         self
     }
 
+    /// Grants a lease for heartbeat `seq` of incarnation `incarnation` of node `a`.
+    pub fn grant_for(mut self, incarnation: u64, seq: u64) -> Hb {
+        self.0.grant = Some(LeaseGrant { incarnation, seq, ttl_ms: 800 });
+        self
+    }
+
     pub fn floor(mut self, floor: u64) -> Hb {
         self.0.floor = floor;
         self
@@ -335,7 +341,7 @@ fn render_one(c: &Command) -> String {
                 }
             }
             assert_eq!(h.sender, "a");
-            assert_eq!(h.incarnation, ME);
+            assert!(h.incarnation >= ME);
             s
         }
         Command::Witness { request_id, request } => {
@@ -363,6 +369,9 @@ fn render_one(c: &Command) -> String {
             }
             if !p.finished_actions.is_empty() {
                 s.push_str(&format!(" done={}", p.finished_actions.join(",")));
+            }
+            if let Some(v) = &p.serving {
+                s.push_str(&format!(" serving e{} until {}ms", v.epoch, v.lease_end_nanos / 1_000_000));
             }
             s
         }

@@ -13,6 +13,7 @@
 
 mod admin;
 mod harness;
+mod resume;
 mod roles;
 mod wire;
 
