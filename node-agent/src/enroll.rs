@@ -2,8 +2,9 @@
 //!
 //! The agent makes a key pair and a CSR (CN = node name), posts them with the token to the
 //! controller's `POST /v1/enroll`, and writes what it got into its directory: `node.key`
-//! (mode 0600), `node.crt`, `ca.crt` and `agent.json` ([`ControllerConfig`]), which is all
-//! the agent needs to reach the node API afterwards.
+//! (mode 0600), `node.crt`, `ca.crt`, and sets `node`, `controller` and the `tls` paths in
+//! `agent.yaml` next to them (creating it when missing, keeping its other keys), which is
+//! all the agent needs to reach the node API afterwards.
 //!
 //! The first contact must not trust whoever answers: the controller is authenticated either
 //! by a CA file obtained out of band or by the CA's SHA-256 fingerprint that
@@ -28,13 +29,14 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::agent_config::{AgentConfig, Enrollment, TlsFiles, write_enrollment};
+
 pub const KEY_FILE: &str = "node.key";
 pub const CERT_FILE: &str = "node.crt";
 pub const CA_FILE: &str = "ca.crt";
-pub const CONFIG_FILE: &str = "agent.json";
+pub const CONFIG_FILE: &str = "agent.yaml";
 
-/// How the agent reaches the controller, written by `enroll` as `agent.json`. Relative
-/// paths are relative to the file's directory.
+/// How the agent reaches the controller: the enrollment part of `agent.yaml`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ControllerConfig {
@@ -48,18 +50,27 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// Reads `agent.json`, resolving relative paths against its directory.
+    /// Reads the enrollment from `agent.yaml` (relative paths resolved against its
+    /// directory); an agent that is not enrolled has none.
     pub fn load(path: &Path) -> Result<ControllerConfig, EnrollError> {
         let text = std::fs::read_to_string(path).map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))?;
-        let mut config: ControllerConfig =
-            serde_json::from_str(&text).map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for file in [&mut config.ca, &mut config.cert, &mut config.key] {
-            if file.is_relative() {
-                *file = base.join(&*file);
-            }
+        let config = AgentConfig::parse(&text, path).map_err(|e| EnrollError::Io(e.to_string()))?;
+        Self::from_agent_config(&config)
+            .ok_or_else(|| EnrollError::Usage(format!("{}: not enrolled (node or controller is empty)", path.display())))
+    }
+
+    /// The controller connection of an enrolled agent.
+    pub fn from_agent_config(config: &AgentConfig) -> Option<ControllerConfig> {
+        if config.node.is_empty() || config.controller.is_empty() {
+            return None;
         }
-        Ok(config)
+        Some(ControllerConfig {
+            controller: config.controller.trim_end_matches('/').to_string(),
+            node: config.node.clone(),
+            ca: config.tls.ca_file.clone(),
+            cert: config.tls.cert_file.clone(),
+            key: config.tls.key_file.clone(),
+        })
     }
 
     /// The mutual-TLS client configuration for the node API.
@@ -267,7 +278,7 @@ fn common_name(cert_pem: &str) -> Option<String> {
     Some(cn)
 }
 
-/// Enrolls this node; returns the path of the written `agent.json`.
+/// Enrolls this node; returns the path of the written `agent.yaml`.
 pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     if !is_valid_name(&options.node) {
         return Err(EnrollError::Usage(format!(
@@ -337,17 +348,14 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     write_file(&options.dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&options.dir.join(CERT_FILE), answer.certificate_pem.as_bytes(), 0o644)?;
     write_file(&options.dir.join(CA_FILE), answer.ca_pem.as_bytes(), 0o644)?;
-    let config = ControllerConfig {
-        controller: base.to_string(),
+    let dir = std::path::absolute(&options.dir).map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
+    let enrollment = Enrollment {
         node: options.node.clone(),
-        ca: PathBuf::from(CA_FILE),
-        cert: PathBuf::from(CERT_FILE),
-        key: PathBuf::from(KEY_FILE),
+        controller: base.to_string(),
+        tls: TlsFiles { ca_file: dir.join(CA_FILE), cert_file: dir.join(CERT_FILE), key_file: dir.join(KEY_FILE) },
     };
-    let mut json = serde_json::to_vec_pretty(&config).map_err(|e| EnrollError::Io(e.to_string()))?;
-    json.push(b'\n');
     let config_path = options.dir.join(CONFIG_FILE);
-    write_file(&config_path, &json, 0o644)?;
+    write_enrollment(&config_path, &enrollment).map_err(|e| EnrollError::Io(e.to_string()))?;
     Ok(config_path)
 }
 
@@ -394,11 +402,13 @@ mod tests {
         let path = dir.path().join(CONFIG_FILE);
         std::fs::write(
             &path,
-            r#"{"controller": "https://ctl:7443", "node": "db1", "ca": "ca.crt", "cert": "/abs/node.crt", "key": "node.key"}"#,
+            "controller: https://ctl:7443\nnode: db1\ntls: {caFile: ca.crt, certFile: /abs/node.crt, keyFile: node.key}\n",
         )?;
         let config = ControllerConfig::load(&path)?;
         assert_eq!(config.ca, dir.path().join("ca.crt"));
         assert_eq!(config.cert, PathBuf::from("/abs/node.crt"));
+        std::fs::write(&path, "controller: https://ctl:7443\n")?;
+        assert!(matches!(ControllerConfig::load(&path), Err(EnrollError::Usage(_))));
         Ok(())
     }
 }
