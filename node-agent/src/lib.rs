@@ -4,6 +4,10 @@
 //! into commands, and I/O adapters that execute those commands and turn the world back
 //! into events.
 //!
+//! - [`runtime`]: `hapair-agent run`, the daemon: config sources (controller long-poll or
+//!   bundle file), one task per group owning its engine and executing its commands with
+//!   the adapters below, local state, reports to the controller, endpoints; configured by
+//!   [`agent_config`] (`/etc/hapair/agent.yaml`).
 //! - [`bundle`]: checking a desired-config bundle before anything acts on it.
 //! - [`enroll`]: `hapair-agent enroll`, trading a one-time token for the node's client
 //!   certificate and writing the controller connection settings.
@@ -26,6 +30,7 @@
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
 //! node API (`hapair_crds::nodeapi`) to a controller.
 
+pub mod agent_config;
 pub mod arp;
 pub mod bundle;
 pub mod endpoints;
@@ -38,6 +43,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod probe;
 pub mod replication;
+pub mod runtime;
 pub mod state;
 pub mod vip;
 pub mod volume_step;

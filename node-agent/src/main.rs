@@ -15,6 +15,30 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the agent: take the desired config from the controller (or a bundle file), run
+    /// every group's failover engine, flows, heartbeats and probes, and report.
+    Run {
+        /// The agent's configuration (kind AgentConfig). A missing file means "not
+        /// enrolled yet": the agent serves /healthz and waits for `hapair-agent enroll`.
+        #[arg(long, default_value = hapair_agent::agent_config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Run this desired-config bundle file (JSON or YAML) instead of the controller's,
+        /// ignoring --config; re-read on SIGHUP and when it changes.
+        #[arg(long, requires_all = ["node", "state_dir"])]
+        bundle: Option<PathBuf>,
+        /// This node's name (with --bundle).
+        #[arg(long, requires = "bundle")]
+        node: Option<String>,
+        /// State directory (with --bundle).
+        #[arg(long, requires = "bundle")]
+        state_dir: Option<PathBuf>,
+        /// Address of /healthz, /metrics and /v1/status (with --bundle; default 127.0.0.1:9464).
+        #[arg(long, requires = "bundle")]
+        listen: Option<String>,
+        /// Watchdog device, e.g. /dev/watchdog (with --bundle).
+        #[arg(long, requires = "bundle")]
+        watchdog: Option<PathBuf>,
+    },
     /// Check a desired-config bundle file for this node and print what it would run.
     CheckConfig {
         /// Node-API desired-config bundle (JSON or YAML).
@@ -36,7 +60,7 @@ enum Command {
         /// This node's name, as in the HaGroup's spec.nodes.
         #[arg(long)]
         node: String,
-        /// Where to write node.key, node.crt, ca.crt and agent.json.
+        /// Where to write node.key, node.crt and ca.crt, and the agent.yaml to complete.
         #[arg(long, default_value = "/etc/hapair")]
         dir: PathBuf,
         /// SHA-256 fingerprint of the controller CA (printed by `token create`).
@@ -51,9 +75,71 @@ enum Command {
     },
 }
 
+fn init_logging(log: &hapair_agent::agent_config::LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match log.format {
+        hapair_agent::agent_config::LogFormat::Text => builder.init(),
+        hapair_agent::agent_config::LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init()
+        }
+    }
+}
+
+fn run(options: hapair_agent::runtime::RunOptions) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    init_logging(&options.config.log);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+        let on_hangup = std::sync::Arc::clone(&reload);
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reading the bundle file again");
+                on_hangup.notify_one();
+            }
+        });
+        let shutdown = async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        };
+        hapair_agent::runtime::run(options, shutdown, reload).await.map_err(anyhow::Error::from)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config, bundle: Some(bundle), node, state_dir, listen, watchdog } => {
+            use hapair_agent::agent_config::{AgentConfig, Endpoints, WatchdogSettings};
+            let config = AgentConfig {
+                node: node.unwrap_or_default(),
+                bundle_file: Some(std::path::absolute(&bundle).unwrap_or(bundle)),
+                state_dir: state_dir.unwrap_or_else(|| config.with_file_name("state")),
+                endpoints: Endpoints { listen: listen.unwrap_or_else(|| "127.0.0.1:9464".into()) },
+                watchdog: WatchdogSettings { device: watchdog },
+                ..AgentConfig::default()
+            };
+            if let Err(e) = config.listen_addr() {
+                anyhow::bail!("--listen {e}");
+            }
+            run(hapair_agent::runtime::RunOptions { config, config_path: None })
+        }
+        Command::Run { config: path, .. } => {
+            let (config, found) = hapair_agent::agent_config::AgentConfig::load(&path)?;
+            if !found {
+                eprintln!("hapair-agent: {} does not exist yet; waiting for `hapair-agent enroll`", path.display());
+            }
+            run(hapair_agent::runtime::RunOptions { config, config_path: Some(path) })
+        }
         Command::CheckConfig { config, node } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
             let bundle = hapair_agent::bundle::decode(&text).with_context(|| config.display().to_string())?;

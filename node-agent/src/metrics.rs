@@ -153,6 +153,13 @@ impl AgentMetrics {
         seen.insert(group.to_string(), counts);
     }
 
+    /// An authenticated datagram whose payload is not a heartbeat the engine understands
+    /// (e.g. a peer running a newer wire version): counted beside the transport's drops.
+    pub fn record_undecodable(&self, group: &str) {
+        let labels = vec![("group", group.to_string()), ("reason", "undecodable".to_string())];
+        self.heartbeat_dropped.get_or_create(&labels).inc();
+    }
+
     pub fn set_probe(&self, group: &str, monitor: &str, healthy: bool) {
         let labels = vec![("group", group.to_string()), ("monitor", monitor.to_string())];
         self.probe_healthy.get_or_create(&labels).set(i64::from(healthy));
