@@ -9,6 +9,8 @@
 //!   namespace on a thread that joined it.
 //! - [`topology`]: ready-made networks: two servers with two links and a client, and a
 //!   linked pair whose link can be cut and healed.
+//! - [`agents`]: real `hapair-agent` processes in those namespaces (built binaries,
+//!   bundles, `/v1/status` and `/metrics` read from inside the namespace).
 //! - [`mounts`]: guards for mounts, loop devices and nbdfuse attachments.
 //! - [`sim`]: the deterministic simulation of two failover engines and the witness on a
 //!   faulty network and drifting clocks, with its safety, liveness and bounded-failover
@@ -16,6 +18,7 @@
 //! - [`replica_proc`]: replicated-volume nodes as `replica-harness` processes.
 //! - [`nbd_client`]: a minimal NBD client for exact, and deliberately invalid, requests.
 
+pub mod agents;
 pub mod mounts;
 pub mod nbd_client;
 pub mod netns;
