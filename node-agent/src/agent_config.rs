@@ -307,7 +307,8 @@ pub fn write_enrollment(path: &Path, enrollment: &Enrollment) -> Result<(), Agen
     };
     let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o640);
     let tmp = path.with_extension(format!("yaml.tmp.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     file.write_all(text.as_bytes()).map_err(io)?;
     file.sync_all().map_err(io)?;
@@ -361,7 +362,8 @@ fn edit_in_place(text: &str, e: &Enrollment) -> String {
                 .map_or(lines.len(), |n| start + 1 + n);
             let mut missing = Vec::new();
             for (key, value) in tls {
-                let found = (start + 1..end).find(|i| lines[*i].trim_start().strip_prefix(key).is_some_and(|r| r.starts_with(':')));
+                let found = (start + 1..end)
+                    .find(|i| lines[*i].trim_start().strip_prefix(key).is_some_and(|r| r.starts_with(':')));
                 match found {
                     Some(i) => {
                         let indent = lines[i].len() - lines[i].trim_start().len();
@@ -387,11 +389,8 @@ fn edit_in_place(text: &str, e: &Enrollment) -> String {
 }
 
 fn rewrite(text: &str, e: &Enrollment, path: &Path) -> Result<String, AgentConfigError> {
-    let invalid = |message: String| AgentConfigError::Invalid {
-        path: path.to_path_buf(),
-        field: "(document)".into(),
-        message,
-    };
+    let invalid =
+        |message: String| AgentConfigError::Invalid { path: path.to_path_buf(), field: "(document)".into(), message };
     let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|err| invalid(err.to_string()))?;
     if value.is_null() {
         value = serde_yaml::Value::Mapping(Default::default());
@@ -469,7 +468,8 @@ mod tests {
     fn enrollment_edits_the_file_keeping_comments_and_other_keys() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("agent.yaml");
-        let custom = PACKAGED.replace("level: info", "level: debug").replace("listen: 0.0.0.0:9464", "listen: 127.0.0.1:9999");
+        let custom =
+            PACKAGED.replace("level: info", "level: debug").replace("listen: 0.0.0.0:9464", "listen: 127.0.0.1:9999");
         std::fs::write(&file, &custom)?;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640))?;
         write_enrollment(&file, &enrollment())?;

@@ -55,8 +55,9 @@ impl ControllerConfig {
     pub fn load(path: &Path) -> Result<ControllerConfig, EnrollError> {
         let text = std::fs::read_to_string(path).map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))?;
         let config = AgentConfig::parse(&text, path).map_err(|e| EnrollError::Io(e.to_string()))?;
-        Self::from_agent_config(&config)
-            .ok_or_else(|| EnrollError::Usage(format!("{}: not enrolled (node or controller is empty)", path.display())))
+        Self::from_agent_config(&config).ok_or_else(|| {
+            EnrollError::Usage(format!("{}: not enrolled (node or controller is empty)", path.display()))
+        })
     }
 
     /// The controller connection of an enrolled agent.
@@ -348,7 +349,8 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     write_file(&options.dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&options.dir.join(CERT_FILE), answer.certificate_pem.as_bytes(), 0o644)?;
     write_file(&options.dir.join(CA_FILE), answer.ca_pem.as_bytes(), 0o644)?;
-    let dir = std::path::absolute(&options.dir).map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
+    let dir =
+        std::path::absolute(&options.dir).map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
     let enrollment = Enrollment {
         node: options.node.clone(),
         controller: base.to_string(),

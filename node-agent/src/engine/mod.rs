@@ -457,7 +457,8 @@ impl Engine {
             (None, _) => false,
         };
         let only_extended = !shrunk
-            && PersistedState { serving: None, ..previous.clone() } == PersistedState { serving: None, ..state.clone() };
+            && PersistedState { serving: None, ..previous.clone() }
+                == PersistedState { serving: None, ..state.clone() };
         let at = if shrunk {
             // A restarted agent must never rely on a lease this node stopped serving
             // under: durable before anything is taken down or said to the peer.

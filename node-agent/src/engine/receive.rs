@@ -57,7 +57,9 @@ impl Engine {
             self.step_down_for_newer(hb.epoch);
         } else if self.acting
             && hb.holding
-            && hb.role != Role::Fenced
+            // A peer that is demoting (it may have just learnt this epoch from us) is on
+            // its way down: yielding to it would leave nobody serving.
+            && matches!(hb.role, Role::Primary | Role::Promoting)
             && !self.cfg.outranks(&self.cfg.me, &self.cfg.peer)
         {
             self.step_down_for_newer(hb.epoch);

@@ -31,13 +31,11 @@ use super::report::{Board, record};
 use super::steps::{FlowSpec, StepExecutor};
 use super::watchdog::Watchdog;
 use crate::engine::config::{EngineConfig, PlannedKind};
-use crate::engine::{
-    Command, Engine, Event, Identity, Notice, PersistedState, Role, StepOp, VolumeOp, WitnessAnswer,
-};
+use crate::engine::{Command, Engine, Event, Identity, Notice, PersistedState, Role, StepOp, VolumeOp, WitnessAnswer};
 use crate::heartbeat::{HeartbeatReceiver, HeartbeatSender, HmacKey, LinkEndpoints, TransportConfig};
 use crate::iface::Netlink;
 use crate::metrics::AgentMetrics;
-use crate::probe::{MonitorState, Observation, ProcPaths, Probe};
+use crate::probe::{MonitorState, Observation, Probe, ProcPaths};
 use crate::state::StateStore;
 use crate::vip::{Presence, VipManager};
 
@@ -53,11 +51,33 @@ pub enum Input {
     Config(Box<GroupConfig>),
     /// The group is gone from the bundle: stop everything, report, end.
     Remove,
-    StepDone { step: usize, op: StepOp, result: Result<(), String> },
-    VolumeDone { volume: String, op: VolumeOp, result: Result<(), String> },
-    Witness { request_id: u64, answer: WitnessAnswer },
-    Observed { generation: u64, index: usize, probe: Box<Probe>, observation: Observation, at: std::time::Instant },
-    Checked { step: usize, generation: u64, healthy: bool, message: Option<String> },
+    StepDone {
+        step: usize,
+        op: StepOp,
+        result: Result<(), String>,
+    },
+    VolumeDone {
+        volume: String,
+        op: VolumeOp,
+        result: Result<(), String>,
+    },
+    Witness {
+        request_id: u64,
+        answer: WitnessAnswer,
+    },
+    Observed {
+        generation: u64,
+        index: usize,
+        probe: Box<Probe>,
+        observation: Observation,
+        at: std::time::Instant,
+    },
+    Checked {
+        step: usize,
+        generation: u64,
+        healthy: bool,
+        message: Option<String>,
+    },
 }
 
 /// What every group task of the node shares.
@@ -110,8 +130,7 @@ struct Transport {
 
 async fn bind(ctx: &NodeContext, config: &GroupConfig) -> Result<Transport, String> {
     let key = HmacKey::load(&config.heartbeat_key).map_err(|e| e.to_string())?;
-    let (peer, endpoints) =
-        crate::heartbeat::link_endpoints(&config.spec, &ctx.node).map_err(|e| e.to_string())?;
+    let (peer, endpoints) = crate::heartbeat::link_endpoints(&config.spec, &ctx.node).map_err(|e| e.to_string())?;
     let transport = TransportConfig {
         group: config.key.clone(),
         local_node: ctx.node.clone(),
@@ -207,7 +226,12 @@ async fn vips_still_held(ctx: &NodeContext, config: &GroupConfig, spec: &FlowSpe
     Ok(())
 }
 
-async fn run(ctx: Arc<NodeContext>, mut config: GroupConfig, tx: UnboundedSender<Input>, mut inbox: UnboundedReceiver<Input>) {
+async fn run(
+    ctx: Arc<NodeContext>,
+    mut config: GroupConfig,
+    tx: UnboundedSender<Input>,
+    mut inbox: UnboundedReceiver<Input>,
+) {
     let key = config.key.clone();
     let board = Arc::clone(&ctx.board);
     let warn = |reason: &str, message: String| {
@@ -256,7 +280,10 @@ async fn run(ctx: Arc<NodeContext>, mut config: GroupConfig, tx: UnboundedSender
         }
     };
     if let Some((reason, moved_to)) = &restored.corrupt {
-        warn("StateCorrupt", format!("state file {} is corrupt ({reason}); set aside as {moved_to}; starting as standby", file.name()));
+        warn(
+            "StateCorrupt",
+            format!("state file {} is corrupt ({reason}); set aside as {moved_to}; starting as standby", file.name()),
+        );
     }
     if restored.lease_from_other_boot {
         tracing::info!("the recorded serving lease is from another boot: starting as standby");
@@ -360,7 +387,11 @@ impl GroupTask {
         loop {
             let deadline = self.engine.next_deadline();
             // An engine whose deadline did not move is not ticked in a busy loop.
-            let wake = if deadline <= last_tick { std_deadline(last_tick) + Duration::from_millis(1) } else { std_deadline(deadline) };
+            let wake = if deadline <= last_tick {
+                std_deadline(last_tick) + Duration::from_millis(1)
+            } else {
+                std_deadline(deadline)
+            };
             let probe_at = self.next_probe();
             let check_at = self.next_check();
             tokio::select! {
@@ -487,7 +518,9 @@ impl GroupTask {
         if endpoints.as_ref().is_ok_and(|e| *e != self.transport.endpoints) {
             match bind(&self.ctx, config).await {
                 Ok(t) => self.transport = t,
-                Err(e) => tracing::error!(error = %e, "new heartbeat links cannot be set up; keeping the previous ones"),
+                Err(e) => {
+                    tracing::error!(error = %e, "new heartbeat links cannot be set up; keeping the previous ones")
+                }
             }
         } else if key != self.transport.key {
             self.transport.sender.set_key(key.clone());
@@ -547,7 +580,8 @@ impl GroupTask {
             }
             let Some((runner, index, check)) = self.steps.check_of(*step) else { continue };
             run.next_due = now + check.interval.as_std();
-            let running = states.get(*step).is_some_and(|s| matches!(s.state, StepState::Running | StepState::Stabilizing));
+            let running =
+                states.get(*step).is_some_and(|s| matches!(s.state, StepState::Running | StepState::Stabilizing));
             if !running {
                 continue;
             }
@@ -680,7 +714,9 @@ impl GroupTask {
         if notice.type_ == EventType::Warning {
             tracing::warn!(reason = notice.reason.as_str(), "{}", notice.message);
         }
-        self.ctx.board.event(&self.key, record(notice.type_, notice.reason.as_str(), notice.message, self.engine.epoch()));
+        self.ctx
+            .board
+            .event(&self.key, record(notice.type_, notice.reason.as_str(), notice.message, self.engine.epoch()));
     }
 
     fn runtime_event(&self, type_: EventType, reason: &str, message: String) {
@@ -744,7 +780,11 @@ impl GroupTask {
             .endpoints
             .iter()
             .zip(&links)
-            .map(|(e, l)| HeartbeatAddress { link: u32::from(e.index), local: e.local.ip(), loss_percent: l.loss_percent })
+            .map(|(e, l)| HeartbeatAddress {
+                link: u32::from(e.index),
+                local: e.local.ip(),
+                loss_percent: l.loss_percent,
+            })
             .collect();
         let report = GroupReport {
             key: self.key.clone(),

@@ -76,7 +76,11 @@ impl HostSampler {
         Hardware {
             model: (!model.is_empty()).then_some(model),
             cpu_model,
-            cpus: if cpus == 0 { u32::try_from(std::thread::available_parallelism().map_or(1, |n| n.get())).unwrap_or(1) } else { cpus },
+            cpus: if cpus == 0 {
+                u32::try_from(std::thread::available_parallelism().map_or(1, |n| n.get())).unwrap_or(1)
+            } else {
+                cpus
+            },
             cpu_percent,
             memory_bytes: memory_bytes(&meminfo).unwrap_or(0),
             memory_percent: parse_memory_percent(&meminfo).unwrap_or(0),
@@ -119,7 +123,13 @@ pub async fn links(netlink: &Netlink, heartbeat: &[HeartbeatAddress]) -> Vec<Lin
 
 /// Link speed in Mb/s; virtual devices report none (an error or -1).
 fn speed(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse::<i64>().ok().and_then(|s| u32::try_from(s).ok()).filter(|s| *s > 0)
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|s| u32::try_from(s).ok())
+        .filter(|s| *s > 0)
 }
 
 #[cfg(test)]

@@ -126,7 +126,13 @@ pub async fn run(
     });
     let state = Arc::new(Mutex::new(NodeState { node: node.clone(), ..NodeState::default() }));
     let (exits_tx, mut exits) = unbounded_channel();
-    let mut supervisor = Supervisor { ctx: Arc::clone(&ctx), groups: BTreeMap::new(), applied: None, state: Arc::clone(&state), exits: exits_tx };
+    let mut supervisor = Supervisor {
+        ctx: Arc::clone(&ctx),
+        groups: BTreeMap::new(),
+        applied: None,
+        state: Arc::clone(&state),
+        exits: exits_tx,
+    };
 
     match records::load_bundle(&store) {
         Ok(Loaded::Found(bundle)) if bundle.node == node => {
@@ -149,8 +155,10 @@ pub async fn run(
         (None, Source::BundleFile { path, .. }) => source::file(path, Arc::clone(&reload), source_tx),
         (None, _) => source::file(PathBuf::new(), Arc::clone(&reload), source_tx),
     };
-    let _status = tokio::spawn(status_loop(Arc::clone(&board), Arc::clone(&state), status_tx, started, client.is_none()));
-    let _reporter = client.map(|c| tokio::spawn(report_loop(Arc::clone(&board), Arc::clone(&state), c, ctx.netlink.clone())));
+    let _status =
+        tokio::spawn(status_loop(Arc::clone(&board), Arc::clone(&state), status_tx, started, client.is_none()));
+    let _reporter =
+        client.map(|c| tokio::spawn(report_loop(Arc::clone(&board), Arc::clone(&state), c, ctx.netlink.clone())));
 
     loop {
         tokio::select! {
@@ -176,13 +184,13 @@ async fn wait_until_runnable(
     let mut noted = None;
     loop {
         let problem = match options.config.source() {
-            Source::Controller { node, .. } => match ControllerConfig::from_agent_config(&options.config)
-                .map(|c| NodeApiClient::new(&c))
-            {
-                Some(Ok(client)) => return Some((options.config, node, Some(client))),
-                Some(Err(e)) => format!("cannot use the enrollment: {e}"),
-                None => "not enrolled".to_string(),
-            },
+            Source::Controller { node, .. } => {
+                match ControllerConfig::from_agent_config(&options.config).map(|c| NodeApiClient::new(&c)) {
+                    Some(Ok(client)) => return Some((options.config, node, Some(client))),
+                    Some(Err(e)) => format!("cannot use the enrollment: {e}"),
+                    None => "not enrolled".to_string(),
+                }
+            }
             Source::BundleFile { path, node } if !node.is_empty() => {
                 let _ = path;
                 return Some((options.config, node, None));
@@ -195,9 +203,7 @@ async fn wait_until_runnable(
                 Ok(_) => format!("{}: the bundle names no node and none is configured", path.display()),
                 Err(e) => format!("{}: {e}", path.display()),
             },
-            Source::NotEnrolled => {
-                "not enrolled: run `hapair-agent enroll` (or configure bundleFile)".to_string()
-            }
+            Source::NotEnrolled => "not enrolled: run `hapair-agent enroll` (or configure bundleFile)".to_string(),
         };
         if noted.as_ref() != Some(&problem) {
             tracing::warn!("{problem}; waiting (looking again every {}s)", WAIT_FOR_ENROLLMENT.as_secs());

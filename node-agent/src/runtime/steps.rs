@@ -27,8 +27,8 @@ use tokio::task::JoinHandle;
 
 use super::group::Input;
 use crate::engine::{StepOp, VolumeOp};
-use crate::flow::systemd::Systemctl;
 use crate::flow::runner::FlowError;
+use crate::flow::systemd::Systemctl;
 use crate::flow::{FlowRunner, Outcome};
 use crate::iface::Netlink;
 use crate::vip::{self, AddOutcome, ResolvedVip, VipManager, announce};
@@ -47,7 +47,12 @@ pub struct FlowSpec {
 
 impl FlowSpec {
     /// Resolves `spec` for `node` (interfaces, VIP addresses); refuses what cannot run.
-    pub fn new(group: &GroupKey, spec: &HaGroupSpec, node: &str, vips: &Arc<VipManager>) -> Result<FlowSpec, FlowError> {
+    pub fn new(
+        group: &GroupKey,
+        spec: &HaGroupSpec,
+        node: &str,
+        vips: &Arc<VipManager>,
+    ) -> Result<FlowSpec, FlowError> {
         let runner = FlowRunner::new(group.clone(), spec, node, Some(Arc::clone(vips)), Systemctl::default())?;
         let me = spec.nodes.iter().find(|n| n.name == node).ok_or_else(|| FlowError::NotAMember(node.to_string()))?;
         let mut resolved = BTreeMap::new();
@@ -66,7 +71,11 @@ impl FlowSpec {
 #[derive(Clone, Debug)]
 pub enum Target {
     /// An exec or systemd step: index `index` of `runner`'s flow.
-    Runner { runner: Arc<FlowRunner>, index: usize, check: Option<CheckSpec> },
+    Runner {
+        runner: Arc<FlowRunner>,
+        index: usize,
+        check: Option<CheckSpec>,
+    },
     Vip(ResolvedVip),
     /// A volume step: no executor yet.
     Volume,
@@ -272,7 +281,12 @@ impl StepExecutor {
 
     fn run(&mut self, step: usize, op: StepOp, target: Target) {
         if let Some(running) = self.busy.get(&step) {
-            tracing::warn!(step, running = running.as_str(), queued = op.as_str(), "a second operation for one step; queued");
+            tracing::warn!(
+                step,
+                running = running.as_str(),
+                queued = op.as_str(),
+                "a second operation for one step; queued"
+            );
             self.waiting.entry(step).or_default().push_back((op, target));
             return;
         }
@@ -349,7 +363,8 @@ async fn take_over(
         AddOutcome::Added | AddOutcome::AlreadyOurs => {}
     }
     let iface = netlink.interface(&vip.device).await.map_err(|e| format!("virtual IP {}: {e}", vip.name))?;
-    let mac = iface.mac.ok_or_else(|| format!("virtual IP {}: interface {} has no MAC address", vip.name, vip.device))?;
+    let mac =
+        iface.mac.ok_or_else(|| format!("virtual IP {}: interface {} has no MAC address", vip.name, vip.device))?;
     announce::announce_once(iface.index, mac, vip.address)
         .await
         .map_err(|e| format!("virtual IP {}: announcing {} on {}: {e}", vip.name, vip.address, vip.device))?;
@@ -392,7 +407,8 @@ mod tests {
 
     #[test]
     fn failures_carry_the_last_line_of_output() {
-        let outcome = Outcome::Failed { reason: "start exited with 3".into(), detail: "starting\nport 80 in use\n".into() };
+        let outcome =
+            Outcome::Failed { reason: "start exited with 3".into(), detail: "starting\nport 80 in use\n".into() };
         assert_eq!(summary(&outcome), "start exited with 3: port 80 in use");
         assert_eq!(result(Outcome::Ok { detail: "x".into() }), Ok(()));
         let timed_out = Outcome::TimedOut { after: std::time::Duration::from_secs(1), detail: String::new() };

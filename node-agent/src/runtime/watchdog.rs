@@ -95,12 +95,16 @@ impl Watchdog {
                         risk = Some(format!(
                             "watchdog {} armed with a {timeout} s timeout: a stalled primary is reset up to {} ms after its lease's end",
                             device.display(),
-                            (Duration::from_secs(u64::try_from(timeout).unwrap_or(1)).saturating_sub(PET_EVERY)).as_millis()
+                            (Duration::from_secs(u64::try_from(timeout).unwrap_or(1)).saturating_sub(PET_EVERY))
+                                .as_millis()
                         ));
                     }
                 }
                 Err(e) => {
-                    return Some(format!("watchdog {}: {e}; a primary whose agent stalls is not reset", device.display()));
+                    return Some(format!(
+                        "watchdog {}: {e}; a primary whose agent stalls is not reset",
+                        device.display()
+                    ));
                 }
             }
         }

@@ -331,6 +331,22 @@ fn a_primary_steps_down_for_a_peer_serving_in_a_newer_epoch() {
     );
 }
 
+/// After a partition without a witness both nodes served; the old primary learns the
+/// newer epoch from this node's heartbeat and demotes in it. Its heartbeats (same epoch,
+/// still holding, Demoting) must not make this node yield as well, even though the peer
+/// outranks it: only a peer acting as Primary or Promoting in the same epoch does.
+#[test]
+fn a_demoting_peer_in_the_same_epoch_is_no_rival() {
+    let mut h = serving_with(setup("").prefer_b());
+    h.expect(1100, peer(2, Role::Demoting, 2).event(), &["event Normal PeerFound"]);
+    assert_eq!(h.e.status(at(1100)).role, Role::Primary);
+    h.expect(
+        1110,
+        peer(3, Role::Primary, 2).event(),
+        &["event Warning NewerPrimary", "event Normal Demoting", "remove-vip 2:svc", "hb #6 Demoting e2 f2 holding"],
+    );
+}
+
 #[test]
 fn bootstrap_by_peer_consent_when_both_stand_by() {
     let mut h = H::standby("");
