@@ -54,7 +54,7 @@ use crate::vip::VipManager;
 use group::{GroupHandle, Input, NodeContext};
 use node_api::{NodeApiClient, WitnessPath};
 use report::{Board, NodeState, record};
-use source::SourceEvent;
+use source::{BundleFileSource, ConfigSource, ControllerSource, SourceEvent};
 use steps::FlowSpec;
 
 /// How often an agent that is not enrolled (or cannot use its enrollment) looks again.
@@ -150,11 +150,13 @@ pub async fn run(
     }
 
     let (source_tx, mut sources) = unbounded_channel();
-    let _source = match (&client, config.source()) {
-        (Some(client), _) => source::controller(client.clone(), supervisor.applied_revision(), source_tx),
-        (None, Source::BundleFile { path, .. }) => source::file(path, Arc::clone(&reload), source_tx),
-        (None, _) => source::file(PathBuf::new(), Arc::clone(&reload), source_tx),
+    let desired: Box<dyn ConfigSource> = match (&client, config.source()) {
+        (Some(client), _) => Box::new(ControllerSource { client: client.clone(), have: supervisor.applied_revision() }),
+        (None, Source::BundleFile { path, .. }) => Box::new(BundleFileSource { path, reload: Arc::clone(&reload) }),
+        // wait_until_runnable returns without a client only for a bundle file.
+        (None, _) => Box::new(BundleFileSource { path: PathBuf::new(), reload: Arc::clone(&reload) }),
     };
+    let _source = source::spawn(desired, source_tx);
     let _status =
         tokio::spawn(status_loop(Arc::clone(&board), Arc::clone(&state), status_tx, started, client.is_none()));
     let _reporter =

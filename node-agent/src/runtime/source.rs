@@ -1,9 +1,12 @@
-//! Where desired-config bundles come from: the controller's long-poll, or a local bundle
-//! file re-read on SIGHUP and whenever its modification time changes. Either way the
+//! Where desired-config bundles come from, behind one trait ([`ConfigSource`]): the
+//! controller's long-poll ([`ControllerSource`]), or a local bundle file re-read on SIGHUP
+//! and whenever its modification time changes ([`BundleFileSource`]). Either way the
 //! supervisor receives whole bundles (or why one could not be read) and decides; the
-//! engines never know which source is in use.
+//! engines never know which source is in use, so another source needs no change there.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,39 +33,86 @@ pub enum SourceEvent {
     ControllerDown(String),
 }
 
-/// Long-polls the controller, starting from revision `have` (the cached bundle's).
-pub fn controller(client: NodeApiClient, mut have: Option<u64>, tx: UnboundedSender<SourceEvent>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut failing = false;
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            match client.poll_config(have, POLL_WAIT).await {
-                Ok(answer) => {
-                    if std::mem::replace(&mut failing, false) {
-                        let _ = tx.send(SourceEvent::ControllerBack);
-                    }
-                    backoff = Duration::from_millis(500);
-                    if let Some(bundle) = answer {
-                        // Remembered even if the supervisor refuses it, so a refused
-                        // bundle is not fetched again and again.
-                        have = Some(bundle.revision);
-                        if tx.send(SourceEvent::Bundle(Box::new(bundle))).is_err() {
-                            return;
-                        }
-                    }
+/// A producer of desired-config bundles for one node.
+pub trait ConfigSource: Send + 'static {
+    /// What the source is, for logs (`controller https://…`, `bundle file /etc/…`).
+    fn describe(&self) -> String;
+
+    /// Sends every bundle (and every failure to get one) to `tx` until `tx` is closed.
+    fn run(self: Box<Self>, tx: UnboundedSender<SourceEvent>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Runs `source` as its own task.
+pub fn spawn(source: Box<dyn ConfigSource>, tx: UnboundedSender<SourceEvent>) -> JoinHandle<()> {
+    tracing::info!(source = %source.describe(), "desired config source");
+    tokio::spawn(source.run(tx))
+}
+
+/// The controller's node API: long-polls by revision, starting from `have` (the cached
+/// bundle's, so an unchanged config is not fetched again after a restart).
+#[derive(Debug)]
+pub struct ControllerSource {
+    pub client: NodeApiClient,
+    pub have: Option<u64>,
+}
+
+impl ConfigSource for ControllerSource {
+    fn describe(&self) -> String {
+        format!("controller {}", self.client.base())
+    }
+
+    fn run(self: Box<Self>, tx: UnboundedSender<SourceEvent>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(controller(self.client, self.have, tx))
+    }
+}
+
+/// A bundle file on this machine, re-read on `reload` (SIGHUP) and when it changes.
+#[derive(Debug)]
+pub struct BundleFileSource {
+    pub path: PathBuf,
+    pub reload: Arc<Notify>,
+}
+
+impl ConfigSource for BundleFileSource {
+    fn describe(&self) -> String {
+        format!("bundle file {}", self.path.display())
+    }
+
+    fn run(self: Box<Self>, tx: UnboundedSender<SourceEvent>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(file(self.path, self.reload, tx))
+    }
+}
+
+async fn controller(client: NodeApiClient, mut have: Option<u64>, tx: UnboundedSender<SourceEvent>) {
+    let mut failing = false;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match client.poll_config(have, POLL_WAIT).await {
+            Ok(answer) => {
+                if std::mem::replace(&mut failing, false) {
+                    let _ = tx.send(SourceEvent::ControllerBack);
                 }
-                Err(e) => {
-                    if !std::mem::replace(&mut failing, true) {
-                        let _ = tx.send(SourceEvent::ControllerDown(e.to_string()));
-                    } else {
-                        tracing::debug!(error = %e, "controller still unreachable");
+                backoff = Duration::from_millis(500);
+                if let Some(bundle) = answer {
+                    // Remembered even if the supervisor refuses it, so a refused
+                    // bundle is not fetched again and again.
+                    have = Some(bundle.revision);
+                    if tx.send(SourceEvent::Bundle(Box::new(bundle))).is_err() {
+                        return;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    let _ = tx.send(SourceEvent::ControllerDown(e.to_string()));
+                } else {
+                    tracing::debug!(error = %e, "controller still unreachable");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
-    })
+    }
 }
 
 fn modified(path: &PathBuf) -> Option<SystemTime> {
@@ -80,28 +130,26 @@ fn read(path: &PathBuf) -> SourceEvent {
 }
 
 /// Reads `path` now, on every `reload` (SIGHUP) and when its modification time changes.
-pub fn file(path: PathBuf, reload: Arc<Notify>, tx: UnboundedSender<SourceEvent>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut seen = modified(&path);
+async fn file(path: PathBuf, reload: Arc<Notify>, tx: UnboundedSender<SourceEvent>) {
+    let mut seen = modified(&path);
+    if tx.send(read(&path)).is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = reload.notified() => {}
+            () = tokio::time::sleep(FILE_POLL) => {
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+            }
+        }
+        seen = modified(&path);
         if tx.send(read(&path)).is_err() {
             return;
         }
-        loop {
-            tokio::select! {
-                () = reload.notified() => {}
-                () = tokio::time::sleep(FILE_POLL) => {
-                    let now = modified(&path);
-                    if now == seen {
-                        continue;
-                    }
-                }
-            }
-            seen = modified(&path);
-            if tx.send(read(&path)).is_err() {
-                return;
-            }
-        }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -117,7 +165,7 @@ mod tests {
         std::fs::write(&path, BUNDLE)?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let reload = Arc::new(Notify::new());
-        let task = file(path.clone(), Arc::clone(&reload), tx);
+        let task = spawn(Box::new(BundleFileSource { path: path.clone(), reload: Arc::clone(&reload) }), tx);
         let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceEvent>| {
             tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.ok().flatten()
         };
