@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hapair_agent::flow::check::http_get;
 
-use crate::netns::{ChildGuard, NetnsError, Netns, Result, wait_for};
+use crate::netns::{ChildGuard, Netns, NetnsError, Result, wait_for};
 
 /// Where the agents serve their endpoints, inside each server's own namespace.
 pub const ENDPOINTS: &str = "127.0.0.1:9464";
