@@ -459,7 +459,7 @@ fn removing_the_group_stops_the_flow_in_reverse_and_kills_a_hanging_stop() {
     assert!(waited < Duration::from_secs(20), "the hanging stop was not killed: {waited:?}");
     let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
     let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.split_whitespace().nth(2).is_some_and(|state| state == "Z"))
+        .map(|stat| stat.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
         .unwrap_or(false);
     assert!(!alive, "the stop command's child {pid} survived its process group");
 }

@@ -732,10 +732,8 @@ impl GroupTask {
         let status = self.engine.status(clock::now());
         let now = (status.report_role, status.epoch);
         let changed = self.published != Some(now);
-        if changed {
-            if self.published.is_some_and(|(role, _)| role != status.report_role) {
-                self.ctx.board.urgent.notify_one();
-            }
+        if changed && self.published.is_some_and(|(role, _)| role != status.report_role) {
+            self.ctx.board.urgent.notify_one();
         }
         if changed || self.last_publish.elapsed() >= PUBLISH_EVERY {
             self.publish(false);

@@ -353,7 +353,7 @@ async fn status_loop(
         status.send_replace(report::status_snapshot(&node, &board, started.elapsed()));
         rounds += 1;
         // Without a controller nobody acknowledges final reports: let them age out.
-        if standalone && rounds % 4 == 0 {
+        if standalone && rounds.is_multiple_of(4) {
             board.status_round();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
