@@ -260,7 +260,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error with all its sources, `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

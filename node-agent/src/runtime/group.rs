@@ -249,7 +249,7 @@ async fn run(
                     warn("HeartbeatUnavailable", format!("cannot set up heartbeats: {e}; retrying every second"));
                     reported = Some(e.clone());
                 }
-                let mut waiting = placeholder_report(&key);
+                let mut waiting = super::report::placeholder(&key);
                 waiting.role_reason = Some(format!("cannot set up heartbeats: {e}"));
                 board.publish(waiting, vec![]);
                 match tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await {
@@ -336,26 +336,6 @@ async fn run(
     task.ctx.watchdog.disarm(&key.to_string());
     task.publish(true);
     task.ctx.board.finished(&key);
-}
-
-fn placeholder_report(key: &GroupKey) -> GroupReport {
-    GroupReport {
-        key: key.clone(),
-        role: NodeRole::Standby,
-        epoch: 0,
-        health: hapair_crds::hagroup::NodeHealth::Unknown,
-        role_reason: None,
-        peer_reachable: false,
-        last_peer_heartbeat: None,
-        heartbeat_links: vec![],
-        steps: vec![],
-        monitors: vec![],
-        volumes: vec![],
-        last_failover: None,
-        actions: vec![],
-        events: vec![],
-        cleaned_up: false,
-    }
 }
 
 fn std_deadline(at: crate::engine::Instant) -> tokio::time::Instant {

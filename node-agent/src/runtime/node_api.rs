@@ -6,7 +6,7 @@ use std::time::Duration;
 use hapair_crds::nodeapi::{ApiError, DesiredConfig, LeaseRequest, LeaseResponse, NodeReport, paths};
 
 use crate::engine::WitnessAnswer;
-use crate::enroll::ControllerConfig;
+use crate::enroll::{ControllerConfig, error_chain as chain};
 
 /// Why a node-API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,17 +27,6 @@ pub struct NodeApiClient {
     http: reqwest::Client,
     base: String,
     node: String,
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 impl NodeApiClient {

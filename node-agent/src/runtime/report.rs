@@ -52,7 +52,8 @@ pub struct Board {
     pub urgent: Notify,
 }
 
-fn placeholder(key: &GroupKey) -> GroupReport {
+/// A group's report before its engine runs.
+pub fn placeholder(key: &GroupKey) -> GroupReport {
     GroupReport {
         key: key.clone(),
         role: hapair_crds::hagroup::NodeRole::Standby,
