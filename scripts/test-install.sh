@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tests the bare-metal agent install: scripts/install-agent.sh into a scratch root with the
 # debug binary, then the files, their modes, the systemd unit (systemd-analyze verify and
-# the hardening keys), the default config, an upgrade that keeps an edited config, and the
+# the hardening keys), the default config, the installed agent running on it (unenrolled: up
+# and saying so; a typo refused by name), an upgrade that keeps an edited config, and the
 # script's errors. Leaves nothing behind.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -140,6 +141,46 @@ check "edited config kept" cmp -s "$scratch/edited.yaml" "$config"
 check "second run says it kept the config" grep -q "kept existing" "$scratch/second.out"
 check "directory modes repaired" eval 'mode_is 750 "$root/etc/hapair" && mode_is 700 "$root/var/lib/hapair"'
 check "binary still installed" cmp -s "$binary" "$root/usr/bin/hapair-agent"
+
+echo "==> the installed agent runs on the installed config"
+# Not enrolled yet: it must stay up, serve /healthz and say why it does nothing.
+port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+sed -e "s#^stateDir: .*#stateDir: $scratch/state#" -e "s#^runtimeDir: .*#runtimeDir: $scratch/run#" \
+    -e "s#^  listen: .*#  listen: 127.0.0.1:$port#" "$config" >"$scratch/run.yaml"
+"$root/usr/bin/hapair-agent" run --config "$scratch/run.yaml" >"$scratch/run.log" 2>&1 &
+agent_pid=$!
+trap 'kill "$agent_pid" 2>/dev/null || true; rm -rf "$scratch"' EXIT
+unenrolled_status() {
+    python3 - "$port" <<'EOF'
+import json, sys, time, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+deadline = time.monotonic() + 20
+while True:
+    try:
+        assert urllib.request.urlopen(base + "/healthz", timeout=2).status == 200
+        status = json.load(urllib.request.urlopen(base + "/v1/status", timeout=2))
+        if "not enrolled" in (status.get("configError") or ""):
+            sys.exit(0)
+    except Exception as e:
+        status = e
+    if time.monotonic() > deadline:
+        sys.exit(f"no 'not enrolled' status: {status}")
+    time.sleep(0.2)
+EOF
+}
+check "unenrolled agent serves /healthz and reports 'not enrolled'" unenrolled_status
+kill "$agent_pid" 2>/dev/null || true
+wait "$agent_pid" 2>/dev/null || true
+sed 's/^stateDir:/stateDirectory:/' "$scratch/run.yaml" >"$scratch/typo.yaml"
+typo_refused() {
+    local out rc=0
+    out="$(timeout 20 "$root/usr/bin/hapair-agent" run --config "$scratch/typo.yaml" 2>&1)" || rc=$?
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -qF "$scratch/typo.yaml: stateDirectory: " <<<"$out" || {
+        echo "  exit $rc: $out" >&2
+        return 1
+    }
+}
+check "a config key with a typo is refused, naming the key" typo_refused
 
 echo "==> errors"
 expect_error() {

@@ -115,8 +115,19 @@ fn run(options: hapair_agent::runtime::RunOptions) -> anyhow::Result<()> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // One line naming the problem (the file and field of a bad config), as the operator's
+    // binary does; no backtrace dump for an input error.
+    match command(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hapair-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, bundle: Some(bundle), node, state_dir, listen, watchdog } => {
             use hapair_agent::agent_config::{AgentConfig, Endpoints, WatchdogSettings};
