@@ -435,7 +435,23 @@ fn removing_the_group_stops_the_flow_in_reverse_and_kills_a_hanging_stop() {
     assert!(wait_role(a, GROUP, "Primary", UP), "a alone did not take the service: {:?}", status(a));
     assert!(wait_for(Duration::from_secs(10), || has_vip(a).then_some(())).is_some());
 
-    write_file(&pair.a.bundle_path(), &bundle("a", &BundleSpec { revision: 2, empty: true, ..spec.clone() }));
+    // A flow with a volume step is refused as a whole, saying why; the running config stays.
+    let with_volume = bundle(
+        "a",
+        &BundleSpec { revision: 2, spec_extra: format!("{}        - {{name: data, volume: {{volumeRef: data}}}}\n", spec.spec_extra), ..spec.clone() },
+    )
+    .replace(
+        "    spec:\n",
+        "    volumes:\n      - name: data\n        uuid: 6f1c2a9e-5b7d-4c1e-9a0b-3d2f1e0c9b8a\n        spec: {group: web, size: 16Mi, backing: [{node: a, path: /srv/data, address: 198.18.1.1}, {node: b, path: /srv/data, address: 198.18.1.2}]}\n    spec:\n",
+    );
+    write_file(&pair.a.bundle_path(), &with_volume);
+    let refused = wait_for(UP, || status(a)?["configError"].as_str().map(str::to_string));
+    let refused = refused.unwrap_or_else(|| panic!("the volume step was not refused: {:?}", status(a)));
+    assert!(refused.contains("revision 2") && refused.contains("\"data\" is a volume step"), "{refused}");
+    let s = status(a).unwrap();
+    assert_eq!((s["configRevision"].as_u64(), role(a, GROUP).as_deref()), (Some(1), Some("Primary")));
+
+    write_file(&pair.a.bundle_path(), &bundle("a", &BundleSpec { revision: 3, empty: true, ..spec.clone() }));
     let step_state = |g: &serde_json::Value, name: &str| {
         g["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == name)).map(|s| s["state"].clone())
     };
