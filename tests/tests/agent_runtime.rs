@@ -139,7 +139,9 @@ impl Pair {
 #[test]
 fn failover_over_two_links_restart_within_the_lease_and_a_corrupt_state_file() {
     let flow_log = tempfile::NamedTempFile::new().unwrap();
-    let flow = format!("      flow:\n{}", logging_step("app", flow_log.path(), ""));
+    // Link 1's state is watched on each node, for an alert only.
+    let monitor = "      monitors:\n        - {name: hb-link, link: {interface: eth1}, action: alert, interval: 200ms, failureThreshold: 1}\n";
+    let flow = format!("      flow:\n{}{monitor}", logging_step("app", flow_log.path(), ""));
     let mut pair = Pair::start(&BundleSpec { spec_extra: flow, ..BundleSpec::default() });
     let (first, second) = pair.wait_up();
     assert_eq!(first, "a", "a starts first and is the designated node");
@@ -164,6 +166,12 @@ fn failover_over_two_links_restart_within_the_lease_and_a_corrupt_state_file() {
     assert_eq!(role(pair.ns(second), GROUP).as_deref(), Some("Standby"));
     let loss = metric(pair.ns(second), "hapair_agent_heartbeat_loss_percent", &format!("group=\"{GROUP}\",link=\"1\""));
     assert!(loss.is_some_and(|l| l > 0.0), "link 1 loss not in the metrics: {loss:?}");
+    // The primary's link monitor saw its own eth1 go down: an alert, nothing more.
+    let probe =
+        |ns: &Netns| metric(ns, "hapair_agent_probe_healthy", &format!("group=\"{GROUP}\",monitor=\"hb-link\""));
+    assert_eq!(probe(pair.ns(second)), Some(1.0));
+    assert!(wait_for(Duration::from_secs(5), || (probe(pair.ns(first)) == Some(0.0)).then_some(())).is_some());
+    assert!(events(pair.ns(first)).contains(&"ProbeFailed".to_string()), "{:?}", events(pair.ns(first)));
 
     // Both links fail: the standby takes over, and its announcements repoint the client.
     let t0 = Instant::now();
