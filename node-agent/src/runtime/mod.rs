@@ -193,10 +193,7 @@ async fn wait_until_runnable(
                     None => "not enrolled".to_string(),
                 }
             }
-            Source::BundleFile { path, node } if !node.is_empty() => {
-                let _ = path;
-                return Some((options.config, node, None));
-            }
+            Source::BundleFile { node, .. } if !node.is_empty() => return Some((options.config, node, None)),
             Source::BundleFile { path, .. } => match std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|t| crate::bundle::decode(&t).map_err(|e| e.to_string()))
