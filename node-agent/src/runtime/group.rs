@@ -543,11 +543,14 @@ impl GroupTask {
             }
             let Some(mut probe) = run.probe.take() else { continue };
             let (tx, netlink, generation) = (self.tx.clone(), self.ctx.netlink.clone(), run.generation);
-            tokio::spawn(async move {
-                let at = std::time::Instant::now();
-                let observation = probe.observe(&netlink, &ProcPaths::default(), at).await;
-                let _ = tx.send(Input::Observed { generation, index, probe: Box::new(probe), observation, at });
-            });
+            tokio::spawn(
+                async move {
+                    let at = std::time::Instant::now();
+                    let observation = probe.observe(&netlink, &ProcPaths::default(), at).await;
+                    let _ = tx.send(Input::Observed { generation, index, probe: Box::new(probe), observation, at });
+                }
+                .in_current_span(),
+            );
         }
     }
 
@@ -567,15 +570,18 @@ impl GroupTask {
             }
             run.in_flight = true;
             let (tx, step, generation) = (self.tx.clone(), *step, run.generation);
-            tokio::spawn(async move {
-                let outcome = runner.check_step(index).await;
-                let (healthy, message) = match outcome {
-                    Some(o) if o.is_ok() => (true, None),
-                    Some(o) => (false, Some(o.summary())),
-                    None => (true, None),
-                };
-                let _ = tx.send(Input::Checked { step, generation, healthy, message });
-            });
+            tokio::spawn(
+                async move {
+                    let outcome = runner.check_step(index).await;
+                    let (healthy, message) = match outcome {
+                        Some(o) if o.is_ok() => (true, None),
+                        Some(o) => (false, Some(o.summary())),
+                        None => (true, None),
+                    };
+                    let _ = tx.send(Input::Checked { step, generation, healthy, message });
+                }
+                .in_current_span(),
+            );
         }
     }
 
@@ -640,10 +646,13 @@ impl GroupTask {
                     }
                     let (tx, witness) = (self.tx.clone(), self.ctx.witness.clone());
                     let timeout = self.engine.config().timing.witness_timeout.max(Duration::from_millis(100));
-                    tokio::spawn(async move {
-                        let answer = witness.ask(&request, timeout).await;
-                        let _ = tx.send(Input::Witness { request_id, answer });
-                    });
+                    tokio::spawn(
+                        async move {
+                            let answer = witness.ask(&request, timeout).await;
+                            let _ = tx.send(Input::Witness { request_id, answer });
+                        }
+                        .in_current_span(),
+                    );
                 }
                 Command::StartStep { step, name } => {
                     if self.durable().await {

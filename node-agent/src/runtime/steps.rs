@@ -24,6 +24,7 @@ use hapair_crds::hagroup::{CheckSpec, FlowStep, HaGroupSpec, StepKind};
 use hapair_crds::nodeapi::GroupKey;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::group::Input;
 use crate::engine::{StepOp, VolumeOp};
@@ -245,9 +246,12 @@ impl StepExecutor {
         self.started.insert(step, Target::Vip(resolved.clone()));
         if !resolved.garp.refresh.is_zero() {
             let netlink = self.netlink.clone();
-            let task = tokio::spawn(async move {
-                refresh(&netlink, &resolved).await;
-            });
+            let task = tokio::spawn(
+                async move {
+                    refresh(&netlink, &resolved).await;
+                }
+                .in_current_span(),
+            );
             if let Some(old) = self.announcers.insert(vip.to_string(), task) {
                 old.abort();
             }
@@ -300,40 +304,46 @@ impl StepExecutor {
         };
         match target {
             Target::Runner { runner, index, .. } => {
-                tokio::spawn(async move {
-                    let outcome = match op {
-                        StepOp::Start => runner.start_step(index).await,
-                        StepOp::Stop => runner.stop_step(index).await,
-                        StepOp::Restart => {
-                            let stopped = runner.stop_step(index).await;
-                            if stopped.is_ok() { runner.start_step(index).await } else { stopped }
-                        }
-                    };
-                    done(result(outcome));
-                });
+                tokio::spawn(
+                    async move {
+                        let outcome = match op {
+                            StepOp::Start => runner.start_step(index).await,
+                            StepOp::Stop => runner.stop_step(index).await,
+                            StepOp::Restart => {
+                                let stopped = runner.stop_step(index).await;
+                                if stopped.is_ok() { runner.start_step(index).await } else { stopped }
+                            }
+                        };
+                        done(result(outcome));
+                    }
+                    .in_current_span(),
+                );
             }
             Target::Vip(vip) => {
                 let (manager, netlink) = (Arc::clone(&self.vip_manager), self.netlink.clone());
                 let name = vip.name.clone();
-                let task = tokio::spawn(async move {
-                    if op != StepOp::Start {
-                        let removed = manager.remove(&vip).await.map(|_| ()).map_err(|e| e.to_string());
-                        if op == StepOp::Stop || removed.is_err() {
-                            done(removed);
-                            return;
-                        }
-                    }
-                    match take_over(&manager, &netlink, &vip).await {
-                        Ok(announced) => {
-                            done(Ok(()));
-                            if let Some((index, mac)) = announced {
-                                announce_rest(index, mac, &vip).await;
-                                refresh(&netlink, &vip).await;
+                let task = tokio::spawn(
+                    async move {
+                        if op != StepOp::Start {
+                            let removed = manager.remove(&vip).await.map(|_| ()).map_err(|e| e.to_string());
+                            if op == StepOp::Stop || removed.is_err() {
+                                done(removed);
+                                return;
                             }
                         }
-                        Err(e) => done(Err(e)),
+                        match take_over(&manager, &netlink, &vip).await {
+                            Ok(announced) => {
+                                done(Ok(()));
+                                if let Some((index, mac)) = announced {
+                                    announce_rest(index, mac, &vip).await;
+                                    refresh(&netlink, &vip).await;
+                                }
+                            }
+                            Err(e) => done(Err(e)),
+                        }
                     }
-                });
+                    .in_current_span(),
+                );
                 if op == StepOp::Stop {
                     // Removal is short; nothing to cancel later.
                     drop(task);
