@@ -91,7 +91,13 @@ fn main() -> anyhow::Result<()> {
 
     let program = std::env::current_exe().context("locating this program")?;
     let agent = cli.agent.clone().unwrap_or_else(|| program.with_file_name("hapair-agent"));
-    let keepalived = keepalived::find_program()?;
+    let selected: Vec<&str> =
+        IMPLEMENTATIONS.into_iter().filter(|id| cli.only.is_empty() || cli.only.iter().any(|o| o == id)).collect();
+    let keepalived = if selected.iter().any(|id| id.starts_with("keepalived")) {
+        keepalived::find_program()?
+    } else {
+        PathBuf::new()
+    };
     let hapair_missing = runtime_unavailable(&agent);
     let pace = DEFAULT_PACE;
 
@@ -112,11 +118,11 @@ fn main() -> anyhow::Result<()> {
     );
 
     let mut rows = Vec::new();
-    for id in IMPLEMENTATIONS.iter().filter(|id| cli.only.is_empty() || cli.only.iter().any(|o| o == *id)) {
+    for id in selected {
         if interrupted() {
             break;
         }
-        let mut pair: Box<dyn HaPair> = match *id {
+        let mut pair: Box<dyn HaPair> = match id {
             "hapair-default" => Box::new(Hapair::new("default", DEFAULT_TIMINGS, agent.clone())),
             "hapair-aggressive" => Box::new(Hapair::new("aggressive", AGGRESSIVE_TIMINGS, agent.clone())),
             "keepalived-1s" => Box::new(Keepalived::new(keepalived.clone(), Duration::from_secs(1))),
