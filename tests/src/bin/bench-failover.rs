@@ -20,7 +20,7 @@ use hapair_tests::failover_bench::keepalived::{self, Keepalived};
 use hapair_tests::failover_bench::probe::{DEFAULT_PACE, Pace};
 use hapair_tests::failover_bench::report::{Row, RowResult, render};
 use hapair_tests::failover_bench::{
-    HaPair, Measured, Testbed, interrupt, interrupted, measure, service, service_address,
+    HaPair, KILL_JITTER, Measured, Testbed, interrupt, interrupted, measure, service, service_address,
 };
 use hapair_tests::sim::{AGGRESSIVE_TIMINGS, DEFAULT_TIMINGS};
 
@@ -103,8 +103,10 @@ fn main() -> anyhow::Result<()> {
 
     println!("failover benchmark: {kills} kills of the primary per implementation");
     println!(
-        "kill: both links of the primary go down, then every process in its namespace gets SIGKILL; measured until \
-         the first TCP connection from the client to {} is answered by the other server",
+        "kill: after a random pause of up to {} ms, both links of the primary go down, then every process in its \
+         namespace gets SIGKILL; measured until the first TCP connection from the client to {} is answered by the \
+         other server",
+        KILL_JITTER.as_millis(),
         service_address()
     );
     println!(

@@ -6,8 +6,9 @@
 //! pluggable behind [`HaPair`], so hapair and keepalived are measured the same way in the
 //! same run:
 //!
-//! - kill: both links of the primary go down, then every process in its namespace gets
-//!   SIGKILL (the HA daemon and the service), as when a machine loses power;
+//! - kill: after a random pause of up to [`KILL_JITTER`], both links of the primary go
+//!   down, then every process in its namespace gets SIGKILL (the HA daemon and the
+//!   service), as when a machine loses power;
 //! - restore: the node "reboots" (virtual IP and neighbour cache gone, its run directory
 //!   emptied, links up), its HA software starts again and must come back as the standby
 //!   while the survivor keeps the service, so roles alternate from one kill to the next;
@@ -45,7 +46,7 @@ pub const SERVICE_PORT: u16 = 7000;
 const SETTLE_BOUND: Duration = Duration::from_secs(60);
 /// Each kill comes after a random pause of up to this, so kills fall at random phases of
 /// the heartbeat or advertisement period instead of in step with the settle check.
-const KILL_JITTER: Duration = Duration::from_secs(1);
+pub const KILL_JITTER: Duration = Duration::from_secs(1);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
