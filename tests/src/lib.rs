@@ -17,8 +17,12 @@
 //!   checks (run by `tests/simulation.rs`, measured by `bench-failover-sim`).
 //! - [`replica_proc`]: replicated-volume nodes as `replica-harness` processes.
 //! - [`nbd_client`]: a minimal NBD client for exact, and deliberately invalid, requests.
+//! - [`failover_bench`]: the `failover` benchmark's harness (kill the primary of a real pair,
+//!   time the client until the other server answers on the VIP), with hapair and
+//!   keepalived behind one trait; run by `bench-failover`.
 
 pub mod agents;
+pub mod failover_bench;
 pub mod mounts;
 pub mod nbd_client;
 pub mod netns;

@@ -1,0 +1,259 @@
+//! hapair as the HA implementation: `hapair-agent run --bundle` on each server, with the
+//! bundles the controller's own reconcile builds from an HaGroup manifest.
+//!
+//! The group heartbeats over both links, runs without a witness (`witness: none`: a bundle
+//! file brings no controller to ask), fails back manually (a restored server stays the
+//! standby), and its flow starts the service with an exec step and then adds the virtual
+//! IP. The pair has settled when the primary's agent reports Primary and the other's
+//! reports Standby with the peer reachable, on their `/v1/status` endpoints.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hapair_agent::endpoints::StatusSnapshot;
+use hapair_crds::hagroup::NodeRole;
+use hapair_crds::nodeapi::DesiredConfig;
+use hapair_operator::catalog::Catalog;
+use hapair_operator::state::ControllerState;
+
+use super::{BenchError, HaPair, Node, PerNode, Result, SERVICE_PORT, Testbed, VIP, VIP_PREFIX_LEN, io_error};
+use crate::netns::ChildGuard;
+use crate::sim::Timings;
+
+/// Where each agent serves `/v1/status`, inside its own namespace.
+const STATUS_ADDRESS: &str = "127.0.0.1:9464";
+
+/// Why hapair cannot be measured with `agent`, or `None` when it can: the binary must
+/// exist and have the `run` subcommand.
+pub fn runtime_unavailable(agent: &Path) -> Option<String> {
+    let prefix = "hapair: agent runtime not available in this build";
+    if !agent.exists() {
+        return Some(format!("{prefix} ({} not found; build it with `cargo build -p hapair-agent`)", agent.display()));
+    }
+    let status = Command::new(agent)
+        .args(["run", "--help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => None,
+        Ok(_) => Some(format!("{prefix} (`{} run --help` fails: no `run` subcommand yet)", agent.display())),
+        Err(e) => Some(format!("{prefix} ({}: {e})", agent.display())),
+    }
+}
+
+/// The HaGroup the benchmark runs, as a manifest (JSON, which is YAML too). `work` is the
+/// testbed's work directory, holding one directory per node name.
+pub fn manifest(timings: &Timings, program: &Path, work: &Path) -> String {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let pid_file = format!("'{}'/\"$HAPAIR_NODE\"/run/service.pid", work.display());
+    let start = format!(
+        "'{}' serve --name \"$HAPAIR_NODE\" --port {SERVICE_PORT} --daemon --pid-file {pid_file} </dev/null >/dev/null 2>&1",
+        program.display()
+    );
+    let stop = format!("f={pid_file}; if [ -f \"$f\" ]; then kill \"$(cat \"$f\")\"; rm -f \"$f\"; fi");
+    let node = |n: Node| {
+        serde_json::json!({
+            "name": n.name(),
+            "heartbeatAddresses": [n.heartbeat_address(), n.lan_address()],
+        })
+    };
+    serde_json::json!({
+        "apiVersion": "hapair.dev/v1alpha1",
+        "kind": "HaGroup",
+        "metadata": {"name": "bench", "namespace": "default"},
+        "spec": {
+            "nodes": [node(Node::A), node(Node::B)],
+            "heartbeat": {
+                "interval": ms(timings.interval),
+                "deadAfter": ms(timings.dead_after),
+                "leaseTTL": ms(timings.lease),
+            },
+            "witness": {"mode": "none"},
+            "failback": {"mode": "manual"},
+            "virtualIPs": [{"name": "service", "address": format!("{VIP}/{VIP_PREFIX_LEN}"), "interface": "eth0"}],
+            "flow": [
+                {"name": "service", "exec": {"start": start, "stop": stop}},
+                {"name": "service-ip", "virtualIP": {"name": "service"}},
+            ],
+        },
+    })
+    .to_string()
+}
+
+/// Each node's desired-config bundle, built by the controller's reconcile from `manifest`
+/// and checked the way the agent checks it.
+pub fn bundles(manifest: &str) -> Result<BTreeMap<String, DesiredConfig>> {
+    let catalog = Catalog::from_sources([("bench-failover.yaml", manifest)]);
+    if let Some(error) = catalog.errors.first() {
+        return Err(BenchError::Setup(format!("the benchmark's HaGroup is refused: {error}")));
+    }
+    let mut state = ControllerState::default();
+    let reconciled = hapair_operator::reconcile::reconcile(
+        &catalog,
+        &mut state,
+        hapair_operator::timestamp::now_millis(),
+        &mut rand::rng(),
+    );
+    if let Some(error) = reconciled.errors.first() {
+        return Err(BenchError::Setup(format!("the benchmark's HaGroup is refused: {error}")));
+    }
+    for node in Node::BOTH {
+        let bundle = reconciled
+            .bundles
+            .get(node.name())
+            .ok_or_else(|| BenchError::Setup(format!("reconcile built no bundle for node {}", node.name())))?;
+        hapair_agent::bundle::check(bundle, node.name())
+            .map_err(|e| BenchError::Setup(format!("bundle for node {}: {e}", node.name())))?;
+    }
+    Ok(reconciled.bundles)
+}
+
+/// The agents of one pair, at one timing setting.
+#[derive(Debug)]
+pub struct Hapair {
+    name: String,
+    timings: Timings,
+    agent: PathBuf,
+    /// Written at the first start, once the testbed's paths are known.
+    bundles: Option<BTreeMap<String, DesiredConfig>>,
+    running: PerNode<Option<ChildGuard>>,
+}
+
+impl Hapair {
+    /// `name` tells the timing setting apart in the table ("default", "aggressive").
+    pub fn new(name: &str, timings: Timings, agent: PathBuf) -> Self {
+        Hapair { name: name.to_string(), timings, agent, bundles: None, running: PerNode::default() }
+    }
+
+    fn bundle_file(&mut self, bed: &Testbed, node: Node) -> Result<PathBuf> {
+        if self.bundles.is_none() {
+            self.bundles = Some(bundles(&manifest(&self.timings, bed.program(), bed.work_dir()))?);
+        }
+        let bundle = self
+            .bundles
+            .as_ref()
+            .and_then(|b| b.get(node.name()))
+            .ok_or_else(|| BenchError::Setup(format!("no bundle for node {}", node.name())))?;
+        let path = bed.disk_dir(node).join("bundle.json");
+        let text =
+            serde_json::to_string_pretty(bundle).map_err(|e| BenchError::Setup(format!("encoding the bundle: {e}")))?;
+        std::fs::write(&path, text).map_err(io_error(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
+    /// The agent's status, read over HTTP inside the node's namespace.
+    fn status(bed: &Testbed, node: Node) -> Option<StatusSnapshot> {
+        bed.ns(node).run(|| {
+            let address: SocketAddr = STATUS_ADDRESS.parse().ok()?;
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(300)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            stream.write_all(b"GET /v1/status HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).ok()?;
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            if head.split_whitespace().nth(1) != Some("200") {
+                return None;
+            }
+            serde_json::from_str(body).ok()
+        })
+    }
+
+    fn role(bed: &Testbed, node: Node) -> Option<(NodeRole, bool)> {
+        let status = Self::status(bed, node)?;
+        let group = status.groups.first()?;
+        Some((group.role, group.peer_reachable))
+    }
+}
+
+impl HaPair for Hapair {
+    fn label(&self) -> String {
+        format!("hapair {}", self.name)
+    }
+
+    fn parameters(&self) -> String {
+        let t = &self.timings;
+        format!(
+            "heartbeat every {} ms on both links, deadAfter {} ms, leaseTTL {} ms, witness none (two-node), \
+             manual failback; flow: exec step starting the service, then the VIP (GARP defaults)",
+            t.interval.as_millis(),
+            t.dead_after.as_millis(),
+            t.lease.as_millis()
+        )
+    }
+
+    fn failover_bound(&self) -> Duration {
+        self.timings.dead_after + self.timings.lease + Duration::from_secs(5)
+    }
+
+    fn settle_time(&self) -> Duration {
+        // The standby reports the peer reachable only after hearing it.
+        self.timings.interval * 5
+    }
+
+    fn start_node(&mut self, bed: &Testbed, node: Node) -> Result<()> {
+        let bundle = self.bundle_file(bed, node)?.display().to_string();
+        let state_dir = bed.disk_dir(node).join("state");
+        std::fs::create_dir_all(&state_dir).map_err(io_error(format!("creating {}", state_dir.display())))?;
+        let (agent, state_dir) = (self.agent.display().to_string(), state_dir.display().to_string());
+        let args = [
+            agent.as_str(),
+            "run",
+            "--bundle",
+            &bundle,
+            "--node",
+            node.name(),
+            "--state-dir",
+            &state_dir,
+            "--listen",
+            STATUS_ADDRESS,
+        ];
+        *self.running.get_mut(node) = Some(bed.spawn(node, &args, &bed.disk_dir(node).join("agent.log"))?);
+        Ok(())
+    }
+
+    fn settled(&mut self, bed: &Testbed, primary: Node) -> bool {
+        let alive = Node::BOTH.iter().all(|&n| self.running.get_mut(n).as_mut().is_some_and(|agent| !agent.exited()));
+        alive
+            && matches!(Self::role(bed, primary), Some((NodeRole::Primary, _)))
+            && matches!(Self::role(bed, primary.other()), Some((NodeRole::Standby, true)))
+    }
+
+    fn node_killed(&mut self, node: Node) {
+        *self.running.get_mut(node) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{AGGRESSIVE_TIMINGS, DEFAULT_TIMINGS};
+
+    #[test]
+    fn the_benchmark_group_builds_valid_bundles_for_both_nodes() {
+        for timings in [DEFAULT_TIMINGS, AGGRESSIVE_TIMINGS] {
+            let text = manifest(&timings, Path::new("/opt/bench-failover"), Path::new("/tmp/work"));
+            let built = bundles(&text).unwrap_or_else(|e| panic!("{e}"));
+            let group = &built["a"].groups[0];
+            assert_eq!(group.spec.heartbeat.interval.as_std(), timings.interval);
+            assert_eq!(group.spec.heartbeat.dead_after.as_std(), timings.dead_after);
+            let steps: Vec<_> = group.spec.flow.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(steps, ["service", "service-ip"]);
+            let exec = group.spec.flow[0].exec.as_ref().unwrap_or_else(|| panic!("no exec step"));
+            assert!(exec.start.starts_with("'/opt/bench-failover' serve --name \"$HAPAIR_NODE\""), "{}", exec.start);
+            assert!(exec.stop.contains("'/tmp/work'/\"$HAPAIR_NODE\"/run/service.pid"), "{}", exec.stop);
+            assert_eq!(built["a"].groups[0].heartbeat_key, built["b"].groups[0].heartbeat_key);
+        }
+    }
+
+    #[test]
+    fn a_missing_agent_is_reported_not_run() {
+        let why = runtime_unavailable(Path::new("/nonexistent/hapair-agent")).unwrap_or_default();
+        assert!(why.starts_with("hapair: agent runtime not available in this build"), "{why}");
+    }
+}

@@ -1,0 +1,108 @@
+//! The benchmark's table: one row per implementation with p50, p99, max, kills and
+//! failures, then the parameters of each and anything that kept a row from being measured.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use super::Measured;
+
+/// What a row shows.
+#[derive(Debug)]
+pub enum RowResult {
+    Measured(Measured),
+    /// Not measured in this build, and why.
+    Unavailable(String),
+}
+
+#[derive(Debug)]
+pub struct Row {
+    pub label: String,
+    pub parameters: String,
+    pub result: RowResult,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+/// Renders the rows as a fixed-width table followed by the notes.
+pub fn render(rows: &[Row]) -> String {
+    let width = rows.iter().map(|r| r.label.len()).max().unwrap_or(0).max("implementation".len());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}",
+        "implementation", "p50 ms", "p99 ms", "max ms", "N", "failures"
+    );
+    let mut notes = Vec::new();
+    for row in rows {
+        match &row.result {
+            RowResult::Measured(m) => {
+                let (p50, p99, max) = match m.samples.summary() {
+                    Some(s) => (ms(s.p50), ms(s.p99), ms(s.max)),
+                    None => ("-".into(), "-".into(), "-".into()),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}",
+                    row.label,
+                    m.samples.kills(),
+                    m.samples.failures
+                );
+                if let Some(error) = &m.error {
+                    notes.push(format!("{}: stopped early: {error}", row.label));
+                }
+            }
+            RowResult::Unavailable(why) => {
+                let _ =
+                    writeln!(out, "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}", row.label, "-", "-", "-", 0, "-");
+                notes.push(format!("{}: {why}", row.label));
+            }
+        }
+    }
+    let _ = writeln!(out, "\nparameters:");
+    for row in rows {
+        let _ = writeln!(out, "  {:<width$}  {}", row.label, row.parameters);
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(out, "\nnotes:");
+        for note in notes {
+            let _ = writeln!(out, "  {note}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stats::Samples;
+    use super::*;
+
+    #[test]
+    fn measured_and_unavailable_rows_side_by_side() {
+        let rows = [
+            Row {
+                label: "hapair default".into(),
+                parameters: "heartbeat 100ms".into(),
+                result: RowResult::Unavailable("hapair: agent runtime not available in this build".into()),
+            },
+            Row {
+                label: "keepalived advert_int 1s".into(),
+                parameters: "advert_int 1s".into(),
+                result: RowResult::Measured(Measured {
+                    samples: Samples {
+                        times: vec![Duration::from_millis(3600), Duration::from_micros(3_700_200)],
+                        failures: 1,
+                    },
+                    error: None,
+                }),
+            },
+        ];
+        let text = render(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "hapair default                    -          -          -     0         -");
+        assert_eq!(lines[2], "keepalived advert_int 1s     3600.0     3700.2     3700.2     3         1");
+        assert!(text.contains("  hapair default: hapair: agent runtime not available in this build"), "{text}");
+        assert!(text.contains("  keepalived advert_int 1s  advert_int 1s"), "{text}");
+    }
+}

@@ -1,0 +1,65 @@
+//! The failover benchmark's harness, run for real in its quick mode (three kills per
+//! implementation): keepalived pairs at both advertisement intervals must be measured with
+//! every kill answered, hapair's rows must hold figures or say why the agent runtime is
+//! missing, and the testbeds must be gone afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use hapair_tests::netns::{Netns, require_root};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_bench-failover");
+
+/// The figures of one table row: p50, p99, max (ms), kills, failures.
+fn row(table: &str, label: &str) -> Option<(f64, f64, f64, usize, usize)> {
+    let line = table.lines().find(|l| l.starts_with(label) && l[label.len()..].starts_with("  "))?;
+    let cells: Vec<&str> = line[label.len()..].split_whitespace().collect();
+    let [p50, p99, max, n, failures] = cells.as_slice() else { return None };
+    Some((p50.parse().ok()?, p99.parse().ok()?, max.parse().ok()?, n.parse().ok()?, failures.parse().ok()?))
+}
+
+#[test]
+fn quick_mode_measures_keepalived_next_to_hapair_and_cleans_up() {
+    require_root();
+    assert!(
+        std::path::Path::new("/usr/sbin/keepalived").exists(),
+        "keepalived is not installed: scripts/test.sh installs the Debian package"
+    );
+    let output = Command::new(BENCH).arg("--quick").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench-failover --quick failed: {}\n{stdout}\n{stderr}", output.status);
+
+    for (label, advert_ms) in [("keepalived advert_int 1s", 1000.0), ("keepalived advert_int 0.1s", 100.0)] {
+        let (p50, p99, max, n, failures) =
+            row(&stdout, label).unwrap_or_else(|| panic!("no figures for {label}:\n{stdout}\n{stderr}"));
+        assert_eq!((n, failures), (3, 0), "{label}: every kill is measured and answered:\n{stdout}\n{stderr}");
+        assert!(p50 <= p99 && p99 <= max, "{label}: percentiles out of order:\n{stdout}");
+        // VRRP cannot notice a dead master in less than two advertisement intervals (three
+        // missed, the last one possibly just before the kill): a smaller figure would mean
+        // the setting was not applied or the clock did not start at the kill.
+        assert!(p50 >= 2.0 * advert_ms, "{label}: p50 {p50} ms is below two advert intervals:\n{stdout}");
+    }
+
+    for label in ["hapair default", "hapair aggressive"] {
+        let unavailable = stdout.contains(&format!("  {label}: hapair: agent runtime not available in this build"));
+        match row(&stdout, label) {
+            Some((p50, p99, max, n, failures)) => {
+                assert_eq!((n, failures), (3, 0), "{label}:\n{stdout}\n{stderr}");
+                assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{label}:\n{stdout}");
+            }
+            None => assert!(unavailable, "{label}: neither figures nor the reason for their absence:\n{stdout}"),
+        }
+    }
+    assert!(stdout.contains("parameters:"), "{stdout}");
+
+    let namespaces: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.split_once("testbed namespaces: ").map(|(_, names)| names))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(namespaces.len() >= 8, "expected two keepalived testbeds in:\n{stderr}");
+    for name in namespaces {
+        assert!(!Netns::exists(name), "namespace {name} was left behind");
+    }
+}
