@@ -25,5 +25,6 @@ cargo test --workspace --locked --no-fail-fast
 
 bash scripts/test-chart.sh
 bash scripts/test-install.sh
+bash scripts/test-docs.sh
 
 echo "==> all checks passed"
