@@ -22,7 +22,8 @@ Other blocks take part too:
   <!-- output -->                      before a ```text block right after a shell block: what
                                        that command prints. Each non-blank line must appear,
                                        in order, among the lines printed (runs of blanks are
-                                       compared as one blank); `…` matches anything and
+                                       compared as one blank); `…` matches anything (a
+                                       line of just `…` stands for more lines), and
                                        `{{NAME}}` matches one word and exports it as $NAME to
                                        later blocks (a value the reader copies from output)
 
@@ -41,6 +42,7 @@ block to the next.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -298,7 +300,7 @@ def match_output(expected: list[str], actual: str) -> tuple[bool, dict[str, str]
     captures: dict[str, str] = {}
     pos = 0
     for want in expected:
-        if not want.strip():
+        if want.strip() in ("", "…"):
             continue
         pattern = expected_pattern(want)
         while pos < len(lines):
@@ -473,6 +475,13 @@ def inner(plan_path: str) -> int:
 
 
 def run_session(chain: list[Path]) -> dict[str, object]:
+    started = time.monotonic()
+    result = run_session_steps(chain)
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def run_session_steps(chain: list[Path]) -> dict[str, object]:
     steps: list[Step] = []
     for path in chain:
         steps.extend(plan_file(path).steps)
@@ -546,7 +555,7 @@ class Extraction(unittest.TestCase):
 
     def test_output_matching(self) -> None:
         actual = "token:          hpe_abc\nnode:  db1\n\nexpires: 2026-01-01\n"
-        ok, captures, _ = match_output(["token: {{TOKEN}}", "expires: …"], actual)
+        ok, captures, _ = match_output(["token: {{TOKEN}}", "…", "expires: …"], actual)
         self.assertTrue(ok)
         self.assertEqual(captures, {"TOKEN": "hpe_abc"})
         ok, _, missing = match_output(["node: db1", "token: …"], actual)
@@ -555,28 +564,35 @@ class Extraction(unittest.TestCase):
 
 
 class Sessions(unittest.TestCase):
-    """Runs the runnable blocks, one sandboxed session per file (after the files it continues)."""
+    """Runs the runnable blocks, one sandboxed session per file (after the files it continues).
+
+    A session that is the beginning of a longer one is not run on its own: the longer one
+    runs its steps too, in the same order. Sessions run side by side (each has its own
+    namespaces), since most of their time is spent waiting for the controller."""
 
     def test_documented_commands_run(self) -> None:
-        failures = []
-        total = 0
+        chains = []
         for path in DOCS:
-            plan = plan_file(path)
-            if not any(s.kind != "file" for s in plan.steps):
-                continue
-            started = time.monotonic()
-            chain = session_chain(path)
-            result = run_session(chain)
-            own = len(plan.steps)
-            total += own
+            if any(s.kind != "file" for s in plan_file(path).steps):
+                chains.append(session_chain(path))
+        longest = [c for c in chains if not any(len(o) > len(c) and o[:len(c)] == c for o in chains)]
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run_session, longest))
+        failures = []
+        covered = 0
+        for chain, result in zip(longest, results):
             label = " -> ".join(str(p.relative_to(REPO)) for p in chain)
-            status = "ok" if not result["failure"] else "FAILED"
-            print(f"\n  {label}: {result['done']}/{result['steps']} steps ({own} own), "
-                  f"{time.monotonic() - started:.1f} s, {status}", file=sys.stderr, end="")
+            status = "FAILED" if result["failure"] else "ok"
+            print(f"\n  {label}: {result['done']}/{result['steps']} steps, {result['seconds']:.1f} s, {status}",
+                  file=sys.stderr, end="")
             if result["failure"]:
                 f = result["failure"]
                 failures.append(f"{f['where']}: {f['problem']}\n--- output ---\n{f['output']}--- end ---")
-        print(f"\n  {total} steps run", file=sys.stderr)
+        for chain in chains:
+            covered += len(plan_file(chain[-1]).steps)
+        print(f"\n  {covered} steps of {len(chains)} files in {len(longest)} sessions, "
+              f"{time.monotonic() - started:.1f} s", file=sys.stderr)
         if failures:
             self.fail("\n\n".join(failures))
 
