@@ -7,7 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
-ensure_debian_packages util-linux iproute2 curl openssl
+ensure_debian_packages util-linux iproute2 curl openssl jq systemd
 
 echo "==> building the binaries the docs use"
 cargo build --locked -p hapair-operator -p hapair-agent
