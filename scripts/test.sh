@@ -26,5 +26,6 @@ cargo test --workspace --locked --no-fail-fast
 bash scripts/test-chart.sh
 bash scripts/test-install.sh
 bash scripts/test-docs.sh
+bash scripts/test-dashboard.sh
 
 echo "==> all checks passed"
