@@ -16,13 +16,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --all-targets --locked
 
-echo "==> crdgen --check"
+echo "==> crdgen --check (CRDs in the chart, CRD reference in docs/reference)"
 ./target/debug/crdgen --check
+./target/debug/crdgen --docs --check
 
 echo "==> cargo test"
 cargo test --workspace --locked --no-fail-fast
 
 bash scripts/test-chart.sh
 bash scripts/test-install.sh
+bash scripts/test-docs.sh
+bash scripts/test-dashboard.sh
 
 echo "==> all checks passed"

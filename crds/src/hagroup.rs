@@ -130,8 +130,10 @@ impl Default for HeartbeatSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    /// Name of the Secret (in standalone mode: a Secret manifest in the manifest directory).
     #[schemars(length(min = 1))]
     pub name: String,
+    /// Key inside the Secret's data; its value is the raw key, at least 16 bytes.
     #[schemars(length(min = 1))]
     pub key: String,
 }
@@ -140,6 +142,9 @@ pub struct SecretKeyRef {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WitnessSpec {
+    /// `controller`: the controller grants leases while heartbeats fail. `none`: two-node
+    /// mode without a witness, in which a full partition makes both nodes active (reported
+    /// as a risk; the volumes' split-brain policy then decides whose writes survive).
     #[serde(default)]
     pub mode: WitnessMode,
 }
@@ -160,6 +165,9 @@ pub enum WitnessMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailbackSpec {
+    /// `manual`: a returning node becomes standby and stays so until an admin switches
+    /// over. `auto`: the service moves back to the preferred node once it has been healthy
+    /// and in sync for `stabilization`.
     #[serde(default)]
     pub mode: FailbackMode,
     /// How long the preferred node must be healthy and in sync before an automatic
@@ -229,6 +237,7 @@ impl Default for GarpSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlowStep {
+    /// Step name, unique in the flow; used in events, metrics and monitors' `restartStep`.
     #[schemars(length(min = 1, max = 63), regex(pattern = NAME_PATTERN))]
     pub name: String,
     /// Promote, attach and mount a ReplicatedVolume.
@@ -315,8 +324,10 @@ pub struct VolumeStep {
     /// Where the filesystem is mounted; when absent the volume is attached but not mounted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_path: Option<String>,
+    /// Filesystem type passed to `mount` (and to `mkfs`).
     #[serde(default = "defaults::fs_type")]
     pub fs_type: String,
+    /// Options passed to `mount -o`, e.g. `noatime`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_options: Vec<String>,
     /// Create the filesystem when the volume holds none yet (first use only).
@@ -335,6 +346,7 @@ pub struct VolumeStep {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualIpStep {
+    /// Name of one of the group's `virtualIPs`.
     #[schemars(length(min = 1))]
     pub name: String,
 }
@@ -352,8 +364,10 @@ pub struct SystemdStep {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecStep {
+    /// Starts the service; must return (exit 0) once it is started.
     #[schemars(length(min = 1))]
     pub start: String,
+    /// Stops the service; run on demotion, and before a local restart.
     #[schemars(length(min = 1))]
     pub stop: String,
     /// Extra environment for the commands.
@@ -365,14 +379,19 @@ pub struct ExecStep {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckSpec {
+    /// Healthy while a command exits 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecCheck>,
+    /// Healthy while a TCP port accepts connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpCheck>,
+    /// Healthy while an HTTP GET answers below `maxStatus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCheck>,
+    /// Time between two runs of the check.
     #[serde(default = "defaults::check_interval")]
     pub interval: Duration,
+    /// A run that takes longer counts as failed.
     #[serde(default = "defaults::check_timeout")]
     pub timeout: Duration,
     /// Consecutive failures before the check counts as failed.
@@ -395,6 +414,7 @@ pub struct TcpCheck {
     /// Host to connect to; defaults to the loopback address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// TCP port that must accept a connection.
     #[schemars(range(min = 1))]
     pub port: u16,
 }
@@ -415,9 +435,12 @@ pub struct HttpCheck {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestartPolicy {
+    /// Local restarts allowed within `window`; one more failure asks for a failover. `0`
+    /// fails over at the first failure.
     #[serde(default = "defaults::restart_limit")]
     #[schemars(range(max = 100))]
     pub limit: u32,
+    /// Restarts older than this no longer count against `limit`.
     #[serde(default = "defaults::restart_window")]
     pub window: Duration,
 }
@@ -432,20 +455,28 @@ impl Default for RestartPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MonitorSpec {
+    /// Monitor name, unique in the group; used in events and metrics.
     #[schemars(length(min = 1, max = 63), regex(pattern = NAME_PATTERN))]
     pub name: String,
+    /// A process that must be alive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessMonitor>,
+    /// A network interface that must be up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<LinkMonitor>,
+    /// A gateway that must answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayMonitor>,
+    /// CPU use that must not stay above a threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<LoadMonitor>,
+    /// Memory use that must not stay above a threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<LoadMonitor>,
+    /// A mount point that must be present (and writable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<MountMonitor>,
+    /// A replicated volume that must be connected with its peer UpToDate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationMonitor>,
     /// What a failure triggers.
@@ -453,6 +484,7 @@ pub struct MonitorSpec {
     /// For `action: restart`: the flow step to restart (the whole flow when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_step: Option<String>,
+    /// Time between two observations.
     #[serde(default = "defaults::monitor_interval")]
     pub interval: Duration,
     /// Consecutive failed observations before the monitor fires.
@@ -537,8 +569,10 @@ pub enum MonitorAction {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessMonitor {
+    /// Exact process name as the kernel keeps it (`comm`, the first 15 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// File holding the process id (its first line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_file: Option<String>,
 }
@@ -547,6 +581,7 @@ pub struct ProcessMonitor {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkMonitor {
+    /// Logical interface name (overridable per node in `nodes[].interfaces`).
     #[schemars(length(min = 1, max = 15))]
     pub interface: String,
 }
@@ -555,12 +590,15 @@ pub struct LinkMonitor {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayMonitor {
+    /// IPv4 or IPv6 address of the gateway.
     pub address: String,
+    /// `icmp` (echo request) or `arp` (ARP request on `interface`, IPv4 only).
     #[serde(default)]
     pub method: GatewayMethod,
     /// Logical interface to send from (ARP method requires it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// An answer later than this counts as none.
     #[serde(default = "defaults::check_timeout")]
     pub timeout: Duration,
 }
@@ -577,6 +615,7 @@ pub enum GatewayMethod {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadMonitor {
+    /// Use, in percent of the whole machine, above which the clock starts.
     #[schemars(range(min = 1, max = 100))]
     pub threshold_percent: u32,
     /// How long the use must stay above the threshold before the monitor fires.
@@ -588,7 +627,9 @@ pub struct LoadMonitor {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MountMonitor {
+    /// The mount point; it must be a mount, not just a directory.
     pub path: String,
+    /// Also require that a file can be created and removed there.
     #[serde(default = "defaults::yes")]
     pub writable: bool,
 }
@@ -597,6 +638,7 @@ pub struct MountMonitor {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicationMonitor {
+    /// Name of a ReplicatedVolume of this group.
     pub volume_ref: String,
 }
 
@@ -604,8 +646,12 @@ pub struct ReplicationMonitor {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HaGroupStatus {
+    /// `Pending` (no reports yet), `Healthy`, `Degraded` (serving without a usable standby),
+    /// `FailingOver`, `Down` (nobody serving), `SplitBrain`, `Maintenance` or `Invalid` (the
+    /// spec is refused; the last valid one stays in force).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<GroupPhase>,
+    /// The node serving now, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_node: Option<String>,
     /// Incremented by every promotion.

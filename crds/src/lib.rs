@@ -11,7 +11,9 @@
 //!   and for tests;
 //! - [`nodeapi`]: the desired-config bundle, node report, witness lease and admin-action
 //!   messages of the node API;
-//! - [`crd`]: CRD generation (the `crdgen` binary writes them into the Helm chart).
+//! - [`crd`]: CRD generation (the `crdgen` binary writes them into the Helm chart);
+//! - [`reference`]: the Markdown field reference generated from the CRD schemas
+//!   (`crdgen --docs` writes it into `docs/reference/`).
 //!
 //! Reconciling, serving and deciding live elsewhere: in `hapair-operator` and `hapair-agent`.
 
@@ -22,6 +24,7 @@ pub mod hagroup;
 pub mod manifest;
 pub mod nodeapi;
 pub mod quantity;
+pub mod reference;
 pub mod validation;
 pub mod volume;
 

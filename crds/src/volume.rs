@@ -38,12 +38,16 @@ pub struct ReplicatedVolumeSpec {
     /// Where each node keeps its replica; one entry per group node.
     #[schemars(length(min = 2, max = 2))]
     pub backing: Vec<BackingSpec>,
+    /// `C` (synchronous, default): a write completes once it is stable on both nodes. `A`
+    /// (asynchronous): once it is written locally and sent; a failover may lose the last
+    /// writes.
     #[serde(default)]
     pub protocol: ReplicationProtocol,
     /// TCP port the replication link listens on.
     #[serde(default = "defaults::replication_port")]
     #[schemars(range(min = 1))]
     pub port: u16,
+    /// Encryption of the replication link.
     #[serde(default)]
     pub tls: TlsSpec,
     /// Resync bandwidth limit in bytes per second (e.g. `100Mi`). Absent means unlimited.

@@ -10,6 +10,7 @@ Nothing here needs a cluster or the network.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -461,23 +462,41 @@ class Operator(unittest.TestCase):
 
     def test_optional_objects(self) -> None:
         expected = {
-            # values file: (DaemonSets, ServiceMonitors, NetworkPolicies, PodDisruptionBudgets)
-            "defaults": (0, 0, 1, 1),
-            "default-values.yaml": (0, 0, 1, 1),
-            "agents-values.yaml": (1, 0, 1, 1),
-            "external-agents-values.yaml": (0, 0, 1, 1),
-            "nodeport-values.yaml": (0, 0, 1, 1),
-            "monitoring-values.yaml": (1, 2, 1, 1),
+            # values file: (DaemonSets, ServiceMonitors, NetworkPolicies, PodDisruptionBudgets,
+            # ConfigMaps)
+            "defaults": (0, 0, 1, 1, 0),
+            "default-values.yaml": (0, 0, 1, 1, 0),
+            "agents-values.yaml": (1, 0, 1, 1, 0),
+            "external-agents-values.yaml": (0, 0, 1, 1, 0),
+            "nodeport-values.yaml": (0, 0, 1, 1, 0),
+            "monitoring-values.yaml": (1, 2, 1, 1, 1),
         }
         self.assertEqual(sorted(expected), sorted(RENDERS), "every values file needs an expectation here")
         for label, counts in expected.items():
             render = RENDERS[label]
             got = tuple(len(render.of_kind(k))
-                        for k in ("DaemonSet", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"))
+                        for k in ("DaemonSet", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"))
             self.assertEqual(got, counts, label)
         pdb = RENDERS["defaults"].one("PodDisruptionBudget", FULLNAME)
         self.assertEqual(pdb["spec"]["maxUnavailable"], 1)
         self.assertEqual(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow")
+
+
+class Dashboard(unittest.TestCase):
+    def test_configmap_carries_the_dashboard_for_the_sidecar(self) -> None:
+        render = RENDERS["monitoring-values.yaml"]
+        config_map = render.one("ConfigMap", f"{FULLNAME}-dashboard")
+        self.assertEqual(config_map["metadata"]["namespace"], NAMESPACE)
+        self.assertEqual(config_map["metadata"]["labels"]["grafana_dashboard"], "1")
+        self.assertEqual(config_map["metadata"]["annotations"], {"grafana_folder": "hapair"})
+        committed = json.loads((CHART / "dashboards" / "hapair.json").read_text())
+        self.assertEqual(json.loads(config_map["data"]["hapair.json"]), committed)
+        self.assertEqual(committed["uid"], "hapair-overview")
+
+    def test_namespace_can_be_grafanas(self) -> None:
+        render = Render("dashboard-namespace", {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}})
+        config_map = render.one("ConfigMap", f"{FULLNAME}-dashboard")
+        self.assertEqual(config_map["metadata"]["namespace"], "monitoring")
 
 
 class Agent(unittest.TestCase):
