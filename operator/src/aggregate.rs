@@ -68,7 +68,7 @@ pub fn group_status(previous: &HaGroupStatus, inputs: &GroupInputs<'_>) -> HaGro
     let seen: Vec<Seen<'_>> =
         inputs.observations.iter().map(|o| Seen::new(o, inputs.key, inputs.now, inputs.stale_after)).collect();
     let spec = inputs.plan.config.as_ref().map(|c| &c.spec);
-    let generation = inputs.plan.config.as_ref().map(|c| c.generation);
+    let generation = inputs.plan.observed_generation.or(inputs.plan.config.as_ref().map(|c| c.generation));
 
     let primaries: Vec<&str> =
         seen.iter().filter(|s| s.live().is_some_and(|g| g.role == NodeRole::Primary)).map(|s| s.node).collect();
@@ -442,6 +442,7 @@ mod tests {
             }),
             error: None,
             deleting: false,
+            observed_generation: Some(4),
         }
     }
 

@@ -29,6 +29,9 @@ pub struct Catalog {
     pub volumes: BTreeMap<GroupKey, (ReplicatedVolume, Origin)>,
     pub secrets: BTreeMap<GroupKey, Secret>,
     pub errors: Vec<ManifestError>,
+    /// `metadata.generation` of every HaGroup seen, valid or refused, when the source
+    /// assigns one: the status reports it as `observedGeneration` even for a refused edit.
+    pub generations: BTreeMap<GroupKey, i64>,
 }
 
 /// Why a directory could not be read at all (as opposed to a bad manifest in it).
@@ -108,6 +111,51 @@ impl Catalog {
                     catalog.secrets.insert(key, *secret);
                 }
             }
+        }
+        catalog.check_cross_references();
+        catalog
+    }
+
+    /// Builds a catalog from objects that already passed the API server's schema check (the
+    /// Kubernetes operator's caches): each is validated semantically, then against the
+    /// others, exactly as manifests from files are. Errors name the object and field; there
+    /// is no file.
+    pub fn from_objects(
+        groups: impl IntoIterator<Item = HaGroup>,
+        volumes: impl IntoIterator<Item = ReplicatedVolume>,
+        secrets: impl IntoIterator<Item = Secret>,
+    ) -> Catalog {
+        let mut catalog = Catalog::default();
+        let origin = Origin { file: String::new(), index: 0 };
+        let key_of = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            GroupKey::new(
+                meta.namespace.as_deref().unwrap_or(hapair_crds::manifest::DEFAULT_NAMESPACE),
+                meta.name.as_deref().unwrap_or(""),
+            )
+        };
+        for group in groups {
+            let key = key_of(&group.metadata);
+            if let Some(generation) = group.metadata.generation {
+                catalog.generations.insert(key.clone(), generation);
+            }
+            match hapair_crds::validation::validate_group(&group.spec) {
+                Ok(()) => {
+                    catalog.groups.insert(key, (group, origin.clone()));
+                }
+                Err(errors) => catalog.errors.push(error_for(&origin, "HaGroup", &key, errors)),
+            }
+        }
+        for volume in volumes {
+            let key = key_of(&volume.metadata);
+            match hapair_crds::validation::validate_volume(&volume.spec) {
+                Ok(()) => {
+                    catalog.volumes.insert(key, (volume, origin.clone()));
+                }
+                Err(errors) => catalog.errors.push(error_for(&origin, "ReplicatedVolume", &key, errors)),
+            }
+        }
+        for secret in secrets {
+            catalog.secrets.insert(key_of(&secret.metadata), secret);
         }
         catalog.check_cross_references();
         catalog
@@ -220,6 +268,28 @@ spec:
         assert!(errors[0].contains("spec.backing[1].node: \"c\" is not a node of group \"g\""), "{errors:?}");
         // Without its volume the group no longer resolves either.
         assert!(catalog.groups.is_empty());
+    }
+
+    #[test]
+    fn objects_from_the_api_are_checked_like_files_and_named_without_a_file() {
+        let parse = |text: &str| -> serde_json::Value { serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}")) };
+        let group: HaGroup = serde_json::from_value(parse(GROUP)).unwrap_or_else(|e| panic!("{e}"));
+        let mut volume: ReplicatedVolume = serde_json::from_value(parse(VOLUME)).unwrap_or_else(|e| panic!("{e}"));
+        let mut with_generation = group.clone();
+        with_generation.metadata.generation = Some(4);
+        let catalog = Catalog::from_objects([with_generation], [volume.clone()], []);
+        assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
+        assert_eq!(catalog.generations.get(&GroupKey::new("ns", "g")), Some(&4));
+        volume.spec.backing[1].node = "c".into();
+        let catalog = Catalog::from_objects([group], [volume], []);
+        let errors: Vec<String> = catalog.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                "ReplicatedVolume ns/data: spec.backing[1].node: \"c\" is not a node of group \"g\" (nodes: {\"a\", \"b\"})",
+                "HaGroup ns/g: spec.flow[0].volume.volumeRef: no ReplicatedVolume named \"data\" in the group's namespace",
+            ]
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hapair_crds::hagroup::{ActionRecord, GroupPhase};
 use hapair_crds::manifest::ManifestError;
@@ -39,11 +40,20 @@ pub struct Settings {
     pub stale_after: Duration,
     /// An admin action without a final outcome after this is declared failed.
     pub action_timeout: Duration,
+    /// For this long after start, a group none of whose nodes has reported yet keeps the
+    /// status it had: the agents have not had a chance to reach this controller, and
+    /// rewriting every group as Pending after each restart (or operator failover) would be
+    /// both false and a burst of writes.
+    pub startup_grace: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { stale_after: aggregate::DEFAULT_STALE_AFTER, action_timeout: actions::DEFAULT_ACTION_TIMEOUT }
+        Settings {
+            stale_after: aggregate::DEFAULT_STALE_AFTER,
+            action_timeout: actions::DEFAULT_ACTION_TIMEOUT,
+            startup_grace: aggregate::DEFAULT_STALE_AFTER,
+        }
     }
 }
 
@@ -66,6 +76,15 @@ struct Core {
     /// Manifest errors already logged, so each is reported once, not every second.
     known_errors: BTreeSet<String>,
     rng: StdRng,
+    started: UnixMillis,
+}
+
+/// Bookkeeping of coalesced reconciles: requests are numbered, and a run covers every
+/// request numbered before it read the desired state.
+#[derive(Debug, Default)]
+struct Runs {
+    completed: u64,
+    last_error: Option<String>,
 }
 
 /// The running controller.
@@ -75,6 +94,8 @@ pub struct Controller<S: Store> {
     metrics: Arc<Metrics>,
     settings: Settings,
     core: Mutex<Core>,
+    requested: AtomicU64,
+    runs: Mutex<Runs>,
 }
 
 impl<S: Store> std::fmt::Debug for Controller<S> {
@@ -124,7 +145,10 @@ impl<S: Store> Controller<S> {
                 events,
                 known_errors: BTreeSet::new(),
                 rng: StdRng::from_rng(&mut rand::rng()),
+                started: crate::timestamp::now_millis(),
             }),
+            requested: AtomicU64::new(0),
+            runs: Mutex::new(Runs::default()),
         };
         if let Err(e) = controller.reconcile().await {
             warn!(error = %e, "cannot read the desired state; serving the last good configs");
@@ -156,6 +180,26 @@ impl<S: Store> Controller<S> {
         self.apply(&mut core, catalog).await
     }
 
+    /// Like [`Controller::reconcile`], for many callers at once: a caller returns after a
+    /// reconcile that read the desired state after it called, but concurrent callers share
+    /// one such run. The Kubernetes operator calls this from every object's reconcile, so a
+    /// burst of a thousand changed objects costs a few full reconciles, not a thousand.
+    pub async fn reconcile_coalesced(&self) -> Result<(), StoreError> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut runs = self.runs.lock().await;
+        if runs.completed >= ticket {
+            return match &runs.last_error {
+                None => Ok(()),
+                Some(e) => Err(StoreError::Backend(e.clone())),
+            };
+        }
+        let covers = self.requested.load(Ordering::SeqCst);
+        let result = self.reconcile().await;
+        runs.completed = covers;
+        runs.last_error = result.as_ref().err().map(|e| e.to_string());
+        result
+    }
+
     /// Re-evaluates time-dependent state (stale reports, action timeouts) without reading
     /// the desired state, and makes buffered writes durable.
     pub async fn tick(&self) -> Result<(), StoreError> {
@@ -172,6 +216,13 @@ impl<S: Store> Controller<S> {
     }
 
     async fn apply(&self, core: &mut Core, catalog: Catalog) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.apply_inner(core, catalog).await;
+        self.metrics.reconcile_duration(started.elapsed());
+        result
+    }
+
+    async fn apply_inner(&self, core: &mut Core, catalog: Catalog) -> Result<(), StoreError> {
         let now = crate::timestamp::now_millis();
         let before = core.state.clone();
         let mut events: Vec<(GroupKey, GroupEvent)> = Vec::new();
@@ -229,6 +280,12 @@ impl<S: Store> Controller<S> {
                 info!(node = %bundle.node, revision = bundle.revision, groups = bundle.groups.len(), "publishing desired config");
             }
             self.board.publish(bundle);
+        }
+        for key in &reconciled.deletion_finished {
+            if let Err(e) = self.store.group_released(key).await {
+                self.metrics.error("store");
+                warn!(group = %key, error = %e, "cannot release a deleted group");
+            }
         }
         core.catalog = catalog;
         core.reconciled = reconciled;
@@ -300,6 +357,7 @@ impl<S: Store> Controller<S> {
         let mut volume_writes: Vec<(GroupKey, Option<ReplicatedVolumeStatus>)> = Vec::new();
         let mut events = Vec::new();
         let mut live_volumes = BTreeSet::new();
+        let in_grace = crate::timestamp::age(now, core.started) < self.settings.startup_grace;
         for (key, plan) in &core.reconciled.groups {
             if only.is_some_and(|o| !o.contains(key)) {
                 phases.extend(core.statuses.groups.get(key).and_then(|s| s.phase));
@@ -323,6 +381,39 @@ impl<S: Store> Controller<S> {
                 stale_after: self.settings.stale_after,
             };
             let status = aggregate::group_status(&previous, &inputs);
+            let unheard = nodes.iter().all(|n| !core.reports.contains_key(n));
+            let validity = |s: &HaGroupStatus| {
+                hapair_crds::condition::find(&s.conditions, hapair_crds::condition::types::VALID)
+                    .map(|c| (c.status, c.message.clone()))
+            };
+            if in_grace
+                && unheard
+                && previous != HaGroupStatus::default()
+                && previous.observed_generation == status.observed_generation
+                && validity(&previous) == validity(&status)
+            {
+                // Nothing new to say yet: keep what is there (see `Settings::startup_grace`).
+                phases.extend(previous.phase);
+                if let Some(config) = &plan.config {
+                    live_volumes.extend(config.volumes.iter().map(|v| GroupKey::new(&key.namespace, &v.name)));
+                }
+                continue;
+            }
+            if let (Some(from), Some(to)) = (&previous.active_node, &status.active_node)
+                && from != to
+            {
+                let why = status.last_failover.as_ref().map(|f| format!(" ({})", f.reason)).unwrap_or_default();
+                info!(group = %key, epoch = status.epoch, "active node {from} -> {to}{why}");
+                events.push((
+                    key.clone(),
+                    GroupEvent::controller(
+                        format_millis(now),
+                        EventType::Normal,
+                        "ActiveNodeChanged",
+                        format!("{from} -> {to} in epoch {}{why}", status.epoch),
+                    ),
+                ));
+            }
             if let Some(phase) = status.phase {
                 phases.push(phase);
                 if previous.phase.is_some_and(|p| p != phase)
@@ -335,13 +426,14 @@ impl<S: Store> Controller<S> {
                     } else {
                         EventType::Warning
                     };
+                    let reason = if phase == GroupPhase::SplitBrain { "SplitBrain" } else { "PhaseChanged" };
                     info!(group = %key, epoch = status.epoch, active = status.active_node.as_deref().unwrap_or(""), "phase {from} -> {}", phase.as_str());
                     events.push((
                         key.clone(),
                         GroupEvent::controller(
                             format_millis(now),
                             type_,
-                            "PhaseChanged",
+                            reason,
                             format!("{from} -> {}{why}", phase.as_str()),
                         ),
                     ));
@@ -368,6 +460,20 @@ impl<S: Store> Controller<S> {
                         .collect();
                     let previous = core.statuses.volumes.get(&vkey).cloned().unwrap_or_default();
                     let status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
+                    if let Some((type_, reason, message)) =
+                        resync_transition(previous.sync_state.as_deref(), status.sync_state.as_deref())
+                    {
+                        info!(group = %key, volume = %volume.name, "{reason}: {message}");
+                        events.push((
+                            key.clone(),
+                            GroupEvent::controller(
+                                format_millis(now),
+                                type_,
+                                reason,
+                                format!("volume {}: {message}", volume.name),
+                            ),
+                        ));
+                    }
                     if status != previous {
                         volume_writes.push((vkey, Some(status)));
                     }
@@ -528,6 +634,78 @@ impl<S: Store> Controller<S> {
         core.state.actions.get(&id).map(view).ok_or_else(|| Refusal::NotFound(format!("action {id} vanished")))
     }
 
+    /// Records a request that was refused before it could be queued, so that its outcome
+    /// shows in the group's `status.lastAction` like any other: the Kubernetes operator
+    /// answers an admin-action annotation nowhere else. An `id` already in use is left as it
+    /// is and its entry returned.
+    pub async fn reject_action(
+        &self,
+        key: &GroupKey,
+        id: &str,
+        kind: AdminActionKind,
+        message: String,
+    ) -> Result<ActionView, StoreError> {
+        let mut core = self.core.lock().await;
+        if let Some(existing) = core.state.actions.get(id) {
+            return Ok(view(existing));
+        }
+        let now = crate::timestamp::now_millis();
+        let mut entry = actions::queue(key, id, kind, now);
+        entry.outcome = hapair_crds::nodeapi::ActionOutcome::Rejected;
+        entry.message = message;
+        entry.finished = Some(now);
+        let text = format!("{} {id} refused: {}", entry.action.kind.label(), entry.message);
+        warn!(group = %key, action = %id, "{text}");
+        let recorded = view(&entry);
+        core.state.actions.insert(id.to_string(), entry);
+        self.record_event(
+            &mut core,
+            key,
+            GroupEvent::controller(format_millis(now), EventType::Warning, "ActionRejected", text),
+        )
+        .await;
+        let catalog = core.catalog.clone();
+        if let Err(e) = self.apply(&mut core, catalog).await {
+            core.state.actions.remove(id);
+            return Err(e);
+        }
+        Ok(recorded)
+    }
+
+    /// Records an event about a group on behalf of the layer around the controller (for
+    /// example an admin-action annotation that cannot be read).
+    pub async fn note_event(&self, key: &GroupKey, type_: EventType, reason: &str, message: String) {
+        let mut core = self.core.lock().await;
+        let event = GroupEvent::controller(format_millis(crate::timestamp::now_millis()), type_, reason, message);
+        self.record_event(&mut core, key, event).await;
+    }
+
+    /// Whether the group's nodes may still be running it: it has a config (current or last
+    /// good) or is being cleaned up. A group for which this is false can be let go at once.
+    pub async fn cleanup_pending(&self, key: &GroupKey) -> bool {
+        let core = self.core.lock().await;
+        core.state.last_good.contains_key(key) || core.state.deleting.contains_key(key)
+    }
+
+    /// The groups whose running or deleting config delivers the volume `volume` (same
+    /// namespace): while there are any, the volume must not go away.
+    pub async fn volume_users(&self, volume: &GroupKey) -> Vec<GroupKey> {
+        let core = self.core.lock().await;
+        let uses = |source: &crate::state::GroupSource| {
+            source.volumes.iter().any(|v| v.metadata.name.as_deref() == Some(volume.name.as_str()))
+        };
+        let live = core.state.last_good.iter().map(|(k, s)| (k, s));
+        let deleting = core.state.deleting.iter().map(|(k, d)| (k, &d.source));
+        let mut users: Vec<GroupKey> = live
+            .chain(deleting)
+            .filter(|(k, s)| k.namespace == volume.namespace && uses(s))
+            .map(|(k, _)| k.clone())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
     pub async fn action(&self, key: &GroupKey, id: &str) -> Option<ActionView> {
         let core = self.core.lock().await;
         core.state.actions.get(id).filter(|a| a.group == *key).map(view)
@@ -578,6 +756,23 @@ impl<S: Store> Controller<S> {
             })
             .collect();
         GroupsOverview { groups, errors: core.reconciled.errors.iter().map(|e| e.to_string()).collect() }
+    }
+}
+
+/// The event a volume's sync state change deserves, if any: a resync starting, finishing,
+/// or stopping before it finished.
+fn resync_transition(from: Option<&str>, to: Option<&str>) -> Option<(EventType, &'static str, String)> {
+    let syncing = |s: Option<&str>| s.is_some_and(|s| s.starts_with("Syncing"));
+    let (from_text, to_text) = (from.unwrap_or("Unknown"), to.unwrap_or("Unknown"));
+    match (syncing(from), syncing(to)) {
+        (false, true) => Some((EventType::Normal, "ResyncStarted", format!("resync started ({to_text})"))),
+        (true, false) if to == Some("UpToDate") => {
+            Some((EventType::Normal, "ResyncFinished", "resync finished; both replicas are up to date".into()))
+        }
+        (true, false) => {
+            Some((EventType::Warning, "ResyncInterrupted", format!("resync stopped at {from_text}: now {to_text}")))
+        }
+        _ => None,
     }
 }
 

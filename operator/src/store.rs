@@ -77,4 +77,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes buffered status and event writes durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every node of a deleted group confirmed its cleanup: nothing of the group runs any
+    /// more. The Kubernetes store lets the object go (removes its finalizer) here; a
+    /// directory of manifests has nothing left to release.
+    fn group_released(&self, key: &GroupKey) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = key;
+        async { Ok(()) }
+    }
 }
