@@ -694,7 +694,7 @@ impl<S: Store> Controller<S> {
         let uses = |source: &crate::state::GroupSource| {
             source.volumes.iter().any(|v| v.metadata.name.as_deref() == Some(volume.name.as_str()))
         };
-        let live = core.state.last_good.iter().map(|(k, s)| (k, s));
+        let live = core.state.last_good.iter();
         let deleting = core.state.deleting.iter().map(|(k, d)| (k, &d.source));
         let mut users: Vec<GroupKey> = live
             .chain(deleting)

@@ -16,6 +16,8 @@
 //!   tokens; [`lease`]: the seam to the witness;
 //! - [`server`]: the node API over HTTPS with mutual TLS, and [`metrics`];
 //! - [`standalone`]: `hapair-operator standalone`, watching a manifest directory;
+//! - [`k8s`]: `hapair-operator run`, the Kubernetes operator: the same core with the API
+//!   server as its store, kube-runtime controllers, leader election and the fenced witness;
 //! - [`cli`] and [`adminapi`]: `kubectl-hapair` / `hapair` and the admin API it speaks.
 
 pub mod actions;
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod controller;
 pub mod events;
 pub mod file_store;
+pub mod k8s;
 pub mod lease;
 pub mod metrics;
 pub mod pki;
