@@ -68,6 +68,9 @@ pub enum ReportRefusal {
 
 struct Core {
     state: ControllerState,
+    /// The state as the store last confirmed it; anything else is still to be saved
+    /// (including changes made before a reconcile, such as a node's cleanup confirmation).
+    persisted: ControllerState,
     catalog: Catalog,
     reconciled: Reconciled,
     reports: BTreeMap<String, (NodeReport, UnixMillis)>,
@@ -137,6 +140,7 @@ impl<S: Store> Controller<S> {
             metrics,
             settings,
             core: Mutex::new(Core {
+                persisted: state.clone(),
                 state,
                 catalog,
                 reconciled: Reconciled::default(),
@@ -268,12 +272,13 @@ impl<S: Store> Controller<S> {
 
         // Serving bundles the store could not record would let revisions repeat after a
         // restart: on failure keep the old state and bundles instead.
-        if core.state != before
-            && let Err(e) = self.store.save_state(&core.state).await
-        {
-            self.metrics.error("store");
-            core.state = before;
-            return Err(e);
+        if core.state != core.persisted {
+            if let Err(e) = self.store.save_state(&core.state).await {
+                self.metrics.error("store");
+                core.state = before;
+                return Err(e);
+            }
+            core.persisted = core.state.clone();
         }
         for bundle in reconciled.bundles.values() {
             if reconciled.changed.contains(&bundle.node) {
@@ -416,8 +421,10 @@ impl<S: Store> Controller<S> {
             }
             if let Some(phase) = status.phase {
                 phases.push(phase);
-                if previous.phase.is_some_and(|p| p != phase)
-                    || previous.phase.is_none() && phase != GroupPhase::Pending
+                // Entering Invalid already has its InvalidManifest event, with the reason.
+                if (previous.phase.is_some_and(|p| p != phase)
+                    || previous.phase.is_none() && phase != GroupPhase::Pending)
+                    && phase != GroupPhase::Invalid
                 {
                     let from = previous.phase.map(|p| p.as_str()).unwrap_or("none");
                     let why = phase_reason(&status);

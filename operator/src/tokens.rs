@@ -152,6 +152,13 @@ pub enum TokenFileError {
     Lock { path: PathBuf, source: std::io::Error },
 }
 
+/// What `token create` prints: the token and the one command to run on the node.
+pub fn enroll_instructions(token: &str, node: &str, expires: &str, ca_fingerprint: &str, controller: &str) -> String {
+    format!(
+        "token:          {token}\nnode:           {node}\nexpires:        {expires}\nca fingerprint: {ca_fingerprint}\n\nOn {node}, run once:\n  hapair-agent enroll --controller {controller} --node {node} --token {token} --ca-fingerprint {ca_fingerprint} --dir /etc/hapair\n"
+    )
+}
+
 /// Why a token could not be burned at enrollment.
 #[derive(Debug, thiserror::Error)]
 pub enum RedeemError {

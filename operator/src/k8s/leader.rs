@@ -433,7 +433,9 @@ mod tests {
         let mut api = FakeApi::default();
         let mut a = Elector::new("l", "a", timing());
         let step = a.decide(t0, wall(Duration::ZERO), None);
-        assert!(matches!(&step, Step::Create(l) if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("a")));
+        assert!(
+            matches!(&step, Step::Create(l) if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("a"))
+        );
         let written = api.write(step).unwrap_or_else(|| panic!("created"));
         a.succeeded(t0, &written);
         assert!(a.is_leader(t0 + Duration::from_secs(9)));
@@ -461,7 +463,10 @@ mod tests {
         // b first sees a's record 1s later; a then stops renewing. b's wall clock is far off,
         // which must not matter.
         let seen = t0 + Duration::from_secs(1);
-        assert_eq!(b.decide(seen, wall(Duration::from_secs(99_999)), api.lease.as_ref()), Step::Wait { holder: "a".into() });
+        assert_eq!(
+            b.decide(seen, wall(Duration::from_secs(99_999)), api.lease.as_ref()),
+            Step::Wait { holder: "a".into() }
+        );
         let almost = seen + Duration::from_secs(15) - Duration::from_millis(1);
         assert!(matches!(b.decide(almost, wall(Duration::ZERO), api.lease.as_ref()), Step::Wait { .. }));
         assert!(!a.is_leader(almost), "a stopped acting long before b may start");
@@ -517,7 +522,10 @@ mod tests {
                 clock = next[i];
                 let now = t0 + clock;
                 for (j, e) in electors.iter().enumerate() {
-                    assert!(!(e.is_leader(now) && electors[1 - j].is_leader(now)), "seed {seed}: two leaders at {clock:?}");
+                    assert!(
+                        !(e.is_leader(now) && electors[1 - j].is_leader(now)),
+                        "seed {seed}: two leaders at {clock:?}"
+                    );
                 }
                 let step = electors[i].decide(now, wall(clock), api.lease.as_ref());
                 // A write is lost on the way, or lands but its answer is lost, or succeeds.
@@ -533,7 +541,8 @@ mod tests {
                     }
                 }
                 // Sometimes a replica stalls for a long time (GC pause, network partition).
-                let stall = if rng.random_bool(0.05) { Duration::from_secs(rng.random_range(5..30)) } else { Duration::ZERO };
+                let stall =
+                    if rng.random_bool(0.05) { Duration::from_secs(rng.random_range(5..30)) } else { Duration::ZERO };
                 next[i] = clock + Duration::from_secs(2) + stall;
             }
         }
@@ -552,7 +561,13 @@ mod tests {
     }
 
     fn request() -> LeaseRequest {
-        LeaseRequest { group: GroupKey::new("default", "g"), node: "a".into(), op: LeaseOp::Acquire, epoch: 3, ttl_ms: 800 }
+        LeaseRequest {
+            group: GroupKey::new("default", "g"),
+            node: "a".into(),
+            op: LeaseOp::Acquire,
+            epoch: 3,
+            ttl_ms: 800,
+        }
     }
 
     fn params() -> LeaseParams {

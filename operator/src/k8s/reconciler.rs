@@ -261,8 +261,13 @@ async fn reconcile_group_inner(group: &HaGroup, ctx: &Context, key: &GroupKey) -
             Ok(action) => handle_action(&core, group, key, &action).await?,
             Err(error) => {
                 warn!("{error}");
-                core.note_event(key, EventType::Warning, "InvalidAnnotation", format!("{error}; the annotation is removed"))
-                    .await;
+                core.note_event(
+                    key,
+                    EventType::Warning,
+                    "InvalidAnnotation",
+                    format!("{error}; the annotation is removed"),
+                )
+                .await;
                 let value = found.get(&error.annotation).cloned().unwrap_or_default();
                 remove_annotation(&api, &key.name, &error.annotation, &value)
                     .await
@@ -335,7 +340,7 @@ async fn reconcile_volume_inner(
         core.reconcile_coalesced().await?;
         let users = volume_users(&core, key).await;
         if users.is_empty() {
-            core.store().block_volume_deletion(key, None);
+            core.store().forget_volume(key);
             remove_finalizer(&api, volume, FINALIZER).await.map_err(kube_error("removing the finalizer"))?;
             ctx.metrics.kube_write("finalizer");
             info!(policy = ?volume.spec.deletion_policy, "no group uses the volume; finalizer removed");

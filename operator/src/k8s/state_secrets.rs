@@ -102,6 +102,7 @@ struct Shard {
 pub struct StateSecrets {
     api: Api<Secret>,
     prefix: String,
+    count: usize,
     shards: Mutex<Vec<Shard>>,
     metrics: Arc<Metrics>,
 }
@@ -113,10 +114,18 @@ fn backend(what: String) -> impl FnOnce(kube::Error) -> StoreError {
 impl StateSecrets {
     /// `api` is namespaced to the operator's namespace; shards are `<prefix>-N`.
     pub fn new(api: Api<Secret>, prefix: &str, metrics: Arc<Metrics>) -> Self {
+        StateSecrets::with_shards(api, prefix, STATE_SHARDS, metrics)
+    }
+
+    /// With another number of shards than [`STATE_SHARDS`]; for tests that want to see
+    /// every request. The count must never change for one installation.
+    pub fn with_shards(api: Api<Secret>, prefix: &str, count: usize, metrics: Arc<Metrics>) -> Self {
+        let count = count.max(1);
         StateSecrets {
             api,
             prefix: prefix.to_string(),
-            shards: Mutex::new(vec![Shard::default(); STATE_SHARDS]),
+            count,
+            shards: Mutex::new(vec![Shard::default(); count]),
             metrics,
         }
     }
@@ -132,14 +141,15 @@ impl StateSecrets {
     /// Reads every shard. A missing shard is empty; an unreadable one is an error (starting
     /// from nothing would re-key every group and re-identify every volume).
     pub async fn load(&self) -> Result<ControllerState, StoreError> {
-        let mut parts = Vec::with_capacity(STATE_SHARDS);
-        for i in 0..STATE_SHARDS {
+        let mut parts = Vec::with_capacity(self.count);
+        for i in 0..self.count {
             let name = self.name(i);
             let secret = self.api.get_opt(&name).await.map_err(backend(format!("reading Secret {name}")))?;
             let shard = match secret {
                 None => Shard::default(),
                 Some(secret) => {
-                    let json = secret.data.as_ref().and_then(|d| d.get(STATE_KEY)).map(|b| b.0.clone()).unwrap_or_default();
+                    let json =
+                        secret.data.as_ref().and_then(|d| d.get(STATE_KEY)).map(|b| b.0.clone()).unwrap_or_default();
                     let part: ControllerState = if json.is_empty() {
                         ControllerState::default()
                     } else {
@@ -158,7 +168,7 @@ impl StateSecrets {
 
     /// Writes the shards whose content changed since last read or written.
     pub async fn save(&self, state: &ControllerState) -> Result<(), StoreError> {
-        for (i, part) in split(state, STATE_SHARDS).into_iter().enumerate() {
+        for (i, part) in split(state, self.count).into_iter().enumerate() {
             let json = serde_json::to_vec(&part).map_err(|e| StoreError::Backend(format!("encoding state: {e}")))?;
             let known = self.lock()[i].clone();
             if known.json == json && known.resource_version.is_some() {
@@ -248,7 +258,10 @@ mod tests {
             state.generated_keys.insert(key.clone(), format!("key{i}"));
             state.volume_uuids.insert(GroupKey::new("ns", format!("v{i}")), format!("uuid{i}"));
             state.nodes.insert(format!("n{i}"), NodeRevision { revision: i, content_hash: format!("h{i}") });
-            state.actions.insert(format!("a{i}"), queue(&key, &format!("a{i}"), AdminActionKind::Maintenance { enabled: true }, 0));
+            state.actions.insert(
+                format!("a{i}"),
+                queue(&key, &format!("a{i}"), AdminActionKind::Maintenance { enabled: true }, 0),
+            );
         }
         state
     }

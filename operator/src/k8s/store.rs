@@ -173,10 +173,8 @@ impl KubeStore {
             return Ok(Some(secret.clone()));
         }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-        let fetched = api
-            .get_opt(&key.name)
-            .await
-            .map_err(|e| StoreError::Backend(format!("reading Secret {key}: {e}")))?;
+        let fetched =
+            api.get_opt(&key.name).await.map_err(|e| StoreError::Backend(format!("reading Secret {key}: {e}")))?;
         match fetched {
             Some(mut secret) => {
                 secret.metadata = core_meta(&secret.metadata);
@@ -189,6 +187,14 @@ impl KubeStore {
                 Ok(None)
             }
         }
+    }
+
+    /// Forgets a volume about to disappear (its finalizer is being removed): nothing more is
+    /// written about it.
+    pub fn forget_volume(&self, key: &GroupKey) {
+        let mut written = self.lock();
+        written.blocked.remove(key);
+        written.volumes.remove(key);
     }
 
     /// Marks a volume's deletion as waiting for `why` (or, with `None`, no longer waiting),
@@ -326,7 +332,11 @@ impl Store for KubeStore {
         Ok(())
     }
 
-    async fn write_volume_status(&self, key: &GroupKey, status: Option<&ReplicatedVolumeStatus>) -> Result<(), StoreError> {
+    async fn write_volume_status(
+        &self,
+        key: &GroupKey,
+        status: Option<&ReplicatedVolumeStatus>,
+    ) -> Result<(), StoreError> {
         let Some(status) = status else {
             self.lock().volumes.remove(key);
             return Ok(());
@@ -386,7 +396,12 @@ mod tests {
             last_heartbeat: Some(report.into()),
             uptime_seconds: uptime,
             hardware: Some(Hardware { cpus: 4, cpu_percent: cpu, ..Hardware::default() }),
-            links: vec![LinkStatus { interface: "eth0".into(), up: true, heartbeat_loss_percent: Some(cpu), ..LinkStatus::default() }],
+            links: vec![LinkStatus {
+                interface: "eth0".into(),
+                up: true,
+                heartbeat_loss_percent: Some(cpu),
+                ..LinkStatus::default()
+            }],
             ..NodeStatus::default()
         };
         let a = HaGroupStatus { epoch: 3, nodes: vec![node("t1", 10, 5)], ..HaGroupStatus::default() };
@@ -407,7 +422,12 @@ mod tests {
                 role: None,
                 connection: ConnectionState::SyncTarget,
                 out_of_sync_bytes: 1000 - done,
-                sync: Some(SyncProgress { done_bytes: done, total_bytes: 1000, bytes_per_second: rate, eta_seconds: Some(rate) }),
+                sync: Some(SyncProgress {
+                    done_bytes: done,
+                    total_bytes: 1000,
+                    bytes_per_second: rate,
+                    eta_seconds: Some(rate),
+                }),
             }],
             ..ReplicatedVolumeStatus::default()
         };
@@ -419,7 +439,10 @@ mod tests {
     fn a_blocked_deletion_is_a_condition_that_clears() {
         let blocked = with_blocked(ReplicatedVolumeStatus::default(), Some("used by HaGroup ns/g"));
         let condition = hapair_crds::condition::find(&blocked.conditions, types::DELETION_BLOCKED).cloned();
-        assert_eq!(condition.map(|c| (c.status, c.message)), Some((ConditionStatus::True, "used by HaGroup ns/g".into())));
+        assert_eq!(
+            condition.map(|c| (c.status, c.message)),
+            Some((ConditionStatus::True, "used by HaGroup ns/g".into()))
+        );
         let cleared = with_blocked(blocked, None);
         let condition = hapair_crds::condition::find(&cleared.conditions, types::DELETION_BLOCKED).cloned();
         assert_eq!(condition.map(|c| c.status), Some(ConditionStatus::False));

@@ -78,7 +78,8 @@ impl TokenSecret {
     /// Reads the book and its `resourceVersion` (`None`: no Secret yet, an empty book).
     async fn read(&self) -> Result<(TokenBook, Option<String>), K8sError> {
         let name = &self.name;
-        let Some(secret) = self.api.get_opt(name).await.map_err(K8sError::kube(format!("reading Secret {name}")))? else {
+        let Some(secret) = self.api.get_opt(name).await.map_err(K8sError::kube(format!("reading Secret {name}")))?
+        else {
             return Ok((TokenBook::default(), None));
         };
         let bytes = secret.data.as_ref().and_then(|d| d.get(TOKENS_KEY)).map(|b| b.0.clone()).unwrap_or_default();

@@ -56,7 +56,7 @@ struct Queue {
 
 struct Shared {
     client: Client,
-    recorder: Recorder,
+    reporter: Reporter,
     groups: Cache<HaGroup>,
     queue: Mutex<Queue>,
     wake: Notify,
@@ -82,10 +82,16 @@ impl Drop for Writer {
 impl Writer {
     /// Starts `workers` workers (at least one). With one worker writes happen in the order
     /// they were queued. `instance` names this replica in Events.
-    pub fn start(client: Client, groups: Cache<HaGroup>, instance: &str, workers: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        client: Client,
+        groups: Cache<HaGroup>,
+        instance: &str,
+        workers: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance.to_string()) };
         let shared = Arc::new(Shared {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             groups,
             queue: Mutex::new(Queue::default()),
@@ -208,7 +214,8 @@ impl Shared {
                     "kind": HaGroup::kind(&()),
                     "status": status,
                 });
-                match api.patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await {
+                match api.patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await
+                {
                     Ok(_) => {
                         self.metrics.kube_write("status");
                         Ok(())
@@ -235,7 +242,8 @@ impl Shared {
                     "kind": ReplicatedVolume::kind(&()),
                     "status": status,
                 });
-                match api.patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await {
+                match api.patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await
+                {
                     Ok(_) => {
                         self.metrics.kube_write("status");
                         Ok(())
@@ -258,7 +266,12 @@ impl Shared {
                     debug!(group = %key, reason = %event.event.reason, "no object to attach the event to");
                     return Ok(());
                 };
-                match self.recorder.publish(&to_kube_event(event), &group.object_ref(&())).await {
+                // A recorder per event: kube's Recorder folds every later event with the same
+                // type and reason into a series of the first, note included, so "Degraded ->
+                // Healthy" would be shown again where "Down -> Healthy" happened. The core
+                // already drops exact repeats.
+                let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+                match recorder.publish(&to_kube_event(event), &group.object_ref(&())).await {
                     Ok(()) => {
                         self.metrics.kube_write("event");
                         Ok(())
