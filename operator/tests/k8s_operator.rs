@@ -291,7 +291,12 @@ impl Harness {
         groups.apply_watcher_event(&watcher::Event::InitDone);
         volumes.apply_watcher_event(&watcher::Event::InitDone);
         secrets.apply_watcher_event(&watcher::Event::InitDone);
-        let caches = Caches { groups: groups_cache, volumes: volumes_cache, secrets: secrets_cache };
+        let caches = Caches {
+            groups: groups_cache,
+            volumes: volumes_cache,
+            secrets: secrets_cache,
+            synced: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        };
         let state =
             StateSecrets::with_shards(Api::namespaced(client.clone(), OPERATOR_NS), "hapair-state", 1, metrics.clone());
         let writer = Writer::start(client.clone(), caches.groups.clone(), "operator-0", 1, metrics.clone());

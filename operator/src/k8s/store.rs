@@ -16,6 +16,7 @@
 //! - **Release** of a deleted group removes its finalizer.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,18 +47,14 @@ pub struct Caches {
     pub groups: Cache<HaGroup>,
     pub volumes: Cache<ReplicatedVolume>,
     pub secrets: Cache<PartialObjectMeta<Secret>>,
+    /// Set once every reflector has listed everything. Not kube's `wait_until_ready`: its
+    /// future wakes only the latest of several waiters, and the controllers wait on it too.
+    pub synced: Arc<AtomicBool>,
 }
 
 impl Caches {
-    /// Waits until every reflector has listed once.
-    pub async fn ready(&self) -> Result<(), StoreError> {
-        let not_ready = |e: kube::runtime::reflector::store::WriterDropped| {
-            StoreError::Backend(format!("a cache stopped before it was filled: {e}"))
-        };
-        self.groups.wait_until_ready().await.map_err(not_ready)?;
-        self.volumes.wait_until_ready().await.map_err(not_ready)?;
-        self.secrets.wait_until_ready().await.map_err(not_ready)?;
-        Ok(())
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
     }
 }
 
@@ -247,9 +244,9 @@ fn with_blocked(mut status: ReplicatedVolumeStatus, why: Option<&str>) -> Replic
 impl Store for KubeStore {
     async fn snapshot(&self) -> Result<Catalog, StoreError> {
         // Never reconcile a half-filled cache: groups missing from it would be deleted.
-        tokio::time::timeout(Duration::from_secs(30), self.caches.ready())
-            .await
-            .map_err(|_| StoreError::Backend("the operator's caches are not filled yet".into()))??;
+        if !self.caches.is_synced() {
+            return Err(StoreError::Backend("the operator's caches are not filled yet".into()));
+        }
         let groups: Vec<HaGroup> = self
             .caches
             .groups

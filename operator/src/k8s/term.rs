@@ -68,20 +68,25 @@ impl TermConfig {
     }
 }
 
+/// Background tasks that end with their owner: a term that fails to start, or ends, must
+/// leave no controller running.
+#[derive(Debug, Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// A running term.
 #[derive(Debug)]
 pub struct Term {
     core: Arc<Controller<KubeStore>>,
     router: Router,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Term {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
+    _tasks: Tasks,
 }
 
 impl Term {
@@ -95,34 +100,69 @@ impl Term {
         authority: Option<Box<dyn LeaseAuthority>>,
         metrics: Arc<Metrics>,
     ) -> Result<Term, K8sError> {
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
         let (core_tx, core_rx) = watch::channel(None);
         let ctx = Arc::new(Context::new(client.clone(), core_rx.clone(), metrics.clone()));
 
+        // One watch per resource, shared by the controller (its triggers) and the store (the
+        // snapshot), each announcing its first complete listing on its own channel.
+        let (groups, groups_writer) = reflector::store_shared::<HaGroup>(SHARED_BUFFER);
+        let (volumes, volumes_writer) = reflector::store_shared::<ReplicatedVolume>(SHARED_BUFFER);
+        let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let caches = Caches {
+            groups: groups.clone(),
+            volumes: volumes.clone(),
+            secrets,
+            synced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let group_events =
+            groups_writer.subscribe().ok_or_else(|| K8sError::Invalid("the HaGroup store cannot be shared".into()))?;
+        let volume_events = volumes_writer
+            .subscribe()
+            .ok_or_else(|| K8sError::Invalid("the ReplicatedVolume store cannot be shared".into()))?;
+        let (groups_synced, mut groups_ready) = watch::channel(false);
+        let (volumes_synced, mut volumes_ready) = watch::channel(false);
+        let (secrets_synced, mut secrets_ready) = watch::channel(false);
         let groups_api: Api<HaGroup> = Api::all(client.clone());
         let volumes_api: Api<ReplicatedVolume> = Api::all(client.clone());
-        let group_controller = kube::runtime::Controller::new(groups_api, watcher::Config::default().any_semantic());
-        let volume_controller = kube::runtime::Controller::new(volumes_api, watcher::Config::default().any_semantic());
-        let (secrets, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
-        let caches = Caches { groups: group_controller.store(), volumes: volume_controller.store(), secrets };
+        tasks.0.push(tokio::spawn(reflect("HaGroups", groups_api, groups_writer, groups_synced)));
+        tasks.0.push(tokio::spawn(reflect("ReplicatedVolumes", volumes_api, volumes_writer, volumes_synced)));
+        let group_controller = kube::runtime::Controller::for_shared_stream(group_events, groups);
+        let volume_controller = kube::runtime::Controller::for_shared_stream(volume_events, volumes);
 
-        tasks.push(tokio::spawn(group_controller.run(reconcile_group, error_policy, ctx.clone()).for_each(
+        tasks.0.push(tokio::spawn(group_controller.run(reconcile_group, error_policy, ctx.clone()).for_each(
             |result| async move {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "HaGroup controller");
                 }
             },
         )));
-        tasks.push(tokio::spawn(volume_controller.run(reconcile_volume, error_policy, ctx.clone()).for_each(
+        tasks.0.push(tokio::spawn(volume_controller.run(reconcile_volume, error_policy, ctx.clone()).for_each(
             |result| async move {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "ReplicatedVolume controller");
                 }
             },
         )));
-        tasks.push(tokio::spawn(watch_secrets(client.clone(), secret_writer, caches.clone(), core_rx)));
+        tasks.0.push(tokio::spawn(watch_secrets(
+            client.clone(),
+            secrets_writer,
+            caches.clone(),
+            core_rx,
+            secrets_synced,
+        )));
 
-        caches.ready().await?;
+        for (what, ready) in [
+            ("HaGroups", &mut groups_ready),
+            ("ReplicatedVolumes", &mut volumes_ready),
+            ("Secrets", &mut secrets_ready),
+        ] {
+            ready
+                .wait_for(|synced| *synced)
+                .await
+                .map_err(|_| K8sError::Invalid(format!("the watch of {what} stopped before it listed them")))?;
+        }
+        caches.synced.store(true, std::sync::atomic::Ordering::SeqCst);
         info!(
             groups = caches.groups.state().len(),
             volumes = caches.volumes.state().len(),
@@ -142,7 +182,7 @@ impl Term {
         let keep = core_tx;
         let ticking = core.clone();
         let every = config.tick;
-        tasks.push(tokio::spawn(async move {
+        tasks.0.push(tokio::spawn(async move {
             let _sender = keep;
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,7 +193,7 @@ impl Term {
                 }
             }
         }));
-        Ok(Term { core, router, tasks })
+        Ok(Term { core, router, _tasks: tasks })
     }
 
     pub fn core(&self) -> &Arc<Controller<KubeStore>> {
@@ -171,6 +211,31 @@ impl Term {
     }
 }
 
+/// Room for object changes between the shared reflector and the controller reading them.
+const SHARED_BUFFER: usize = 1024;
+
+/// Drives the watch of one resource into its shared store, and says when it first listed
+/// everything.
+async fn reflect<K>(what: &'static str, api: Api<K>, writer: reflector::store::Writer<K>, synced: watch::Sender<bool>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|object| object.meta_mut().managed_fields = None);
+    // `reflector`, not `reflect`: only it hands the changes on to the controller.
+    let mut events = std::pin::pin!(reflector::reflector(writer, stream));
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::InitDone) => {
+                synced.send_replace(true);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "watching {what}"),
+        }
+    }
+}
+
 /// Keeps the cache of Secret metadata, and reruns the core when a Secret some group
 /// references (its heartbeat key) is created, changed or deleted.
 async fn watch_secrets(
@@ -178,16 +243,22 @@ async fn watch_secrets(
     writer: reflector::store::Writer<PartialObjectMeta<Secret>>,
     caches: Caches,
     core: watch::Receiver<Option<Arc<Controller<KubeStore>>>>,
+    synced: watch::Sender<bool>,
 ) {
     // Metadata only: the data of the few Secrets groups reference is read on demand.
     let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client);
     let stream = watcher(secrets, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|meta| meta.metadata.managed_fields = None);
-    let mut changes = std::pin::pin!(reflector::reflector(writer, stream).touched_objects());
+    let mut changes = std::pin::pin!(reflector::reflector(writer, stream));
     while let Some(change) = changes.next().await {
         let meta = match change {
-            Ok(meta) => meta,
+            Ok(watcher::Event::InitDone) => {
+                synced.send_replace(true);
+                continue;
+            }
+            Ok(watcher::Event::Apply(meta) | watcher::Event::Delete(meta)) => meta,
+            Ok(_) => continue,
             Err(e) => {
                 warn!(error = %e, "watching Secrets");
                 continue;

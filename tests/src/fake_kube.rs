@@ -1,0 +1,425 @@
+//! An in-process stand-in for the Kubernetes API server, as a tower `Service` a
+//! `kube::Client` can be built on. Only the Kubernetes API server may be mocked here (the
+//! house rules); this one is for the operator's scale benchmark, where a thousand objects
+//! must be listed, watched, patched and counted without a cluster.
+//!
+//! It keeps objects as JSON by resource, namespace and name, with a global resource
+//! version, and serves what the operator uses: list (also as metadata only), watch
+//! (streamed, every change after the watch started), get, create, replace (refused with
+//! 409 on a stale `resourceVersion`), JSON patch (a `test` for null passes on a missing
+//! path, as on the real server), server-side apply of `status` (simplified: the applied
+//! status replaces the stored one), and merge patch. Every request is counted by verb.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Frame;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// A stored object's place: resource (plural), namespace ("" when cluster-scoped), name.
+type Place = (String, String, String);
+
+/// One change, as a watch sees it.
+#[derive(Clone, Debug)]
+struct Change {
+    resource: String,
+    namespace: String,
+    kind: &'static str,
+    object: Value,
+}
+
+/// Requests served, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub lists: u64,
+    pub watches: u64,
+    pub gets: u64,
+    pub creates: u64,
+    pub replaces: u64,
+    pub patches: u64,
+    pub status_applies: u64,
+}
+
+impl Counts {
+    pub fn writes(&self) -> u64 {
+        self.creates + self.replaces + self.patches + self.status_applies
+    }
+
+    pub fn reads(&self) -> u64 {
+        self.lists + self.gets
+    }
+
+    /// The counts since `earlier`.
+    pub fn since(&self, earlier: &Counts) -> Counts {
+        Counts {
+            lists: self.lists - earlier.lists,
+            watches: self.watches - earlier.watches,
+            gets: self.gets - earlier.gets,
+            creates: self.creates - earlier.creates,
+            replaces: self.replaces - earlier.replaces,
+            patches: self.patches - earlier.patches,
+            status_applies: self.status_applies - earlier.status_applies,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct World {
+    objects: BTreeMap<Place, Value>,
+    version: u64,
+    counts: Counts,
+    /// Writes by resource (and subresource), for the benchmark's breakdown.
+    writes_by: BTreeMap<String, u64>,
+}
+
+/// The fake API server. Cheap to clone; every clone serves the same objects.
+#[derive(Clone, Debug)]
+pub struct FakeApi {
+    world: Arc<Mutex<World>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        FakeApi::new()
+    }
+}
+
+fn status_body(code: StatusCode, message: &str) -> Value {
+    // The API server's machine-readable reasons; clients match on them (kube's `get_opt`
+    // looks for NotFound).
+    let reason = match code {
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::CONFLICT => "Conflict",
+        StatusCode::UNPROCESSABLE_ENTITY => "Invalid",
+        StatusCode::BAD_REQUEST => "BadRequest",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        _ => "Unknown",
+    };
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code.as_u16(), "message": message, "reason": reason})
+}
+
+fn respond(code: StatusCode, body: &Value) -> Response<BoxBody<Bytes, Infallible>> {
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    let body = http_body_util::Full::new(bytes).boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    response
+}
+
+/// `(resource, namespace, name, subresource)` of an API path.
+fn route(path: &str) -> Option<(String, String, Option<String>, Option<String>)> {
+    let rest = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        rest
+    } else {
+        let rest = path.strip_prefix("/apis/")?;
+        // group/version/…
+        let mut parts = rest.splitn(3, '/');
+        parts.next()?;
+        parts.next()?;
+        parts.next()?
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let (namespace, rest) = match segments.as_slice() {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (ns.to_string(), rest.to_vec()),
+        other => (String::new(), other.to_vec()),
+    };
+    match rest.as_slice() {
+        [resource] => Some((resource.to_string(), namespace, None, None)),
+        [resource, name] => Some((resource.to_string(), namespace, Some(name.to_string()), None)),
+        [resource, name, sub] => Some((resource.to_string(), namespace, Some(name.to_string()), Some(sub.to_string()))),
+        _ => None,
+    }
+}
+
+fn metadata_only(object: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": object["metadata"].clone()})
+}
+
+impl FakeApi {
+    pub fn new() -> Self {
+        FakeApi { world: Arc::new(Mutex::new(World::default())), changes: broadcast::channel(65_536).0 }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A `kube::Client` served by this fake.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::new(self.clone(), "default")
+    }
+
+    /// Stores `object` (its `metadata.namespace`, `metadata.name`) under `resource`, as if
+    /// created by someone else.
+    pub fn insert(&self, resource: &str, mut object: Value) {
+        let mut world = self.lock();
+        world.version += 1;
+        let version = world.version.to_string();
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+        object["metadata"]["resourceVersion"] = json!(version);
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{resource}-{namespace}-{name}"));
+        }
+        if object["metadata"]["generation"].is_null() {
+            object["metadata"]["generation"] = json!(1);
+        }
+        world.objects.insert((resource.to_string(), namespace.clone(), name), object.clone());
+        let _ = self.changes.send(Change { resource: resource.to_string(), namespace, kind: "ADDED", object });
+    }
+
+    /// Every stored object of `resource`.
+    pub fn objects(&self, resource: &str) -> Vec<Value> {
+        self.lock().objects.iter().filter(|((r, _, _), _)| r == resource).map(|(_, o)| o.clone()).collect()
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.lock().counts
+    }
+
+    /// Writes so far by resource (`hagroups/status`, `secrets`, `events`, …).
+    pub fn writes_by(&self) -> BTreeMap<String, u64> {
+        self.lock().writes_by.clone()
+    }
+
+    fn store(&self, world: &mut World, place: Place, mut object: Value, kind: &'static str) -> Value {
+        world.version += 1;
+        object["metadata"]["resourceVersion"] = json!(world.version.to_string());
+        world.objects.insert(place.clone(), object.clone());
+        let _ = self.changes.send(Change { resource: place.0, namespace: place.1, kind, object: object.clone() });
+        object
+    }
+
+    fn count_write(world: &mut World, resource: &str, sub: Option<&str>) {
+        let key = match sub {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.to_string(),
+        };
+        *world.writes_by.entry(key).or_default() += 1;
+    }
+
+    fn handle(
+        &self,
+        method: Method,
+        path: &str,
+        query: &str,
+        metadata: bool,
+        body: Value,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let Some((resource, namespace, name, sub)) = route(path) else {
+            return respond(StatusCode::NOT_FOUND, &status_body(StatusCode::NOT_FOUND, "no such path"));
+        };
+        let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+        let mut world = self.lock();
+        match (method, name) {
+            (Method::GET, None) if watch => {
+                world.counts.watches += 1;
+                drop(world);
+                self.watch(resource, namespace, metadata)
+            }
+            (Method::GET, None) => {
+                world.counts.lists += 1;
+                let items: Vec<Value> = world
+                    .objects
+                    .iter()
+                    .filter(|((r, ns, _), _)| *r == resource && (namespace.is_empty() || *ns == namespace))
+                    .map(|(_, o)| if metadata { metadata_only(o) } else { o.clone() })
+                    .collect();
+                let list = json!({
+                    "apiVersion": if metadata { "meta.k8s.io/v1" } else { "v1" },
+                    "kind": if metadata { "PartialObjectMetadataList" } else { "List" },
+                    "metadata": {"resourceVersion": world.version.to_string()},
+                    "items": items,
+                });
+                respond(StatusCode::OK, &list)
+            }
+            (Method::GET, Some(name)) => {
+                world.counts.gets += 1;
+                match world.objects.get(&(resource, namespace, name)) {
+                    Some(object) => respond(StatusCode::OK, object),
+                    None => respond(StatusCode::NOT_FOUND, &status_body(StatusCode::NOT_FOUND, "not found")),
+                }
+            }
+            (Method::POST, None) => {
+                world.counts.creates += 1;
+                FakeApi::count_write(&mut world, &resource, None);
+                let name = body["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let place = (resource, namespace.clone(), name);
+                if world.objects.contains_key(&place) {
+                    return respond(StatusCode::CONFLICT, &status_body(StatusCode::CONFLICT, "already exists"));
+                }
+                let mut object = body;
+                object["metadata"]["namespace"] = json!(namespace);
+                object["metadata"]["uid"] = json!(format!("uid-{}", world.version + 1));
+                let stored = self.store(&mut world, place, object, "ADDED");
+                respond(StatusCode::CREATED, &stored)
+            }
+            (Method::PUT, Some(name)) => {
+                world.counts.replaces += 1;
+                FakeApi::count_write(&mut world, &resource, None);
+                let place = (resource, namespace, name);
+                let Some(current) = world.objects.get(&place) else {
+                    return respond(StatusCode::NOT_FOUND, &status_body(StatusCode::NOT_FOUND, "not found"));
+                };
+                if body["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                    return respond(
+                        StatusCode::CONFLICT,
+                        &status_body(StatusCode::CONFLICT, "the object has been modified"),
+                    );
+                }
+                let stored = self.store(&mut world, place, body, "MODIFIED");
+                respond(StatusCode::OK, &stored)
+            }
+            (Method::PATCH, Some(name)) => {
+                if sub.as_deref() == Some("status") {
+                    world.counts.status_applies += 1;
+                } else {
+                    world.counts.patches += 1;
+                }
+                FakeApi::count_write(&mut world, &resource, sub.as_deref());
+                let place = (resource, namespace, name);
+                let Some(mut object) = world.objects.get(&place).cloned() else {
+                    return respond(StatusCode::NOT_FOUND, &status_body(StatusCode::NOT_FOUND, "not found"));
+                };
+                if sub.as_deref() == Some("status") {
+                    object["status"] = body["status"].clone();
+                } else if let Value::Array(operations) = &body {
+                    let kept: Vec<Value> = operations
+                        .iter()
+                        .filter(|op| {
+                            let missing = op["path"].as_str().is_some_and(|p| object.pointer(p).is_none());
+                            !(op["op"] == json!("test") && op["value"].is_null() && missing)
+                        })
+                        .cloned()
+                        .collect();
+                    let patch: json_patch::Patch = match serde_json::from_value(Value::Array(kept)) {
+                        Ok(patch) => patch,
+                        Err(e) => {
+                            return respond(
+                                StatusCode::BAD_REQUEST,
+                                &status_body(StatusCode::BAD_REQUEST, &e.to_string()),
+                            );
+                        }
+                    };
+                    if let Err(e) = json_patch::patch(&mut object, &patch) {
+                        return respond(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            &status_body(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+                        );
+                    }
+                } else {
+                    json_patch::merge(&mut object, &body);
+                }
+                let stored = self.store(&mut world, place, object, "MODIFIED");
+                respond(StatusCode::OK, &stored)
+            }
+            (method, _) => respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &status_body(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not served here")),
+            ),
+        }
+    }
+
+    /// A watch: every later change of `resource` (in `namespace`, when given), one JSON
+    /// line each, until the client goes away.
+    fn watch(&self, resource: String, namespace: String, metadata: bool) -> Response<BoxBody<Bytes, Infallible>> {
+        let receiver = self.changes.subscribe();
+        let stream = futures::stream::unfold(receiver, move |mut receiver| {
+            let (resource, namespace) = (resource.clone(), namespace.clone());
+            async move {
+                loop {
+                    match receiver.recv().await {
+                        Ok(change)
+                            if change.resource == resource
+                                && (namespace.is_empty() || change.namespace == namespace) =>
+                        {
+                            let object = if metadata { metadata_only(&change.object) } else { change.object };
+                            let mut line =
+                                serde_json::to_vec(&json!({"type": change.kind, "object": object})).unwrap_or_default();
+                            line.push(b'\n');
+                            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), receiver));
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        let body = http_body_util::StreamBody::new(stream).boxed();
+        Response::new(body)
+    }
+}
+
+impl tower::Service<Request<Body>> for FakeApi {
+    type Response = Response<BoxBody<Bytes, Infallible>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let api = self.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let body: Value =
+                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+            let metadata = parts
+                .headers
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
+            tracing::debug!(method = %parts.method, path = parts.uri.path(), query = parts.uri.query().unwrap_or(""), metadata, "fake API request");
+            let response = api.handle(parts.method, parts.uri.path(), parts.uri.query().unwrap_or(""), metadata, body);
+            tracing::debug!(status = %response.status(), "fake API answer");
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_namespaced_cluster_wide_and_subresource_paths() {
+        assert_eq!(route("/api/v1/secrets"), Some(("secrets".into(), String::new(), None, None)));
+        assert_eq!(
+            route("/apis/hapair.dev/v1alpha1/namespaces/ns/hagroups/g/status"),
+            Some(("hagroups".into(), "ns".into(), Some("g".into()), Some("status".into())))
+        );
+        assert_eq!(
+            route("/apis/coordination.k8s.io/v1/namespaces/op/leases/l"),
+            Some(("leases".into(), "op".into(), Some("l".into()), None))
+        );
+        assert_eq!(route("/healthz"), None);
+    }
+
+    #[tokio::test]
+    async fn replace_is_compare_and_swap() {
+        use k8s_openapi::api::core::v1::Secret;
+        let api = FakeApi::new();
+        let secrets: kube::Api<Secret> = kube::Api::namespaced(api.client(), "op");
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("s".into());
+        let created = secrets.create(&Default::default(), &secret).await.unwrap_or_else(|e| panic!("{e}"));
+        let replaced = secrets.replace("s", &Default::default(), &created).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(replaced.metadata.resource_version, created.metadata.resource_version);
+        let stale = secrets.replace("s", &Default::default(), &created).await;
+        assert!(matches!(stale, Err(kube::Error::Api(s)) if s.code == 409));
+        assert_eq!(api.counts().writes(), 3);
+    }
+}
