@@ -45,13 +45,46 @@ enum Job {
     Release(GroupKey),
 }
 
+/// The object a status job writes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Group(GroupKey),
+    Volume(GroupKey),
+}
+
+impl Job {
+    fn target(&self) -> Option<Target> {
+        match self {
+            Job::GroupStatus(key) => Some(Target::Group(key.clone())),
+            Job::VolumeStatus(key) => Some(Target::Volume(key.clone())),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     jobs: VecDeque<Job>,
     groups: BTreeMap<GroupKey, HaGroupStatus>,
     volumes: BTreeMap<GroupKey, ReplicatedVolumeStatus>,
+    /// Objects whose status is being written right now: a newer status of the same object
+    /// waits for that write, or two workers could land them in the wrong order and leave the
+    /// older one in the API.
+    busy: std::collections::BTreeSet<Target>,
     /// Queued plus in flight.
     outstanding: usize,
+}
+
+impl Queue {
+    /// The first job whose object is not being written already.
+    fn take(&mut self) -> Option<Job> {
+        let index = self.jobs.iter().position(|job| job.target().is_none_or(|t| !self.busy.contains(&t)))?;
+        let job = self.jobs.remove(index)?;
+        if let Some(target) = job.target() {
+            self.busy.insert(target);
+        }
+        Some(job)
+    }
 }
 
 struct Shared {
@@ -176,12 +209,18 @@ impl Shared {
     async fn work(self: Arc<Self>) {
         let mut failures: u32 = 0;
         loop {
-            let next = self.lock().jobs.pop_front();
+            let next = self.lock().take();
             let Some(job) = next else {
                 self.wake.notified().await;
                 continue;
             };
-            match self.execute(&job).await {
+            let result = self.execute(&job).await;
+            if let Some(target) = job.target() {
+                self.lock().busy.remove(&target);
+                // A newer status of the same object may be waiting for this one.
+                self.wake.notify_one();
+            }
+            match result {
                 Ok(()) => {
                     failures = 0;
                     self.done();
@@ -341,5 +380,50 @@ pub fn to_kube_event(event: &GroupEvent) -> Event {
         note: Some(note),
         action: if event.node.is_some() { "AgentReport".into() } else { "Reconcile".into() },
         secondary: None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use hapair_crds::hagroup::GroupPhase;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use kube::runtime::reflector;
+
+    #[tokio::test]
+    async fn a_newer_status_waits_for_the_write_of_the_older_one() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (groups, _writer) = reflector::store::<HaGroup>();
+        let writer = Writer::start(client, groups, "test", 4, Arc::new(Metrics::new()));
+        let key = GroupKey::new("ns", "g");
+        let other = GroupKey::new("ns", "h");
+        let status = |phase| HaGroupStatus { phase: Some(phase), ..HaGroupStatus::default() };
+        writer.group_status(&key, status(GroupPhase::Degraded));
+        let (first, reply_first) = handle.next_request().await.unwrap();
+        assert!(first.uri().path().ends_with("/hagroups/g/status"));
+        // While that write is in flight, a newer status of g and one of h are queued.
+        writer.group_status(&key, status(GroupPhase::Healthy));
+        writer.group_status(&other, status(GroupPhase::Pending));
+        let (second, reply_second) =
+            tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+        assert!(second.uri().path().ends_with("/hagroups/h/status"), "h goes ahead; g's second write waits");
+        let nothing = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+        assert!(nothing.is_err(), "no second write of g while the first is in flight");
+        let object =
+            br#"{"apiVersion":"hapair.dev/v1alpha1","kind":"HaGroup","metadata":{"name":"g"},"spec":{"nodes":[]}}"#;
+        let ok = || Response::builder().body(Body::from(object.to_vec())).unwrap();
+        reply_first.send_response(ok());
+        reply_second.send_response(ok());
+        let (third, reply_third) =
+            tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+        assert!(third.uri().path().ends_with("/hagroups/g/status"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&third.into_body().collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(body["status"]["phase"], serde_json::json!("Healthy"));
+        reply_third.send_response(ok());
+        assert_eq!(writer.flush(Duration::from_secs(5)).await, 0);
     }
 }
