@@ -685,3 +685,43 @@ async fn deleting_a_volume_in_use_is_blocked_with_a_condition_until_the_group_dr
     assert_eq!(lines, ["PATCH ns/replicatedvolumes/data remove /metadata/finalizers/0"]);
     assert_eq!(action, Action::await_change());
 }
+
+#[tokio::test]
+async fn a_cache_behind_the_finalizer_patch_does_not_add_it_twice() {
+    let mut h = Harness::start().await;
+    let stale: HaGroup = parse(GROUP);
+    // The API server already has the operator's finalizer (an earlier reconcile added it);
+    // the watch event the reconcile runs on predates that patch.
+    let mut current = stale.clone();
+    current.metadata.finalizers = Some(vec!["hapair.dev/cleanup".into()]);
+    h.put_group(&current);
+    let (action, lines) = h.reconcile(stale).await;
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(lines[0].starts_with("PATCH ns/hagroups/g add /metadata/finalizers (refused:"), "{lines:#?}");
+    assert_eq!(
+        lines[1..],
+        [
+            "GET g",
+            "CREATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=-",
+            "APPLY ns/hagroups/g/status phase=Pending active=- gen=1 Valid=True,Ready=Unknown lastAction=-",
+        ]
+    );
+    assert_eq!(action, Action::await_change());
+    let stored = &h.server.objects[&group_path("ns", "g")];
+    assert_eq!(stored["metadata"]["finalizers"], json!(["hapair.dev/cleanup"]), "one finalizer, not two");
+}
+
+#[tokio::test]
+async fn a_finalizer_list_changed_by_someone_else_is_read_again_and_extended() {
+    let mut h = Harness::start().await;
+    let stale: HaGroup = parse(GROUP);
+    // Another controller added its own finalizer after the cached copy was taken.
+    let mut current = stale.clone();
+    current.metadata.finalizers = Some(vec!["example.com/other".into()]);
+    h.put_group(&current);
+    let (_, lines) = h.reconcile(stale).await;
+    assert!(lines[0].contains("(refused:"), "{lines:#?}");
+    assert_eq!(lines[1..3], ["GET g", "PATCH ns/hagroups/g add /metadata/finalizers/-"]);
+    let stored = &h.server.objects[&group_path("ns", "g")];
+    assert_eq!(stored["metadata"]["finalizers"], json!(["example.com/other", "hapair.dev/cleanup"]));
+}

@@ -181,6 +181,29 @@ where
     api.patch(&name, &PatchParams::default(), &json_patch(operations)?).await
 }
 
+/// Adds the operator's finalizer to an object the cache shows without it. The cache may lag
+/// behind the operator's own earlier patch (a watch event from before it arrives after
+/// it): when the patch's test fails, the object is read afresh, and if it already carries
+/// the finalizer there is nothing to do. Returns whether a patch was written.
+async fn ensure_finalizer<K>(api: &Api<K>, object: &K) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    match add_finalizer(api, object, FINALIZER).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 422 => {
+            let name = object.meta().name.clone().unwrap_or_default();
+            let fresh = api.get(&name).await?;
+            if has_finalizer(fresh.meta(), FINALIZER) {
+                Ok(false)
+            } else {
+                add_finalizer(api, &fresh, FINALIZER).await.map(|_| true)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes `finalizer` from `object` by position, testing first that the position still
 /// holds it. Returns `Ok(None)` when the object does not carry it.
 pub async fn remove_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<Option<K>, kube::Error>
@@ -247,8 +270,9 @@ async fn reconcile_group_inner(group: &HaGroup, ctx: &Context, key: &GroupKey) -
     }
     let mut fingerprint = Fingerprint::of(&group.metadata);
     if !has_finalizer(&group.metadata, FINALIZER) {
-        add_finalizer(&api, group, FINALIZER).await.map_err(kube_error("adding the finalizer"))?;
-        ctx.metrics.kube_write("finalizer");
+        if ensure_finalizer(&api, group).await.map_err(kube_error("adding the finalizer"))? {
+            ctx.metrics.kube_write("finalizer");
+        }
         fingerprint.finalizers.push(FINALIZER.to_string());
     }
     if !ctx.unchanged("HaGroup", key, &fingerprint) {
@@ -355,8 +379,9 @@ async fn reconcile_volume_inner(
     }
     let mut fingerprint = Fingerprint::of(&volume.metadata);
     if !has_finalizer(&volume.metadata, FINALIZER) {
-        add_finalizer(&api, volume, FINALIZER).await.map_err(kube_error("adding the finalizer"))?;
-        ctx.metrics.kube_write("finalizer");
+        if ensure_finalizer(&api, volume).await.map_err(kube_error("adding the finalizer"))? {
+            ctx.metrics.kube_write("finalizer");
+        }
         fingerprint.finalizers.push(FINALIZER.to_string());
     }
     if !ctx.unchanged("ReplicatedVolume", key, &fingerprint) {
