@@ -68,9 +68,11 @@ pub enum ReportRefusal {
 
 struct Core {
     state: ControllerState,
-    /// The state as the store last confirmed it; anything else is still to be saved
-    /// (including changes made before a reconcile, such as a node's cleanup confirmation).
-    persisted: ControllerState,
+    /// Changed outside a reconcile (a node's cleanup confirmation, an action's results, a
+    /// new action) and not saved yet: the next reconcile saves it even if it changes
+    /// nothing itself. A flag rather than a copy of the last saved state, which would double
+    /// the largest thing the controller holds.
+    unsaved: bool,
     catalog: Catalog,
     reconciled: Reconciled,
     reports: BTreeMap<String, (NodeReport, UnixMillis)>,
@@ -140,7 +142,7 @@ impl<S: Store> Controller<S> {
             metrics,
             settings,
             core: Mutex::new(Core {
-                persisted: state.clone(),
+                unsaved: false,
                 state,
                 catalog,
                 reconciled: Reconciled::default(),
@@ -272,13 +274,14 @@ impl<S: Store> Controller<S> {
 
         // Serving bundles the store could not record would let revisions repeat after a
         // restart: on failure keep the old state and bundles instead.
-        if core.state != core.persisted {
+        if core.unsaved || core.state != before {
             if let Err(e) = self.store.save_state(&core.state).await {
                 self.metrics.error("store");
                 core.state = before;
+                core.unsaved = true;
                 return Err(e);
             }
-            core.persisted = core.state.clone();
+            core.unsaved = false;
         }
         for bundle in reconciled.bundles.values() {
             if reconciled.changed.contains(&bundle.node) {
@@ -562,10 +565,14 @@ impl<S: Store> Controller<S> {
                 continue;
             }
             groups.insert(group.key.clone());
-            rebuild |= actions::record_results(&mut core.state.actions, &group.key, node, &group.actions);
+            if actions::record_results(&mut core.state.actions, &group.key, node, &group.actions) {
+                core.unsaved = true;
+                rebuild = true;
+            }
             rebuild |= core.state.actions.values().any(|a| a.group == group.key && !a.is_final());
             if group.cleaned_up && note_cleaned_up(&mut core.state, &group.key, node) {
                 info!(group = %group.key, node, "node cleaned up a deleted group");
+                core.unsaved = true;
                 rebuild = true;
             }
             for event in &group.events {
@@ -626,6 +633,7 @@ impl<S: Store> Controller<S> {
         let message = format!("{} {id} requested{}", request.kind.label(), describe_kind(&request.kind));
         info!(group = %key, action = %id, "{message}");
         core.state.actions.insert(id.clone(), entry);
+        core.unsaved = true;
         self.record_event(
             &mut core,
             key,
@@ -665,6 +673,7 @@ impl<S: Store> Controller<S> {
         warn!(group = %key, action = %id, "{text}");
         let recorded = view(&entry);
         core.state.actions.insert(id.to_string(), entry);
+        core.unsaved = true;
         self.record_event(
             &mut core,
             key,

@@ -18,11 +18,13 @@
 //! - [`standalone`]: `hapair-operator standalone`, watching a manifest directory;
 //! - [`k8s`]: `hapair-operator run`, the Kubernetes operator: the same core with the API
 //!   server as its store, kube-runtime controllers, leader election and the fenced witness;
-//! - [`cli`] and [`adminapi`]: `kubectl-hapair` / `hapair` and the admin API it speaks.
+//! - [`cli`] and [`adminapi`]: `kubectl-hapair` / `hapair` and the admin API it speaks;
+//! - [`allocator`]: keeping the C allocator's arenas from tripling the resident set.
 
 pub mod actions;
 pub mod adminapi;
 pub mod aggregate;
+pub mod allocator;
 pub mod atomic_file;
 pub mod build;
 pub mod catalog;

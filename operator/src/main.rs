@@ -272,6 +272,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    hapair_operator::allocator::limit_arenas();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run(cli.run));
     let result = match command {

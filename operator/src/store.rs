@@ -1,6 +1,7 @@
 //! What reconcile reads and writes outside itself, as a trait: the standalone controller
 //! keeps it in a state directory ([`crate::file_store::FileStore`]); the Kubernetes operator
-//! will keep it in the API server (objects, status subresources, Events, a state Secret).
+//! keeps it in the API server ([`crate::k8s::store::KubeStore`]: objects, status
+//! subresources, Events, state Secrets).
 //!
 //! Reconcile = dereference ([`Store::snapshot`]) → validate and build (pure) → publish
 //! ([`crate::publish::Publisher`]) → write status ([`Store::write_group_status`]). Nothing

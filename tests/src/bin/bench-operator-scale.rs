@@ -7,17 +7,19 @@
 //! core, as the node API would. Printed:
 //!
 //! 1. the time to reconcile every group (finalizer added, state saved, status applied);
-//! 2. the time to take in one report from each of the 2000 agents;
+//! 2. the time to take in the first round of reports from the 2000 agents, which then keep
+//!    reporting every few seconds as real agents do;
 //! 3. the steady-state request rate to the API while agents keep reporting an unchanged
 //!    state (target: zero writes);
 //! 4. peak memory (VmHWM; target: under 150 MiB; it includes the fake API server's own copy
-//!    of every object);
+//!    of every object), next to the heap actually in use, counted by a global allocator
+//!    wrapper, so that allocator slack and real growth can be told apart;
 //! 5. the witness under 1000 groups failing over at once: grants per second and latency
 //!    percentiles through the node API router and the `LeaseAuthority` seam.
 //!
 //! `cargo run --release -p hapair-tests --bin bench-operator-scale`
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,10 +187,58 @@ impl LeaseAuthority for BenchWitness {
     }
 }
 
-fn peak_rss_kib() -> Option<u64> {
+/// Counts the bytes the program has allocated and not freed, and their peak: the heap the
+/// program really uses, apart from what the allocator keeps around (fragmentation across
+/// its per-thread arenas), which RSS also counts.
+struct CountingAllocator;
+
+static HEAP_NOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static HEAP_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: every call is passed on unchanged to the system allocator; only counters change.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY: same contract as our caller's.
+        let ptr = unsafe { std::alloc::System.alloc(layout) };
+        if !ptr.is_null() {
+            let now = HEAP_NOW.fetch_add(layout.size(), Relaxed) + layout.size();
+            HEAP_PEAK.fetch_max(now, Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        HEAP_NOW.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// A `/proc/self/status` figure in KiB (`VmHWM`: peak resident set, `VmRSS`: current).
+fn proc_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    proc_kib("VmHWM:")
+}
+
+fn memory_line() -> String {
+    let mib = |kib: Option<u64>| kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into());
+    let heap = |bytes: usize| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    format!(
+        "RSS now {}, peak {}; heap in use {}, peak {}",
+        mib(proc_kib("VmRSS:")),
+        mib(proc_kib("VmHWM:")),
+        heap(HEAP_NOW.load(std::sync::atomic::Ordering::Relaxed)),
+        heap(HEAP_PEAK.load(std::sync::atomic::Ordering::Relaxed)),
+    )
 }
 
 fn all_reconciled(api: &FakeApi, groups: usize) -> bool {
@@ -210,7 +260,8 @@ async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -
         if Instant::now() > deadline {
             bail!("timed out after {limit:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Looking copies every object under the fake server's lock: not too often.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
 }
@@ -239,9 +290,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // As hapair-operator's main does, before any thread exists.
+    let arenas = hapair_operator::allocator::limit_arenas();
     let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench(args, arenas))
+}
+
+async fn bench(args: Args, arenas: bool) -> anyhow::Result<()> {
     // Quiet by default; RUST_LOG=info shows what the operator does.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
@@ -249,6 +305,11 @@ async fn main() -> anyhow::Result<()> {
     let groups = args.groups;
     println!("operator-scale: {groups} HaGroups in {NAMESPACES} namespaces, every tenth with a ReplicatedVolume");
     println!("  API server: in-process fake (list/watch/get/create/replace/patch/apply), counted per request");
+    println!(
+        "  allocator: glibc limited to {} arenas as in hapair-operator ({})",
+        hapair_operator::allocator::MALLOC_ARENAS,
+        if arenas { "accepted" } else { "refused" }
+    );
 
     let api = FakeApi::new();
     for i in 0..groups {
@@ -257,6 +318,7 @@ async fn main() -> anyhow::Result<()> {
             api.insert("replicatedvolumes", volume(i));
         }
     }
+    println!("  objects in the fake API server; {}", memory_line());
     let metrics = Arc::new(Metrics::new());
     let (ca, _) = Ca::generate().context("creating a CA")?;
     let leadership = Leadership::new();
@@ -271,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the term")?;
     let term_ready = started.elapsed();
+    println!("  term started; {}", memory_line());
     wait_for("every group reconciled", Duration::from_secs(600), || all_reconciled(&api, groups)).await?;
     term.core().flush().await.context("flushing status writes")?;
     let reconciled = started.elapsed();
@@ -289,68 +352,108 @@ async fn main() -> anyhow::Result<()> {
     );
     print_counts("API requests", &after_reconcile, reconciled.as_secs_f64());
     println!("  writes by resource: {:?}", api.writes_by());
+    println!("  {}", memory_line());
+    let writes_after_reconcile = api.writes_by();
 
-    // 2. One report from every agent.
+    // 2. The agents start reporting (every few seconds, as they do) and keep at it.
     let core = term.core().clone();
+    let every = Duration::from_secs(args.report_every_seconds.max(1));
+    let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reports_started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..groups {
-        for primary in [true, false] {
-            let core = core.clone();
-            tasks.spawn(async move {
-                let (node, report) = report(i, primary, 100);
-                core.accept_report(&node, report).await.map_err(|e| anyhow::anyhow!("{e}"))
-            });
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
+    let first_round = Arc::new(tokio::sync::Notify::new());
+    let agents = {
+        let (core, rounds, first_round) = (core.clone(), rounds.clone(), first_round.clone());
+        tokio::spawn(async move {
+            let mut uptime = 100;
+            loop {
+                let round_started = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..groups {
+                    for primary in [true, false] {
+                        let core = core.clone();
+                        tasks.spawn(async move {
+                            let (node, report) = report(i, primary, uptime);
+                            core.accept_report(&node, report).await.map_err(|e| anyhow::anyhow!("{e}"))
+                        });
+                    }
+                }
+                while let Some(done) = tasks.join_next().await {
+                    done??;
+                }
+                if rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    first_round.notify_one();
+                }
+                uptime += every.as_secs();
+                tokio::time::sleep(every.saturating_sub(round_started.elapsed())).await;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        })
+    };
+    first_round.notified().await;
     let reports_taken = reports_started.elapsed();
-    wait_for("every group Healthy", Duration::from_secs(300), || all_healthy(&api)).await?;
+    if let Err(e) = wait_for("every group Healthy", Duration::from_secs(120), || all_healthy(&api)).await {
+        let mut phases: BTreeMap<String, usize> = BTreeMap::new();
+        let mut example = None;
+        for g in api.objects("hagroups") {
+            let phase = g["status"]["phase"].as_str().unwrap_or("none").to_string();
+            if phase != "Healthy" && example.is_none() {
+                example = Some(g.clone());
+            }
+            *phases.entry(phase).or_default() += 1;
+        }
+        println!("  phases in the API: {phases:?}; agents finished: {}", agents.is_finished());
+        println!("  a group that is not Healthy: {}", serde_json::to_string(&example).unwrap_or_default());
+        println!("  rounds of reports: {}", rounds.load(std::sync::atomic::Ordering::SeqCst));
+        return Err(e);
+    }
     core.flush().await.context("flushing status writes")?;
     let reports_written = reports_started.elapsed();
     let after_reports = api.counts();
     println!();
-    println!("2. first report from each of {} agents", 2 * groups);
+    println!("2. agents report (each of {} agents every {}s)", 2 * groups, every.as_secs());
     println!(
-        "  taken in {:.2}s ({:.0} reports/s); every status Healthy in the API after {:.2}s",
+        "  first round of {} reports taken in {:.2}s ({:.0} reports/s); every status Healthy in the API after {:.2}s",
+        2 * groups,
         reports_taken.as_secs_f64(),
         (2 * groups) as f64 / reports_taken.as_secs_f64(),
         reports_written.as_secs_f64()
     );
     print_counts("API requests", &after_reports.since(&after_reconcile), reports_written.as_secs_f64());
+    let delta: BTreeMap<String, u64> = api
+        .writes_by()
+        .into_iter()
+        .map(|(k, v)| {
+            let before = writes_after_reconcile.get(&k).copied().unwrap_or(0);
+            (k, v - before)
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    println!("  writes by resource: {delta:?}");
+    println!("  {}", memory_line());
 
     // 3. Steady state: agents keep reporting, nothing changes.
     let window = Duration::from_secs(args.steady_seconds);
-    let every = Duration::from_secs(args.report_every_seconds.max(1));
+    let rounds_before = rounds.load(std::sync::atomic::Ordering::SeqCst);
     let steady_started = Instant::now();
-    let mut rounds = 0u64;
-    let mut uptime = 100;
-    while steady_started.elapsed() < window {
-        let round_started = Instant::now();
-        uptime += every.as_secs();
-        for i in 0..groups {
-            for primary in [true, false] {
-                let (node, report) = report(i, primary, uptime);
-                core.accept_report(&node, report).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-        }
-        rounds += 1;
-        let rest = every.saturating_sub(round_started.elapsed());
-        tokio::time::sleep(rest.min(window.saturating_sub(steady_started.elapsed()))).await;
+    tokio::time::sleep(window).await;
+    if agents.is_finished() {
+        agents.await??;
+        bail!("the simulated agents stopped");
     }
-    core.flush().await.context("flushing status writes")?;
+    agents.abort();
     let steady = api.counts().since(&after_reports);
     let seconds = steady_started.elapsed().as_secs_f64();
+    let steady_rounds = rounds.load(std::sync::atomic::Ordering::SeqCst) - rounds_before;
     println!();
     println!(
         "3. steady state: {:.0}s, {} reports ({} rounds of one report per agent), periodic reconciles every 2s",
         seconds,
-        rounds * 2 * groups as u64,
-        rounds
+        steady_rounds * 2 * groups as u64,
+        steady_rounds
     );
     print_counts("API requests", &steady, seconds);
+    println!("  {}", memory_line());
     println!(
         "  target: zero writes when nothing changes -> {} (leader-election renewals, 1 write per 2s, are outside the term and not counted here)",
         if steady.writes() == 0 { "met" } else { "NOT met" }
@@ -366,6 +469,10 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => println!("4. peak RSS: /proc/self/status has no VmHWM"),
     }
+    println!(
+        "  heap peak (bytes allocated and not yet freed, without the allocator's own slack): {:.1} MiB",
+        HEAP_PEAK.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+    );
 
     // 5. The witness: every group's standby asks for the lease at once.
     let router = term.router();
