@@ -232,6 +232,7 @@ impl<S: Store> Controller<S> {
         let now = crate::timestamp::now_millis();
         let before = core.state.clone();
         let mut events: Vec<(GroupKey, GroupEvent)> = Vec::new();
+        let mut volume_events: Vec<(GroupKey, GroupEvent)> = Vec::new();
 
         self.settle_actions(core, now, &mut events);
         let Core { state, rng, .. } = &mut *core;
@@ -251,6 +252,11 @@ impl<S: Store> Controller<S> {
                     events.push((
                         key,
                         GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", message),
+                    ));
+                } else if let Some(key) = crate::catalog::refused_object(error, "ReplicatedVolume") {
+                    volume_events.push((
+                        key,
+                        GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", text.clone()),
                     ));
                 }
             }
@@ -299,6 +305,12 @@ impl<S: Store> Controller<S> {
         core.reconciled = reconciled;
         for (key, event) in events {
             self.record_event(core, &key, event).await;
+        }
+        for (key, event) in volume_events {
+            if let Err(e) = self.store.record_volume_event(&key, &event).await {
+                self.metrics.error("store");
+                warn!(volume = %key, error = %e, "cannot record an event");
+            }
         }
         self.refresh_statuses(core, now, None).await
     }
@@ -365,6 +377,16 @@ impl<S: Store> Controller<S> {
         let mut volume_writes: Vec<(GroupKey, Option<ReplicatedVolumeStatus>)> = Vec::new();
         let mut events = Vec::new();
         let mut live_volumes = BTreeSet::new();
+        // Why each refused volume is refused: a running group may still deliver one (its
+        // last good config), and its status must say the edit was not taken.
+        let refused_volumes: BTreeMap<GroupKey, String> = core
+            .reconciled
+            .errors
+            .iter()
+            .filter_map(|e| Some((crate::catalog::refused_object(e, "ReplicatedVolume")?, e.to_string())))
+            .collect();
+        let volume_generation =
+            |key: &GroupKey, fallback: Option<i64>| core.catalog.volume_generations.get(key).copied().or(fallback);
         let in_grace = crate::timestamp::age(now, core.started) < self.settings.startup_grace;
         for (key, plan) in &core.reconciled.groups {
             if only.is_some_and(|o| !o.contains(key)) {
@@ -469,7 +491,13 @@ impl<S: Store> Controller<S> {
                         })
                         .collect();
                     let previous = core.statuses.volumes.get(&vkey).cloned().unwrap_or_default();
-                    let status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
+                    let mut status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
+                    aggregate::set_volume_validity(
+                        &mut status,
+                        refused_volumes.get(&vkey).map(String::as_str),
+                        volume_generation(&vkey, Some(volume.generation)),
+                        now,
+                    );
                     if let Some((type_, reason, message)) =
                         resync_transition(previous.sync_state.as_deref(), status.sync_state.as_deref())
                     {
@@ -487,6 +515,23 @@ impl<S: Store> Controller<S> {
                     if status != previous {
                         volume_writes.push((vkey, Some(status)));
                     }
+                }
+            }
+        }
+        if only.is_none() {
+            // Volumes no group delivers still say whether their spec was taken: a refused
+            // one why, an accepted one (perhaps refused before) that it now is.
+            let accepted = core.catalog.volumes.keys().map(|k| (k, None));
+            let refused = refused_volumes.iter().map(|(k, why)| (k, Some(why.as_str())));
+            for (vkey, why) in refused.chain(accepted) {
+                if !live_volumes.insert(vkey.clone()) {
+                    continue;
+                }
+                let previous = core.statuses.volumes.get(vkey).cloned().unwrap_or_default();
+                let mut status = previous.clone();
+                aggregate::set_volume_validity(&mut status, why, volume_generation(vkey, None), now);
+                if status != previous {
+                    volume_writes.push((vkey.clone(), Some(status)));
                 }
             }
         }

@@ -183,9 +183,13 @@ impl Server {
                     body["regarding"]["name"].as_str().unwrap_or("")
                 );
                 assert_eq!(body["reportingController"], json!("hapair-operator"));
-                assert_eq!(body["regarding"]["kind"], json!("HaGroup"));
+                let kind = match body["regarding"]["kind"].as_str() {
+                    Some("HaGroup") => "",
+                    Some("ReplicatedVolume") => "volume ",
+                    other => panic!("an Event regarding {other:?}"),
+                };
                 let line = format!(
-                    "EVENT {regarding} {} {}: {note}",
+                    "EVENT {kind}{regarding} {} {}: {note}",
                     body["type"].as_str().unwrap_or(""),
                     body["reason"].as_str().unwrap_or("")
                 );
@@ -299,7 +303,14 @@ impl Harness {
         };
         let state =
             StateSecrets::with_shards(Api::namespaced(client.clone(), OPERATOR_NS), "hapair-state", 1, metrics.clone());
-        let writer = Writer::start(client.clone(), caches.groups.clone(), "operator-0", 1, metrics.clone());
+        let writer = Writer::start(
+            client.clone(),
+            caches.groups.clone(),
+            caches.volumes.clone(),
+            "operator-0",
+            1,
+            metrics.clone(),
+        );
         let store = KubeStore::new(client.clone(), caches, state, writer, metrics.clone());
         let settings = Settings { startup_grace: Duration::ZERO, ..Settings::default() };
         let starting = tokio::spawn({
@@ -649,7 +660,7 @@ async fn deleting_a_volume_in_use_is_blocked_with_a_condition_until_the_group_dr
             "PATCH ns/hagroups/g add /metadata/finalizers",
             "CREATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=-",
             "APPLY ns/hagroups/g/status phase=Pending active=- gen=1 Valid=True,Ready=Unknown lastAction=-",
-            "APPLY ns/replicatedvolumes/data/status sync=Unknown ",
+            "APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True",
         ]
     );
     h.echo_group("ns", "g");
@@ -657,7 +668,7 @@ async fn deleting_a_volume_in_use_is_blocked_with_a_condition_until_the_group_dr
     deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     h.put_volume(&deleting);
     let (action, lines) = h.reconcile_volume(deleting.clone()).await;
-    assert_eq!(lines, ["APPLY ns/replicatedvolumes/data/status sync=Unknown DeletionBlocked=True"]);
+    assert_eq!(lines, ["APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True,DeletionBlocked=True"]);
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
     let status = &h.server.objects[&volume_path("ns", "data")]["status"];
     let blocked = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "DeletionBlocked").unwrap();
@@ -724,4 +735,66 @@ async fn a_finalizer_list_changed_by_someone_else_is_read_again_and_extended() {
     assert_eq!(lines[1..3], ["GET g", "PATCH ns/hagroups/g add /metadata/finalizers/-"]);
     let stored = &h.server.objects[&group_path("ns", "g")];
     assert_eq!(stored["metadata"]["finalizers"], json!(["example.com/other", "hapair.dev/cleanup"]));
+}
+
+#[tokio::test]
+async fn a_volume_of_a_missing_group_is_refused_with_a_warning_until_the_group_exists() {
+    let mut h = Harness::start().await;
+    let volume: ReplicatedVolume = parse(VOLUME);
+    h.put_volume(&volume);
+    let (action, lines) = h.reconcile_volume(volume.clone()).await;
+    let why = "ReplicatedVolume ns/data: spec.group: no HaGroup named \"g\" in the volume's namespace";
+    assert_eq!(
+        lines,
+        [
+            format!("EVENT volume ns/data Warning InvalidManifest: {why}"),
+            "APPLY ns/replicatedvolumes/data/status sync=- Valid=False".to_string(),
+        ]
+    );
+    assert_eq!(action, Action::await_change());
+    let status = &h.server.objects[&volume_path("ns", "data")]["status"];
+    let valid = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Valid").unwrap();
+    assert_eq!(valid["message"], json!(why), "the message names the field");
+    assert_eq!(status["observedGeneration"], json!(1));
+    // No hot loop: looking again, and a full reconcile, write nothing.
+    let (_, lines) = h.reconcile_volume(volume).await;
+    assert!(lines.is_empty(), "{lines:#?}");
+    let core = h.core.clone();
+    let full = tokio::spawn(async move { core.reconcile().await.unwrap() });
+    assert!(h.server.collect().await.is_empty());
+    full.await.unwrap();
+    // The group appears: the volume is taken, and says so.
+    let group: HaGroup = parse(GROUP_WITH_VOLUME);
+    h.put_group(&group);
+    let (_, lines) = h.reconcile(group).await;
+    assert_eq!(
+        lines,
+        [
+            "PATCH ns/hagroups/g add /metadata/finalizers",
+            "CREATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=-",
+            "APPLY ns/hagroups/g/status phase=Pending active=- gen=1 Valid=True,Ready=Unknown lastAction=-",
+            "APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_volume_on_foreign_nodes_refuses_it_and_the_group_that_uses_it() {
+    let mut h = Harness::start().await;
+    let volume: ReplicatedVolume = parse(&VOLUME.replace("{node: b,", "{node: c,"));
+    h.put_volume(&volume);
+    let group: HaGroup = parse(GROUP_WITH_VOLUME);
+    h.put_group(&group);
+    let (_, lines) = h.reconcile(group).await;
+    assert_eq!(
+        lines,
+        [
+            "PATCH ns/hagroups/g add /metadata/finalizers",
+            "EVENT ns/g Warning InvalidManifest: HaGroup ns/g: spec.flow[0].volume.volumeRef: ReplicatedVolume \"data\" is refused (see its status)",
+            "EVENT volume ns/data Warning InvalidManifest: ReplicatedVolume ns/data: spec.backing[1].node: \"c\" is not a node of group \"g\" (nodes: {\"a\", \"b\"})",
+            "APPLY ns/hagroups/g/status phase=Invalid active=- gen=1 Valid=False,Ready=Unknown lastAction=-",
+            "APPLY ns/replicatedvolumes/data/status sync=- Valid=False",
+        ]
+    );
+    assert!(h.core.current_config("a").is_none(), "nothing runs");
 }

@@ -12,7 +12,8 @@
 //!   `hapair-operator` by the [`Writer`], and only when something besides telemetry
 //!   changed: report times, uptimes, CPU and memory use and heartbeat loss ride along with
 //!   the next real change instead of causing a write per agent report.
-//! - **Events** become Kubernetes Events on the group (kube's `Recorder`).
+//! - **Events** become Kubernetes Events on the group, or on a refused volume (kube's
+//!   `Recorder`).
 //! - **Release** of a deleted group removes its finalizer.
 
 use std::collections::BTreeMap;
@@ -354,6 +355,11 @@ impl Store for KubeStore {
 
     async fn record_event(&self, key: &GroupKey, event: &GroupEvent) -> Result<(), StoreError> {
         self.writer.event(key, event.clone());
+        Ok(())
+    }
+
+    async fn record_volume_event(&self, key: &GroupKey, event: &GroupEvent) -> Result<(), StoreError> {
+        self.writer.volume_event(key, event.clone());
         Ok(())
     }
 

@@ -170,8 +170,14 @@ impl Term {
         );
         let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
         let state = StateSecrets::new(secrets_api.clone(), &config.state_prefix, metrics.clone());
-        let writer =
-            Writer::start(client.clone(), caches.groups.clone(), &config.identity, config.writers, metrics.clone());
+        let writer = Writer::start(
+            client.clone(),
+            caches.groups.clone(),
+            caches.volumes.clone(),
+            &config.identity,
+            config.writers,
+            metrics.clone(),
+        );
         let store = KubeStore::new(client.clone(), caches, state, writer, metrics.clone());
         let core = Arc::new(Controller::start(store, config.controller.clone(), metrics.clone()).await?);
         let tokens = TokenSecret::new(secrets_api, &config.tokens_secret, Some(metrics.clone()));

@@ -41,11 +41,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 enum Job {
     GroupStatus(GroupKey),
     VolumeStatus(GroupKey),
-    Event { key: GroupKey, event: GroupEvent, attempt: u32 },
+    /// An Event regarding the object `about`.
+    Event {
+        about: Target,
+        event: GroupEvent,
+        attempt: u32,
+    },
     Release(GroupKey),
 }
 
-/// The object a status job writes.
+/// The object a status job writes, or an Event is about.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
     Group(GroupKey),
@@ -91,6 +96,7 @@ struct Shared {
     client: Client,
     reporter: Reporter,
     groups: Cache<HaGroup>,
+    volumes: Cache<ReplicatedVolume>,
     queue: Mutex<Queue>,
     wake: Notify,
     idle: watch::Sender<usize>,
@@ -118,6 +124,7 @@ impl Writer {
     pub fn start(
         client: Client,
         groups: Cache<HaGroup>,
+        volumes: Cache<ReplicatedVolume>,
         instance: &str,
         workers: usize,
         metrics: Arc<Metrics>,
@@ -127,6 +134,7 @@ impl Writer {
             reporter,
             client,
             groups,
+            volumes,
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             idle: watch::channel(0).0,
@@ -161,7 +169,12 @@ impl Writer {
     }
 
     pub fn event(&self, key: &GroupKey, event: GroupEvent) {
-        self.shared.push(|_| Some(Job::Event { key: key.clone(), event, attempt: 0 }));
+        self.shared.push(|_| Some(Job::Event { about: Target::Group(key.clone()), event, attempt: 0 }));
+    }
+
+    /// Records an Event regarding the ReplicatedVolume `key`.
+    pub fn volume_event(&self, key: &GroupKey, event: GroupEvent) {
+        self.shared.push(|_| Some(Job::Event { about: Target::Volume(key.clone()), event, attempt: 0 }));
     }
 
     /// Removes the operator's finalizer from the HaGroup `key`.
@@ -300,9 +313,19 @@ impl Shared {
                     }
                 }
             }
-            Job::Event { key, event, attempt } => {
-                let Some(group) = self.groups.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
-                    debug!(group = %key, reason = %event.event.reason, "no object to attach the event to");
+            Job::Event { about, event, attempt } => {
+                let (key, regarding) = match about {
+                    Target::Group(key) => (
+                        key,
+                        self.groups.get(&ObjectRef::new(&key.name).within(&key.namespace)).map(|g| g.object_ref(&())),
+                    ),
+                    Target::Volume(key) => (
+                        key,
+                        self.volumes.get(&ObjectRef::new(&key.name).within(&key.namespace)).map(|v| v.object_ref(&())),
+                    ),
+                };
+                let Some(regarding) = regarding else {
+                    debug!(object = %key, reason = %event.event.reason, "no object to attach the event to");
                     return Ok(());
                 };
                 // A recorder per event: kube's Recorder folds every later event with the same
@@ -310,17 +333,17 @@ impl Shared {
                 // Healthy" would be shown again where "Down -> Healthy" happened. The core
                 // already drops exact repeats.
                 let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-                match recorder.publish(&to_kube_event(event), &group.object_ref(&())).await {
+                match recorder.publish(&to_kube_event(event), &regarding).await {
                     Ok(()) => {
                         self.metrics.kube_write("event");
                         Ok(())
                     }
                     Err(e) => {
                         self.metrics.error("event");
-                        warn!(group = %key, reason = %event.event.reason, error = %e, "cannot record the event");
+                        warn!(object = %key, reason = %event.event.reason, error = %e, "cannot record the event");
                         let next = attempt + 1;
                         Err((next < EVENT_ATTEMPTS).then(|| Job::Event {
-                            key: key.clone(),
+                            about: about.clone(),
                             event: event.clone(),
                             attempt: next,
                         }))
@@ -397,7 +420,8 @@ mod tests {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let (groups, _writer) = reflector::store::<HaGroup>();
-        let writer = Writer::start(client, groups, "test", 4, Arc::new(Metrics::new()));
+        let (volumes, _volumes_writer) = reflector::store::<ReplicatedVolume>();
+        let writer = Writer::start(client, groups, volumes, "test", 4, Arc::new(Metrics::new()));
         let key = GroupKey::new("ns", "g");
         let other = GroupKey::new("ns", "h");
         let status = |phase| HaGroupStatus { phase: Some(phase), ..HaGroupStatus::default() };
