@@ -14,6 +14,13 @@
 //!   [`probe`] (process, link, gateway, CPU/memory, mount detectors and monitor state),
 //!   [`state`] (atomic, checksummed state directory), [`metrics`] and [`endpoints`]
 //!   (`/healthz`, `/metrics`, `/v1/status`).
+//! - [`engine`]: the failover decision engine (sans-IO): who is primary, leases, epochs,
+//!   self-fencing, flow order, restarts, failback and admin actions; plus the heartbeat
+//!   message the engines exchange.
+//! - [`replication`]: DRBD-style block replication of a `ReplicatedVolume` (sans-IO state
+//!   machine, metadata, wire protocol, and the [`replication::replica::Replica`] driver).
+//! - [`nbd`]: the NBD export the primary serves its replicated volume on.
+//! - [`volume_step`]: attach, filesystem and mount pieces of the `volume` flow step.
 //!
 //! The engine never touches a socket, a clock or a file; the adapters never decide who is
 //! primary. Talking to Kubernetes is not this crate's business: the agent only speaks the
@@ -22,11 +29,15 @@
 pub mod arp;
 pub mod bundle;
 pub mod endpoints;
+pub mod engine;
 pub mod enroll;
 pub mod flow;
 pub mod heartbeat;
 pub mod iface;
 pub mod metrics;
+pub mod nbd;
 pub mod probe;
+pub mod replication;
 pub mod state;
 pub mod vip;
+pub mod volume_step;

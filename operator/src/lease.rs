@@ -11,16 +11,10 @@ use hapair_crds::HaGroupSpec;
 use hapair_crds::hagroup::WitnessMode;
 use hapair_crds::nodeapi::{LeaseOp, LeaseRequest, LeaseResponse};
 
-/// The lease rules of one group, from its spec.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseParams {
-    /// `spec.heartbeat.leaseTTL`: the longest lease ever granted.
-    pub ttl: Duration,
-    /// `spec.heartbeat.maxClockDriftPpm`: expiry is stretched by this factor.
-    pub max_clock_drift_ppm: u32,
-}
+pub use crate::witness::LeaseParams;
 
 impl LeaseParams {
+    /// The lease rules of one group, from its spec.
     pub fn from_spec(spec: &HaGroupSpec) -> Self {
         LeaseParams { ttl: spec.heartbeat.lease_ttl.as_std(), max_clock_drift_ppm: spec.heartbeat.max_clock_drift_ppm }
     }
@@ -30,6 +24,20 @@ impl LeaseParams {
 pub trait LeaseAuthority: Send {
     /// `now` is monotonic time since the authority was created.
     fn handle(&mut self, now: Duration, request: &LeaseRequest, params: LeaseParams) -> LeaseResponse;
+
+    /// Raises a group's highest epoch after a restart, from its persisted status, so a
+    /// restarted authority never grants an epoch that already served.
+    fn restore_epoch(&mut self, _group: &hapair_crds::GroupKey, _epoch: u64) {}
+}
+
+impl LeaseAuthority for crate::witness::Witness {
+    fn handle(&mut self, now: Duration, request: &LeaseRequest, params: LeaseParams) -> LeaseResponse {
+        crate::witness::Witness::handle(self, now, request, params)
+    }
+
+    fn restore_epoch(&mut self, group: &hapair_crds::GroupKey, epoch: u64) {
+        crate::witness::Witness::restore_epoch(self, group, epoch)
+    }
 }
 
 /// Why a lease request is not handed to the authority at all.

@@ -2,10 +2,11 @@
 //! per-node desired configs, and serves them to the node agents.
 //!
 //! The same reconcile code runs against two stores: the Kubernetes API (operator mode) and
-//! a directory of manifests (standalone mode, the embedded default). This crate is the glue
-//! around that core: loading and cross-checking manifests ([`catalog`]), describing what
-//! they ask for ([`plan`]). Deciding who is primary is not done here; the agents do that.
+//! a directory of manifests (standalone mode, the embedded default). Deciding who is
+//! primary is not done here; the agents do that, and the witness only arbitrates leases.
 //!
+//! - [`catalog`] and [`plan`]: loading and cross-checking manifests, and describing what
+//!   they ask for;
 //! - [`reconcile`]: the pure core (with [`resolve`], [`build`], [`revision`]): a snapshot
 //!   and the controller's [`state`] in, one desired-config bundle per node out;
 //! - [`aggregate`]: the pure status aggregation from the agents' reports; [`events`] keeps
@@ -14,6 +15,8 @@
 //!   reconcile touches the outside world; [`controller`] runs the loop around them;
 //! - [`pki`] and [`tokens`]: the controller's CA, certificates and one-time enrollment
 //!   tokens; [`lease`]: the seam to the witness;
+//! - [`witness`]: the pure lease state machine that breaks ties while a pair's heartbeats
+//!   fail;
 //! - [`server`]: the node API over HTTPS with mutual TLS, and [`metrics`];
 //! - [`standalone`]: `hapair-operator standalone`, watching a manifest directory;
 //! - [`k8s`]: `hapair-operator run`, the Kubernetes operator: the same core with the API
@@ -47,3 +50,4 @@ pub mod state;
 pub mod store;
 pub mod timestamp;
 pub mod tokens;
+pub mod witness;

@@ -158,9 +158,11 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn standalone(config: StandaloneConfig) -> anyhow::Result<()> {
-    // The witness state machine is wired in here; until then lease requests answer 503 and
-    // agents fall back to their peer lease only.
-    let controller = Standalone::start(config, None).await.context("starting the standalone controller")?;
+    // The witness's clock starts with the node API: `NodeApi` measures `now` from its own
+    // creation, so a fresh witness waits out L·(1+drift) after every controller start.
+    let witness = hapair_operator::witness::Witness::new(std::time::Duration::ZERO);
+    let controller =
+        Standalone::start(config, Some(Box::new(witness))).await.context("starting the standalone controller")?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -179,6 +179,17 @@ impl Standalone {
         let metrics = Arc::new(Metrics::new());
         let controller = Arc::new(Controller::start(store, config.controller.clone(), metrics).await?);
 
+        let authority = match authority {
+            Some(mut authority) => {
+                // A restarted witness has forgotten the epochs it granted; the agents'
+                // reported epochs (persisted in the status) keep new grants above them.
+                for group in controller.overview().await.groups {
+                    authority.restore_epoch(&group.key, group.status.epoch);
+                }
+                Some(authority)
+            }
+            None => None,
+        };
         let (tls, auth) = server_config(ca.cert_der(), &server_cert.cert_pem, &server_cert.key_pem)?;
         let api =
             Arc::new(NodeApi::new(controller.clone(), ca.clone(), TokenFile::new(dir), authority, config.api.clone()));

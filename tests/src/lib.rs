@@ -4,13 +4,24 @@
 //! Nothing here ships; it drives the product crates from outside, as users and the network
 //! would.
 //!
-//! - [`netns`]: drop guards for network namespaces, veth pairs, bridges, addresses, child
-//!   processes and mounts, with unique names per test process; code under test runs inside
-//!   a namespace on a thread that joined it.
-//! - [`topology`]: ready-made networks such as two servers with two links and a client.
+//! - [`netns`]: drop guards for network namespaces, veth pairs, bridges, addresses and
+//!   child processes, with unique names per test process; code under test runs inside a
+//!   namespace on a thread that joined it.
+//! - [`topology`]: ready-made networks: two servers with two links and a client, and a
+//!   linked pair whose link can be cut and healed.
+//! - [`mounts`]: guards for mounts, loop devices and nbdfuse attachments.
+//! - [`sim`]: the deterministic simulation of two failover engines and the witness on a
+//!   faulty network and drifting clocks, with its safety, liveness and bounded-failover
+//!   checks (run by `tests/simulation.rs`, measured by `bench-failover-sim`).
+//! - [`replica_proc`]: replicated-volume nodes as `replica-harness` processes.
+//! - [`nbd_client`]: a minimal NBD client for exact, and deliberately invalid, requests.
 //! - [`fake_kube`]: an in-process stand-in for the Kubernetes API server (the one thing
-//!   tests may mock), for the operator's scale benchmark.
+//!   tests may mock), for the operator's scale benchmark and multi-replica tests.
 
 pub mod fake_kube;
+pub mod mounts;
+pub mod nbd_client;
 pub mod netns;
+pub mod replica_proc;
+pub mod sim;
 pub mod topology;

@@ -138,13 +138,21 @@ impl Netns {
 
     /// Starts a long-running program inside the namespace in its own process group; the
     /// returned guard kills the group on drop.
-    pub fn spawn(&self, args: &[&str]) -> Result<NsChild> {
+    pub fn spawn(&self, args: &[&str]) -> Result<ChildGuard> {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", self.name.as_str()]).args(args).stdin(Stdio::null()).process_group(0);
         let child = command
             .spawn()
             .map_err(|source| NetnsError::Io { what: format!("spawning {}", args.join(" ")), source })?;
-        Ok(NsChild { child })
+        Ok(ChildGuard::new(child, args.join(" ")))
+    }
+
+    /// A command that runs `program` inside this namespace. Only the network namespace is
+    /// entered, so mounts and Unix sockets made inside stay visible to the test.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        command
     }
 
     /// Runs `f` on a new thread that has joined this namespace, and returns its result.
@@ -316,30 +324,61 @@ impl Drop for Address {
     }
 }
 
-/// A process running in a namespace; its whole process group is killed on drop.
+/// A child process, killed with its whole process group and reaped on drop.
 #[derive(Debug)]
-pub struct NsChild {
+pub struct ChildGuard {
     child: Child,
+    label: String,
 }
 
-impl NsChild {
+impl ChildGuard {
+    /// Guards `child`; `label` names it in test messages.
+    pub fn new(child: Child, label: impl Into<String>) -> Self {
+        ChildGuard { child, label: label.into() }
+    }
+
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Whether it has exited (reaping it if so).
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
-}
 
-impl Drop for NsChild {
-    fn drop(&mut self) {
+    /// Kills it now, as a crash would.
+    pub fn kill(&mut self) {
         if let Ok(pid) = i32::try_from(self.child.id()) {
+            // Only a child started in its own group has one to kill; for others this is
+            // ESRCH, harmlessly.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for it to exit on its own.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -405,4 +444,9 @@ pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> O
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The multi-host tests build namespaces, which needs root; CI runs as root.
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "this test builds network namespaces and must run as root");
 }

@@ -1,6 +1,8 @@
 //! Ready-made test networks built from [`crate::netns`] guards.
 
-use crate::netns::{Address, Bridge, Netns, Result, Veth};
+use std::net::IpAddr;
+
+use crate::netns::{Address, Bridge, Netns, Result, Veth, unique_name};
 
 /// Two servers (`a`, `b`) with two links each and a client (`c`), all in their own
 /// namespaces, cabled through bridges in a fourth ("switch") namespace:
@@ -66,5 +68,44 @@ impl TwoServersAndClient {
     /// The namespace names, for checking cleanup.
     pub fn namespace_names(&self) -> Vec<String> {
         [&self.a, &self.b, &self.client, &self.switch].iter().map(|n| n.name().to_string()).collect()
+    }
+}
+
+/// Two hosts joined by one link: `a` at 198.18.0.1/24, `b` at 198.18.0.2/24. The volume
+/// tests cut and heal the link to disconnect the replicas.
+#[derive(Debug)]
+pub struct Pair {
+    // Declared before the namespaces so it is deleted first.
+    _veth: Veth,
+    dev_a: String,
+    dev_b: String,
+    pub a: Netns,
+    pub b: Netns,
+    pub addr_a: IpAddr,
+    pub addr_b: IpAddr,
+}
+
+impl Pair {
+    pub fn new() -> Result<Pair> {
+        let a = Netns::new("pa")?;
+        let b = Netns::new("pb")?;
+        let (dev_a, dev_b) = (unique_name("va"), unique_name("vb"));
+        let veth = Veth::new(&a, &dev_a, &b, &dev_b)?;
+        a.ip(&["addr", "add", "198.18.0.1/24", "dev", &dev_a])?;
+        b.ip(&["addr", "add", "198.18.0.2/24", "dev", &dev_b])?;
+        let addr_a = IpAddr::from([198, 18, 0, 1]);
+        let addr_b = IpAddr::from([198, 18, 0, 2]);
+        Ok(Pair { _veth: veth, dev_a, dev_b, a, b, addr_a, addr_b })
+    }
+
+    /// Takes the link down on both ends: packets stop, connections hang (no reset).
+    pub fn cut(&self) -> Result<()> {
+        self.a.ip(&["link", "set", &self.dev_a, "down"])?;
+        self.b.ip(&["link", "set", &self.dev_b, "down"]).map(|_| ())
+    }
+
+    pub fn heal(&self) -> Result<()> {
+        self.a.ip(&["link", "set", &self.dev_a, "up"])?;
+        self.b.ip(&["link", "set", &self.dev_b, "up"]).map(|_| ())
     }
 }

@@ -1,7 +1,7 @@
 //! The namespace harness cleans up after itself, also when a test panics.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use hapair_tests::netns::{Netns, NsChild, Veth, run, unique_name};
+use hapair_tests::netns::{ChildGuard, Netns, Veth, run, unique_name};
 use hapair_tests::topology::TwoServersAndClient;
 
 #[test]
@@ -18,7 +18,7 @@ fn everything_is_removed_after_a_panic() {
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::thread::spawn(move || {
         let topo = TwoServersAndClient::build().unwrap();
-        let sleeper: NsChild = topo.a.spawn(&["sleep", "300"]).unwrap();
+        let sleeper: ChildGuard = topo.a.spawn(&["sleep", "300"]).unwrap();
         tx.send((topo.namespace_names(), sleeper.id())).unwrap();
         panic!("test failure inside a topology");
     })

@@ -1,0 +1,137 @@
+//! The pieces of the `volume` flow step: promote the replica, attach its export as a block
+//! device, create the filesystem on first use when asked, mount it; and in reverse on
+//! demotion: unmount, flush, detach, then demote. The flow runtime calls [`activate`] and
+//! [`deactivate`]; each stage's failure names the stage.
+
+pub mod attach;
+pub mod filesystem;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hapair_crds::hagroup::VolumeStep;
+
+use crate::replication::replica::Replica;
+use attach::AttachMethod;
+
+/// What the step does, resolved from its spec on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    pub mount_path: Option<PathBuf>,
+    pub fs_type: String,
+    pub mount_options: Vec<String>,
+    pub mkfs: bool,
+    pub attach: AttachMethod,
+    pub timeout: Duration,
+}
+
+impl StepPlan {
+    pub fn from_step(step: &VolumeStep) -> Result<StepPlan, StepError> {
+        let attach = attach::choose(step.attach_command.as_deref(), step.detach_command.as_deref())
+            .map_err(|e| StepError::new(Stage::Attach, e))?;
+        Ok(StepPlan {
+            mount_path: step.mount_path.as_ref().map(PathBuf::from),
+            fs_type: step.fs_type.clone(),
+            mount_options: step.mount_options.clone(),
+            mkfs: step.mkfs,
+            attach,
+            timeout: Duration::from_secs(60),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Promote,
+    Attach,
+    Filesystem,
+    Mount,
+    Unmount,
+    Flush,
+    Detach,
+    Demote,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("volume step, {stage:?}: {message}")]
+pub struct StepError {
+    pub stage: Stage,
+    pub message: String,
+}
+
+impl StepError {
+    fn new(stage: Stage, e: impl std::fmt::Display) -> Self {
+        StepError { stage, message: e.to_string() }
+    }
+}
+
+/// A volume in use on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveVolume {
+    pub device: PathBuf,
+    pub mounted: Option<PathBuf>,
+    pub created_filesystem: bool,
+    attach: AttachMethod,
+}
+
+/// Promotes the replica at `epoch`, attaches, prepares the filesystem and mounts it. A
+/// failure undoes the stages already done (best effort) before returning.
+pub async fn activate(replica: &Replica, plan: &StepPlan, epoch: u64) -> Result<ActiveVolume, StepError> {
+    replica.promote(epoch, false).await.map_err(|e| StepError::new(Stage::Promote, e))?;
+    let socket = replica
+        .nbd_socket()
+        .ok_or_else(|| StepError::new(Stage::Attach, "the replica is not primary after promotion"))?;
+    let device = match attach::attach(&plan.attach, &socket, plan.timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            if let Err(undo) = replica.demote(false).await {
+                tracing::warn!(error = %undo, "demoting after a failed attach failed too");
+            }
+            return Err(StepError::new(Stage::Attach, e));
+        }
+    };
+    let mut active = ActiveVolume { device, mounted: None, created_filesystem: false, attach: plan.attach.clone() };
+    let Some(path) = &plan.mount_path else { return Ok(active) };
+    let mounted = async {
+        active.created_filesystem = filesystem::ensure(&active.device, &plan.fs_type, plan.mkfs)
+            .await
+            .map_err(|e| StepError::new(Stage::Filesystem, e))?;
+        filesystem::mount(&active.device, path, &plan.fs_type, &plan.mount_options)
+            .await
+            .map_err(|e| StepError::new(Stage::Mount, e))
+    }
+    .await;
+    match mounted {
+        Ok(()) => {
+            active.mounted = Some(path.clone());
+            Ok(active)
+        }
+        Err(e) => {
+            if let Err(undo) = deactivate(replica, active, plan.timeout).await {
+                tracing::warn!(error = %undo, "undoing a failed volume step activation failed too");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Unmounts, flushes, detaches and only then demotes, so nothing written through the
+/// mount can reach the volume after it is secondary.
+pub async fn deactivate(replica: &Replica, active: ActiveVolume, timeout: Duration) -> Result<(), StepError> {
+    if let Some(path) = &active.mounted {
+        filesystem::unmount(path, timeout).await.map_err(|e| StepError::new(Stage::Unmount, e))?;
+    }
+    filesystem::flush(&active.device).await.map_err(|e| StepError::new(Stage::Flush, e))?;
+    attach::detach(&active.attach, &active.device, timeout).await.map_err(|e| StepError::new(Stage::Detach, e))?;
+    // The attach helper's NBD connection closes asynchronously; give it a moment.
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match replica.demote(false).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("NBD client") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(StepError::new(Stage::Demote, e)),
+        }
+    }
+}

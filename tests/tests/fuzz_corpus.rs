@@ -1,0 +1,196 @@
+//! Runs the fuzz targets' checks (`fuzz/fuzz_targets`) over every committed corpus file,
+//! so the decoders' corpus is exercised by every CI run without nightly Rust. With
+//! `HAPAIR_WRITE_FUZZ_SEEDS=1` the seed inputs are (re)written first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use hapair_agent::nbd::proto::{Action, Op, run_session};
+use hapair_agent::replication::generation::Generations;
+use hapair_agent::replication::wire::{
+    Envelope, Frame, Hello, PROTOCOL_VERSION, Resolution, WireDisk, WirePolicy, WireProtocol, WireRole, decode_all,
+    decode_frame, encode_envelope,
+};
+
+fn corpus(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)
+}
+
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let data = std::fs::read(&p).unwrap();
+            (p, data)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn seed_frames() -> Vec<Frame> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        node: "node-a".into(),
+        volume_uuid: [7; 16],
+        size: 64 << 20,
+        gens: Generations { current: 0x1234, bitmap: 0x1000, history: [0x900, 0] },
+        disk: WireDisk::UpToDate,
+        role: WireRole::Primary,
+        crashed_primary: false,
+        data_zeroed: true,
+        dirty_blocks: 3,
+        promoted_epoch: 2,
+        promoted_at_ms: 1_700_000_000_000,
+        format_id: 99,
+        policy: WirePolicy::DiscardYoungerPrimary,
+        protocol: WireProtocol::C,
+        resolution: Some(Resolution::DiscardLocal),
+    };
+    vec![
+        Frame::Hello(Box::new(hello)),
+        Frame::Data { seq: 1, offset: 4096, fua: true, data: Bytes::from(vec![0xab; 4096]) },
+        Frame::Ack { seq: 1, ok: true },
+        Frame::Flush { seq: 2 },
+        Frame::FlushAck { seq: 2, ok: true },
+        Frame::Zero { seq: 3, offset: 0, len: 65536, fua: false, punch: true },
+        Frame::ResyncRequest { offset: 1 << 20, len: 262_144 },
+        Frame::ResyncReply { offset: 1 << 20, data: Bytes::from(vec![5; 4096]), zero_len: 0 },
+        Frame::ResyncReply { offset: 0, data: Bytes::new(), zero_len: 8192 },
+        Frame::ResyncAck { offset: 1 << 20, len: 4096 },
+        Frame::SyncDone { gens: Generations { current: 0x1234, bitmap: 0, history: [0x1000, 0x900] } },
+        Frame::Bitmap { start: 0, last: true, runs: Bytes::from_static(&[10, 4, 100, 1]) },
+        Frame::Ping,
+        Frame::PingAck,
+        Frame::VerifyRequest { offset: 0, len: 1 << 20 },
+        Frame::VerifyReply { offset: 0, digests: vec![1, 2, 3] },
+        Frame::OutOfSync { offset: 8192, len: 4096 },
+        Frame::State { role: WireRole::Secondary, disk: WireDisk::Inconsistent },
+        Frame::StartResync,
+        Frame::Goodbye { reason: "split brain".into() },
+    ]
+}
+
+fn write_frame_seeds(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut stream = Vec::new();
+    for (i, f) in seed_frames().into_iter().enumerate() {
+        let bytes = encode_envelope(&Envelope { epoch: 3, frame: f }).to_vec();
+        std::fs::write(dir.join(format!("seed-{i:02}")), &bytes).unwrap();
+        stream.extend_from_slice(&bytes);
+    }
+    std::fs::write(dir.join("seed-stream"), &stream).unwrap();
+    std::fs::write(dir.join("seed-truncated"), &stream[..stream.len() / 2]).unwrap();
+    let mut oversized = encode_envelope(&Envelope { epoch: 1, frame: Frame::Ping }).to_vec();
+    oversized[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(dir.join("seed-oversized"), oversized).unwrap();
+}
+
+fn nbd_seed(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn opt(option: u32, data: &[u8]) -> Vec<u8> {
+    [b"IHAVEOPT".as_slice(), &option.to_be_bytes(), &(data.len() as u32).to_be_bytes(), data].concat()
+}
+
+fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Vec<u8> {
+    [
+        &0x2560_9513u32.to_be_bytes()[..],
+        &flags.to_be_bytes(),
+        &kind.to_be_bytes(),
+        &7u64.to_be_bytes(),
+        &offset.to_be_bytes(),
+        &len.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn write_nbd_seeds(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let flags = 3u32.to_be_bytes();
+    let go = opt(7, &[0, 0, 0, 0, 0, 1, 0, 3]);
+    let structured = opt(8, &[]);
+    let mut write = req(1, 1, 4096, 512);
+    write.extend([0x55; 512]);
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("go-read", nbd_seed(&[&flags, &go, &req(0, 0, 0, 4096)])),
+        ("structured-write-flush", nbd_seed(&[&flags, &structured, &go, &write, &req(3, 0, 0, 0), &req(2, 0, 0, 0)])),
+        ("export-name", nbd_seed(&[&flags, &opt(1, b""), &req(4, 0, 0, 65536), &req(6, 2, 8192, 4096)])),
+        (
+            "options",
+            nbd_seed(&[
+                &flags,
+                &opt(3, &[]),
+                &opt(5, &[]),
+                &opt(6, &[0, 0, 0, 3, b'v', b'o', b'l', 0, 0]),
+                &opt(99, b"x"),
+            ]),
+        ),
+        ("invalid-requests", nbd_seed(&[&flags, &go, &req(42, 0, 0, 512), &req(0, 0, 1 << 20, 512), &req(0, 0, 3, 5)])),
+        (
+            "meta-context",
+            nbd_seed(&[
+                &flags,
+                &structured,
+                &opt(10, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15]),
+                &opt(10, b"base:allocation"),
+            ]),
+        ),
+        ("abort", nbd_seed(&[&flags, &opt(2, &[])])),
+    ];
+    for (name, data) in seeds {
+        std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+    }
+}
+
+#[test]
+fn frame_decoder_corpus_decodes_without_panics_and_round_trips() {
+    let dir = corpus("frame_decoder");
+    if std::env::var_os("HAPAIR_WRITE_FUZZ_SEEDS").is_some() {
+        write_frame_seeds(&dir);
+    }
+    let inputs = files(&dir);
+    assert!(inputs.len() >= 20, "the frame decoder corpus has only {} files", inputs.len());
+    let mut decoded = 0;
+    for (path, data) in inputs {
+        let (frames, _) = decode_all(&data);
+        for env in frames {
+            let mut again = encode_envelope(&env);
+            assert_eq!(decode_frame(&mut again), Ok(Some(env)), "{} does not round-trip", path.display());
+            decoded += 1;
+        }
+    }
+    assert!(decoded >= 20, "only {decoded} frames decoded from the corpus");
+}
+
+#[test]
+fn nbd_request_corpus_parses_without_panics_and_stays_in_bounds() {
+    let dir = corpus("nbd_request");
+    if std::env::var_os("HAPAIR_WRITE_FUZZ_SEEDS").is_some() {
+        write_nbd_seeds(&dir);
+    }
+    let inputs = files(&dir);
+    assert!(inputs.len() >= 7, "the NBD corpus has only {} files", inputs.len());
+    let mut commands = 0;
+    for (path, data) in inputs {
+        let (actions, _) = run_session(&data);
+        for a in actions {
+            if let Action::Execute(cmd) = a {
+                let (offset, len) = match cmd.op {
+                    Op::Read { offset, len } | Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => {
+                        (offset, u64::from(len))
+                    }
+                    Op::Write { offset, data, .. } => (offset, data.len() as u64),
+                    Op::Flush => (0, 0),
+                };
+                assert!(offset + len <= 1 << 20, "{}: command outside the export", path.display());
+                commands += 1;
+            }
+        }
+    }
+    assert!(commands >= 5, "only {commands} commands parsed from the corpus");
+}
