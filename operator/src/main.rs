@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -263,9 +264,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => {}
         }
     };
-    // The witness state machine is wired in here through the LeaseAuthority seam; until
-    // then the leader answers lease requests with 503 and agents rely on their peer lease.
-    run::run(client, config, None, shutdown).await?;
+    // A fresh witness for every term: `NodeApi` measures `now` from its own creation (at the
+    // start of the term), so the witness waits out L·(1+drift) after every takeover.
+    let witness: run::AuthorityFactory =
+        Arc::new(|| Box::new(hapair_operator::witness::Witness::new(std::time::Duration::ZERO)));
+    run::run(client, config, Some(witness), shutdown).await?;
     Ok(())
 }
 

@@ -277,6 +277,10 @@ impl LeaseAuthority for FencedAuthority {
         }
         self.inner.handle(now, request, params)
     }
+
+    fn restore_epoch(&mut self, group: &hapair_crds::nodeapi::GroupKey, epoch: u64) {
+        self.inner.restore_epoch(group, epoch);
+    }
 }
 
 /// Campaigns for (and keeps) the Lease until `stop` turns true, then hands it over.

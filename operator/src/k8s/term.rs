@@ -180,6 +180,17 @@ impl Term {
         );
         let store = KubeStore::new(client.clone(), caches, state, writer, metrics.clone());
         let core = Arc::new(Controller::start(store, config.controller.clone(), metrics.clone()).await?);
+        let authority = match authority {
+            Some(mut authority) => {
+                // The term's witness is new and knows no epochs: the ones the groups'
+                // statuses record keep its grants above every epoch that already served.
+                for group in core.overview().await.groups {
+                    authority.restore_epoch(&group.key, group.status.epoch);
+                }
+                Some(authority)
+            }
+            None => None,
+        };
         let tokens = TokenSecret::new(secrets_api, &config.tokens_secret, Some(metrics.clone()));
         let api = Arc::new(NodeApi::new(core.clone(), ca, tokens, authority, config.api.clone()));
         let router = router(api);

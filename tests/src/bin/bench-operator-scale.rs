@@ -19,7 +19,7 @@
 //!
 //! `cargo run --release -p hapair-tests --bin bench-operator-scale`
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,11 +33,11 @@ use hapair_crds::nodeapi::{
 use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
 use hapair_operator::k8s::leader::{FencedAuthority, Leadership};
 use hapair_operator::k8s::term::{Term, TermConfig};
-use hapair_operator::lease::{LeaseAuthority, LeaseParams};
 use hapair_operator::metrics::Metrics;
 use hapair_operator::pki::Ca;
 use hapair_operator::server::Peer;
 use hapair_operator::server::identity::PeerIdentity;
+use hapair_operator::witness::Witness;
 use hapair_tests::fake_kube::{Counts, FakeApi};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -156,35 +156,6 @@ fn report(i: usize, primary: bool, uptime: u64) -> (String, NodeReport) {
         groups: vec![group],
     };
     (node, report)
-}
-
-/// A simple one-holder-per-group witness for the benchmark: the real witness state machine
-/// (with its restart wait-out) is not merged on this branch yet, so this measures the path
-/// around it (node API, admission, fence, lock) with a trivial decision.
-#[derive(Default)]
-struct BenchWitness {
-    holders: HashMap<GroupKey, (String, Duration)>,
-}
-
-impl LeaseAuthority for BenchWitness {
-    fn handle(&mut self, now: Duration, request: &LeaseRequest, params: LeaseParams) -> LeaseResponse {
-        let ttl = Duration::from_millis(request.ttl_ms).min(params.ttl);
-        match self.holders.get(&request.group) {
-            Some((holder, until)) if *holder != request.node && *until > now => LeaseResponse::Denied {
-                holder: Some(holder.clone()),
-                retry_after_ms: u64::try_from((*until - now).as_millis()).unwrap_or(u64::MAX),
-                reason: "held by the peer".into(),
-            },
-            _ => {
-                self.holders.insert(request.group.clone(), (request.node.clone(), now + ttl));
-                LeaseResponse::Granted {
-                    holder: request.node.clone(),
-                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(0),
-                    epoch: request.epoch,
-                }
-            }
-        }
-    }
 }
 
 /// Counts the bytes the program has allocated and not freed, and their peak: the heap the
@@ -324,7 +295,8 @@ async fn bench(args: Args, arenas: bool) -> anyhow::Result<()> {
     let leadership = Leadership::new();
     let now = Instant::now();
     leadership.set(Some(now + Duration::from_secs(3600)), now);
-    let witness = FencedAuthority::new(Box::<BenchWitness>::default(), leadership.clone(), Duration::from_secs(2));
+    let witness =
+        FencedAuthority::new(Box::new(Witness::new(Duration::ZERO)), leadership.clone(), Duration::from_secs(2));
     let config = TermConfig::new("hapair-system", "bench-0", "hapair-state", "hapair-tokens");
 
     // 1. Reconcile everything.
@@ -536,9 +508,7 @@ async fn bench(args: Args, arenas: bool) -> anyhow::Result<()> {
     println!(
         "5. witness: {groups} groups failing over at once, through the node API router and the fenced LeaseAuthority seam"
     );
-    println!(
-        "  (authority: a simple one-holder-per-group witness in this benchmark; the real witness state machine is not merged on this branch)"
-    );
+    println!("  (authority: the real witness state machine, fenced by leadership, its restart wait-out long over)");
     let granted = wave("standbys acquire", false).await?;
     let denied_wave = wave("old primaries retry while the standbys hold", true).await?;
     println!(
