@@ -9,6 +9,10 @@
 //! 409 on a stale `resourceVersion`), JSON patch (a `test` for null passes on a missing
 //! path, as on the real server), server-side apply of `status` (simplified: the applied
 //! status replaces the stored one), and merge patch. Every request is counted by verb.
+//!
+//! It is used in process (as the `kube::Client`'s service) or served over plain HTTP from a
+//! process of its own ([`FakeApi::serve`]), so that a benchmark can measure the operator's
+//! memory without the fake's copy of every object.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -39,7 +43,7 @@ struct Change {
 }
 
 /// Requests served, by kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
     pub lists: u64,
     pub watches: u64,
@@ -80,6 +84,24 @@ struct World {
     counts: Counts,
     /// Writes by resource (and subresource), for the benchmark's breakdown.
     writes_by: BTreeMap<String, u64>,
+}
+
+/// A summary of the objects of one resource ([`FakeApi::tally`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub objects: usize,
+    pub finalized: usize,
+    pub phases: BTreeMap<String, usize>,
+}
+
+/// Paths of the fake's own, when served over HTTP: not Kubernetes API paths, not counted.
+pub mod control {
+    /// [`super::Counts`] as JSON.
+    pub const COUNTS: &str = "/fake/counts";
+    /// Writes by resource as a JSON object.
+    pub const WRITES: &str = "/fake/writes";
+    /// `/fake/tally/<resource>?finalizer=<name>`: a [`super::Tally`] as JSON.
+    pub const TALLY: &str = "/fake/tally/";
 }
 
 /// The fake API server. Cheap to clone; every clone serves the same objects.
@@ -186,6 +208,25 @@ impl FakeApi {
 
     pub fn counts(&self) -> Counts {
         self.lock().counts
+    }
+
+    /// How many objects of `resource` there are, how many carry `finalizer`, and how many
+    /// are in each `status.phase` (`none` without one), without copying them.
+    pub fn tally(&self, resource: &str, finalizer: &str) -> Tally {
+        let world = self.lock();
+        let mut tally = Tally::default();
+        for ((r, _, _), object) in &world.objects {
+            if r != resource {
+                continue;
+            }
+            tally.objects += 1;
+            if object["metadata"]["finalizers"].as_array().is_some_and(|f| f.iter().any(|f| f == finalizer)) {
+                tally.finalized += 1;
+            }
+            let phase = object["status"]["phase"].as_str().unwrap_or("none").to_string();
+            *tally.phases.entry(phase).or_default() += 1;
+        }
+        tally
     }
 
     /// Writes so far by resource (`hagroups/status`, `secrets`, `events`, …).
@@ -369,6 +410,48 @@ impl FakeApi {
     }
 }
 
+impl FakeApi {
+    /// Serves the fake over plain HTTP/1.1 on `listener` until the returned future is
+    /// dropped: the Kubernetes paths as in process, plus the [`control`] paths.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let api = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let api = api.clone();
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        if let Some(answer) = api.control(parts.uri.path(), parts.uri.query().unwrap_or("")) {
+                            return Ok::<_, Infallible>(respond(StatusCode::OK, &answer));
+                        }
+                        let request = Request::from_parts(parts, Body::from(bytes.to_vec()));
+                        let mut service = api;
+                        tower::Service::call(&mut service, request).await
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                    tracing::debug!(error = %e, "fake API connection ended");
+                }
+            });
+        }
+    }
+
+    fn control(&self, path: &str, query: &str) -> Option<Value> {
+        if path == control::COUNTS {
+            return serde_json::to_value(self.counts()).ok();
+        }
+        if path == control::WRITES {
+            return serde_json::to_value(self.writes_by()).ok();
+        }
+        let resource = path.strip_prefix(control::TALLY)?;
+        let finalizer = query.split('&').find_map(|p| p.strip_prefix("finalizer=")).unwrap_or("");
+        serde_json::to_value(self.tally(resource, finalizer)).ok()
+    }
+}
+
 impl tower::Service<Request<Body>> for FakeApi {
     type Response = Response<BoxBody<Bytes, Infallible>>;
     type Error = Infallible;
@@ -429,5 +512,42 @@ mod tests {
         let stale = secrets.replace("s", &Default::default(), &created).await;
         assert!(matches!(stale, Err(kube::Error::Api(s)) if s.code == 409));
         assert_eq!(api.counts().writes(), 3);
+    }
+
+    #[tokio::test]
+    async fn served_over_http_it_answers_kube_clients_and_its_own_control_paths() {
+        use k8s_openapi::api::core::v1::Secret;
+        let api = FakeApi::new();
+        api.insert(
+            "hagroups",
+            json!({"metadata": {"name": "g", "namespace": "ns", "finalizers": ["f"]}, "status": {"phase": "Healthy"}}),
+        );
+        api.insert("hagroups", json!({"metadata": {"name": "h", "namespace": "ns"}}));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let base = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
+        let server = tokio::spawn(api.clone().serve(listener));
+        let config = kube::Config::new(base.parse().unwrap_or_else(|e| panic!("{e}")));
+        let client = kube::Client::try_from(config).unwrap_or_else(|e| panic!("{e}"));
+        let secrets: kube::Api<Secret> = kube::Api::namespaced(client, "op");
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("s".into());
+        secrets.create(&Default::default(), &secret).await.unwrap_or_else(|e| panic!("{e}"));
+        let listed = secrets.list(&Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(listed.items.len(), 1);
+        let get = |path: String| async move {
+            let response = reqwest::get(path).await.unwrap_or_else(|e| panic!("{e}"));
+            response.json::<Value>().await.unwrap_or_else(|e| panic!("{e}"))
+        };
+        let counts: Counts =
+            serde_json::from_value(get(format!("{base}{}", control::COUNTS)).await).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((counts.creates, counts.lists), (1, 1), "control requests are not counted");
+        assert_eq!(get(format!("{base}{}", control::WRITES)).await, json!({"secrets": 1}));
+        let tally: Tally = serde_json::from_value(get(format!("{base}{}hagroups?finalizer=f", control::TALLY)).await)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tally,
+            Tally { objects: 2, finalized: 1, phases: [("Healthy".into(), 1), ("none".into(), 1)].into() }
+        );
+        server.abort();
     }
 }
