@@ -37,6 +37,8 @@ pub mod types {
     pub const MAINTENANCE: &str = "Maintenance";
     pub const QUORUM_RISK: &str = "QuorumRisk";
     pub const IN_USE: &str = "InUse";
+    /// A ReplicatedVolume's deletion waits because a group still uses it.
+    pub const DELETION_BLOCKED: &str = "DeletionBlocked";
 }
 
 /// Sets `new` into `conditions`, keeping `lastTransitionTime` when the status did not change

@@ -80,11 +80,22 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (document {})", self.file, self.index)?;
-        if let Some(object) = &self.object {
-            write!(f, ", {object}")?;
+        // Objects read from the API server have no file: they are named by kind and key alone.
+        let mut located = false;
+        if !self.file.is_empty() {
+            write!(f, "{} (document {})", self.file, self.index)?;
+            located = true;
         }
-        f.write_str(": ")?;
+        if let Some(object) = &self.object {
+            if located {
+                f.write_str(", ")?;
+            }
+            f.write_str(object)?;
+            located = true;
+        }
+        if located {
+            f.write_str(": ")?;
+        }
         if let Some(field) = &self.field {
             write!(f, "{field}: ")?;
         }

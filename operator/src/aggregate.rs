@@ -68,7 +68,7 @@ pub fn group_status(previous: &HaGroupStatus, inputs: &GroupInputs<'_>) -> HaGro
     let seen: Vec<Seen<'_>> =
         inputs.observations.iter().map(|o| Seen::new(o, inputs.key, inputs.now, inputs.stale_after)).collect();
     let spec = inputs.plan.config.as_ref().map(|c| &c.spec);
-    let generation = inputs.plan.config.as_ref().map(|c| c.generation);
+    let generation = inputs.plan.observed_generation.or(inputs.plan.config.as_ref().map(|c| c.generation));
 
     let primaries: Vec<&str> =
         seen.iter().filter(|s| s.live().is_some_and(|g| g.role == NodeRole::Primary)).map(|s| s.node).collect();
@@ -409,6 +409,34 @@ pub fn volume_status(
     status
 }
 
+/// Sets a ReplicatedVolume's `Valid` condition: refused with `error` (which names the
+/// field), or accepted. `generation` is the spec the verdict is about.
+pub fn set_volume_validity(
+    status: &mut ReplicatedVolumeStatus,
+    error: Option<&str>,
+    generation: Option<i64>,
+    now: UnixMillis,
+) {
+    let (state, reason, message) = match error {
+        Some(error) => (ConditionStatus::False, "InvalidSpec", error.to_string()),
+        None => (ConditionStatus::True, "Valid", "spec accepted".to_string()),
+    };
+    if generation.is_some() {
+        status.observed_generation = generation;
+    }
+    set_condition(
+        &mut status.conditions,
+        Condition {
+            type_: types::VALID.to_string(),
+            status: state,
+            reason: reason.to_string(),
+            message,
+            last_transition_time: format_millis(now),
+            observed_generation: status.observed_generation,
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +470,7 @@ mod tests {
             }),
             error: None,
             deleting: false,
+            observed_generation: Some(4),
         }
     }
 

@@ -5,12 +5,12 @@
 //! then against the others (a volume's group exists, nodes match, references resolve). An
 //! object that fails is left out and reported with file, object and field; the rest load.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use hapair_crds::manifest::{Document, ManifestError, Object, parse_documents};
 use hapair_crds::nodeapi::GroupKey;
-use hapair_crds::validation::{validate_references, validate_volume_group};
+use hapair_crds::validation::{FieldError, ValidationErrors, validate_references, validate_volume_group};
 use hapair_crds::{HaGroup, ReplicatedVolume};
 use k8s_openapi::api::core::v1::Secret;
 
@@ -29,6 +29,11 @@ pub struct Catalog {
     pub volumes: BTreeMap<GroupKey, (ReplicatedVolume, Origin)>,
     pub secrets: BTreeMap<GroupKey, Secret>,
     pub errors: Vec<ManifestError>,
+    /// `metadata.generation` of every HaGroup seen, valid or refused, when the source
+    /// assigns one: the status reports it as `observedGeneration` even for a refused edit.
+    pub generations: BTreeMap<GroupKey, i64>,
+    /// The same for every ReplicatedVolume seen.
+    pub volume_generations: BTreeMap<GroupKey, i64>,
 }
 
 /// Why a directory could not be read at all (as opposed to a bad manifest in it).
@@ -113,12 +118,74 @@ impl Catalog {
         catalog
     }
 
-    /// Drops objects whose references do not resolve, recording why.
+    /// Builds a catalog from objects that already passed the API server's schema check (the
+    /// Kubernetes operator's caches): each is validated semantically, then against the
+    /// others, exactly as manifests from files are. Errors name the object and field; there
+    /// is no file.
+    pub fn from_objects(
+        groups: impl IntoIterator<Item = HaGroup>,
+        volumes: impl IntoIterator<Item = ReplicatedVolume>,
+        secrets: impl IntoIterator<Item = Secret>,
+    ) -> Catalog {
+        let mut catalog = Catalog::default();
+        let origin = Origin { file: String::new(), index: 0 };
+        let key_of = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            GroupKey::new(
+                meta.namespace.as_deref().unwrap_or(hapair_crds::manifest::DEFAULT_NAMESPACE),
+                meta.name.as_deref().unwrap_or(""),
+            )
+        };
+        for group in groups {
+            let key = key_of(&group.metadata);
+            if let Some(generation) = group.metadata.generation {
+                catalog.generations.insert(key.clone(), generation);
+            }
+            match hapair_crds::validation::validate_group(&group.spec) {
+                Ok(()) => {
+                    catalog.groups.insert(key, (group, origin.clone()));
+                }
+                Err(errors) => catalog.errors.push(error_for(&origin, "HaGroup", &key, errors)),
+            }
+        }
+        for volume in volumes {
+            let key = key_of(&volume.metadata);
+            if let Some(generation) = volume.metadata.generation {
+                catalog.volume_generations.insert(key.clone(), generation);
+            }
+            match hapair_crds::validation::validate_volume(&volume.spec) {
+                Ok(()) => {
+                    catalog.volumes.insert(key, (volume, origin.clone()));
+                }
+                Err(errors) => catalog.errors.push(error_for(&origin, "ReplicatedVolume", &key, errors)),
+            }
+        }
+        for secret in secrets {
+            catalog.secrets.insert(key_of(&secret.metadata), secret);
+        }
+        catalog.check_cross_references();
+        catalog
+    }
+
+    /// Drops objects whose references do not resolve, recording why. An object that refers
+    /// to one refused on its own is told so, rather than that it does not exist.
     fn check_cross_references(&mut self) {
+        let refused_groups_before = self.refused("HaGroup");
         let mut refused_volumes = Vec::new();
         for (key, (volume, origin)) in &self.volumes {
-            let group = self.groups.get(&GroupKey::new(&key.namespace, &volume.spec.group)).map(|(g, _)| &g.spec);
-            if let Err(errors) = validate_volume_group(&volume.spec, group) {
+            let group_key = GroupKey::new(&key.namespace, &volume.spec.group);
+            let group = self.groups.get(&group_key).map(|(g, _)| &g.spec);
+            let result = if group.is_none() && refused_groups_before.contains(&group_key) {
+                Err(ValidationErrors(vec![FieldError {
+                    path: "spec.group".into(),
+                    message: format!(
+                        "HaGroup {:?} is refused (see its status); the volume is checked against it once it is valid",
+                        volume.spec.group
+                    ),
+                }]))
+            } else {
+                validate_volume_group(&volume.spec, group)
+            };
+            if let Err(errors) = result {
                 self.errors.push(error_for(origin, "ReplicatedVolume", key, errors));
                 refused_volumes.push(key.clone());
             }
@@ -126,10 +193,23 @@ impl Catalog {
         for key in refused_volumes {
             self.volumes.remove(&key);
         }
+        let refused_volumes = self.refused("ReplicatedVolume");
         let mut refused_groups = Vec::new();
         for (key, (group, origin)) in &self.groups {
-            let volumes = self.volume_specs_in(&key.namespace);
-            if let Err(errors) = validate_references(&key.name, &group.spec, &volumes) {
+            let refused_refs: Vec<FieldError> = volume_refs(&group.spec)
+                .into_iter()
+                .filter(|(_, name)| refused_volumes.contains(&GroupKey::new(&key.namespace, *name)))
+                .map(|(path, name)| FieldError {
+                    path,
+                    message: format!("ReplicatedVolume {name:?} is refused (see its status)"),
+                })
+                .collect();
+            let result = if refused_refs.is_empty() {
+                validate_references(&key.name, &group.spec, &self.volume_specs_in(&key.namespace))
+            } else {
+                Err(ValidationErrors(refused_refs))
+            };
+            if let Err(errors) = result {
                 self.errors.push(error_for(origin, "HaGroup", key, errors));
                 refused_groups.push(key.clone());
             }
@@ -137,6 +217,11 @@ impl Catalog {
         for key in refused_groups {
             self.groups.remove(&key);
         }
+    }
+
+    /// Objects of `kind` refused so far.
+    fn refused(&self, kind: &str) -> BTreeSet<GroupKey> {
+        self.errors.iter().filter_map(|e| refused_object(e, kind)).collect()
     }
 
     /// Volume specs of one namespace, by name.
@@ -147,6 +232,25 @@ impl Catalog {
             .map(|(k, (v, _))| (k.name.clone(), v.spec.clone()))
             .collect()
     }
+}
+
+/// The key of the object of `kind` that `error` refuses.
+pub fn refused_object(error: &ManifestError, kind: &str) -> Option<GroupKey> {
+    error.object.as_deref()?.strip_prefix(kind)?.strip_prefix(' ')?.parse().ok()
+}
+
+/// The volumes a group refers to, with the field that names each.
+fn volume_refs(spec: &hapair_crds::HaGroupSpec) -> Vec<(String, &str)> {
+    let flow = spec.flow.iter().enumerate().filter_map(|(i, step)| {
+        step.volume.as_ref().map(|v| (format!("spec.flow[{i}].volume.volumeRef"), v.volume_ref.as_str()))
+    });
+    let monitors = spec.monitors.iter().enumerate().filter_map(|(i, monitor)| {
+        monitor
+            .replication
+            .as_ref()
+            .map(|r| (format!("spec.monitors[{i}].replication.volumeRef"), r.volume_ref.as_str()))
+    });
+    flow.chain(monitors).collect()
 }
 
 fn error_for(
@@ -220,6 +324,47 @@ spec:
         assert!(errors[0].contains("spec.backing[1].node: \"c\" is not a node of group \"g\""), "{errors:?}");
         // Without its volume the group no longer resolves either.
         assert!(catalog.groups.is_empty());
+    }
+
+    #[test]
+    fn objects_from_the_api_are_checked_like_files_and_named_without_a_file() {
+        let parse = |text: &str| -> serde_json::Value { serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}")) };
+        let group: HaGroup = serde_json::from_value(parse(GROUP)).unwrap_or_else(|e| panic!("{e}"));
+        let mut volume: ReplicatedVolume = serde_json::from_value(parse(VOLUME)).unwrap_or_else(|e| panic!("{e}"));
+        let mut with_generation = group.clone();
+        with_generation.metadata.generation = Some(4);
+        let catalog = Catalog::from_objects([with_generation], [volume.clone()], []);
+        assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
+        assert_eq!(catalog.generations.get(&GroupKey::new("ns", "g")), Some(&4));
+        volume.spec.backing[1].node = "c".into();
+        let catalog = Catalog::from_objects([group], [volume], []);
+        let errors: Vec<String> = catalog.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                "ReplicatedVolume ns/data: spec.backing[1].node: \"c\" is not a node of group \"g\" (nodes: {\"a\", \"b\"})",
+                "HaGroup ns/g: spec.flow[0].volume.volumeRef: ReplicatedVolume \"data\" is refused (see its status)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_volume_of_a_refused_group_is_told_so_and_keeps_its_generation() {
+        let parse = |text: &str| -> serde_json::Value { serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}")) };
+        let mut group: HaGroup = serde_json::from_value(parse(GROUP)).unwrap_or_else(|e| panic!("{e}"));
+        group.spec.nodes.pop();
+        let mut volume: ReplicatedVolume = serde_json::from_value(parse(VOLUME)).unwrap_or_else(|e| panic!("{e}"));
+        volume.metadata.generation = Some(3);
+        let catalog = Catalog::from_objects([group], [volume], []);
+        let errors: Vec<String> = catalog.errors.iter().map(|e| e.to_string()).collect();
+        assert!(errors[0].starts_with("HaGroup ns/g: spec.nodes"), "{errors:?}");
+        assert_eq!(
+            errors[1],
+            "ReplicatedVolume ns/data: spec.group: HaGroup \"g\" is refused (see its status); the volume is checked against it once it is valid"
+        );
+        assert_eq!(catalog.volume_generations.get(&GroupKey::new("ns", "data")), Some(&3));
+        assert_eq!(refused_object(&catalog.errors[1], "ReplicatedVolume"), Some(GroupKey::new("ns", "data")));
+        assert_eq!(refused_object(&catalog.errors[1], "HaGroup"), None);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hapair_crds::hagroup::{ActionRecord, GroupPhase};
 use hapair_crds::manifest::ManifestError;
@@ -39,11 +40,20 @@ pub struct Settings {
     pub stale_after: Duration,
     /// An admin action without a final outcome after this is declared failed.
     pub action_timeout: Duration,
+    /// For this long after start, a group none of whose nodes has reported yet keeps the
+    /// status it had: the agents have not had a chance to reach this controller, and
+    /// rewriting every group as Pending after each restart (or operator failover) would be
+    /// both false and a burst of writes.
+    pub startup_grace: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { stale_after: aggregate::DEFAULT_STALE_AFTER, action_timeout: actions::DEFAULT_ACTION_TIMEOUT }
+        Settings {
+            stale_after: aggregate::DEFAULT_STALE_AFTER,
+            action_timeout: actions::DEFAULT_ACTION_TIMEOUT,
+            startup_grace: aggregate::DEFAULT_STALE_AFTER,
+        }
     }
 }
 
@@ -58,6 +68,11 @@ pub enum ReportRefusal {
 
 struct Core {
     state: ControllerState,
+    /// Changed outside a reconcile (a node's cleanup confirmation, an action's results, a
+    /// new action) and not saved yet: the next reconcile saves it even if it changes
+    /// nothing itself. A flag rather than a copy of the last saved state, which would double
+    /// the largest thing the controller holds.
+    unsaved: bool,
     catalog: Catalog,
     reconciled: Reconciled,
     reports: BTreeMap<String, (NodeReport, UnixMillis)>,
@@ -66,6 +81,15 @@ struct Core {
     /// Manifest errors already logged, so each is reported once, not every second.
     known_errors: BTreeSet<String>,
     rng: StdRng,
+    started: UnixMillis,
+}
+
+/// Bookkeeping of coalesced reconciles: requests are numbered, and a run covers every
+/// request numbered before it read the desired state.
+#[derive(Debug, Default)]
+struct Runs {
+    completed: u64,
+    last_error: Option<String>,
 }
 
 /// The running controller.
@@ -75,6 +99,8 @@ pub struct Controller<S: Store> {
     metrics: Arc<Metrics>,
     settings: Settings,
     core: Mutex<Core>,
+    requested: AtomicU64,
+    runs: Mutex<Runs>,
 }
 
 impl<S: Store> std::fmt::Debug for Controller<S> {
@@ -116,6 +142,7 @@ impl<S: Store> Controller<S> {
             metrics,
             settings,
             core: Mutex::new(Core {
+                unsaved: false,
                 state,
                 catalog,
                 reconciled: Reconciled::default(),
@@ -124,7 +151,10 @@ impl<S: Store> Controller<S> {
                 events,
                 known_errors: BTreeSet::new(),
                 rng: StdRng::from_rng(&mut rand::rng()),
+                started: crate::timestamp::now_millis(),
             }),
+            requested: AtomicU64::new(0),
+            runs: Mutex::new(Runs::default()),
         };
         if let Err(e) = controller.reconcile().await {
             warn!(error = %e, "cannot read the desired state; serving the last good configs");
@@ -156,6 +186,26 @@ impl<S: Store> Controller<S> {
         self.apply(&mut core, catalog).await
     }
 
+    /// Like [`Controller::reconcile`], for many callers at once: a caller returns after a
+    /// reconcile that read the desired state after it called, but concurrent callers share
+    /// one such run. The Kubernetes operator calls this from every object's reconcile, so a
+    /// burst of a thousand changed objects costs a few full reconciles, not a thousand.
+    pub async fn reconcile_coalesced(&self) -> Result<(), StoreError> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut runs = self.runs.lock().await;
+        if runs.completed >= ticket {
+            return match &runs.last_error {
+                None => Ok(()),
+                Some(e) => Err(StoreError::Backend(e.clone())),
+            };
+        }
+        let covers = self.requested.load(Ordering::SeqCst);
+        let result = self.reconcile().await;
+        runs.completed = covers;
+        runs.last_error = result.as_ref().err().map(|e| e.to_string());
+        result
+    }
+
     /// Re-evaluates time-dependent state (stale reports, action timeouts) without reading
     /// the desired state, and makes buffered writes durable.
     pub async fn tick(&self) -> Result<(), StoreError> {
@@ -172,9 +222,17 @@ impl<S: Store> Controller<S> {
     }
 
     async fn apply(&self, core: &mut Core, catalog: Catalog) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.apply_inner(core, catalog).await;
+        self.metrics.reconcile_duration(started.elapsed());
+        result
+    }
+
+    async fn apply_inner(&self, core: &mut Core, catalog: Catalog) -> Result<(), StoreError> {
         let now = crate::timestamp::now_millis();
         let before = core.state.clone();
         let mut events: Vec<(GroupKey, GroupEvent)> = Vec::new();
+        let mut volume_events: Vec<(GroupKey, GroupEvent)> = Vec::new();
 
         self.settle_actions(core, now, &mut events);
         let Core { state, rng, .. } = &mut *core;
@@ -194,6 +252,11 @@ impl<S: Store> Controller<S> {
                     events.push((
                         key,
                         GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", message),
+                    ));
+                } else if let Some(key) = crate::catalog::refused_object(error, "ReplicatedVolume") {
+                    volume_events.push((
+                        key,
+                        GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", text.clone()),
                     ));
                 }
             }
@@ -217,12 +280,14 @@ impl<S: Store> Controller<S> {
 
         // Serving bundles the store could not record would let revisions repeat after a
         // restart: on failure keep the old state and bundles instead.
-        if core.state != before
-            && let Err(e) = self.store.save_state(&core.state).await
-        {
-            self.metrics.error("store");
-            core.state = before;
-            return Err(e);
+        if core.unsaved || core.state != before {
+            if let Err(e) = self.store.save_state(&core.state).await {
+                self.metrics.error("store");
+                core.state = before;
+                core.unsaved = true;
+                return Err(e);
+            }
+            core.unsaved = false;
         }
         for bundle in reconciled.bundles.values() {
             if reconciled.changed.contains(&bundle.node) {
@@ -230,10 +295,22 @@ impl<S: Store> Controller<S> {
             }
             self.board.publish(bundle);
         }
+        for key in &reconciled.deletion_finished {
+            if let Err(e) = self.store.group_released(key).await {
+                self.metrics.error("store");
+                warn!(group = %key, error = %e, "cannot release a deleted group");
+            }
+        }
         core.catalog = catalog;
         core.reconciled = reconciled;
         for (key, event) in events {
             self.record_event(core, &key, event).await;
+        }
+        for (key, event) in volume_events {
+            if let Err(e) = self.store.record_volume_event(&key, &event).await {
+                self.metrics.error("store");
+                warn!(volume = %key, error = %e, "cannot record an event");
+            }
         }
         self.refresh_statuses(core, now, None).await
     }
@@ -300,6 +377,17 @@ impl<S: Store> Controller<S> {
         let mut volume_writes: Vec<(GroupKey, Option<ReplicatedVolumeStatus>)> = Vec::new();
         let mut events = Vec::new();
         let mut live_volumes = BTreeSet::new();
+        // Why each refused volume is refused: a running group may still deliver one (its
+        // last good config), and its status must say the edit was not taken.
+        let refused_volumes: BTreeMap<GroupKey, String> = core
+            .reconciled
+            .errors
+            .iter()
+            .filter_map(|e| Some((crate::catalog::refused_object(e, "ReplicatedVolume")?, e.to_string())))
+            .collect();
+        let volume_generation =
+            |key: &GroupKey, fallback: Option<i64>| core.catalog.volume_generations.get(key).copied().or(fallback);
+        let in_grace = crate::timestamp::age(now, core.started) < self.settings.startup_grace;
         for (key, plan) in &core.reconciled.groups {
             if only.is_some_and(|o| !o.contains(key)) {
                 phases.extend(core.statuses.groups.get(key).and_then(|s| s.phase));
@@ -323,10 +411,45 @@ impl<S: Store> Controller<S> {
                 stale_after: self.settings.stale_after,
             };
             let status = aggregate::group_status(&previous, &inputs);
+            let unheard = nodes.iter().all(|n| !core.reports.contains_key(n));
+            let validity = |s: &HaGroupStatus| {
+                hapair_crds::condition::find(&s.conditions, hapair_crds::condition::types::VALID)
+                    .map(|c| (c.status, c.message.clone()))
+            };
+            if in_grace
+                && unheard
+                && previous != HaGroupStatus::default()
+                && previous.observed_generation == status.observed_generation
+                && validity(&previous) == validity(&status)
+            {
+                // Nothing new to say yet: keep what is there (see `Settings::startup_grace`).
+                phases.extend(previous.phase);
+                if let Some(config) = &plan.config {
+                    live_volumes.extend(config.volumes.iter().map(|v| GroupKey::new(&key.namespace, &v.name)));
+                }
+                continue;
+            }
+            if let (Some(from), Some(to)) = (&previous.active_node, &status.active_node)
+                && from != to
+            {
+                let why = status.last_failover.as_ref().map(|f| format!(" ({})", f.reason)).unwrap_or_default();
+                info!(group = %key, epoch = status.epoch, "active node {from} -> {to}{why}");
+                events.push((
+                    key.clone(),
+                    GroupEvent::controller(
+                        format_millis(now),
+                        EventType::Normal,
+                        "ActiveNodeChanged",
+                        format!("{from} -> {to} in epoch {}{why}", status.epoch),
+                    ),
+                ));
+            }
             if let Some(phase) = status.phase {
                 phases.push(phase);
-                if previous.phase.is_some_and(|p| p != phase)
-                    || previous.phase.is_none() && phase != GroupPhase::Pending
+                // Entering Invalid already has its InvalidManifest event, with the reason.
+                if (previous.phase.is_some_and(|p| p != phase)
+                    || previous.phase.is_none() && phase != GroupPhase::Pending)
+                    && phase != GroupPhase::Invalid
                 {
                     let from = previous.phase.map(|p| p.as_str()).unwrap_or("none");
                     let why = phase_reason(&status);
@@ -335,13 +458,14 @@ impl<S: Store> Controller<S> {
                     } else {
                         EventType::Warning
                     };
+                    let reason = if phase == GroupPhase::SplitBrain { "SplitBrain" } else { "PhaseChanged" };
                     info!(group = %key, epoch = status.epoch, active = status.active_node.as_deref().unwrap_or(""), "phase {from} -> {}", phase.as_str());
                     events.push((
                         key.clone(),
                         GroupEvent::controller(
                             format_millis(now),
                             type_,
-                            "PhaseChanged",
+                            reason,
                             format!("{from} -> {}{why}", phase.as_str()),
                         ),
                     ));
@@ -367,10 +491,47 @@ impl<S: Store> Controller<S> {
                         })
                         .collect();
                     let previous = core.statuses.volumes.get(&vkey).cloned().unwrap_or_default();
-                    let status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
+                    let mut status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
+                    aggregate::set_volume_validity(
+                        &mut status,
+                        refused_volumes.get(&vkey).map(String::as_str),
+                        volume_generation(&vkey, Some(volume.generation)),
+                        now,
+                    );
+                    if let Some((type_, reason, message)) =
+                        resync_transition(previous.sync_state.as_deref(), status.sync_state.as_deref())
+                    {
+                        info!(group = %key, volume = %volume.name, "{reason}: {message}");
+                        events.push((
+                            key.clone(),
+                            GroupEvent::controller(
+                                format_millis(now),
+                                type_,
+                                reason,
+                                format!("volume {}: {message}", volume.name),
+                            ),
+                        ));
+                    }
                     if status != previous {
                         volume_writes.push((vkey, Some(status)));
                     }
+                }
+            }
+        }
+        if only.is_none() {
+            // Volumes no group delivers still say whether their spec was taken: a refused
+            // one why, an accepted one (perhaps refused before) that it now is.
+            let accepted = core.catalog.volumes.keys().map(|k| (k, None));
+            let refused = refused_volumes.iter().map(|(k, why)| (k, Some(why.as_str())));
+            for (vkey, why) in refused.chain(accepted) {
+                if !live_volumes.insert(vkey.clone()) {
+                    continue;
+                }
+                let previous = core.statuses.volumes.get(vkey).cloned().unwrap_or_default();
+                let mut status = previous.clone();
+                aggregate::set_volume_validity(&mut status, why, volume_generation(vkey, None), now);
+                if status != previous {
+                    volume_writes.push((vkey.clone(), Some(status)));
                 }
             }
         }
@@ -449,10 +610,14 @@ impl<S: Store> Controller<S> {
                 continue;
             }
             groups.insert(group.key.clone());
-            rebuild |= actions::record_results(&mut core.state.actions, &group.key, node, &group.actions);
+            if actions::record_results(&mut core.state.actions, &group.key, node, &group.actions) {
+                core.unsaved = true;
+                rebuild = true;
+            }
             rebuild |= core.state.actions.values().any(|a| a.group == group.key && !a.is_final());
             if group.cleaned_up && note_cleaned_up(&mut core.state, &group.key, node) {
                 info!(group = %group.key, node, "node cleaned up a deleted group");
+                core.unsaved = true;
                 rebuild = true;
             }
             for event in &group.events {
@@ -513,6 +678,7 @@ impl<S: Store> Controller<S> {
         let message = format!("{} {id} requested{}", request.kind.label(), describe_kind(&request.kind));
         info!(group = %key, action = %id, "{message}");
         core.state.actions.insert(id.clone(), entry);
+        core.unsaved = true;
         self.record_event(
             &mut core,
             key,
@@ -526,6 +692,79 @@ impl<S: Store> Controller<S> {
             return Err(Refusal::Conflict(format!("cannot record the action: {e}")));
         }
         core.state.actions.get(&id).map(view).ok_or_else(|| Refusal::NotFound(format!("action {id} vanished")))
+    }
+
+    /// Records a request that was refused before it could be queued, so that its outcome
+    /// shows in the group's `status.lastAction` like any other: the Kubernetes operator
+    /// answers an admin-action annotation nowhere else. An `id` already in use is left as it
+    /// is and its entry returned.
+    pub async fn reject_action(
+        &self,
+        key: &GroupKey,
+        id: &str,
+        kind: AdminActionKind,
+        message: String,
+    ) -> Result<ActionView, StoreError> {
+        let mut core = self.core.lock().await;
+        if let Some(existing) = core.state.actions.get(id) {
+            return Ok(view(existing));
+        }
+        let now = crate::timestamp::now_millis();
+        let mut entry = actions::queue(key, id, kind, now);
+        entry.outcome = hapair_crds::nodeapi::ActionOutcome::Rejected;
+        entry.message = message;
+        entry.finished = Some(now);
+        let text = format!("{} {id} refused: {}", entry.action.kind.label(), entry.message);
+        warn!(group = %key, action = %id, "{text}");
+        let recorded = view(&entry);
+        core.state.actions.insert(id.to_string(), entry);
+        core.unsaved = true;
+        self.record_event(
+            &mut core,
+            key,
+            GroupEvent::controller(format_millis(now), EventType::Warning, "ActionRejected", text),
+        )
+        .await;
+        let catalog = core.catalog.clone();
+        if let Err(e) = self.apply(&mut core, catalog).await {
+            core.state.actions.remove(id);
+            return Err(e);
+        }
+        Ok(recorded)
+    }
+
+    /// Records an event about a group on behalf of the layer around the controller (for
+    /// example an admin-action annotation that cannot be read).
+    pub async fn note_event(&self, key: &GroupKey, type_: EventType, reason: &str, message: String) {
+        let mut core = self.core.lock().await;
+        let event = GroupEvent::controller(format_millis(crate::timestamp::now_millis()), type_, reason, message);
+        self.record_event(&mut core, key, event).await;
+    }
+
+    /// Whether the group's nodes may still be running it: it has a config (current or last
+    /// good) or is being cleaned up. A group for which this is false can be let go at once.
+    pub async fn cleanup_pending(&self, key: &GroupKey) -> bool {
+        let core = self.core.lock().await;
+        core.state.last_good.contains_key(key) || core.state.deleting.contains_key(key)
+    }
+
+    /// The groups whose running or deleting config delivers the volume `volume` (same
+    /// namespace): while there are any, the volume must not go away.
+    pub async fn volume_users(&self, volume: &GroupKey) -> Vec<GroupKey> {
+        let core = self.core.lock().await;
+        let uses = |source: &crate::state::GroupSource| {
+            source.volumes.iter().any(|v| v.metadata.name.as_deref() == Some(volume.name.as_str()))
+        };
+        let live = core.state.last_good.iter();
+        let deleting = core.state.deleting.iter().map(|(k, d)| (k, &d.source));
+        let mut users: Vec<GroupKey> = live
+            .chain(deleting)
+            .filter(|(k, s)| k.namespace == volume.namespace && uses(s))
+            .map(|(k, _)| k.clone())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
     }
 
     pub async fn action(&self, key: &GroupKey, id: &str) -> Option<ActionView> {
@@ -581,6 +820,23 @@ impl<S: Store> Controller<S> {
     }
 }
 
+/// The event a volume's sync state change deserves, if any: a resync starting, finishing,
+/// or stopping before it finished.
+fn resync_transition(from: Option<&str>, to: Option<&str>) -> Option<(EventType, &'static str, String)> {
+    let syncing = |s: Option<&str>| s.is_some_and(|s| s.starts_with("Syncing"));
+    let (from_text, to_text) = (from.unwrap_or("Unknown"), to.unwrap_or("Unknown"));
+    match (syncing(from), syncing(to)) {
+        (false, true) => Some((EventType::Normal, "ResyncStarted", format!("resync started ({to_text})"))),
+        (true, false) if to == Some("UpToDate") => {
+            Some((EventType::Normal, "ResyncFinished", "resync finished; both replicas are up to date".into()))
+        }
+        (true, false) => {
+            Some((EventType::Warning, "ResyncInterrupted", format!("resync stopped at {from_text}: now {to_text}")))
+        }
+        _ => None,
+    }
+}
+
 fn describe_kind(kind: &AdminActionKind) -> String {
     match kind {
         AdminActionKind::Switchover { to } => format!(": move the service to {to}"),
@@ -631,5 +887,159 @@ fn view(entry: &ActionEntry) -> ActionView {
             .iter()
             .map(|(node, r)| NodeActionResult { node: node.clone(), outcome: r.outcome, message: r.message.clone() })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A store in memory that counts snapshots and can be slowed down.
+    #[derive(Default)]
+    struct CountingStore {
+        snapshots: AtomicUsize,
+        saves: AtomicUsize,
+        statuses: std::sync::Mutex<Vec<GroupKey>>,
+        released: std::sync::Mutex<Vec<GroupKey>>,
+        manifests: std::sync::Mutex<Vec<(String, String)>>,
+    }
+
+    impl Store for Arc<CountingStore> {
+        async fn snapshot(&self) -> Result<Catalog, StoreError> {
+            self.snapshots.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let sources = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            Ok(Catalog::from_sources(sources.iter().map(|(n, t)| (n.as_str(), t.as_str()))))
+        }
+        async fn load_state(&self) -> Result<ControllerState, StoreError> {
+            Ok(ControllerState::default())
+        }
+        async fn save_state(&self, _state: &ControllerState) -> Result<(), StoreError> {
+            self.saves.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn load_statuses(&self) -> Result<Statuses, StoreError> {
+            Ok(Statuses::default())
+        }
+        async fn write_group_status(&self, key: &GroupKey, _s: Option<&HaGroupStatus>) -> Result<(), StoreError> {
+            self.statuses.lock().unwrap_or_else(|p| p.into_inner()).push(key.clone());
+            Ok(())
+        }
+        async fn write_volume_status(
+            &self,
+            _k: &GroupKey,
+            _s: Option<&ReplicatedVolumeStatus>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn record_event(&self, _k: &GroupKey, _e: &GroupEvent) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn load_events(&self) -> Result<EventRing, StoreError> {
+            Ok(EventRing::default())
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn group_released(&self, key: &GroupKey) -> Result<(), StoreError> {
+            self.released.lock().unwrap_or_else(|p| p.into_inner()).push(key.clone());
+            Ok(())
+        }
+    }
+
+    const GROUP: &str = "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {name: g, namespace: ns}\nspec:\n  nodes:\n    - {name: a, heartbeatAddresses: [198.18.1.1]}\n    - {name: b, heartbeatAddresses: [198.18.1.2]}\n";
+
+    #[tokio::test]
+    async fn concurrent_callers_share_full_reconciles() {
+        let store = Arc::new(CountingStore::default());
+        let controller = Arc::new(
+            Controller::start(store.clone(), Settings::default(), Arc::new(Metrics::new()))
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let before = store.snapshots.load(Ordering::SeqCst);
+        let callers: Vec<_> = (0..200)
+            .map(|_| {
+                let c = controller.clone();
+                tokio::spawn(async move { c.reconcile_coalesced().await })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let runs = store.snapshots.load(Ordering::SeqCst) - before;
+        // The first caller runs alone; everyone arriving during its run shares the next.
+        assert!((1..=3).contains(&runs), "{runs} full reconciles for 200 callers");
+        // A caller after those sees its own, fresh run: a change made before it is picked up.
+        store.manifests.lock().unwrap_or_else(|p| p.into_inner()).push(("g.yaml".into(), GROUP.into()));
+        controller.reconcile_coalesced().await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(controller.current_config("a").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_group_is_released_once_both_nodes_cleaned_up_and_the_confirmations_are_saved() {
+        let store = Arc::new(CountingStore::default());
+        store.manifests.lock().unwrap_or_else(|p| p.into_inner()).push(("g.yaml".into(), GROUP.into()));
+        let controller = Controller::start(store.clone(), Settings::default(), Arc::new(Metrics::new()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.manifests.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        controller.reconcile().await.unwrap_or_else(|e| panic!("{e}"));
+        let key = GroupKey::new("ns", "g");
+        assert!(controller.cleanup_pending(&key).await);
+        let report = |node: &str| NodeReport {
+            node: node.into(),
+            applied_revision: 2,
+            config_error: None,
+            agent_version: "t".into(),
+            os: "t".into(),
+            uptime_seconds: 1,
+            hardware: Default::default(),
+            links: vec![],
+            groups: vec![hapair_crds::nodeapi::GroupReport {
+                key: key.clone(),
+                role: hapair_crds::hagroup::NodeRole::Standby,
+                epoch: 0,
+                health: hapair_crds::hagroup::NodeHealth::Healthy,
+                role_reason: None,
+                peer_reachable: true,
+                last_peer_heartbeat: None,
+                heartbeat_links: vec![],
+                steps: vec![],
+                monitors: vec![],
+                volumes: vec![],
+                last_failover: None,
+                actions: vec![],
+                events: vec![],
+                cleaned_up: true,
+            }],
+        };
+        let saves = store.saves.load(Ordering::SeqCst);
+        controller.accept_report("a", report("a")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.saves.load(Ordering::SeqCst), saves + 1, "a's confirmation is saved");
+        assert!(store.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
+        controller.accept_report("b", report("b")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(*store.released.lock().unwrap_or_else(|p| p.into_inner()), std::slice::from_ref(&key));
+        assert!(!controller.cleanup_pending(&key).await);
+    }
+
+    #[test]
+    fn resync_events_mark_start_finish_and_interruption() {
+        let t = |from: Option<&str>, to: Option<&str>| resync_transition(from, to);
+        assert_eq!(
+            t(Some("Disconnected"), Some("Syncing 3%")),
+            Some((EventType::Normal, "ResyncStarted", "resync started (Syncing 3%)".into()))
+        );
+        assert_eq!(t(Some("Syncing 3%"), Some("Syncing 40%")), None);
+        assert_eq!(
+            t(Some("Syncing 99%"), Some("UpToDate")),
+            Some((EventType::Normal, "ResyncFinished", "resync finished; both replicas are up to date".into()))
+        );
+        assert_eq!(
+            t(Some("Syncing 40%"), Some("Disconnected")),
+            Some((EventType::Warning, "ResyncInterrupted", "resync stopped at Syncing 40%: now Disconnected".into()))
+        );
+        assert_eq!(t(None, Some("UpToDate")), None);
     }
 }

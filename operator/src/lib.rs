@@ -19,11 +19,15 @@
 //!   fail;
 //! - [`server`]: the node API over HTTPS with mutual TLS, and [`metrics`];
 //! - [`standalone`]: `hapair-operator standalone`, watching a manifest directory;
-//! - [`cli`] and [`adminapi`]: `kubectl-hapair` / `hapair` and the admin API it speaks.
+//! - [`k8s`]: `hapair-operator run`, the Kubernetes operator: the same core with the API
+//!   server as its store, kube-runtime controllers, leader election and the fenced witness;
+//! - [`cli`] and [`adminapi`]: `kubectl-hapair` / `hapair` and the admin API it speaks;
+//! - [`allocator`]: keeping the C allocator's arenas from tripling the resident set.
 
 pub mod actions;
 pub mod adminapi;
 pub mod aggregate;
+pub mod allocator;
 pub mod atomic_file;
 pub mod build;
 pub mod catalog;
@@ -31,6 +35,7 @@ pub mod cli;
 pub mod controller;
 pub mod events;
 pub mod file_store;
+pub mod k8s;
 pub mod lease;
 pub mod metrics;
 pub mod pki;

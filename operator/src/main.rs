@@ -3,23 +3,75 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use hapair_operator::adminapi::{AdminConfig, CLI_CONFIG_FILE};
 use hapair_operator::catalog::Catalog;
+use hapair_operator::k8s::leader::ElectionTiming;
+use hapair_operator::k8s::run::{RUNTIME_FILE, RunConfig, RuntimeInfo, secret_names};
+use hapair_operator::k8s::term::TermConfig;
+use hapair_operator::k8s::token_secret::TokenSecret;
+use hapair_operator::k8s::{pki_secret, run};
 use hapair_operator::pki::{CA_CERT_FILE, fingerprint};
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
 use hapair_operator::timestamp::{format_millis, now_millis};
-use hapair_operator::tokens::TokenFile;
+use hapair_operator::tokens::{TokenFile, enroll_instructions};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 #[derive(Parser, Debug)]
-#[command(name = "hapair-operator", version, about = "hapair controller")]
+#[command(
+    name = "hapair-operator",
+    version,
+    about = "hapair controller",
+    long_about = "hapair controller. Without a subcommand it runs as the Kubernetes operator (`run`).",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The Kubernetes operator's settings (also accepted without the `run` subcommand).
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Address the node API (HTTPS, mutual TLS) listens on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    node_api_listen: SocketAddr,
+    /// Address of the plain-HTTP /metrics, /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// Name or IP agents use to reach the node API (repeatable); goes into the serving
+    /// certificate.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Name of the coordination.k8s.io Lease the replicas elect their leader with.
+    #[arg(long, default_value = "hapair-leader")]
+    leader_election_lease: String,
+    /// Secret (operator namespace) holding the controller CA (ca.crt, ca.key); created by
+    /// the first leader when missing.
+    #[arg(long, default_value = "hapair-pki")]
+    pki_secret: String,
+    /// Secret holding the enrollment token book [default: the PKI Secret's name with
+    /// -tokens for -pki].
+    #[arg(long)]
+    tokens_secret: Option<String>,
+    /// Prefix of the controller state Secrets [default: the PKI Secret's name with -state
+    /// for -pki].
+    #[arg(long)]
+    state_secret_prefix: Option<String>,
+    /// The operator's namespace (Lease and Secrets) [default: the kubeconfig's namespace].
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// This replica's identity in the Lease and in Events [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -30,6 +82,9 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run as the Kubernetes operator (the default): reconcile HaGroups and
+    /// ReplicatedVolumes, serve the node API and, on the elected leader, the witness.
+    Run(RunArgs),
     /// Validate a directory of manifests and print what it would run.
     Plan {
         #[arg(long)]
@@ -66,14 +121,29 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Issue a token with which one node's agent can enroll (`hapair-agent enroll`).
+    ///
+    /// With --state, into a standalone controller's state directory; without, into the
+    /// operator's token Secret (run it in the operator pod: `kubectl exec deploy/NAME --
+    /// hapair-operator token create --node NAME`).
     Create {
+        /// State directory of a standalone controller.
         #[arg(long)]
-        state: PathBuf,
+        state: Option<PathBuf>,
         #[arg(long)]
         node: String,
         /// Lifetime, e.g. 30m, 1h, 24h (at most 168h).
         #[arg(long, default_value = "1h")]
         ttl: hapair_crds::Duration,
+        /// Kubernetes: the operator's namespace [default: from the running operator].
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: Option<String>,
+        /// Kubernetes: the token Secret [default: from the running operator].
+        #[arg(long)]
+        tokens_secret: Option<String>,
+        /// Kubernetes: the PKI Secret, for the CA fingerprint [default: from the running
+        /// operator].
+        #[arg(long)]
+        pki_secret: Option<String>,
     },
 }
 
@@ -105,7 +175,7 @@ async fn standalone(config: StandaloneConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn token_create(state: PathBuf, node: String, ttl: hapair_crds::Duration) -> anyhow::Result<()> {
+fn token_create_file(state: PathBuf, node: String, ttl: hapair_crds::Duration) -> anyhow::Result<()> {
     let ca_path = state.join(CA_CERT_FILE);
     let ca_pem = std::fs::read(&ca_path).with_context(|| {
         format!("reading {} (start the standalone controller once to create the CA)", ca_path.display())
@@ -120,22 +190,101 @@ fn token_create(state: PathBuf, node: String, ttl: hapair_crds::Duration) -> any
         .and_then(|bytes| serde_json::from_slice::<AdminConfig>(&bytes).ok())
         .map(|c| c.controller)
         .unwrap_or_else(|| "https://CONTROLLER:7443".into());
-    let fp = fingerprint(&ca);
-    println!("token:          {token}");
-    println!("node:           {node}");
-    println!("expires:        {}", format_millis(now.saturating_add(ttl_ms)));
-    println!("ca fingerprint: {fp}");
-    println!();
-    println!("On {node}, run once:");
-    println!(
-        "  hapair-agent enroll --controller {controller} --node {node} --token {token} --ca-fingerprint {fp} --dir /etc/hapair"
-    );
+    let expires = format_millis(now.saturating_add(ttl_ms));
+    print!("{}", enroll_instructions(&token, &node, &expires, &fingerprint(&ca), &controller));
     Ok(())
 }
 
+/// `token create` in the operator pod: into the token Secret of the running operator.
+async fn token_create_kube(
+    node: String,
+    ttl: hapair_crds::Duration,
+    namespace: Option<String>,
+    tokens_secret: Option<String>,
+    pki: Option<String>,
+) -> anyhow::Result<()> {
+    let running: Option<RuntimeInfo> =
+        std::fs::read(RUNTIME_FILE).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let namespace = namespace
+        .or_else(|| running.as_ref().map(|r| r.namespace.clone()))
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let pki = pki.or_else(|| running.as_ref().map(|r| r.pki_secret.clone())).unwrap_or_else(|| "hapair-pki".into());
+    let tokens_secret = tokens_secret
+        .or_else(|| running.as_ref().map(|r| r.tokens_secret.clone()))
+        .unwrap_or_else(|| secret_names(&pki).0);
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, &namespace);
+    let ca = pki_secret::load(&secrets, &pki)
+        .await?
+        .with_context(|| format!("no Secret {pki} in namespace {namespace}: has the operator started?"))?;
+    let now = now_millis();
+    let token = TokenSecret::new(secrets, &tokens_secret, None).issue(&node, ttl.as_std(), now).await?;
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let controller = match &running {
+        Some(r) => r.server_names.first().map(|n| format!("https://{n}:{}", r.node_api_port)),
+        None => None,
+    }
+    .unwrap_or_else(|| "https://ADDRESS:PORT".into());
+    let expires = format_millis(now.saturating_add(ttl_ms));
+    print!("{}", enroll_instructions(&token, &node, &expires, &ca.fingerprint(), &controller));
+    Ok(())
+}
+
+async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+    let identity = match args.identity.clone() {
+        Some(identity) => identity,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("no --identity (POD_NAME) and no host name")?,
+    };
+    let (default_tokens, default_state) = secret_names(&args.pki_secret);
+    let term = TermConfig::new(
+        &namespace,
+        &identity,
+        &args.state_secret_prefix.clone().unwrap_or(default_state),
+        &args.tokens_secret.clone().unwrap_or(default_tokens),
+    );
+    let config = RunConfig {
+        node_api_listen: args.node_api_listen,
+        metrics_listen: args.metrics_listen,
+        server_names: if args.server_names.is_empty() { vec!["localhost".into()] } else { args.server_names.clone() },
+        lease_name: args.leader_election_lease.clone(),
+        pki_secret: args.pki_secret.clone(),
+        election: ElectionTiming::default(),
+        term,
+        runtime_file: Some(PathBuf::from(RUNTIME_FILE)),
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    // A fresh witness for every term: `NodeApi` measures `now` from its own creation (at the
+    // start of the term), so the witness waits out L·(1+drift) after every takeover.
+    let witness: run::AuthorityFactory =
+        Arc::new(|| Box::new(hapair_operator::witness::Witness::new(std::time::Duration::ZERO)));
+    run::run(client, config, Some(witness), shutdown).await?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
 fn main() -> ExitCode {
+    hapair_operator::allocator::limit_arenas();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let result = match command {
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            runtime().and_then(|rt| rt.block_on(run_operator(args)))
+        }
         Command::Plan { manifests } => match Catalog::load_dir(&manifests) {
             Ok(catalog) => {
                 print!("{}", hapair_operator::plan::render(&catalog));
@@ -153,11 +302,13 @@ fn main() -> ExitCode {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Token { command: TokenCommand::Create { state, node, ttl } } => {
+        Command::Token { command: TokenCommand::Create { state, node, ttl, namespace, tokens_secret, pki_secret } } => {
             if ttl.is_zero() {
                 Err(anyhow::anyhow!("--ttl must be greater than zero"))
+            } else if let Some(state) = state {
+                token_create_file(state, node, ttl)
             } else {
-                token_create(state, node, ttl)
+                runtime().and_then(|rt| rt.block_on(token_create_kube(node, ttl, namespace, tokens_secret, pki_secret)))
             }
         }
     };

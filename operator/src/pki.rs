@@ -123,30 +123,14 @@ impl Ca {
     pub fn load_or_create(dir: &Path) -> Result<Ca, PkiError> {
         let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
         match (cert_path.exists(), key_path.exists()) {
-            (true, true) => {
-                let key = KeyPair::from_pem(&read(&key_path)?).map_err(rc("CA key"))?;
-                Ca::from_pem(&read(&cert_path)?, key)
-            }
+            (true, true) => Ca::from_pems(&read(&cert_path)?, &read(&key_path)?),
             (false, false) => {
-                let key = KeyPair::generate().map_err(rc("generating the CA key"))?;
-                let now = OffsetDateTime::now_utc();
-                let mut params = CertificateParams::default();
-                // A unique name per CA, so a certificate from another hapair controller is
-                // recognised as foreign by its issuer, not only by its signature.
-                let tag: [u8; 4] = rand::random();
-                params.distinguished_name = name(&format!("hapair controller CA {}", hex(&tag)));
-                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-                params.key_usages =
-                    vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-                params.not_before = offset(now, BACKDATE, false);
-                params.not_after = offset(now, CA_VALIDITY, true);
-                params.serial_number = Some(random_serial());
-                let cert = params.self_signed(&key).map_err(rc("self-signing the CA"))?;
+                let (ca, key_pem) = Ca::generate()?;
                 // Key first: a crash in between leaves a key without a cert, which is refused
                 // loudly instead of silently replaced.
-                write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-                write(&cert_path, cert.pem().as_bytes(), 0o644)?;
-                Ca::from_pem(&cert.pem(), key)
+                write(&key_path, key_pem.as_bytes(), 0o600)?;
+                write(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
+                Ok(ca)
             }
             (true, false) => {
                 Err(PkiError::HalfPresent(cert_path.display().to_string(), key_path.display().to_string()))
@@ -155,6 +139,32 @@ impl Ca {
                 Err(PkiError::HalfPresent(key_path.display().to_string(), cert_path.display().to_string()))
             }
         }
+    }
+
+    /// A new CA, and its private key (PEM) for the caller to keep.
+    pub fn generate() -> Result<(Ca, String), PkiError> {
+        let key = KeyPair::generate().map_err(rc("generating the CA key"))?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        // A unique name per CA, so a certificate from another hapair controller is
+        // recognised as foreign by its issuer, not only by its signature.
+        let tag: [u8; 4] = rand::random();
+        params.distinguished_name = name(&format!("hapair controller CA {}", hex(&tag)));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = offset(now, BACKDATE, false);
+        params.not_after = offset(now, CA_VALIDITY, true);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key).map_err(rc("self-signing the CA"))?;
+        let key_pem = key.serialize_pem();
+        Ok((Ca::from_pem(&cert.pem(), key)?, key_pem))
+    }
+
+    /// The CA from its certificate and key, PEM (as kept in the operator's PKI Secret).
+    pub fn from_pems(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(rc("CA key"))?;
+        Ca::from_pem(cert_pem, key)
     }
 
     fn from_pem(cert_pem: &str, key: KeyPair) -> Result<Ca, PkiError> {

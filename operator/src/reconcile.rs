@@ -30,6 +30,9 @@ pub struct GroupPlan {
     pub error: Option<ManifestError>,
     /// Removed from the desired state; nodes are cleaning up.
     pub deleting: bool,
+    /// `metadata.generation` of the object as last seen, even when refused; the status
+    /// reports it so users can tell their latest edit was looked at.
+    pub observed_generation: Option<i64>,
 }
 
 impl GroupPlan {
@@ -85,18 +88,25 @@ pub fn reconcile(catalog: &Catalog, state: &mut ControllerState, now: UnixMillis
 
     for (key, live) in &resolution.live {
         let config = group_config(key, &live.source, &mut state.volume_uuids, rng);
-        out.groups.insert(key.clone(), GroupPlan { config: Some(config), error: live.error.clone(), deleting: false });
+        let observed_generation = catalog.generations.get(key).copied().or(Some(config.generation));
+        out.groups.insert(
+            key.clone(),
+            GroupPlan { config: Some(config), error: live.error.clone(), deleting: false, observed_generation },
+        );
     }
     for (key, deleting) in &state.deleting {
         let mut config = group_config(key, &deleting.source, &mut state.volume_uuids, rng);
         config.deleting = true;
-        out.groups.insert(key.clone(), GroupPlan { config: Some(config), error: None, deleting: true });
+        let observed_generation = Some(config.generation);
+        out.groups
+            .insert(key.clone(), GroupPlan { config: Some(config), error: None, deleting: true, observed_generation });
     }
     for (key, error) in &resolution.refused {
         out.groups.entry(key.clone()).or_insert(GroupPlan {
             config: None,
             error: Some(error.clone()),
             deleting: false,
+            observed_generation: catalog.generations.get(key).copied(),
         });
     }
 

@@ -1,6 +1,7 @@
 //! What reconcile reads and writes outside itself, as a trait: the standalone controller
 //! keeps it in a state directory ([`crate::file_store::FileStore`]); the Kubernetes operator
-//! will keep it in the API server (objects, status subresources, Events, a state Secret).
+//! keeps it in the API server ([`crate::k8s::store::KubeStore`]: objects, status
+//! subresources, Events, state Secrets).
 //!
 //! Reconcile = dereference ([`Store::snapshot`]) → validate and build (pure) → publish
 //! ([`crate::publish::Publisher`]) → write status ([`Store::write_group_status`]). Nothing
@@ -72,9 +73,28 @@ pub trait Store: Send + Sync + 'static {
     /// Records one event of a group. May be buffered until [`Store::flush`].
     fn record_event(&self, key: &GroupKey, event: &GroupEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Records one event about a ReplicatedVolume (its spec refused). Only the Kubernetes
+    /// store has a place for those; elsewhere the log line the controller writes is it.
+    fn record_volume_event(
+        &self,
+        key: &GroupKey,
+        event: &GroupEvent,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, event);
+        async { Ok(()) }
+    }
+
     /// Events recorded before a restart, for `describe`.
     fn load_events(&self) -> impl Future<Output = Result<EventRing, StoreError>> + Send;
 
     /// Makes buffered status and event writes durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every node of a deleted group confirmed its cleanup: nothing of the group runs any
+    /// more. The Kubernetes store lets the object go (removes its finalizer) here; a
+    /// directory of manifests has nothing left to release.
+    fn group_released(&self, key: &GroupKey) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = key;
+        async { Ok(()) }
+    }
 }

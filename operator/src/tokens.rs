@@ -152,6 +152,57 @@ pub enum TokenFileError {
     Lock { path: PathBuf, source: std::io::Error },
 }
 
+/// What `token create` prints: the token and the one command to run on the node.
+pub fn enroll_instructions(token: &str, node: &str, expires: &str, ca_fingerprint: &str, controller: &str) -> String {
+    format!(
+        "token:          {token}\nnode:           {node}\nexpires:        {expires}\nca fingerprint: {ca_fingerprint}\n\nOn {node}, run once:\n  hapair-agent enroll --controller {controller} --node {node} --token {token} --ca-fingerprint {ca_fingerprint} --dir /etc/hapair\n"
+    )
+}
+
+/// Why a token could not be burned at enrollment.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    /// The token itself is refused; nothing changed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Where tokens are kept could not be read or written.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Where the node API burns enrollment tokens: the token file of a state directory
+/// (standalone) or the token book Secret (Kubernetes).
+pub trait TokenRedeemer: Send + Sync {
+    /// Burns `token` for `node`; nothing changes unless it is accepted.
+    fn redeem<'a>(
+        &'a self,
+        token: &'a str,
+        node: &'a str,
+        now: UnixMillis,
+    ) -> futures::future::BoxFuture<'a, Result<(), RedeemError>>;
+}
+
+impl TokenRedeemer for TokenFile {
+    fn redeem<'a>(
+        &'a self,
+        token: &'a str,
+        node: &'a str,
+        now: UnixMillis,
+    ) -> futures::future::BoxFuture<'a, Result<(), RedeemError>> {
+        let file = self.clone();
+        let (token, node) = (token.to_string(), node.to_string());
+        Box::pin(async move {
+            // The file lock blocks; keep it off the async workers.
+            match tokio::task::spawn_blocking(move || TokenFile::redeem(&file, &token, &node, now)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(TokenFileError::Token(e))) => Err(RedeemError::Token(e)),
+                Ok(Err(e)) => Err(RedeemError::Backend(e.to_string())),
+                Err(e) => Err(RedeemError::Backend(format!("token check failed: {e}"))),
+            }
+        })
+    }
+}
+
 /// The token book in a state directory, changed only under an exclusive file lock.
 #[derive(Debug, Clone)]
 pub struct TokenFile {

@@ -52,7 +52,6 @@ EXPECTED_RBAC = {
       for res in ("hagroups/status", "replicatedvolumes/status")
       for verb in ("get", "patch")),
     ("ClusterRole", "events.k8s.io", "events", "create", None),
-    ("ClusterRole", "events.k8s.io", "events", "patch", None),
     ("ClusterRole", "", "secrets", "get", None),
     ("ClusterRole", "", "secrets", "list", None),
     ("ClusterRole", "", "secrets", "watch", None),

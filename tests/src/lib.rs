@@ -20,9 +20,12 @@
 //! - [`failover_bench`]: the `failover` benchmark's harness (kill the primary of a real pair,
 //!   time the client until the other server answers on the VIP), with hapair and
 //!   keepalived behind one trait; run by `bench-failover`.
+//! - [`fake_kube`]: an in-process stand-in for the Kubernetes API server (the one thing
+//!   tests may mock), for the operator's scale benchmark and multi-replica tests.
 
 pub mod agents;
 pub mod failover_bench;
+pub mod fake_kube;
 pub mod mounts;
 pub mod nbd_client;
 pub mod netns;

@@ -100,6 +100,8 @@ pub enum MetaPurpose {
     SyncSourceDone,
     Housekeeping,
     Checkpoint(ReqId),
+    /// An activity-log transaction: until it is durable nothing more goes to the peer.
+    ActivityLog,
 }
 
 /// One step of a metadata update; steps run in order.
@@ -442,6 +444,13 @@ pub struct Machine {
     rng: u64,
     now: u64,
     out: Vec<Output>,
+    /// Activity-log transactions issued and not yet durable.
+    al_unsynced: u32,
+    /// Frames held back until those transactions are durable, in order. A peer must never
+    /// hold a write whose extent this replica's activity log may not record: if this
+    /// primary died first, it would come back believing that extent clean, and the resync
+    /// would leave the two replicas different.
+    held: VecDeque<Output>,
 }
 
 impl Machine {
@@ -477,6 +486,8 @@ impl Machine {
             rng: seed | 1,
             now: now_ms,
             out: Vec::new(),
+            al_unsynced: 0,
+            held: VecDeque::new(),
         }
     }
 
@@ -506,6 +517,16 @@ impl Machine {
         }
         self.pump_stalled();
         self.progress_demote();
+        if self.al_unsynced > 0
+            && let Some(current) = self.conn()
+        {
+            // Frames to a link being closed (its goodbye) go at once; it gets nothing else.
+            let (sends, rest): (Vec<Output>, Vec<Output>) = std::mem::take(&mut self.out)
+                .into_iter()
+                .partition(|o| matches!(o, Output::Send { conn, .. } if *conn == current));
+            self.held.extend(sends);
+            self.out = rest;
+        }
         std::mem::take(&mut self.out)
     }
 
@@ -711,7 +732,8 @@ impl Machine {
                 }
                 steps.push(MetaStep::Write { offset: self.cfg.layout.al_block_offset(tx.ring_index), bytes: tx.block });
                 steps.push(MetaStep::SyncMeta);
-                self.io(IoOp::Meta { tag: None, steps });
+                self.io(IoOp::Meta { tag: Some(IoTag::Meta(MetaPurpose::ActivityLog)), steps });
+                self.al_unsynced += 1;
             }
         }
         let replicate = self.link.as_ref().filter(|l| l.replicating()).map(|l| l.conn);
@@ -1069,6 +1091,7 @@ impl Machine {
     /// Forgets the link: writes the peer never acknowledged become out of sync.
     fn drop_link(&mut self, reason: &str) {
         let Some(link) = self.link.take() else { return };
+        self.held.retain(|o| !matches!(o, Output::Send { conn, .. } if *conn == link.conn));
         // The peer may or may not have applied writes it never acknowledged.
         let pending: Vec<ReqId> = std::mem::take(&mut self.peer_pending).into_values().collect();
         for req in pending {
@@ -1773,6 +1796,20 @@ impl Machine {
                 self.complete(req, r);
             }
             MetaPurpose::SyncSourceDone | MetaPurpose::Housekeeping => {}
+            MetaPurpose::ActivityLog => {
+                self.al_unsynced = self.al_unsynced.saturating_sub(1);
+                if result.is_err() {
+                    // The extent may not be recorded: the peer must not get what was held
+                    // back. Dropping the link marks those writes out of sync here instead.
+                    self.held.clear();
+                    if let Some(conn) = self.conn() {
+                        self.close(conn, "could not persist the activity log", RETRY_LATER_MS);
+                    }
+                } else if self.al_unsynced == 0 {
+                    let held = std::mem::take(&mut self.held);
+                    self.out.extend(held);
+                }
+            }
         }
     }
 

@@ -139,7 +139,7 @@ fn degraded_write_covers_its_extent_rotates_generations_then_writes() {
     let data = Bytes::from(vec![7u8; 4096]);
     let out = m.handle(10, Input::Write { req: 5, offset: 8192, data: data.clone(), fua: true });
     let [
-        Output::Io(IoOp::Meta { tag: None, steps: al }),
+        Output::Io(IoOp::Meta { tag: Some(IoTag::Meta(MetaPurpose::ActivityLog)), steps: al }),
         Output::Io(IoOp::Meta { tag: None, steps: sb }),
         Output::Io(write),
     ] = out.as_slice()
@@ -181,18 +181,23 @@ fn protocol_c_write_completes_after_local_and_peer() {
     connect_in_sync(&mut m, "b", 1);
     let data = Bytes::from(vec![3u8; 4096]);
     let out = m.handle(1, Input::Write { req: 8, offset: 4096, data: data.clone(), fua: false });
-    assert_eq!(out.len(), 3);
-    assert!(matches!(&out[0], Output::Io(IoOp::Meta { tag: None, .. })), "activity log first");
+    assert_eq!(out.len(), 2);
+    assert!(
+        matches!(&out[0], Output::Io(IoOp::Meta { tag: Some(IoTag::Meta(MetaPurpose::ActivityLog)), .. })),
+        "activity log first"
+    );
+    assert_eq!(out[1], Output::Io(IoOp::Write { tag: IoTag::App(8), offset: 4096, data: data.clone(), fua: false }));
+    // The peer gets the write once the extent is recorded.
+    let out = m.handle(1, Input::IoDone { tag: IoTag::Meta(MetaPurpose::ActivityLog), result: Ok(IoOutput::Done) });
     assert_eq!(
-        out[1],
-        Output::Send {
+        out,
+        vec![Output::Send {
             conn: 1,
-            frame: Frame::Data { seq: 1, offset: 4096, fua: false, data: data.clone() },
+            frame: Frame::Data { seq: 1, offset: 4096, fua: false, data },
             epoch: 2,
             notify_sent: false
-        }
+        }]
     );
-    assert_eq!(out[2], Output::Io(IoOp::Write { tag: IoTag::App(8), offset: 4096, data, fua: false }));
     // The peer acknowledges before the local write finishes: still not complete.
     let ack = Envelope { epoch: 2, frame: Frame::Ack { seq: 1, ok: true } };
     assert_eq!(m.handle(2, Input::Frame { conn: 1, env: ack }), vec![]);
@@ -215,12 +220,61 @@ fn protocol_a_write_completes_once_sent_but_stays_tracked_until_acked() {
     peer.node = "b".into();
     peer.role = WireRole::Secondary;
     m.handle(0, Input::Frame { conn: 1, env: Envelope { epoch: 2, frame: Frame::Hello(Box::new(peer)) } });
-    let out = m.handle(1, Input::Write { req: 8, offset: 0, data: Bytes::from(vec![1u8; 4096]), fua: false });
+    m.handle(1, Input::Write { req: 8, offset: 0, data: Bytes::from(vec![1u8; 4096]), fua: false });
+    let out = m.handle(1, Input::IoDone { tag: IoTag::Meta(MetaPurpose::ActivityLog), result: Ok(IoOutput::Done) });
     assert!(out.iter().any(|o| matches!(o, Output::Send { notify_sent: true, frame: Frame::Data { seq: 1, .. }, .. })));
     assert_eq!(m.handle(2, Input::IoDone { tag: IoTag::App(8), result: Ok(IoOutput::Done) }), vec![]);
     assert_eq!(m.handle(3, Input::Sent { conn: 1, seq: 1 }), vec![ok(8)]);
     // Lost before the ack: the block is marked out of sync even though the client saw success.
     m.handle(4, Input::Disconnected { conn: 1, reason: "reset".into() });
+    assert_eq!(m.snapshot().out_of_sync_bytes, 4096);
+}
+
+#[test]
+fn nothing_reaches_the_peer_before_the_activity_log_records_the_extent() {
+    let mut m = promoted("a", "b");
+    connect_in_sync(&mut m, "b", 1);
+    let data = Bytes::from(vec![5u8; 4096]);
+    // A write to a cold extent, then one to the same extent and a flush behind it.
+    let out = m.handle(1, Input::Write { req: 8, offset: 0, data: data.clone(), fua: false });
+    assert!(!out.iter().any(|o| matches!(o, Output::Send { .. })), "{out:?}");
+    let out = m.handle(2, Input::Write { req: 9, offset: 4096, data: data.clone(), fua: false });
+    assert_eq!(out, vec![Output::Io(IoOp::Write { tag: IoTag::App(9), offset: 4096, data: data.clone(), fua: false })]);
+    let out = m.handle(3, Input::Flush { req: 10 });
+    assert_eq!(out, vec![Output::Io(IoOp::Flush { tag: IoTag::AppFlush(10) })]);
+    // Durable: everything held goes out, in the order it was meant to.
+    let out = m.handle(4, Input::IoDone { tag: IoTag::Meta(MetaPurpose::ActivityLog), result: Ok(IoOutput::Done) });
+    let frames: Vec<&Frame> = out
+        .iter()
+        .map(|o| match o {
+            Output::Send { conn: 1, frame, .. } => frame,
+            other => panic!("only sends expected, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        frames,
+        [
+            &Frame::Data { seq: 1, offset: 0, fua: false, data: data.clone() },
+            &Frame::Data { seq: 2, offset: 4096, fua: false, data },
+            &Frame::Flush { seq: 3 },
+        ]
+    );
+}
+
+#[test]
+fn an_activity_log_that_cannot_be_written_keeps_the_write_from_the_peer() {
+    let mut m = promoted("a", "b");
+    connect_in_sync(&mut m, "b", 1);
+    m.handle(1, Input::Write { req: 8, offset: 0, data: Bytes::from(vec![5u8; 4096]), fua: false });
+    let out = m.handle(2, Input::IoDone { tag: IoTag::Meta(MetaPurpose::ActivityLog), result: Err("EIO".into()) });
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Send { frame: Frame::Data { .. }, .. })),
+        "the held write must not go out: {out:?}"
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::Close { conn: 1, .. })), "{out:?}");
+    // The write is now only here, and marked so.
+    let out = m.handle(3, Input::IoDone { tag: IoTag::App(8), result: Ok(IoOutput::Done) });
+    assert_eq!(out, vec![ok(8)]);
     assert_eq!(m.snapshot().out_of_sync_bytes, 4096);
 }
 

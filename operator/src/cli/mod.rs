@@ -3,9 +3,19 @@
 //! plugin it runs as `kubectl hapair …`.
 //!
 //! `validate` works on local files; `status`, `describe` and the admin actions talk to a
-//! controller through a [`transport::Transport`] (today: the standalone controller's admin
-//! API with the admin certificate).
+//! controller through a [`transport::Transport`]: the standalone controller's admin API with
+//! the admin certificate, or a cluster's API server ([`kube_transport`]).
+//!
+//! Which one, in this order:
+//! 1. `--kubeconfig` or `--context`: the cluster;
+//! 2. `--config`, `--controller`, `--ca`, `--cert` or `--key`: a standalone controller (both
+//!    kinds of flags at once is an error);
+//! 3. `HAPAIR_CONFIG` set: that standalone controller;
+//! 4. a kubeconfig (`$KUBECONFIG`, `~/.kube/config`) or an in-cluster service account: the
+//!    cluster;
+//! 5. otherwise an error that names both ways.
 
+pub mod kube_transport;
 pub mod render;
 pub mod transport;
 
@@ -14,12 +24,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use hapair_crds::manifest::DEFAULT_NAMESPACE;
 use hapair_crds::nodeapi::{ActionOutcome, AdminActionKind, GroupKey};
 
 use crate::adminapi::ActionRequest;
 use crate::catalog::Catalog;
+use kube_transport::KubeTransport;
 use transport::{CliError, ConnectionFlags, HttpsTransport, Transport};
 
 /// Exit code when an action got no final outcome in time.
@@ -36,6 +48,10 @@ pub struct Cli {
     /// How long an action may take before giving up (it keeps running on the nodes).
     #[arg(long, global = true, default_value = "120s")]
     pub timeout: hapair_crds::Duration,
+    /// Namespace of a GROUP given without one and without `-n` (the kubeconfig's, against a
+    /// cluster); `default` when unset.
+    #[arg(skip)]
+    pub default_namespace: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -57,6 +73,12 @@ pub struct ConnectionArgs {
     /// Admin client key (PEM).
     #[arg(long, global = true)]
     pub key: Option<PathBuf>,
+    /// Kubeconfig of the cluster the operator runs in (selects Kubernetes).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use (selects Kubernetes).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -120,10 +142,67 @@ pub enum Command {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// One-time enrollment tokens (against a cluster; on a standalone controller host use
+    /// `hapair-operator token create --state DIR`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Issue a token with which one node's agent can enroll, and print the command to run
+    /// on the node.
+    Create {
+        #[arg(long)]
+        node: String,
+        /// Lifetime, e.g. 30m, 1h, 24h (at most 168h).
+        #[arg(long, default_value = "1h")]
+        ttl: hapair_crds::Duration,
+        /// Namespace the operator runs in [default: found by the label on its Secrets].
+        #[arg(long)]
+        operator_namespace: Option<String>,
+    },
+}
+
+/// Which kind of controller the CLI talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Standalone,
+    Kubernetes,
+}
+
+/// The precedence documented at the top of this module, as a pure function of what was
+/// given: Kubernetes flags, standalone flags, `HAPAIR_CONFIG`, and whether a kubeconfig or
+/// in-cluster config can be found.
+pub fn choose_backend(
+    kube_flags: bool,
+    standalone_flags: bool,
+    config_env: bool,
+    kube_available: bool,
+) -> Result<Backend, CliError> {
+    match (kube_flags, standalone_flags) {
+        (true, true) => Err(CliError::Config(
+            "--kubeconfig/--context select a cluster, --config/--controller/--ca/--cert/--key a standalone controller; pass one kind".into(),
+        )),
+        (true, false) => Ok(Backend::Kubernetes),
+        (false, true) => Ok(Backend::Standalone),
+        (false, false) if config_env => Ok(Backend::Standalone),
+        (false, false) if kube_available => Ok(Backend::Kubernetes),
+        (false, false) => Err(CliError::Config(
+            "no controller: pass --config (hapair-admin.json of a standalone controller, or set HAPAIR_CONFIG), or have a kubeconfig for the cluster the operator runs in ($KUBECONFIG, ~/.kube/config, --kubeconfig)".into(),
+        )),
+    }
 }
 
 /// `name` or `namespace/name`, with `-n` as the default namespace.
 pub fn parse_group(text: &str, namespace: Option<&str>) -> Result<GroupKey, CliError> {
+    parse_group_or(text, namespace, DEFAULT_NAMESPACE)
+}
+
+/// Like [`parse_group`], with `default` for a bare name without `-n`.
+pub fn parse_group_or(text: &str, namespace: Option<&str>, default: &str) -> Result<GroupKey, CliError> {
     if text.contains('/') {
         let key: GroupKey = text.parse().map_err(|e| CliError::Config(format!("GROUP: {e}")))?;
         if let Some(ns) = namespace
@@ -136,7 +215,7 @@ pub fn parse_group(text: &str, namespace: Option<&str>) -> Result<GroupKey, CliE
     if text.is_empty() {
         return Err(CliError::Config("GROUP must not be empty".into()));
     }
-    Ok(GroupKey::new(namespace.unwrap_or(DEFAULT_NAMESPACE), text))
+    Ok(GroupKey::new(namespace.unwrap_or(default), text))
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {
@@ -195,6 +274,8 @@ pub async fn act<T: Transport>(
 /// Runs a command that needs a controller.
 pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) -> Result<ExitCode, CliError> {
     let ns = cli.namespace.as_deref();
+    let default_ns = cli.default_namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    let parse_group = |text: &str, namespace: Option<&str>| parse_group_or(text, namespace, default_ns);
     let timeout = cli.timeout.as_std();
     match &cli.command {
         Command::Validate { files } => Ok(validate(files)),
@@ -209,14 +290,10 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
         }
         Command::Describe { group, output } => {
             let key = parse_group(group, ns)?;
-            let overview = transport.groups().await?;
-            let Some(view) = overview.groups.iter().find(|g| g.key == key) else {
-                let known: Vec<String> = overview.groups.iter().map(|g| g.key.to_string()).collect();
-                return Err(CliError::Config(format!("no HaGroup {key} (known: {})", known.join(", "))));
-            };
+            let view = transport.group(&key).await?;
             let text = match output {
-                Output::Table => render::describe(view),
-                Output::Json => to_json(view),
+                Output::Table => render::describe(&view),
+                Output::Json => to_json(&view),
             };
             let _ = write!(out, "{text}");
             Ok(ExitCode::SUCCESS)
@@ -246,7 +323,48 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
             let kind = AdminActionKind::Maintenance { enabled: *state == OnOff::On };
             act(transport, &parse_group(group, ns)?, kind, timeout, out).await
         }
+        Command::Token { .. } => Err(CliError::Config(
+            "token create works against a cluster; on a standalone controller's host run `hapair-operator token create --state DIR --node NODE`".into(),
+        )),
     }
+}
+
+/// The kube client for `--kubeconfig` / `--context`, or the inferred one.
+async fn kube_client(connection: &ConnectionArgs) -> Result<kube::Client, CliError> {
+    let options = kube::config::KubeConfigOptions { context: connection.context.clone(), ..Default::default() };
+    let config = match &connection.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| CliError::Config(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| CliError::Config(e.to_string()))?
+        }
+        None if connection.context.is_some() => {
+            kube::Config::from_kubeconfig(&options).await.map_err(|e| CliError::Config(e.to_string()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| CliError::Config(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| CliError::Config(format!("Kubernetes client: {e}")))
+}
+
+fn from_command_line(matches: &ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+async fn run_against_cluster(cli: &mut Cli, out: &mut dyn Write) -> Result<ExitCode, CliError> {
+    let client = kube_client(&cli.connection).await?;
+    let transport = KubeTransport::new(client);
+    cli.default_namespace = Some(transport.default_namespace().to_string());
+    if let Command::Token { command: TokenCommand::Create { node, ttl, operator_namespace } } = &cli.command {
+        if ttl.is_zero() {
+            return Err(CliError::Config("--ttl must be greater than zero".into()));
+        }
+        let text = transport.create_token(node, ttl.as_std(), operator_namespace.as_deref()).await?;
+        let _ = write!(out, "{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    run(cli, &transport, out).await
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> String {
@@ -273,6 +391,7 @@ pub fn main() -> ExitCode {
     if let Command::Validate { files } = &cli.command {
         return validate(files);
     }
+    let mut cli = cli;
     let flags = ConnectionFlags {
         config: cli.connection.config.clone(),
         controller: cli.connection.controller.clone(),
@@ -280,13 +399,25 @@ pub fn main() -> ExitCode {
         cert: cli.connection.cert.clone(),
         key: cli.connection.key.clone(),
     };
+    let kube_flags = cli.connection.kubeconfig.is_some() || cli.connection.context.is_some();
+    let standalone_flags = ["controller", "ca", "cert", "key"].iter().any(|id| from_command_line(&matches, id))
+        || from_command_line(&matches, "config");
+    let config_env = matches.value_source("config") == Some(ValueSource::EnvVariable);
     let result = (|| {
-        let transport = HttpsTransport::new(&flags.resolve()?)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| CliError::Config(format!("starting the runtime: {e}")))?;
-        runtime.block_on(run(&cli, &transport, &mut std::io::stdout()))
+        // Only look for a kubeconfig when nothing else decides.
+        let kube_available =
+            !kube_flags && !standalone_flags && !config_env && runtime.block_on(kube::Config::infer()).is_ok();
+        match choose_backend(kube_flags, standalone_flags, config_env, kube_available)? {
+            Backend::Standalone => {
+                let transport = HttpsTransport::new(&flags.resolve()?)?;
+                runtime.block_on(run(&cli, &transport, &mut std::io::stdout()))
+            }
+            Backend::Kubernetes => runtime.block_on(run_against_cluster(&mut cli, &mut std::io::stdout())),
+        }
     })();
     match result {
         Ok(code) => code,
@@ -310,6 +441,31 @@ mod tests {
         assert_eq!(key("db/pg", Some("db")), Ok(GroupKey::new("db", "pg")));
         assert!(key("db/pg", Some("other")).is_err());
         assert!(key("a/b/c", None).is_err());
+    }
+
+    #[test]
+    fn the_backend_follows_the_documented_precedence() {
+        use Backend::*;
+        let choose = |k, s, e, a| choose_backend(k, s, e, a).map_err(|e| e.to_string());
+        assert_eq!(choose(true, false, true, false), Ok(Kubernetes), "a flag beats HAPAIR_CONFIG");
+        assert!(choose(true, true, false, true).is_err_and(|e| e.contains("pass one kind")));
+        assert_eq!(choose(false, true, false, true), Ok(Standalone));
+        assert_eq!(choose(false, false, true, true), Ok(Standalone), "HAPAIR_CONFIG beats a kubeconfig");
+        assert_eq!(choose(false, false, false, true), Ok(Kubernetes));
+        assert!(
+            choose(false, false, false, false).is_err_and(|e| e.contains("HAPAIR_CONFIG") && e.contains("kubeconfig"))
+        );
+    }
+
+    #[test]
+    fn a_bare_group_name_takes_the_given_default_namespace() {
+        assert_eq!(parse_group_or("pg", None, "db").map_err(|e| e.to_string()), Ok(GroupKey::new("db", "pg")));
+        assert_eq!(parse_group_or("pg", Some("x"), "db").map_err(|e| e.to_string()), Ok(GroupKey::new("x", "pg")));
+        let cli = Cli::try_parse_from(["hapair", "token", "create", "--node", "db1", "--ttl", "30m"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(cli.command, Command::Token { command: TokenCommand::Create { ref node, .. } } if node == "db1")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! How the CLI reaches a controller. Standalone controllers are reached over the admin API
-//! with the admin certificate; a Kubernetes backend (actions as annotations, status from
-//! the HaGroup objects) will implement the same trait.
+//! with the admin certificate ([`HttpsTransport`]); a cluster through the Kubernetes API
+//! ([`crate::cli::kube_transport::KubeTransport`]: actions as annotations, status from the
+//! HaGroup objects).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
 
-use crate::adminapi::{ActionRequest, ActionView, AdminConfig, GroupsOverview, action_path};
+use crate::adminapi::{ActionRequest, ActionView, AdminConfig, GroupView, GroupsOverview, action_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -29,6 +30,19 @@ pub enum CliError {
 /// What the CLI needs from a controller.
 pub trait Transport {
     fn groups(&self) -> impl Future<Output = Result<GroupsOverview, CliError>>;
+    /// One group in detail (for `describe`). A transport that can fetch one group (and its
+    /// Events) on its own does so; the default picks it out of [`Transport::groups`].
+    fn group(&self, key: &GroupKey) -> impl Future<Output = Result<GroupView, CliError>> {
+        async move {
+            let overview = self.groups().await?;
+            let known: Vec<String> = overview.groups.iter().map(|g| g.key.to_string()).collect();
+            overview
+                .groups
+                .into_iter()
+                .find(|g| g.key == *key)
+                .ok_or_else(|| CliError::Config(format!("no HaGroup {key} (known: {})", known.join(", "))))
+        }
+    }
     fn submit(&self, key: &GroupKey, request: &ActionRequest) -> impl Future<Output = Result<ActionView, CliError>>;
     fn action(&self, key: &GroupKey, id: &str) -> impl Future<Output = Result<ActionView, CliError>>;
 }

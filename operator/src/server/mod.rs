@@ -44,10 +44,11 @@ use crate::actions::Refusal;
 use crate::adminapi::ActionRequest;
 use crate::controller::{Controller, ReportRefusal};
 use crate::lease::{LeaseAuthority, LeaseRefusal};
+use crate::metrics::Metrics;
 use crate::pki::Ca;
 use crate::publish::Poll;
 use crate::store::Store;
-use crate::tokens::{TokenError, TokenFile, TokenFileError, check_node_name};
+use crate::tokens::{RedeemError, TokenError, TokenRedeemer, check_node_name};
 use body::{ApiFailure, ApiJson};
 use identity::{ClientAuth, PeerIdentity};
 use ratelimit::{RateLimiter, RateSettings};
@@ -79,7 +80,7 @@ impl Default for ApiSettings {
 pub struct NodeApi<S: Store> {
     controller: Arc<Controller<S>>,
     ca: Arc<Ca>,
-    tokens: TokenFile,
+    tokens: Arc<dyn TokenRedeemer>,
     authority: Option<Mutex<Box<dyn LeaseAuthority>>>,
     started: Instant,
     limiter: RateLimiter,
@@ -94,18 +95,18 @@ impl<S: Store> std::fmt::Debug for NodeApi<S> {
 
 impl<S: Store> NodeApi<S> {
     /// `authority` decides lease requests; without one the lease endpoint answers 503.
-    /// Its clock (the `now` it is given) starts here.
+    /// Its clock (the `now` it is given) starts here. `tokens` burns enrollment tokens.
     pub fn new(
         controller: Arc<Controller<S>>,
         ca: Arc<Ca>,
-        tokens: TokenFile,
+        tokens: impl TokenRedeemer + 'static,
         authority: Option<Box<dyn LeaseAuthority>>,
         settings: ApiSettings,
     ) -> Self {
         NodeApi {
             controller,
             ca,
-            tokens,
+            tokens: Arc::new(tokens),
             authority: authority.map(Mutex::new),
             started: Instant::now(),
             limiter: RateLimiter::new(settings.rate),
@@ -313,26 +314,21 @@ async fn enroll_inner<S: Store>(api: &NodeApi<S>, request: EnrollRequest) -> Res
         .ca
         .sign_node_csr(&request.node, &request.csr_pem, api.settings.node_cert_validity)
         .map_err(|e| ApiFailure::bad_request(format!("csrPem: {e}")))?;
-    let tokens = api.tokens.clone();
-    let (token, node) = (request.token.clone(), request.node.clone());
     let now = crate::timestamp::now_millis();
-    let redeemed = tokio::task::spawn_blocking(move || tokens.redeem(&token, &node, now))
-        .await
-        .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("token check failed: {e}")))?;
-    match redeemed {
+    match api.tokens.redeem(&request.token, &request.node, now).await {
         Ok(()) => {
             info!(node = %request.node, "enrolled node");
             Ok(EnrollResponse { certificate_pem, ca_pem: api.ca.cert_pem().to_string() })
         }
-        Err(TokenFileError::Token(e @ TokenError::WrongNode { .. })) => Err(ApiFailure::forbidden(e.to_string())),
-        Err(TokenFileError::Token(e @ (TokenError::InvalidNode(_) | TokenError::ReservedNode))) => {
+        Err(RedeemError::Token(e @ TokenError::WrongNode { .. })) => Err(ApiFailure::forbidden(e.to_string())),
+        Err(RedeemError::Token(e @ (TokenError::InvalidNode(_) | TokenError::ReservedNode))) => {
             Err(ApiFailure::bad_request(e.to_string()))
         }
-        Err(TokenFileError::Token(e)) => {
+        Err(RedeemError::Token(e)) => {
             warn!(node = %request.node, "enrollment refused: {e}");
             Err(ApiFailure::unauthorized(e.to_string()))
         }
-        Err(e) => {
+        Err(e @ RedeemError::Backend(_)) => {
             api.controller.metrics().error("store");
             Err(ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         }
@@ -385,6 +381,21 @@ async fn get_action<S: Store>(
 
 use axum::extract::FromRequest;
 
+/// What a replica that is not the elected leader answers on the node API: 503 with a
+/// `Retry-After`, so agents (and the CLI) retry and reach the leader on another attempt.
+/// Its state may be out of date and it must never grant a lease, so it serves nothing else.
+pub fn standby_router(retry_after: Duration) -> Router {
+    let seconds = retry_after.as_secs().max(1);
+    Router::new().route("/healthz", get(|| async { "ok\n" })).fallback(move || async move {
+        let mut failure = ApiFailure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this hapair-operator replica is not the leader; retry (another replica serves the node API)",
+        );
+        failure.retry_after = Some(seconds);
+        failure
+    })
+}
+
 /// A running node API server.
 #[derive(Debug)]
 pub struct Server {
@@ -401,12 +412,29 @@ impl Server {
         auth: ClientAuth,
         api: Arc<NodeApi<S>>,
     ) -> std::io::Result<Server> {
+        let handshake_timeout = api.settings.handshake_timeout;
+        let metrics = api.controller.metrics().clone();
+        // The sender may go: a receiver keeps the last router it was given.
+        let (_, routes) = watch::channel(router(api));
+        Server::start_routed(listener, tls, auth, routes, metrics, handshake_timeout)
+    }
+
+    /// Serves whatever router `routes` holds at the time of each request, so that the
+    /// Kubernetes operator can switch between the leader's node API and
+    /// [`standby_router`] without closing connections. Choosing per request rather than per
+    /// connection matters: a kept-alive connection of an agent must not keep reaching a
+    /// witness that lost its leadership.
+    pub fn start_routed(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        auth: ClientAuth,
+        routes: watch::Receiver<Router>,
+        metrics: Arc<Metrics>,
+        handshake_timeout: Duration,
+    ) -> std::io::Result<Server> {
         let local_addr = listener.local_addr()?;
         let (shutdown, mut stop) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let handshake_timeout = api.settings.handshake_timeout;
-        let metrics = api.controller.metrics().clone();
-        let app = router(api);
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, addr) = tokio::select! {
@@ -421,8 +449,8 @@ impl Server {
                         }
                     },
                 };
-                let (acceptor, auth, app, metrics, mut stop) =
-                    (acceptor.clone(), auth.clone(), app.clone(), metrics.clone(), stop.clone());
+                let (acceptor, auth, routes, metrics, mut stop) =
+                    (acceptor.clone(), auth.clone(), routes.clone(), metrics.clone(), stop.clone());
                 tokio::spawn(async move {
                     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => tls,
@@ -442,7 +470,8 @@ impl Server {
                     let service =
                         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                             request.extensions_mut().insert(peer.clone());
-                            app.clone().oneshot(request)
+                            let app = routes.borrow().clone();
+                            app.oneshot(request)
                         });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
