@@ -28,4 +28,7 @@ bash scripts/test-install.sh
 bash scripts/test-docs.sh
 bash scripts/test-dashboard.sh
 
+echo "==> the demo (README's first command), on the debug build"
+HAPAIR_DEMO_BIN=target/debug bash scripts/demo.sh
+
 echo "==> all checks passed"

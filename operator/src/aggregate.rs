@@ -46,18 +46,40 @@ struct Seen<'a> {
     group: Option<&'a GroupReport>,
     received: Option<UnixMillis>,
     fresh: bool,
+    /// A primary claim in an older epoch than another node's, under a witness.
+    superseded: bool,
 }
 
 impl<'a> Seen<'a> {
     fn new(obs: &Observation<'a>, key: &GroupKey, now: UnixMillis, stale_after: Duration) -> Self {
         let fresh = obs.received.is_some_and(|t| age(now, t) < stale_after);
         let group = obs.report.and_then(|r| r.groups.iter().find(|g| g.key == *key));
-        Seen { node: obs.node, report: obs.report, group, received: obs.received, fresh }
+        Seen { node: obs.node, report: obs.report, group, received: obs.received, fresh, superseded: false }
     }
 
-    /// The group as this node sees it, only while its report is fresh.
+    /// The group as this node sees it, only while its report is fresh and not superseded.
     fn live(&self) -> Option<&'a GroupReport> {
-        self.group.filter(|_| self.fresh)
+        self.group.filter(|_| self.fresh && !self.superseded)
+    }
+}
+
+/// Under a witness, a node can act as primary in epoch E only with the witness's grant of
+/// E, and the witness grants a newer epoch only after the older holder's lease has run out
+/// on its own clock. So of two primary claims in different epochs, the older one is a
+/// report written before its node died or lost its lease (the report interval is seconds,
+/// a failover one), not a second active node. Without a witness both can truly be active,
+/// and both claims stand.
+fn mark_superseded(seen: &mut [Seen<'_>], witness: WitnessMode) {
+    if witness == WitnessMode::None {
+        return;
+    }
+    let newest = seen.iter().filter_map(|s| s.live()).filter(|g| g.role == NodeRole::Primary).map(|g| g.epoch).max();
+    if let Some(newest) = newest {
+        for s in seen.iter_mut() {
+            if s.live().is_some_and(|g| g.role == NodeRole::Primary && g.epoch < newest) {
+                s.superseded = true;
+            }
+        }
     }
 }
 
@@ -65,9 +87,10 @@ impl<'a> Seen<'a> {
 /// conditions keep their transition times and the epoch never goes backwards.
 pub fn group_status(previous: &HaGroupStatus, inputs: &GroupInputs<'_>) -> HaGroupStatus {
     let now_text = format_millis(inputs.now);
-    let seen: Vec<Seen<'_>> =
+    let mut seen: Vec<Seen<'_>> =
         inputs.observations.iter().map(|o| Seen::new(o, inputs.key, inputs.now, inputs.stale_after)).collect();
     let spec = inputs.plan.config.as_ref().map(|c| &c.spec);
+    mark_superseded(&mut seen, spec.map(|s| s.witness.mode).unwrap_or_default());
     let generation = inputs.plan.observed_generation.or(inputs.plan.config.as_ref().map(|c| c.generation));
 
     let primaries: Vec<&str> =
@@ -624,6 +647,20 @@ mod tests {
             assert_eq!(condition(&status, types::READY), (ConditionStatus::False, "SplitBrain".into()));
             assert_eq!(condition(&status, types::QUORUM_RISK), (ConditionStatus::True, "NoWitness".into()));
         }
+    }
+
+    #[test]
+    fn under_a_witness_an_older_epochs_primary_claim_is_superseded_not_a_split_brain() {
+        // The last report of a primary that died a second ago, next to the new primary's.
+        let (a, b) = (report("a", NodeRole::Primary, 3), report("b", NodeRole::Primary, 4));
+        let status = status_of(&plan("controller"), Some((&a, NOW - 1_000)), Some((&b, NOW)));
+        assert_eq!(status.phase, Some(GroupPhase::Degraded));
+        assert_eq!(status.active_node.as_deref(), Some("b"));
+        assert_eq!(condition(&status, types::SPLIT_BRAIN).0, ConditionStatus::False);
+        // Two primaries in the same epoch are a split brain even under a witness.
+        let a = report("a", NodeRole::Primary, 4);
+        let status = status_of(&plan("controller"), Some((&a, NOW)), Some((&b, NOW)));
+        assert_eq!(status.phase, Some(GroupPhase::SplitBrain));
     }
 
     #[test]
