@@ -561,7 +561,7 @@ fn failback_auto_returns_to_the_preferred_node_after_stabilization() {
     // Seen standby no earlier than it stood by, seen primary no later than 100 ms after.
     assert!(back - standby + Duration::from_millis(100) >= stabilization, "failback before the stabilization time");
     let events = group(&status(&c.topo.b).unwrap(), GROUP).unwrap()["events"].to_string();
-    println!("b's events: {events}");
+    assert!(events.contains("failback to preferred node a"), "b's events do not say why it handed back: {events}");
 }
 
 #[test]
