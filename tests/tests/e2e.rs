@@ -466,7 +466,7 @@ fn without_the_witness_the_standby_waits_and_promotes_when_it_returns() {
     let reason = wait_for(UP, || {
         let g = group(&status(&c.topo.b)?, GROUP)?;
         let reason = g["roleReason"].as_str()?.to_string();
-        (g["peerReachable"] == false && reason.contains("witness")).then_some(reason)
+        (g["peerReachable"] == false && reason.contains("witness unreachable")).then_some(reason)
     });
     let reason = reason.unwrap_or_else(|| panic!("b does not say it waits for the witness:\n{}", c.describe()));
     // Well past the time it would have promoted with a witness.
@@ -476,6 +476,8 @@ fn without_the_witness_the_standby_waits_and_promotes_when_it_returns() {
         assert!(!has_vip(&c.topo.b), "b took the VIP without the witness");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let events = group(&status(&c.topo.b).unwrap(), GROUP).unwrap()["events"].to_string();
+    assert!(events.contains("WitnessUnreachable"), "no event says the witness is unreachable: {events}");
     println!("witness down, primary dead: b stays standby, reason: {reason}");
 
     let restarted = Instant::now();
