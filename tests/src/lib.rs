@@ -11,6 +11,8 @@
 //!   linked pair whose link can be cut and healed.
 //! - [`agents`]: real `hapair-agent` processes in those namespaces (built binaries,
 //!   bundles, `/v1/status` and `/metrics` read from inside the namespace).
+//! - [`controller`]: the standalone controller (and witness) as a real process, agents
+//!   enrolled against it, and its admin API and `kubectl-hapair` driven as a user would.
 //! - [`mounts`]: guards for mounts, loop devices and nbdfuse attachments.
 //! - [`sim`]: the deterministic simulation of two failover engines and the witness on a
 //!   faulty network and drifting clocks, with its safety, liveness and bounded-failover
@@ -24,6 +26,7 @@
 //!   tests may mock), for the operator's scale benchmark and multi-replica tests.
 
 pub mod agents;
+pub mod controller;
 pub mod failover_bench;
 pub mod fake_kube;
 pub mod mounts;

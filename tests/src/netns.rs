@@ -194,6 +194,26 @@ impl Netns {
         })
     }
 
+    /// SIGKILLs every process inside the namespace, sweeping until none is left (a
+    /// supervisor may restart a child that died first), for at most `within`; returns
+    /// the processes still there then, if any.
+    pub fn kill_processes(&self, within: Duration) -> Result<Vec<i32>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let pids: Vec<i32> = stdout(run("ip", &["netns", "pids", &self.name])?)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if pids.is_empty() || Instant::now() >= deadline {
+                return Ok(pids);
+            }
+            for &pid in &pids {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Whether a namespace of this name still exists.
     pub fn exists(name: &str) -> bool {
         Path::new("/var/run/netns").join(name).exists()

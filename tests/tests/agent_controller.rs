@@ -5,12 +5,13 @@
 //! their cached bundles once it is killed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use hapair_operator::adminapi::{AdminConfig, CLI_CONFIG_FILE, GroupsOverview};
-use hapair_tests::agents::{Agent, ENDPOINTS, GROUP, binary, get, group, group_spec, role, spawn_logged, status};
-use hapair_tests::netns::{ChildGuard, Netns, require_root, wait_for};
+use hapair_operator::adminapi::GroupsOverview;
+use hapair_tests::agents::{Agent, GROUP, get, group, group_spec, role, status};
+use hapair_tests::controller::{Controller, enroll, unenrolled_config};
+use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{C0, TwoServersAndClient};
 
 const UP: Duration = Duration::from_secs(30);
@@ -26,132 +27,6 @@ fn manifest(flow_log: &Path) -> String {
     format!(
         "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
     )
-}
-
-/// The standalone controller in `ns`, its state directory and the admin client settings.
-struct Controller {
-    process: Option<ChildGuard>,
-    state: PathBuf,
-    log: PathBuf,
-    admin: AdminConfig,
-}
-
-impl Controller {
-    fn start(ns: &Netns, dir: &Path, manifest: &str) -> Controller {
-        let manifests = dir.join("manifests");
-        let state = dir.join("controller-state");
-        std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::write(manifests.join("web.yaml"), manifest).unwrap();
-        let exe = binary("hapair-operator").display().to_string();
-        let listen = format!("{C0}:7443");
-        let log = dir.join("controller.log");
-        let args = [
-            exe.as_str(),
-            "standalone",
-            "--manifests",
-            &manifests.display().to_string(),
-            "--state",
-            &state.display().to_string(),
-            "--listen",
-            &listen,
-            "--server-name",
-            C0,
-        ];
-        let process = spawn_logged(ns, &args, &log).unwrap();
-        let admin = wait_for(UP, || {
-            let bytes = std::fs::read(state.join(CLI_CONFIG_FILE)).ok()?;
-            serde_json::from_slice::<AdminConfig>(&bytes).ok()
-        });
-        let admin = admin.unwrap_or_else(|| {
-            panic!("the controller did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-        });
-        Controller { process: Some(process), state, log, admin }
-    }
-
-    /// `hapair-operator token create`: (token, CA fingerprint).
-    fn token(&self, node: &str) -> (String, String) {
-        let out = std::process::Command::new(binary("hapair-operator"))
-            .args(["token", "create", "--state", &self.state.display().to_string(), "--node", node, "--ttl", "10m"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-                .unwrap_or_else(|| panic!("no {name} in {text}"))
-        };
-        (field("token:"), field("ca fingerprint:"))
-    }
-
-    /// `GET /v1/groups` with the admin certificate, from inside `ns`.
-    fn overview(&self, ns: &Netns) -> Option<GroupsOverview> {
-        let admin = self.admin.clone();
-        ns.block_on(|| async move {
-            let client = reqwest::Client::builder()
-                .use_rustls_tls()
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(reqwest::Certificate::from_pem(admin.ca_pem.as_bytes()).ok()?)
-                .identity(
-                    reqwest::Identity::from_pem(format!("{}\n{}", admin.cert_pem, admin.key_pem).as_bytes()).ok()?,
-                )
-                .timeout(Duration::from_secs(5))
-                .build()
-                .ok()?;
-            let response = client.get(format!("https://{C0}:7443/v1/groups")).send().await.ok()?;
-            response.json::<GroupsOverview>().await.ok()
-        })
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.kill();
-        }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("---- controller log ----\n{}", lines[lines.len().saturating_sub(60)..].join("\n"));
-        }
-    }
-}
-
-/// An agent configuration that is not enrolled yet: everything but `node`, `controller`
-/// and `tls`, which `hapair-agent enroll` fills in.
-fn unenrolled_config(home: &Path) -> String {
-    format!(
-        "apiVersion: hapair.dev/v1alpha1\nkind: AgentConfig\n# kept by enroll\nstateDir: {}\nruntimeDir: {}\nendpoints:\n  listen: {ENDPOINTS}\nlog:\n  level: info,hapair_agent=debug\n",
-        home.join("state").display(),
-        home.join("run").display()
-    )
-}
-
-fn enroll(ns: &Netns, controller: &Controller, node: &str, home: &Path) {
-    let (token, fingerprint) = controller.token(node);
-    let exe = binary("hapair-agent").display().to_string();
-    let url = format!("https://{C0}:7443");
-    let dir = home.display().to_string();
-    let args = [
-        exe.as_str(),
-        "enroll",
-        "--controller",
-        &url,
-        "--node",
-        node,
-        "--token",
-        &token,
-        "--ca-fingerprint",
-        &fingerprint,
-        "--dir",
-        &dir,
-    ];
-    let out = ns.exec(&args).unwrap();
-    assert!(out.status.success(), "enroll {node}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn report_role(overview: &GroupsOverview, node: &str) -> Option<String> {
@@ -175,7 +50,7 @@ fn agents_take_their_config_from_the_controller_report_and_outlive_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let flow_log = dir.join("flow.log");
-    let mut controller = Controller::start(&topo.client, dir, &manifest(&flow_log));
+    let mut controller = Controller::start(&topo.client, C0, dir, &manifest(&flow_log));
 
     // Started before enrollment: up, answering /healthz, saying why it does nothing.
     let mut agents = Vec::new();

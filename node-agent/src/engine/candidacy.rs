@@ -81,6 +81,8 @@ pub struct Candidacy {
     /// Asks the witness for a lease.
     pub uses_witness: bool,
     pub denied_noted: bool,
+    /// The witness was found unreachable during this candidacy (noted once).
+    pub unreachable_noted: bool,
 }
 
 impl Engine {
@@ -210,8 +212,17 @@ impl Engine {
         let uses_witness = self.controller_witness() && (forced || kind == CandidacyKind::PeerLost);
         let proposal = self.next_proposal();
         self.floor = proposal;
-        self.candidacy =
-            Some(Candidacy { kind, proposal, action, forced, since: now, deadline, uses_witness, denied_noted: false });
+        self.candidacy = Some(Candidacy {
+            kind,
+            proposal,
+            action,
+            forced,
+            since: now,
+            deadline,
+            uses_witness,
+            denied_noted: false,
+            unreachable_noted: false,
+        });
         self.lease.void();
         self.set_role(Role::Promoting, format!("candidate: {}", kind.describe()));
         let type_ = if kind == CandidacyKind::PeerLost { EventType::Warning } else { EventType::Normal };

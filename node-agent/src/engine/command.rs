@@ -114,6 +114,8 @@ pub enum Reason {
     /// A message from an older epoch was refused.
     StaleEpoch,
     WitnessDenied,
+    /// A witness request failed or went unanswered while the witness was needed.
+    WitnessUnreachable,
     Switchover,
     Failback,
     ForceActive,
@@ -150,6 +152,7 @@ impl Reason {
             Reason::NewerPrimary => "NewerPrimary",
             Reason::StaleEpoch => "StaleEpoch",
             Reason::WitnessDenied => "WitnessDenied",
+            Reason::WitnessUnreachable => "WitnessUnreachable",
             Reason::Switchover => "Switchover",
             Reason::Failback => "Failback",
             Reason::ForceActive => "ForceActive",

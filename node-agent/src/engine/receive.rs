@@ -77,8 +77,12 @@ impl Engine {
     pub(super) fn on_witness(&mut self, now: Instant, request_id: u64, answer: WitnessAnswer) {
         let response = match answer {
             WitnessAnswer::Response(response) => response,
-            WitnessAnswer::Timeout | WitnessAnswer::Failed(_) => {
-                self.witness.give_up(request_id);
+            WitnessAnswer::Timeout => {
+                self.witness_unreachable(request_id, "no answer in time".into());
+                return;
+            }
+            WitnessAnswer::Failed(why) => {
+                self.witness_unreachable(request_id, why);
                 return;
             }
         };
@@ -109,6 +113,7 @@ impl Engine {
                 self.lease.on_witness_grant(request.sent_at, ttl, epoch);
                 if let Some(c) = &mut self.candidacy {
                     c.denied_noted = false;
+                    c.unreachable_noted = false;
                 }
                 if self.acting {
                     self.feed_watchdog();
@@ -129,6 +134,22 @@ impl Engine {
                 }
             }
             LeaseResponse::Released => {}
+        }
+    }
+
+    /// A witness request got no answer: asked again at once by the candidacy; what an
+    /// operator sees is why this node is not serving (a standby that cannot tell a dead
+    /// primary from a partition must not promote without the witness), noted once per
+    /// candidacy.
+    fn witness_unreachable(&mut self, request_id: u64, why: String) {
+        self.witness.give_up(request_id);
+        let message = format!("witness unreachable: {why}");
+        let first = self.candidacy.as_mut().is_some_and(|c| !std::mem::replace(&mut c.unreachable_noted, true));
+        if first {
+            self.notice(EventType::Warning, Reason::WitnessUnreachable, message.clone());
+        }
+        if self.role == Role::Promoting || self.acting {
+            self.role_reason = format!("waiting for witness: {message}");
         }
     }
 

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use hapair_tests::failover_bench::hapair::{Hapair, runtime_unavailable};
+use hapair_tests::failover_bench::hapair::Hapair;
 use hapair_tests::failover_bench::keepalived::{self, Keepalived};
 use hapair_tests::failover_bench::probe::{DEFAULT_PACE, Pace};
-use hapair_tests::failover_bench::report::{Row, RowResult, render};
+use hapair_tests::failover_bench::report::{Row, render};
 use hapair_tests::failover_bench::{
     HaPair, KILL_JITTER, Measured, Testbed, interrupt, interrupted, measure, service, service_address,
 };
@@ -98,7 +98,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         PathBuf::new()
     };
-    let hapair_missing = runtime_unavailable(&agent);
+    if selected.iter().any(|id| id.starts_with("hapair")) && !agent.exists() {
+        bail!("{} not found: build it with `cargo build -p hapair-agent` (or pass --agent)", agent.display());
+    }
     let pace = DEFAULT_PACE;
 
     println!("failover benchmark: {kills} kills of the primary per implementation");
@@ -131,13 +133,7 @@ fn main() -> anyhow::Result<()> {
             _ => Box::new(Keepalived::new(keepalived.clone(), Duration::from_millis(100))),
         };
         let (label, parameters) = (pair.label(), pair.parameters());
-        let result = match &hapair_missing {
-            Some(why) if id.starts_with("hapair") => {
-                eprintln!("{label}: {why}");
-                RowResult::Unavailable(why.clone())
-            }
-            _ => RowResult::Measured(run_one(pair.as_mut(), &program, kills, pace, cli.keep_work)),
-        };
+        let result = run_one(pair.as_mut(), &program, kills, pace, cli.keep_work);
         drop(pair);
         rows.push(Row { label, parameters, result });
     }

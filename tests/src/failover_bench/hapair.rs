@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hapair_agent::endpoints::StatusSnapshot;
@@ -26,26 +25,6 @@ use crate::sim::Timings;
 
 /// Where each agent serves `/v1/status`, inside its own namespace.
 const STATUS_ADDRESS: &str = "127.0.0.1:9464";
-
-/// Why hapair cannot be measured with `agent`, or `None` when it can: the binary must
-/// exist and have the `run` subcommand.
-pub fn runtime_unavailable(agent: &Path) -> Option<String> {
-    let prefix = "hapair: agent runtime not available in this build";
-    if !agent.exists() {
-        return Some(format!("{prefix} ({} not found; build it with `cargo build -p hapair-agent`)", agent.display()));
-    }
-    let status = Command::new(agent)
-        .args(["run", "--help"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match status {
-        Ok(s) if s.success() => None,
-        Ok(_) => Some(format!("{prefix} (`{} run --help` fails: no `run` subcommand yet)", agent.display())),
-        Err(e) => Some(format!("{prefix} ({}: {e})", agent.display())),
-    }
-}
 
 /// The HaGroup the benchmark runs, as a manifest (JSON, which is YAML too). `work` is the
 /// testbed's work directory, holding one directory per node name.
@@ -249,11 +228,5 @@ mod tests {
             assert!(exec.stop.contains("'/tmp/work'/\"$HAPAIR_NODE\"/run/service.pid"), "{}", exec.stop);
             assert_eq!(built["a"].groups[0].heartbeat_key, built["b"].groups[0].heartbeat_key);
         }
-    }
-
-    #[test]
-    fn a_missing_agent_is_reported_not_run() {
-        let why = runtime_unavailable(Path::new("/nonexistent/hapair-agent")).unwrap_or_default();
-        assert!(why.starts_with("hapair: agent runtime not available in this build"), "{why}");
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::netns::{ChildGuard, Netns, NetnsError, run, unique_name};
+use crate::netns::{ChildGuard, Netns, NetnsError, unique_name};
 use crate::topology::{A0, A1, B0, B1, TwoServersAndClient};
 
 use self::probe::Pace;
@@ -286,27 +286,13 @@ impl Testbed {
         for device in ["eth0", "eth1"] {
             ns.ip(&["link", "set", device, "down"])?;
         }
-        // keepalived's parent restarts a VRRP child that dies first, so sweep until the
-        // namespace is empty.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let listed = run("ip", &["netns", "pids", ns.name()])?;
-            let pids: Vec<i32> =
-                String::from_utf8_lossy(&listed.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
-            if pids.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(BenchError::Timeout {
-                    what: format!("killing every process on {} (left: {pids:?})", node.name()),
-                    within: Duration::from_secs(5),
-                });
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        // keepalived's parent restarts a VRRP child that dies first: the sweep repeats.
+        let within = Duration::from_secs(5);
+        let left = ns.kill_processes(within)?;
+        if left.is_empty() {
+            return Ok(());
         }
+        Err(BenchError::Timeout { what: format!("killing every process on {} (left: {left:?})", node.name()), within })
     }
 
     /// Brings a killed node back as a freshly booted machine: no virtual IP left on its

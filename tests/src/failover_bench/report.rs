@@ -6,19 +6,11 @@ use std::time::Duration;
 
 use super::Measured;
 
-/// What a row shows.
-#[derive(Debug)]
-pub enum RowResult {
-    Measured(Measured),
-    /// Not measured in this build, and why.
-    Unavailable(String),
-}
-
 #[derive(Debug)]
 pub struct Row {
     pub label: String,
     pub parameters: String,
-    pub result: RowResult,
+    pub result: Measured,
 }
 
 fn ms(d: Duration) -> String {
@@ -36,28 +28,20 @@ pub fn render(rows: &[Row]) -> String {
     );
     let mut notes = Vec::new();
     for row in rows {
-        match &row.result {
-            RowResult::Measured(m) => {
-                let (p50, p99, max) = match m.samples.summary() {
-                    Some(s) => (ms(s.p50), ms(s.p99), ms(s.max)),
-                    None => ("-".into(), "-".into(), "-".into()),
-                };
-                let _ = writeln!(
-                    out,
-                    "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}",
-                    row.label,
-                    m.samples.kills(),
-                    m.samples.failures
-                );
-                if let Some(error) = &m.error {
-                    notes.push(format!("{}: stopped early: {error}", row.label));
-                }
-            }
-            RowResult::Unavailable(why) => {
-                let _ =
-                    writeln!(out, "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}", row.label, "-", "-", "-", 0, "-");
-                notes.push(format!("{}: {why}", row.label));
-            }
+        let m = &row.result;
+        let (p50, p99, max) = match m.samples.summary() {
+            Some(s) => (ms(s.p50), ms(s.p99), ms(s.max)),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}",
+            row.label,
+            m.samples.kills(),
+            m.samples.failures
+        );
+        if let Some(error) = &m.error {
+            notes.push(format!("{}: stopped early: {error}", row.label));
         }
     }
     let _ = writeln!(out, "\nparameters:");
@@ -79,30 +63,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn measured_and_unavailable_rows_side_by_side() {
+    fn measured_and_stopped_rows_side_by_side() {
         let rows = [
             Row {
                 label: "hapair default".into(),
                 parameters: "heartbeat 100ms".into(),
-                result: RowResult::Unavailable("hapair: agent runtime not available in this build".into()),
+                result: Measured { samples: Samples::default(), error: Some("the pair settling timed out".into()) },
             },
             Row {
                 label: "keepalived advert_int 1s".into(),
                 parameters: "advert_int 1s".into(),
-                result: RowResult::Measured(Measured {
+                result: Measured {
                     samples: Samples {
                         times: vec![Duration::from_millis(3600), Duration::from_micros(3_700_200)],
                         failures: 1,
                     },
                     error: None,
-                }),
+                },
             },
         ];
         let text = render(&rows);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[1], "hapair default                    -          -          -     0         -");
+        assert_eq!(lines[1], "hapair default                    -          -          -     0         0");
         assert_eq!(lines[2], "keepalived advert_int 1s     3600.0     3700.2     3700.2     3         1");
-        assert!(text.contains("  hapair default: hapair: agent runtime not available in this build"), "{text}");
+        assert!(text.contains("  hapair default: stopped early: the pair settling timed out"), "{text}");
         assert!(text.contains("  keepalived advert_int 1s  advert_int 1s"), "{text}");
     }
 }

@@ -209,12 +209,20 @@ fn a_witness_denial_is_retried_after_the_delay_it_asks_for() {
 fn a_witness_timeout_or_failure_is_retried_at_once() {
     let mut h = granting("");
     h.step(1050, tick());
-    h.expect(1100, Event::Witness { request_id: 1, answer: WitnessAnswer::Timeout }, &["witness #2 Acquire e2 800ms"]);
+    // The first failure is an event and the reason the node is not serving...
+    h.expect(
+        1100,
+        Event::Witness { request_id: 1, answer: WitnessAnswer::Timeout },
+        &["event Warning WitnessUnreachable", "witness #2 Acquire e2 800ms"],
+    );
+    assert_eq!(h.e.status(at(1100)).role_reason, "waiting for witness: witness unreachable: no answer in time");
+    // ...noted once per candidacy, the reason kept current.
     h.expect(
         1150,
         Event::Witness { request_id: 2, answer: WitnessAnswer::Failed("connection refused".into()) },
         &["witness #3 Acquire e2 800ms", "hb #4 Promoting e1 f2"],
     );
+    assert_eq!(h.e.status(at(1150)).role_reason, "waiting for witness: witness unreachable: connection refused");
     // Without any answer, the engine gives up on a request after L/2 and asks again.
     h.expect(1550, tick(), &["witness #4 Acquire e2 800ms", "hb #5 Promoting e1 f2"]);
 }
