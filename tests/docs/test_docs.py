@@ -7,9 +7,10 @@ carries a marker saying why not, in an HTML comment on the line(s) directly abov
 
   <!-- not-runnable: REASON -->        never run here; REASON says why (a cluster, a real
                                        server's NICs, systemd as PID 1, ...)
-  <!-- runs-in: scripts/demo.sh -->    pending: exercised by the end-to-end demo once the
-                                       agent daemon lands; accepted only when every command
-                                       of the block is in PENDING_COMMANDS below
+  <!-- exercised-by: FILE -->          needs real servers or running agents, and is run for
+                                       real by FILE (a test or the demo); accepted only when
+                                       every command of the block is listed for FILE in
+                                       EXERCISED below and FILE really contains it
   <!-- doctest: background port=N -->  started in the background (a daemon); the next block
                                        runs once 127.0.0.1:N accepts connections
   <!-- doctest: exit=N -->             must exit with status N (errors the docs show)
@@ -67,16 +68,15 @@ HOSTS = ("ctl.example",)
 DEFAULT_TIMEOUT = 60
 SESSION_TIMEOUT = 300
 
-# Commands whose blocks may be marked `runs-in: scripts/demo.sh`: they need the agent daemon
-# (`hapair-agent run`), which the end-to-end demo exercises, or agents answering actions.
-# Keep this list short; it is what is left to verify once the demo lands.
-PENDING_COMMANDS = {
-    "hapair-agent run": "the agent daemon",
-    "bash scripts/demo.sh": "the end-to-end failover demo",
-    "hapair switchover": "needs running agents to carry out the action",
-    "hapair maintenance": "needs running agents to carry out the action",
-    "hapair force-active": "needs running agents to carry out the action",
-    "hapair resolve-split-brain": "needs running agents to carry out the action",
+# Commands that need real servers (two agents, a failover) and are run for real elsewhere:
+# the command prefix, the file that runs it, and a string that file must contain.
+EXERCISED = {
+    "hapair-agent run": ("tests/tests/e2e.rs", "agent.yaml"),
+    "bash scripts/demo.sh": ("scripts/test.sh", "scripts/demo.sh"),
+    "hapair switchover": ("tests/tests/e2e.rs", '"switchover"'),
+    "hapair maintenance": ("operator/tests/cli.rs", '"maintenance"'),
+    "hapair force-active": ("operator/tests/cli.rs", '"force-active"'),
+    "hapair resolve-split-brain": ("operator/tests/cli.rs", '"resolve-split-brain"'),
 }
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
@@ -194,9 +194,9 @@ def plan_file(path: Path) -> Plan:
                 if len(value) < 10:
                     raise DocError(f"{block.where}: not-runnable needs a reason")
                 not_runnable = value
-            elif key == "runs-in":
-                if value != "scripts/demo.sh":
-                    raise DocError(f"{block.where}: runs-in names {value!r}; only scripts/demo.sh is known")
+            elif key == "exercised-by":
+                if value not in {file for file, _ in EXERCISED.values()}:
+                    raise DocError(f"{block.where}: exercised-by names {value!r}, which runs none of EXERCISED")
                 runs_in = value
             elif key == "file":
                 if not value.startswith("/"):
@@ -219,16 +219,21 @@ def plan_file(path: Path) -> Plan:
             if output or file_target:
                 raise DocError(f"{block.where}: output/file markers belong on non-shell blocks")
             if (not_runnable and runs_in) or (options and (not_runnable or runs_in)):
-                raise DocError(f"{block.where}: a block is either run, not-runnable or runs-in, not several")
+                raise DocError(f"{block.where}: a block is either run, not-runnable or exercised-by, not several")
             if not_runnable:
                 skipped.append((block.where, not_runnable))
                 previous_was_shell, previous_shell = True, None
                 continue
             if runs_in:
                 for command in commands_of(block.text):
-                    if not any(command == p or command.startswith(p + " ") for p in PENDING_COMMANDS):
-                        raise DocError(f"{block.where}: `{command}` is not in PENDING_COMMANDS; "
-                                       f"run it, or mark the block not-runnable with a reason")
+                    where = [e for p, e in EXERCISED.items() if command == p or command.startswith(p + " ")]
+                    if not where or where[0][0] != runs_in:
+                        raise DocError(f"{block.where}: `{command}` is not run by {runs_in} (see EXERCISED); "
+                                       f"run it here, or mark the block not-runnable with a reason")
+                    file, needle = where[0]
+                    if needle not in (REPO / file).read_text():
+                        raise DocError(f"{block.where}: {file} no longer contains {needle!r}; "
+                                       f"`{command}` is not exercised there any more")
                     pending.append((block.where, command))
                 previous_was_shell, previous_shell = True, None
                 continue
@@ -524,7 +529,7 @@ class Extraction(unittest.TestCase):
         if problems:
             self.fail("\n".join(problems))
         if pending:
-            print(f"\n  pending on the demo (runs-in: scripts/demo.sh): {len(pending)} commands", file=sys.stderr)
+            print(f"\n  exercised by tests elsewhere (exercised-by): {len(pending)} commands", file=sys.stderr)
             for where, command in pending:
                 print(f"    {where}: {command}", file=sys.stderr)
 
@@ -533,7 +538,10 @@ class Extraction(unittest.TestCase):
             cases = {
                 "```\nls\n```\n": "without a language",
                 "<!-- not-runnable: x -->\n```sh\nls\n```\n": "needs a reason",
-                "<!-- runs-in: scripts/demo.sh -->\n```sh\nrm -rf /\n```\n": "not in PENDING_COMMANDS",
+                "<!-- exercised-by: tests/tests/e2e.rs -->\n```sh\nrm -rf /\n```\n": "is not run by",
+                "<!-- exercised-by: operator/tests/cli.rs -->\n```sh\nhapair switchover pg --to b\n```\n":
+                    "is not run by",
+                "<!-- exercised-by: nowhere.rs -->\n```sh\nhapair switchover pg --to b\n```\n": "runs none of",
                 "<!-- not-runable: typo in the marker -->\n```sh\nls\n```\n": "unknown marker",
                 "<!-- doctest: background -->\n```sh\nsleep 1\n```\n": "needs port=N",
                 "Text\n\n<!-- output -->\n```text\nhi\n```\n": "must follow a shell block",
@@ -546,7 +554,7 @@ class Extraction(unittest.TestCase):
                     plan_file(path)
                 self.assertIn(needle, str(caught.exception), text)
             path = Path(tmp) / "good.md"
-            path.write_text("<!-- runs-in: scripts/demo.sh -->\n```sh\nhapair-agent run --config /etc/hapair/agent.yaml\n"
+            path.write_text("<!-- exercised-by: tests/tests/e2e.rs -->\n```sh\nhapair-agent run --config /etc/hapair/agent.yaml\n"
                             "hapair switchover pg \\\n  --to db2\n```\n\n```sh\necho hi\n```\n<!-- output -->\n```text\nhi\n```\n")
             plan = plan_file(path)
             self.assertEqual([c for _, c in plan.pending],
