@@ -112,14 +112,20 @@ groups:
     }
 
     #[test]
-    fn refuses_a_volume_step_naming_it() {
+    fn accepts_a_volume_step_and_refuses_a_replication_monitor_naming_it() {
         let text = format!(
             "{BUNDLE}    volumes:\n      - name: pgdata\n        uuid: 0b6f5a52-9b43-4d3c-9f0e-3f1f0d6f2a11\n        spec:\n          group: web\n          size: 1Gi\n          backing:\n            - {{node: a, path: /var/lib/a.img}}\n            - {{node: b, path: /var/lib/b.img}}\n"
         )
         .replace("    spec:\n      nodes:", "    spec:\n      flow:\n        - {name: data, volume: {volumeRef: pgdata}}\n      nodes:");
         let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(check(&bundle, "a").is_ok(), "{:?}", check(&bundle, "a").err());
+        let text = text.replace(
+            "      flow:\n",
+            "      monitors:\n        - {name: repl, replication: {volumeRef: pgdata}, action: alert}\n      flow:\n",
+        );
+        let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
         let err = check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.starts_with("group default/web: flow step \"data\" is a volume step"), "{err}");
+        assert!(err.starts_with("group default/web: monitor \"repl\" watches replication"), "{err}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ enum Command {
         /// Watchdog device, e.g. /dev/watchdog (with --bundle).
         #[arg(long, requires = "bundle")]
         watchdog: Option<PathBuf>,
+        /// Where the volumes' NBD sockets live (with --bundle; default /run/hapair).
+        #[arg(long, requires = "bundle")]
+        runtime_dir: Option<PathBuf>,
     },
     /// Check a desired-config bundle file for this node and print what it would run.
     CheckConfig {
@@ -129,7 +132,7 @@ fn main() -> std::process::ExitCode {
 
 fn command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, bundle: Some(bundle), node, state_dir, listen, watchdog } => {
+        Command::Run { config, bundle: Some(bundle), node, state_dir, listen, watchdog, runtime_dir } => {
             use hapair_agent::agent_config::{AgentConfig, Endpoints, WatchdogSettings};
             let config = AgentConfig {
                 node: node.unwrap_or_default(),
@@ -137,6 +140,8 @@ fn command(cli: Cli) -> anyhow::Result<()> {
                 state_dir: state_dir.unwrap_or_else(|| config.with_file_name("state")),
                 endpoints: Endpoints { listen: listen.unwrap_or_else(|| "127.0.0.1:9464".into()) },
                 watchdog: WatchdogSettings { device: watchdog },
+                runtime_dir: runtime_dir
+                    .map_or_else(|| AgentConfig::default().runtime_dir, |d| std::path::absolute(&d).unwrap_or(d)),
                 ..AgentConfig::default()
             };
             if let Err(e) = config.listen_addr() {

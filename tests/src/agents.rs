@@ -100,6 +100,16 @@ impl Agent {
         Agent { node: node.into(), dir: dir.to_path_buf(), process: None, args, ns_name: String::new() }
     }
 
+    /// One more command-line argument (e.g. `--runtime-dir`), for the next start.
+    pub fn arg(&mut self, arg: &str) {
+        self.args.push(arg.to_string());
+    }
+
+    /// The running process's id (`ip netns exec` execs the agent, so it is the agent's).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildGuard::id)
+    }
+
     pub fn bundle_path(&self) -> PathBuf {
         self.dir.join("bundle.yaml")
     }

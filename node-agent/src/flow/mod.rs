@@ -15,7 +15,7 @@ pub mod systemd;
 
 use std::time::Duration;
 
-use hapair_crds::hagroup::{HaGroupSpec, StepKind};
+use hapair_crds::hagroup::HaGroupSpec;
 
 pub use health::{Health, StepHealth};
 pub use restart::{RestartBudget, RestartDecision};
@@ -56,26 +56,17 @@ impl Outcome {
     }
 }
 
-/// A flow this agent cannot run yet.
+/// A group this agent cannot run yet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnsupportedFlow {
     #[error(
-        "flow step {step:?} is a volume step; replicated volumes are not supported by this agent yet, so the group cannot run here (remove the step or run an agent with replicated-volume support)"
-    )]
-    VolumeStep { step: String },
-    #[error(
-        "monitor {monitor:?} watches replication; replicated volumes are not supported by this agent yet (remove the monitor or run an agent with replicated-volume support)"
+        "monitor {monitor:?} watches replication; replication monitors are not supported by this agent yet (remove the monitor: the engine already refuses to promote a replica that is not UpToDate)"
     )]
     ReplicationMonitor { monitor: String },
 }
 
-/// Refuses a spec that uses features this agent does not implement, naming the step.
+/// Refuses a spec that uses features this agent does not implement, naming the monitor.
 pub fn check_supported(spec: &HaGroupSpec) -> Result<(), UnsupportedFlow> {
-    for step in &spec.flow {
-        if let Some(StepKind::Volume(_)) = step.kind() {
-            return Err(UnsupportedFlow::VolumeStep { step: step.name.clone() });
-        }
-    }
     for monitor in &spec.monitors {
         if monitor.replication.is_some() {
             return Err(UnsupportedFlow::ReplicationMonitor { monitor: monitor.name.clone() });

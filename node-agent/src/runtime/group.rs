@@ -14,6 +14,7 @@
 //! does.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use super::node_api::WitnessPath;
 use super::records::GroupFile;
 use super::report::{Board, record};
 use super::steps::{FlowSpec, StepExecutor};
+use super::volumes::{GroupVolumes, VolumeContext};
 use super::watchdog::Watchdog;
 use crate::engine::config::{EngineConfig, PlannedKind};
 use crate::engine::{Command, Engine, Event, Identity, Notice, PersistedState, Role, StepOp, VolumeOp, WitnessAnswer};
@@ -36,6 +38,9 @@ use crate::heartbeat::{HeartbeatReceiver, HeartbeatSender, HmacKey, LinkEndpoint
 use crate::iface::Netlink;
 use crate::metrics::AgentMetrics;
 use crate::probe::{MonitorState, Observation, Probe, ProcPaths};
+use crate::replication::replica::Replica;
+use crate::replication::status::ReplicaStatus;
+use crate::replication::tls::TlsMaterial;
 use crate::state::StateStore;
 use crate::vip::{Presence, VipManager};
 
@@ -60,6 +65,16 @@ pub enum Input {
         volume: String,
         op: VolumeOp,
         result: Result<(), String>,
+    },
+    /// A replica of the group finished opening.
+    VolumeOpened {
+        volume: String,
+        replica: Box<Replica>,
+    },
+    /// A replica's status changed.
+    VolumeStatus {
+        volume: String,
+        status: Box<ReplicaStatus>,
     },
     Witness {
         request_id: u64,
@@ -93,6 +108,10 @@ pub struct NodeContext {
     pub metrics: Arc<AgentMetrics>,
     pub witness: WitnessPath,
     pub board: Arc<Board>,
+    /// Where the volumes' NBD sockets live.
+    pub runtime_dir: PathBuf,
+    /// The node's certificate for replication links that enable TLS.
+    pub volume_tls: Option<TlsMaterial>,
 }
 
 /// The supervisor's handle on a running group task.
@@ -166,6 +185,8 @@ struct GroupTask {
     file: GroupFile,
     transport: Transport,
     steps: StepExecutor,
+    volumes: GroupVolumes,
+    volume_ctx: VolumeContext,
     monitors: Vec<MonitorRun>,
     checks: BTreeMap<usize, CheckRun>,
     generation: u64,
@@ -290,10 +311,18 @@ async fn run(
     }
     if let Some(state) = &mut restored.state
         && state.serving.is_some()
-        && let Err(why) = vips_still_held(&ctx, &config, &spec).await
     {
-        tracing::info!("not resuming the previous run's role: {why}");
-        state.serving = None;
+        // A replica always opens as secondary, so a role that holds volumes cannot be taken
+        // up again as it was: the group starts as standby and is promoted afresh.
+        let held = if config.volumes.is_empty() {
+            vips_still_held(&ctx, &config, &spec).await
+        } else {
+            Err("its volumes are reopened as secondary".to_string())
+        };
+        if let Err(why) = held {
+            tracing::info!("not resuming the previous run's role: {why}");
+            state.serving = None;
+        }
     }
     let identity = Identity { node: ctx.node.clone(), incarnation: ctx.incarnation };
     let (engine, startup) = match Engine::new(identity, &config, restored.state, clock::now()) {
@@ -305,6 +334,15 @@ async fn run(
         }
     };
     let steps = StepExecutor::new(spec, Arc::clone(&ctx.vip_manager), ctx.netlink.clone(), tx.clone());
+    let volume_ctx = VolumeContext {
+        node: ctx.node.clone(),
+        key: key.clone(),
+        runtime_dir: ctx.runtime_dir.clone(),
+        tls: ctx.volume_tls.clone(),
+        board: Arc::clone(&ctx.board),
+        inbox: tx.clone(),
+    };
+    let volumes = GroupVolumes::open(&volume_ctx, &config);
     let mut keep = Vec::new();
     let monitors = monitor_runs(&config, &ctx.node, &mut keep, 0);
     let mut task = GroupTask {
@@ -314,6 +352,8 @@ async fn run(
         file,
         transport,
         steps,
+        volumes,
+        volume_ctx,
         monitors,
         checks: BTreeMap::new(),
         generation: 0,
@@ -335,6 +375,7 @@ async fn run(
     task.run().await;
     task.ctx.watchdog.disarm(&key.to_string());
     task.publish(true);
+    task.volumes.shutdown().await;
     task.ctx.board.finished(&key);
 }
 
@@ -404,6 +445,7 @@ impl GroupTask {
         // Everything logged while handling one event carries the term it started in.
         let span = tracing::info_span!("term", epoch = self.engine.epoch());
         let commands = span.in_scope(|| self.engine.handle(clock::now(), event));
+        self.volumes.observe_epoch(self.engine.epoch());
         self.execute(commands).instrument(span).await;
         self.after_engine();
     }
@@ -445,6 +487,16 @@ impl GroupTask {
                 self.feed(Event::StepDone { step, op, result }).await;
             }
             Input::VolumeDone { volume, op, result } => self.feed(Event::VolumeDone { volume, op, result }).await,
+            Input::VolumeOpened { volume, replica } => {
+                self.steps.set_replica(&volume, (*replica).clone());
+                self.volumes.opened(&self.volume_ctx, volume, *replica);
+            }
+            Input::VolumeStatus { volume, status } => {
+                if let Some((volume, disk, connection)) = self.volumes.status_changed(volume, *status) {
+                    tracing::info!(volume, disk = disk.as_str(), ?connection, "volume state");
+                    self.feed(Event::Volume { volume, disk, connection }).await;
+                }
+            }
             Input::Witness { request_id, answer } => self.feed(Event::Witness { request_id, answer }).await,
             Input::Observed { generation, index, probe, observation, at } => {
                 let Some(run) = self.monitors.get_mut(index).filter(|m| m.generation == generation) else { return };
@@ -680,10 +732,18 @@ impl GroupTask {
                     self.steps.stop_step(step, &name);
                 }
                 Command::RemoveVip { step, vip } => self.steps.remove_vip(step, &vip),
-                Command::PromoteVolume { volume, .. } => self.steps.volume(&volume, VolumeOp::Promote),
-                Command::DemoteVolume { volume } => self.steps.volume(&volume, VolumeOp::Demote),
+                Command::PromoteVolume { volume, epoch, force } => {
+                    if self.durable().await {
+                        self.volumes.run(&self.tx, &volume, VolumeOp::Promote, epoch, force);
+                    } else {
+                        let result = Err("the group's state could not be saved".to_string());
+                        let _ = self.tx.send(Input::VolumeDone { volume, op: VolumeOp::Promote, result });
+                    }
+                }
+                Command::DemoteVolume { volume } => self.volumes.run(&self.tx, &volume, VolumeOp::Demote, 0, false),
                 Command::ResolveSplitBrain { volume, keep_local } => {
-                    tracing::warn!(volume, keep_local, "{}", super::steps::VOLUMES_UNSUPPORTED);
+                    let epoch = self.engine.epoch();
+                    self.volumes.resolve_split_brain(&self.ctx.board, &self.key, &volume, keep_local, epoch);
                 }
                 Command::ArmWatchdog { deadline } => {
                     if let Some(risk) = self.ctx.watchdog.arm(&self.group(), deadline, clock::now()) {
@@ -784,7 +844,7 @@ impl GroupTask {
             heartbeat_links: links,
             steps: status.steps.clone(),
             monitors: status.monitors.clone(),
-            volumes: vec![],
+            volumes: self.volumes.reports(),
             last_failover: self.last_failover.as_ref().map(|(_, r)| r.clone()),
             actions: status.actions.clone(),
             events: vec![],

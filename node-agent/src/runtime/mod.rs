@@ -29,6 +29,7 @@ pub mod records;
 pub mod report;
 pub mod source;
 pub mod steps;
+pub mod volumes;
 pub mod watchdog;
 
 use std::collections::BTreeMap;
@@ -123,6 +124,8 @@ pub async fn run(
         metrics,
         witness: client.clone().map_or(WitnessPath::Absent, WitnessPath::Controller),
         board: Arc::clone(&board),
+        runtime_dir: config.runtime_dir.clone(),
+        volume_tls: volume_tls(&config),
     });
     let state = Arc::new(Mutex::new(NodeState { node: node.clone(), ..NodeState::default() }));
     let (exits_tx, mut exits) = unbounded_channel();
@@ -174,6 +177,18 @@ pub async fn run(
         handle.task.abort();
     }
     Ok(())
+}
+
+/// The enrollment certificate, for replication links with TLS; absent (and such volumes
+/// refused with a message saying so) when the node has none.
+fn volume_tls(config: &AgentConfig) -> Option<crate::replication::tls::TlsMaterial> {
+    let tls = &config.tls;
+    if !tls.cert_file.exists() {
+        return None;
+    }
+    crate::replication::tls::TlsMaterial::from_files(&tls.cert_file, &tls.key_file, &tls.ca_file)
+        .inspect_err(|e| tracing::warn!(error = %e, "the enrollment certificate cannot secure replication links"))
+        .ok()
 }
 
 /// Waits until the configuration names a source this agent can use: an enrollment whose

@@ -3,8 +3,10 @@
 //!
 //! Which executor runs a step is decided by the step's kind ([`Target`]): commands and
 //! systemd units through [`FlowRunner`], virtual IPs through [`VipManager`] plus the
-//! announcements, volumes nowhere yet (refused with a clear message; the replicated-volume
-//! executor plugs in as one more arm of that dispatch).
+//! announcements, volume steps through [`crate::volume_step`] on the group's replica
+//! (attach its NBD socket, create the filesystem on first use when asked, mount; in
+//! reverse unmount, flush, detach). Promoting and demoting the replica itself are separate
+//! engine commands, run before the volume step starts and after it stopped.
 //!
 //! A step is stopped the way it was started: the target used for a start is remembered
 //! per step, so a config change that arrives while the old flow still runs (the engine
@@ -18,25 +20,23 @@
 //! cancels them first, so nothing announces an address this node no longer holds.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use hapair_crds::hagroup::{CheckSpec, FlowStep, HaGroupSpec, StepKind};
+use hapair_crds::hagroup::{CheckSpec, FlowStep, HaGroupSpec, StepKind, VolumeStep};
 use hapair_crds::nodeapi::GroupKey;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::group::Input;
-use crate::engine::{StepOp, VolumeOp};
+use crate::engine::StepOp;
 use crate::flow::runner::FlowError;
 use crate::flow::systemd::Systemctl;
 use crate::flow::{FlowRunner, Outcome};
 use crate::iface::Netlink;
+use crate::replication::replica::Replica;
 use crate::vip::{self, AddOutcome, ResolvedVip, VipManager, announce};
-
-/// What the refusal of a volume operation says until replicated volumes are wired.
-pub const VOLUMES_UNSUPPORTED: &str =
-    "replicated volumes are not supported by this agent yet: volume steps cannot run here";
+use crate::volume_step::{self, ActiveVolume, StepPlan};
 
 /// One group's flow definition as this node runs it.
 #[derive(Clone, Debug)]
@@ -78,8 +78,8 @@ pub enum Target {
         check: Option<CheckSpec>,
     },
     Vip(ResolvedVip),
-    /// A volume step: no executor yet.
-    Volume,
+    /// A volume step on the replica of `step.volume_ref` (if it is open by then).
+    Volume(Box<VolumeStep>),
     /// Nothing by that name in the spec.
     Missing(String),
 }
@@ -99,6 +99,10 @@ pub struct StepExecutor {
     /// does that; if it ever did, order is kept rather than racing).
     waiting: BTreeMap<usize, VecDeque<(StepOp, Target)>>,
     announcers: BTreeMap<String, JoinHandle<()>>,
+    /// The group's open replicas, by volume name.
+    replicas: BTreeMap<String, Replica>,
+    /// What each running volume step attached and mounted, to be undone by its stop.
+    active: Arc<Mutex<BTreeMap<usize, ActiveVolume>>>,
 }
 
 impl Drop for StepExecutor {
@@ -137,7 +141,14 @@ impl StepExecutor {
             busy: BTreeMap::new(),
             waiting: BTreeMap::new(),
             announcers: BTreeMap::new(),
+            replicas: BTreeMap::new(),
+            active: Arc::new(Mutex::new(BTreeMap::new())),
         }
+    }
+
+    /// The replica of `volume` is open; volume steps on it can run.
+    pub fn set_replica(&mut self, volume: &str, replica: Replica) {
+        self.replicas.insert(volume.to_string(), replica);
     }
 
     /// A new definition for steps started from now on.
@@ -162,7 +173,7 @@ impl StepExecutor {
                     Some(vip) => Target::Vip(vip.clone()),
                     None => Target::Missing(format!("virtual IP {:?} is not defined", v.name)),
                 },
-                Some(StepKind::Volume(_)) => Target::Volume,
+                Some(StepKind::Volume(v)) => Target::Volume(Box::new(v.clone())),
                 None => Target::Missing(format!("step {name:?} sets no single kind")),
             },
             None => Target::Missing(format!("no flow step named {name:?}")),
@@ -221,15 +232,6 @@ impl StepExecutor {
         let same = |t: &Target| matches!(t, Target::Vip(v) if v.name == vip);
         let target = self.started_or(step, same, || self.resolve_vip(vip));
         self.run(step, StepOp::Stop, target);
-    }
-
-    /// Volume operations have no executor yet.
-    pub fn volume(&mut self, volume: &str, op: VolumeOp) {
-        let _ = self.inbox.send(Input::VolumeDone {
-            volume: volume.to_string(),
-            op,
-            result: Err(VOLUMES_UNSUPPORTED.to_string()),
-        });
     }
 
     /// A serving engine resumed after an agent restart: step `step` was started by the
@@ -351,10 +353,56 @@ impl StepExecutor {
                     old.abort();
                 }
             }
-            Target::Volume => done(Err(VOLUMES_UNSUPPORTED.to_string())),
+            Target::Volume(spec) => {
+                let replica = self.replicas.get(&spec.volume_ref).cloned();
+                let active = Arc::clone(&self.active);
+                tokio::spawn(
+                    async move {
+                        done(volume_op(step, op, &spec, replica, &active).await);
+                    }
+                    .in_current_span(),
+                );
+            }
             Target::Missing(why) => done(Err(why)),
         }
     }
+}
+
+fn take_active(active: &Mutex<BTreeMap<usize, ActiveVolume>>, step: usize) -> Option<ActiveVolume> {
+    active.lock().unwrap_or_else(|p| p.into_inner()).remove(&step)
+}
+
+/// Starts, stops or restarts volume step `step`. A stop undoes what this run's start did;
+/// one that finds nothing recorded (the start failed and undid itself) has nothing to do.
+async fn volume_op(
+    step: usize,
+    op: StepOp,
+    spec: &VolumeStep,
+    replica: Option<Replica>,
+    active: &Mutex<BTreeMap<usize, ActiveVolume>>,
+) -> Result<(), String> {
+    let plan = StepPlan::from_step(spec).map_err(|e| format!("volume {}: {e}", spec.volume_ref))?;
+    if matches!(op, StepOp::Stop | StepOp::Restart)
+        && let Some(was) = take_active(active, step)
+    {
+        let device = was.device.display().to_string();
+        volume_step::take_down(was, plan.timeout).await.map_err(|e| format!("volume {}: {e}", spec.volume_ref))?;
+        tracing::info!(volume = %spec.volume_ref, device, "volume step stopped: unmounted, flushed, detached");
+    }
+    if op == StepOp::Stop {
+        return Ok(());
+    }
+    let replica = replica.ok_or_else(|| format!("volume {}: the replica is not open on this node", spec.volume_ref))?;
+    let up = volume_step::bring_up(&replica, &plan).await.map_err(|e| format!("volume {}: {e}", spec.volume_ref))?;
+    tracing::info!(
+        volume = %spec.volume_ref,
+        device = %up.device.display(),
+        mounted = ?up.mounted,
+        created_filesystem = up.created_filesystem,
+        "volume step started"
+    );
+    active.lock().unwrap_or_else(|p| p.into_inner()).insert(step, up);
+    Ok(())
 }
 
 /// Adds the address and sends the first announcement; returns where to send the rest

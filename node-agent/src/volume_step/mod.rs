@@ -78,18 +78,26 @@ pub struct ActiveVolume {
 /// failure undoes the stages already done (best effort) before returning.
 pub async fn activate(replica: &Replica, plan: &StepPlan, epoch: u64) -> Result<ActiveVolume, StepError> {
     replica.promote(epoch, false).await.map_err(|e| StepError::new(Stage::Promote, e))?;
+    match bring_up(replica, plan).await {
+        Ok(active) => Ok(active),
+        Err(e) => {
+            if let Err(undo) = demote(replica, plan.timeout).await {
+                tracing::warn!(error = %undo, "demoting after a failed volume step activation failed too");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The step's part once the replica is primary (the agent runtime promotes separately,
+/// when its engine says so): attach, create the filesystem on first use when asked, mount.
+/// A failure undoes what was done (best effort); the replica stays primary.
+pub async fn bring_up(replica: &Replica, plan: &StepPlan) -> Result<ActiveVolume, StepError> {
     let socket = replica
         .nbd_socket()
-        .ok_or_else(|| StepError::new(Stage::Attach, "the replica is not primary after promotion"))?;
-    let device = match attach::attach(&plan.attach, &socket, plan.timeout).await {
-        Ok(d) => d,
-        Err(e) => {
-            if let Err(undo) = replica.demote(false).await {
-                tracing::warn!(error = %undo, "demoting after a failed attach failed too");
-            }
-            return Err(StepError::new(Stage::Attach, e));
-        }
-    };
+        .ok_or_else(|| StepError::new(Stage::Attach, "the replica is not primary: nothing to attach"))?;
+    let device =
+        attach::attach(&plan.attach, &socket, plan.timeout).await.map_err(|e| StepError::new(Stage::Attach, e))?;
     let mut active = ActiveVolume { device, mounted: None, created_filesystem: false, attach: plan.attach.clone() };
     let Some(path) = &plan.mount_path else { return Ok(active) };
     let mounted = async {
@@ -107,23 +115,26 @@ pub async fn activate(replica: &Replica, plan: &StepPlan, epoch: u64) -> Result<
             Ok(active)
         }
         Err(e) => {
-            if let Err(undo) = deactivate(replica, active, plan.timeout).await {
-                tracing::warn!(error = %undo, "undoing a failed volume step activation failed too");
+            if let Err(undo) = take_down(active, plan.timeout).await {
+                tracing::warn!(error = %undo, "undoing a failed attach failed too");
             }
             Err(e)
         }
     }
 }
 
-/// Unmounts, flushes, detaches and only then demotes, so nothing written through the
-/// mount can reach the volume after it is secondary.
-pub async fn deactivate(replica: &Replica, active: ActiveVolume, timeout: Duration) -> Result<(), StepError> {
+/// Unmounts, flushes and detaches; the replica's role is left alone.
+pub async fn take_down(active: ActiveVolume, timeout: Duration) -> Result<(), StepError> {
     if let Some(path) = &active.mounted {
         filesystem::unmount(path, timeout).await.map_err(|e| StepError::new(Stage::Unmount, e))?;
     }
     filesystem::flush(&active.device).await.map_err(|e| StepError::new(Stage::Flush, e))?;
-    attach::detach(&active.attach, &active.device, timeout).await.map_err(|e| StepError::new(Stage::Detach, e))?;
-    // The attach helper's NBD connection closes asynchronously; give it a moment.
+    attach::detach(&active.attach, &active.device, timeout).await.map_err(|e| StepError::new(Stage::Detach, e))
+}
+
+/// Demotes the replica, waiting up to `timeout` for the attach helper's NBD connection to
+/// close (it does so asynchronously after a detach).
+pub async fn demote(replica: &Replica, timeout: Duration) -> Result<(), StepError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match replica.demote(false).await {
@@ -134,4 +145,11 @@ pub async fn deactivate(replica: &Replica, active: ActiveVolume, timeout: Durati
             Err(e) => return Err(StepError::new(Stage::Demote, e)),
         }
     }
+}
+
+/// Unmounts, flushes, detaches and only then demotes, so nothing written through the
+/// mount can reach the volume after it is secondary.
+pub async fn deactivate(replica: &Replica, active: ActiveVolume, timeout: Duration) -> Result<(), StepError> {
+    take_down(active, timeout).await?;
+    demote(replica, timeout).await
 }

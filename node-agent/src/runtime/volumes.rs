@@ -1,0 +1,345 @@
+//! One group's replicated volumes on this node: each `ReplicatedVolume` of the group's
+//! config is opened as a [`Replica`] (backing, metadata, peer address, protocol, TLS) that
+//! replicates with the peer agent from the moment the group starts, whatever the role.
+//!
+//! - Opening is retried in the background until it works (a backing that appears later,
+//!   an address not configured yet); until then the engine hears nothing of the volume,
+//!   so it counts it `Unknown` and never promotes on it.
+//! - Every status change reaches the group task as [`Input::VolumeStatus`]; the task feeds
+//!   the engine an `Event::Volume` whenever disk state or connection changed, which is how
+//!   an Inconsistent or outdated standby is kept from being promoted.
+//! - Replica events (connected, resync started/finished, split brain, discards, fencing)
+//!   become the group's events, with their reason.
+//! - The engine's promote/demote/resolve commands run as tasks and answer with
+//!   [`Input::VolumeDone`] (resolution results are events).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hapair_crds::nodeapi::{EventType, GroupConfig, GroupKey, VolumeConfig, VolumeReport};
+use hapair_crds::volume::{ConnectionState, DiskState};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::group::Input;
+use super::report::{Board, record};
+use crate::engine::VolumeOp;
+use crate::replication::replica::{Replica, ReplicaOptions};
+use crate::replication::status::ReplicaStatus;
+use crate::replication::tls::TlsMaterial;
+use crate::replication::wire::Resolution;
+
+/// How long a failed open waits before the next attempt.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+/// Status changes are forwarded at most this often (a resync changes its progress all the
+/// time); disk state and connection changes still arrive within this delay.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+/// How long a demotion waits for the attach helper's NBD connection to close.
+const DEMOTE_WAIT: Duration = Duration::from_secs(10);
+
+/// The NBD socket of `volume` of group `key` under `runtime_dir`.
+pub fn nbd_socket(runtime_dir: &Path, key: &GroupKey, volume: &str) -> PathBuf {
+    runtime_dir.join(format!("{}_{}_{volume}.nbd", key.namespace, key.name))
+}
+
+/// What the volumes need from the node.
+#[derive(Clone, Debug)]
+pub struct VolumeContext {
+    pub node: String,
+    pub key: GroupKey,
+    pub runtime_dir: PathBuf,
+    pub tls: Option<TlsMaterial>,
+    pub board: Arc<Board>,
+    pub inbox: UnboundedSender<Input>,
+}
+
+/// The group's replicas, opened or being opened.
+#[derive(Debug, Default)]
+pub struct GroupVolumes {
+    replicas: BTreeMap<String, Replica>,
+    /// Last status per volume (also of volumes whose replica is not open).
+    status: BTreeMap<String, ReplicaStatus>,
+    /// What the engine was last told per volume.
+    told: BTreeMap<String, (DiskState, ConnectionState)>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for GroupVolumes {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl GroupVolumes {
+    /// Starts opening every volume of `config` this node has a backing for.
+    pub fn open(ctx: &VolumeContext, config: &GroupConfig) -> GroupVolumes {
+        let mut volumes = GroupVolumes::default();
+        for volume in &config.volumes {
+            if !volume.spec.backing.iter().any(|b| b.node == ctx.node) {
+                continue;
+            }
+            let (ctx, volume) = (ctx.clone(), volume.clone());
+            let span = tracing::info_span!("volume", volume = %volume.name);
+            volumes.tasks.push(tokio::spawn(open_until_done(ctx, volume).instrument(span)));
+        }
+        volumes
+    }
+
+    pub fn replica(&self, volume: &str) -> Option<&Replica> {
+        self.replicas.get(volume)
+    }
+
+    /// A replica finished opening: its status and events start flowing.
+    pub fn opened(&mut self, ctx: &VolumeContext, volume: String, replica: Replica) {
+        let span = tracing::info_span!("volume", volume = %volume);
+        self.tasks.push(tokio::spawn(
+            forward_status(ctx.inbox.clone(), volume.clone(), replica.clone()).instrument(span.clone()),
+        ));
+        self.tasks.push(tokio::spawn(
+            forward_events(Arc::clone(&ctx.board), ctx.key.clone(), volume.clone(), replica.clone()).instrument(span),
+        ));
+        self.replicas.insert(volume, replica);
+    }
+
+    /// Records `status`; returns the engine event to feed when disk state or connection
+    /// changed since the engine last heard.
+    pub fn status_changed(
+        &mut self,
+        volume: String,
+        status: ReplicaStatus,
+    ) -> Option<(String, DiskState, ConnectionState)> {
+        let now = (status.disk, status.connection);
+        self.status.insert(volume.clone(), status);
+        if self.told.get(&volume) == Some(&now) {
+            return None;
+        }
+        self.told.insert(volume.clone(), now);
+        Some((volume, now.0, now.1))
+    }
+
+    /// The engine's epoch, so that a primary learning of a newer one fences itself.
+    pub fn observe_epoch(&self, epoch: u64) {
+        for replica in self.replicas.values() {
+            replica.observe_epoch(epoch);
+        }
+    }
+
+    /// Per-volume disk state, connection, out-of-sync bytes and sync progress.
+    pub fn reports(&self) -> Vec<VolumeReport> {
+        self.status.values().map(ReplicaStatus::report).collect()
+    }
+
+    /// Carries out a promotion or demotion; the answer arrives as [`Input::VolumeDone`].
+    pub fn run(&self, inbox: &UnboundedSender<Input>, volume: &str, op: VolumeOp, epoch: u64, force: bool) {
+        let inbox = inbox.clone();
+        let volume = volume.to_string();
+        let Some(replica) = self.replicas.get(&volume).cloned() else {
+            let result = Err(format!("volume {volume}: the replica is not open on this node (see its events)"));
+            let _ = inbox.send(Input::VolumeDone { volume, op, result });
+            return;
+        };
+        tokio::spawn(
+            async move {
+                let result = match op {
+                    VolumeOp::Promote => replica.promote(epoch, force).await.map_err(|e| e.to_string()),
+                    VolumeOp::Demote => {
+                        crate::volume_step::demote(&replica, DEMOTE_WAIT).await.map_err(|e| e.to_string())
+                    }
+                };
+                let _ = inbox.send(Input::VolumeDone { volume, op, result });
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// The operator chose a split-brain winner: keep the local data (winner) or discard it
+    /// and resync from the peer (loser). The outcome is an event.
+    pub fn resolve_split_brain(&self, board: &Arc<Board>, key: &GroupKey, volume: &str, keep_local: bool, epoch: u64) {
+        let (board, key, volume) = (Arc::clone(board), key.clone(), volume.to_string());
+        let Some(replica) = self.replicas.get(&volume).cloned() else {
+            board.event(
+                &key,
+                record(
+                    EventType::Warning,
+                    "SplitBrainNotResolved",
+                    format!("volume {volume}: the replica is not open on this node; nothing resolved"),
+                    epoch,
+                ),
+            );
+            return;
+        };
+        let resolution = if keep_local { Resolution::KeepLocal } else { Resolution::DiscardLocal };
+        tokio::spawn(
+            async move {
+                let (type_, reason, message) = match replica.resolve_split_brain(resolution).await {
+                    Ok(()) if keep_local => {
+                        (EventType::Normal, "SplitBrainResolution", format!("volume {volume}: keeping the local data"))
+                    }
+                    Ok(()) => (
+                        EventType::Warning,
+                        "SplitBrainResolution",
+                        format!("volume {volume}: discarding the local changes and resyncing from the peer"),
+                    ),
+                    Err(e) => (EventType::Warning, "SplitBrainNotResolved", format!("{e}")),
+                };
+                tracing::warn!(reason, "{message}");
+                board.event(&key, record(type_, reason, message, epoch));
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Stops every replica (releasing backings and sockets).
+    pub async fn shutdown(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        for (volume, replica) in std::mem::take(&mut self.replicas) {
+            if let Err(e) = replica.shutdown().await {
+                tracing::warn!(volume, error = %e, "stopping the replica");
+            }
+        }
+    }
+}
+
+async fn open_until_done(ctx: VolumeContext, volume: VolumeConfig) {
+    let socket = nbd_socket(&ctx.runtime_dir, &ctx.key, &volume.name);
+    let mut reported: Option<String> = None;
+    loop {
+        let opened = match std::fs::create_dir_all(&ctx.runtime_dir) {
+            Ok(()) => {
+                let mut options = ReplicaOptions::new(&socket);
+                options.tls.clone_from(&ctx.tls);
+                Replica::open(&volume, &ctx.node, options).await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("runtime directory {}: {e}", ctx.runtime_dir.display())),
+        };
+        match opened {
+            Ok(replica) => {
+                tracing::info!(socket = %socket.display(), "replica open");
+                let _ = ctx.inbox.send(Input::VolumeOpened { volume: volume.name.clone(), replica: Box::new(replica) });
+                return;
+            }
+            Err(e) => {
+                if reported.as_ref() != Some(&e) {
+                    let message = format!("{e}; retrying every {}s", REOPEN_EVERY.as_secs());
+                    tracing::warn!("{message}");
+                    ctx.board.event(&ctx.key, record(EventType::Warning, "VolumeUnavailable", message, 0));
+                    reported = Some(e);
+                }
+                tokio::time::sleep(REOPEN_EVERY).await;
+            }
+        }
+    }
+}
+
+async fn forward_status(inbox: UnboundedSender<Input>, volume: String, replica: Replica) {
+    let mut watch = replica.watch();
+    loop {
+        let status = watch.borrow_and_update().clone();
+        if inbox.send(Input::VolumeStatus { volume: volume.clone(), status: Box::new(status) }).is_err() {
+            return;
+        }
+        tokio::time::sleep(STATUS_EVERY).await;
+        if watch.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn forward_events(board: Arc<Board>, key: GroupKey, volume: String, replica: Replica) {
+    let mut events = replica.events();
+    loop {
+        match events.recv().await {
+            Ok(event) => {
+                let (reason, warning) = event.reason();
+                let message = format!("volume {volume}: {event:?}");
+                let type_ = if warning { EventType::Warning } else { EventType::Normal };
+                if warning {
+                    tracing::warn!(reason, "{message}");
+                } else {
+                    tracing::info!(reason, "{message}");
+                }
+                board.event(&key, record(type_, reason, message, replica.status().epoch));
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "replica events were dropped");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_named_per_group_and_volume() {
+        let key = GroupKey { namespace: "db".into(), name: "pg".into() };
+        assert_eq!(nbd_socket(Path::new("/run/hapair"), &key, "data"), PathBuf::from("/run/hapair/db_pg_data.nbd"));
+    }
+
+    fn status(disk: DiskState, connection: ConnectionState, out_of_sync: u64) -> ReplicaStatus {
+        let snapshot = crate::replication::machine::Snapshot {
+            role: hapair_crds::volume::VolumeRole::Secondary,
+            disk,
+            connection,
+            peer_disk: None,
+            peer_role: None,
+            out_of_sync_bytes: out_of_sync,
+            sync: None,
+            verify: None,
+            epoch: 1,
+            fenced: false,
+            split_brain: None,
+            refused: None,
+            crashed_primary: false,
+            generations: Default::default(),
+            last_discard: None,
+            last_verify_mismatches: None,
+            counters: Default::default(),
+            writes_allowed: false,
+            reads_allowed: false,
+        };
+        ReplicaStatus::new("data", "b", "a", snapshot)
+    }
+
+    #[test]
+    fn the_engine_hears_only_disk_state_and_connection_changes_while_reports_follow_every_status() {
+        let mut volumes = GroupVolumes::default();
+        let (inconsistent, syncing) = (DiskState::Inconsistent, ConnectionState::SyncTarget);
+        assert_eq!(
+            volumes.status_changed("data".into(), status(inconsistent, syncing, 8 << 20)),
+            Some(("data".into(), inconsistent, syncing))
+        );
+        assert_eq!(volumes.status_changed("data".into(), status(inconsistent, syncing, 4 << 20)), None);
+        assert_eq!(volumes.reports()[0].out_of_sync_bytes, 4 << 20);
+        assert_eq!(volumes.reports()[0].disk_state, inconsistent);
+        let (up, connected) = (DiskState::UpToDate, ConnectionState::Connected);
+        assert_eq!(
+            volumes.status_changed("data".into(), status(up, connected, 0)),
+            Some(("data".into(), up, connected))
+        );
+        assert_eq!(volumes.reports().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn operations_on_a_volume_that_is_not_open_fail_saying_so() {
+        let volumes = GroupVolumes::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        volumes.run(&tx, "data", VolumeOp::Promote, 3, false);
+        match rx.recv().await {
+            Some(Input::VolumeDone { volume, op: VolumeOp::Promote, result: Err(e) }) => {
+                assert_eq!(volume, "data");
+                assert!(e.contains("not open"), "{e}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
