@@ -18,7 +18,7 @@ cd "$(repo_root)"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
 
-ensure_debian_packages iproute2 procps socat coreutils
+ensure_debian_packages iproute2 procps socat coreutils libnbd-bin fuse3 e2fsprogs util-linux
 # HAPAIR_DEMO_BIN runs already built binaries (the test suite runs the demo on its debug build).
 if [[ -n ${HAPAIR_DEMO_BIN:-} ]]; then
     BIN=$(realpath "$HAPAIR_DEMO_BIN")
@@ -47,6 +47,9 @@ cleanup() {
     for ns in "$NS_A" "$NS_B" "$NS_C"; do ip netns del "$ns" 2>/dev/null; done
     ip link del "$LAN" 2>/dev/null
     ip link del "$HB" 2>/dev/null
+    # A killed node's loop device outlives its nbdfuse; free the ones on the demo's files.
+    losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v w="$WORK" 'index($2, w) == 1 {print $1}' |
+        xargs -r -n1 losetup -d 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -72,9 +75,22 @@ done
 attach "$NS_C" eth0 "$LAN" 198.18.30.100/24
 note "LAN 198.18.30.0/24 (controller .1, a .11, b .12, client .100, VIP .80); heartbeat link 198.18.31.0/24"
 
-step "writing the manifests: HaGroup demo/web"
-mkdir -p "$WORK/manifests" "$WORK/controller"
+step "writing the manifests: HaGroup demo/web and its ReplicatedVolume demo/web-data"
+mkdir -p "$WORK/manifests" "$WORK/controller" "$WORK/attach" "$WORK/mnt"
+ATTACH="HAPAIR_ATTACH_DIR=$WORK/attach $(pwd)/scripts/nbd-attach-fuse.sh"
 cat >"$WORK/manifests/web.yaml" <<EOF
+apiVersion: hapair.dev/v1alpha1
+kind: ReplicatedVolume
+metadata: {name: web-data, namespace: demo}
+spec:
+  group: web
+  size: 64Mi
+  protocol: C
+  port: 7790
+  backing:
+    - {node: a, path: $WORK/a/disk.img, address: ${HB_ADDR[a]}}
+    - {node: b, path: $WORK/b/disk.img, address: ${HB_ADDR[b]}}
+---
 apiVersion: hapair.dev/v1alpha1
 kind: HaGroup
 metadata: {name: web, namespace: demo}
@@ -90,11 +106,21 @@ spec:
       interface: eth0
       garp: {count: 3, interval: 100ms}
   flow:
+    - name: data
+      volume:
+        volumeRef: web-data
+        mountPath: $WORK/mnt
+        mkfs: true
+        attachCommand: $ATTACH attach
+        detachCommand: $ATTACH detach
+      timeout: 60s
     - name: web
       exec:
         start: >-
           setsid socat TCP-LISTEN:$PORT,reuseaddr,fork
-          SYSTEM:'echo served-by-\$HAPAIR_NODE; date +%s.%N >> $WORK/\$HAPAIR_NODE/data/requests.log'
+          SYSTEM:'n=\$((\$(cat $WORK/mnt/visits 2>/dev/null || echo 0) + 1));
+          echo \$n > $WORK/mnt/visits.tmp && sync $WORK/mnt/visits.tmp && mv $WORK/mnt/visits.tmp $WORK/mnt/visits
+          && sync $WORK/mnt && echo served-by-\$HAPAIR_NODE visit=\$n'
           </dev/null >/dev/null 2>&1 & echo \$! > $WORK/\$HAPAIR_NODE/web.pid
         stop: >-
           if [ -f $WORK/\$HAPAIR_NODE/web.pid ]; then
@@ -104,7 +130,7 @@ spec:
     - name: www
       virtualIP: {name: www}
 EOF
-sed -n '/kind: HaGroup/,$p' "$WORK/manifests/web.yaml" | sed 's/^/    /'
+sed 's/^/    /' "$WORK/manifests/web.yaml"
 
 step "starting the standalone controller on $CTL_ADDR:7443"
 "$BIN/hapair-operator" standalone --manifests "$WORK/manifests" --state "$WORK/controller" \
@@ -140,13 +166,14 @@ active_node() {
     "$BIN/kubectl-hapair" status -o json 2>/dev/null |
         grep -o '"activeNode": *"[a-z]*"' | head -1 | grep -o '"[a-z]*"$' | tr -d '"' || true
 }
-# Ready when one node is primary and the other reports itself standing by.
-for _ in $(seq 150); do
+# Ready when one node is primary, the other stands by, and the standby's copy of the volume
+# is UpToDate (an out-of-date standby would rightly refuse to take over).
+for _ in $(seq 300); do
     ACTIVE=$(active_node)
-    [[ -n $ACTIVE ]] && "$BIN/kubectl-hapair" status 2>/dev/null | grep -q ':Standby' && break
+    [[ -n $ACTIVE ]] && "$BIN/kubectl-hapair" status 2>/dev/null | grep ':Standby' | grep -q UpToDate && break
     sleep 0.2
 done
-[[ -n ${ACTIVE:-} ]] || { echo "no primary after 30 s; agent logs:"; tail -n 30 "$WORK"/{a,b}/agent.log; exit 1; }
+[[ -n ${ACTIVE:-} ]] || { echo "no primary with an UpToDate standby after 60 s; agent logs:"; tail -n 30 "$WORK"/{a,b}/agent.log; exit 1; }
 "$BIN/kubectl-hapair" status | sed 's/^/    /'
 
 step "the client (198.18.30.100) connects to $VIP:$PORT every 20 ms"
@@ -192,6 +219,11 @@ awk -v t="$KILL_MS" -v f="$FIRST_NEW" '
     { to = $1; n++ }
     END { flush() }' "$CLIENT_LOG"
 note "kill → first answer from server $STANDBY: ${OUTAGE_MS} ms ($FAILED failed attempts in between)"
+# The visit counter lives on the replicated volume: b must continue where a stopped.
+LAST_VISIT=$(awk -v t="$KILL_MS" -v old="served-by-$ACTIVE" '$2 == old && $1 <= t {v = $3} END {print v}' "$CLIENT_LOG")
+FIRST_VISIT=$(awk -v t="$KILL_MS" -v new="served-by-$STANDBY" '$2 == new && $1 > t {print $3; exit}' "$CLIENT_LOG")
+note "the visit counter on the replicated volume: last answer from $ACTIVE ${LAST_VISIT:-?}, first from $STANDBY ${FIRST_VISIT:-?}"
+[[ ${FIRST_VISIT#visit=} -gt ${LAST_VISIT#visit=} ]] || { echo "server $STANDBY did not continue the counter: data lost"; exit 1; }
 
 step "hapair status after the failover"
 sleep 2
@@ -202,9 +234,12 @@ cat <<SUMMARY
     Two servers (namespaces $NS_A and $NS_B) ran the group demo/web under the standalone
     controller, with heartbeats on two links and the controller as witness. Server $ACTIVE
     was active and served $VIP:$PORT; it was killed outright (all processes, both links).
-    Server $STANDBY noticed the silence, took the witness lease, brought up the service and
-    the virtual IP and announced it with gratuitous ARP; the client's first answer from
-    server $STANDBY came ${OUTAGE_MS} ms after the kill, with no cache flush on the client.
+    Server $STANDBY noticed the silence, took the witness lease, promoted its replica of the
+    volume demo/web-data (written synchronously, protocol C, on every visit), mounted it,
+    brought up the service and the virtual IP and announced it with gratuitous ARP; the
+    client's first answer from server $STANDBY came ${OUTAGE_MS} ms after the kill, with no
+    cache flush on the client, and the visit counter went on from ${LAST_VISIT#visit=} to
+    ${FIRST_VISIT#visit=}: no acknowledged write was lost.
     The two servers were never active at once: $ACTIVE stops acting the moment its lease
     lapses, and $STANDBY is granted one only after that. Everything created for the demo
     is now removed.
