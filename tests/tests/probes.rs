@@ -50,8 +50,13 @@ fn process_probes_by_name_and_pidfile() {
 
     let mut by_name = probe(serde_json::json!({"process": {"name": name}}));
     let mut by_pidfile = probe(serde_json::json!({"process": {"pidFile": pidfile.display().to_string()}}));
-    assert!(observe(None, &mut by_name).healthy);
-    assert!(observe(None, &mut by_pidfile).healthy);
+    // Bounded waits rather than one look: on a loaded machine the child may not have
+    // finished exec (and taken its name) when spawn returns to us.
+    let seen = |probe: &mut Probe| {
+        hapair_tests::netns::wait_for(Duration::from_secs(5), || Some(observe(None, probe)).filter(|o| o.healthy))
+    };
+    assert!(seen(&mut by_name).is_some(), "{:?}", observe(None, &mut by_name));
+    assert!(seen(&mut by_pidfile).is_some(), "{:?}", observe(None, &mut by_pidfile));
 
     child.kill().unwrap();
     // Not reaped yet: a zombie is not alive (the kill takes a moment to land).
