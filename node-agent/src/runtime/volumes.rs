@@ -139,7 +139,15 @@ impl GroupVolumes {
         let inbox = inbox.clone();
         let volume = volume.to_string();
         let Some(replica) = self.replicas.get(&volume).cloned() else {
-            let result = Err(format!("volume {volume}: the replica is not open on this node (see its events)"));
+            // Opening runs in the background and the engine stops everything at start-up.
+            // A replica that is not open serves nothing and opens as Secondary, so there
+            // is nothing to demote; a promotion, though, cannot happen without it.
+            let result = match op {
+                VolumeOp::Demote => Ok(()),
+                VolumeOp::Promote => {
+                    Err(format!("volume {volume}: the replica is not open on this node (see its events)"))
+                }
+            };
             let _ = inbox.send(Input::VolumeDone { volume, op, result });
             return;
         };
