@@ -47,11 +47,16 @@ cleanup() {
     for ns in "$NS_A" "$NS_B" "$NS_C"; do ip netns del "$ns" 2>/dev/null; done
     ip link del "$LAN" 2>/dev/null
     ip link del "$HB" 2>/dev/null
-    # A killed node's loop device outlives its nbdfuse; free the ones on the demo's files.
-    losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v w="$WORK" 'index($2, w) == 1 {print $1}' |
+    # A killed node's loop device outlives its nbdfuse. Its backing file lived in the dead
+    # agent's mount namespace, so it no longer reads as a path under $WORK but as "/disk":
+    # free the loop devices created since the demo started that back onto either.
+    losetup -n -l -O NAME,BACK-FILE 2>/dev/null |
+        awk -v w="$WORK" -v before="${LOOPS_BEFORE:-}" '
+            index(" " before " ", " " $1 " ") == 0 && (index($2, w) == 1 || $2 == "/disk") {print $1}' |
         xargs -r -n1 losetup -d 2>/dev/null
     rm -rf "$WORK"
 }
+LOOPS_BEFORE=$(losetup -n -l -O NAME 2>/dev/null | tr '\n' ' ')
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
