@@ -120,6 +120,10 @@ pub struct GroupHandle {
     pub tx: UnboundedSender<Input>,
     pub config: GroupConfig,
     pub task: JoinHandle<()>,
+    /// The group left the bundle and its task was told to finish ([`Input::Remove`]).
+    /// Distinct from `config.deleting`: a group the controller delivers as deleting stops
+    /// its flow but keeps running (sockets, replicas) until it leaves the bundle.
+    pub removed: bool,
 }
 
 /// Starts the task for `config`; it tells `exits` when it ends.
@@ -137,7 +141,7 @@ pub fn spawn(ctx: Arc<NodeContext>, config: GroupConfig, exits: UnboundedSender<
         }
         .instrument(span),
     );
-    GroupHandle { tx, config, task }
+    GroupHandle { tx, config, task, removed: false }
 }
 
 struct Transport {

@@ -317,8 +317,11 @@ impl Supervisor {
         for config in &bundle.groups {
             match self.groups.get_mut(&config.key) {
                 Some(handle) if !handle.task.is_finished() => {
-                    if handle.config != *config && handle.tx.send(Input::Config(Box::new(config.clone()))).is_ok() {
+                    if (handle.config != *config || handle.removed)
+                        && handle.tx.send(Input::Config(Box::new(config.clone()))).is_ok()
+                    {
                         handle.config = config.clone();
+                        handle.removed = false;
                     }
                 }
                 _ => {
@@ -329,10 +332,11 @@ impl Supervisor {
             }
         }
         for (key, handle) in &mut self.groups {
-            if !bundle.groups.iter().any(|g| &g.key == key) && !handle.config.deleting {
+            if !bundle.groups.iter().any(|g| &g.key == key) && !handle.removed {
                 tracing::info!(group = %key, "group removed from the desired config: stopping it here");
                 let _ = handle.tx.send(Input::Remove);
                 handle.config.deleting = true;
+                handle.removed = true;
             }
         }
         tracing::info!(revision = bundle.revision, groups = bundle.groups.len(), "desired config applied");
@@ -345,7 +349,7 @@ impl Supervisor {
     }
 
     fn exited(&mut self, key: &GroupKey) {
-        if self.groups.get(key).is_some_and(|h| h.task.is_finished() || h.config.deleting) {
+        if self.groups.get(key).is_some_and(|h| h.task.is_finished() || h.removed) {
             tracing::info!(group = %key, "group stopped");
             self.groups.remove(key);
         }
