@@ -103,6 +103,56 @@ pub struct DesiredConfig {
     pub revision: u64,
     #[serde(default)]
     pub groups: Vec<GroupConfig>,
+    /// Deleted volumes (`deletionPolicy: Wipe`) whose replica on this node must be erased.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wipes: Vec<VolumeWipe>,
+}
+
+/// A deleted ReplicatedVolume whose data this node must erase: its backing is discarded
+/// (reads as zeroes) and its metadata blanked, but only when the metadata on disk carries
+/// `uuid`, so a backing that was reused for something else is never touched.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeWipe {
+    /// Namespace and name of the deleted volume.
+    pub volume: GroupKey,
+    pub uuid: String,
+    /// The volume's last spec; the node's `backing` entry says where its replica lives.
+    pub spec: ReplicatedVolumeSpec,
+}
+
+/// How erasing one deleted volume's replica went on one node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WipeOutcome {
+    /// Data discarded and metadata blanked.
+    Wiped,
+    /// No metadata of this volume was there (never created here, or already wiped).
+    NothingToWipe,
+    /// The backing holds something this agent must not erase (another volume's metadata,
+    /// foreign or unreadable metadata); it was left as it was.
+    Refused,
+    /// A group on this node still uses the volume, or its replica is still open; the agent
+    /// tries again.
+    Waiting,
+    /// An I/O error; the agent tries again.
+    Failed,
+}
+
+impl WipeOutcome {
+    /// Whether the agent is done with the wipe (it will not try again).
+    pub fn is_final(self) -> bool {
+        matches!(self, WipeOutcome::Wiped | WipeOutcome::NothingToWipe | WipeOutcome::Refused)
+    }
+}
+
+/// One node's answer to a [`VolumeWipe`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WipeReport {
+    pub volume: GroupKey,
+    pub uuid: String,
+    pub outcome: WipeOutcome,
+    pub message: String,
 }
 
 /// One group as seen by one of its nodes.
@@ -237,6 +287,9 @@ pub struct NodeReport {
     pub links: Vec<LinkStatus>,
     #[serde(default)]
     pub groups: Vec<GroupReport>,
+    /// Answers to the bundle's `wipes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wipes: Vec<WipeReport>,
 }
 
 /// One group as one node sees it.

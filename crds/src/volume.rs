@@ -118,7 +118,8 @@ pub enum DeletionPolicy {
     /// Leave the backing data and metadata in place.
     #[default]
     Retain,
-    /// Erase the metadata and discard the backing data when the resource is deleted.
+    /// Once no group uses it, each node discards the backing data and erases the metadata,
+    /// but only where the metadata carries this volume's UUID.
     Wipe,
 }
 

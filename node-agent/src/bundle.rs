@@ -21,6 +21,8 @@ pub enum BundleError {
     InvalidVolume { group: String, volume: String, errors: ValidationErrors },
     #[error("group {0} appears twice")]
     DuplicateGroup(String),
+    #[error("wipes[{index}] (volume {volume}): {reason}")]
+    InvalidWipe { index: usize, volume: String, reason: String },
     #[error("group {group}: {reason}")]
     Unsupported { group: String, reason: crate::flow::UnsupportedFlow },
 }
@@ -49,6 +51,20 @@ pub fn check(bundle: &DesiredConfig, node: &str) -> Result<(), BundleError> {
             return Err(BundleError::DuplicateGroup(group.key.to_string()));
         }
         check_group(group, node)?;
+    }
+    let mut wipes = std::collections::BTreeSet::new();
+    for (index, wipe) in bundle.wipes.iter().enumerate() {
+        let invalid = |reason: String| BundleError::InvalidWipe { index, volume: wipe.volume.to_string(), reason };
+        validate_volume(&wipe.spec).map_err(|errors| invalid(format!("spec: {errors}")))?;
+        if wipe.uuid.trim().is_empty() {
+            return Err(invalid("uuid is empty: without it the replica cannot be recognised".into()));
+        }
+        if !wipe.spec.backing.iter().any(|b| b.node == node) {
+            return Err(invalid(format!("spec.backing has no entry for node {node:?}")));
+        }
+        if !wipes.insert((&wipe.volume, &wipe.uuid)) {
+            return Err(invalid("listed twice".into()));
+        }
     }
     Ok(())
 }
@@ -126,6 +142,31 @@ groups:
         let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
         let err = check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.starts_with("group default/web: monitor \"repl\" watches replication"), "{err}");
+    }
+
+    const WIPE: &str = "wipes:\n  - volume: default/old\n    uuid: 0b6f5a52-9b43-4d3c-9f0e-3f1f0d6f2a11\n    spec:\n      group: web\n      size: 1Gi\n      deletionPolicy: Wipe\n      backing:\n        - {node: a, path: /var/lib/a.img}\n        - {node: b, path: /var/lib/b.img}\n";
+
+    #[test]
+    fn accepts_wipes_for_this_node_and_refuses_bad_ones_naming_the_entry() {
+        let bundle = decode(&format!("{BUNDLE}{WIPE}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bundle.wipes.len(), 1);
+        assert!(check(&bundle, "a").is_ok(), "{:?}", check(&bundle, "a").err());
+
+        let refused = |text: String| {
+            let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
+            check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let other_node = refused(format!("{BUNDLE}{}", WIPE.replace("node: a,", "node: c,")));
+        assert_eq!(other_node, "wipes[0] (volume default/old): spec.backing has no entry for node \"a\"");
+        let no_uuid = refused(format!("{BUNDLE}{}", WIPE.replace("0b6f5a52-9b43-4d3c-9f0e-3f1f0d6f2a11", "' '")));
+        assert!(no_uuid.starts_with("wipes[0] (volume default/old): uuid is empty"), "{no_uuid}");
+        let bad_path = refused(format!("{BUNDLE}{}", WIPE.replace("/var/lib/a.img", "relative.img")));
+        assert!(
+            bad_path.starts_with("wipes[0] (volume default/old): spec: ") && bad_path.contains("backing[0].path"),
+            "{bad_path}"
+        );
+        let twice = refused(format!("{BUNDLE}{WIPE}{}", WIPE.trim_start_matches("wipes:\n")));
+        assert_eq!(twice, "wipes[1] (volume default/old): listed twice");
     }
 
     #[test]

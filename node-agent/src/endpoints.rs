@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hapair_crds::nodeapi::GroupReport;
+use hapair_crds::nodeapi::{GroupReport, WipeReport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -31,6 +31,9 @@ pub struct StatusSnapshot {
     pub config_error: Option<String>,
     #[serde(default)]
     pub groups: Vec<GroupReport>,
+    /// Deleted volumes this node was asked to erase, and how that went.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wipes: Vec<WipeReport>,
 }
 
 #[derive(Clone, Debug)]
@@ -143,6 +146,7 @@ mod tests {
             uptime_seconds: 5,
             config_revision: Some(3),
             config_error: None,
+            wipes: vec![],
             groups: vec![GroupReport {
                 key: GroupKey::new("db", "pg"),
                 role: NodeRole::Primary,

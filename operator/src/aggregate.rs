@@ -520,6 +520,7 @@ mod tests {
             uptime_seconds: 60,
             hardware: Hardware { cpus: 4, ..Hardware::default() },
             links: vec![],
+            wipes: vec![],
             groups: vec![GroupReport {
                 key: key(),
                 role,

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hapair_crds::hagroup::{ActionRecord, GroupPhase};
 use hapair_crds::manifest::ManifestError;
-use hapair_crds::nodeapi::{AdminActionKind, DesiredConfig, EventType, GroupKey, LeaseRequest, NodeReport};
+use hapair_crds::nodeapi::{
+    AdminActionKind, DesiredConfig, EventType, GroupKey, LeaseRequest, NodeReport, WipeOutcome,
+};
 use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
@@ -29,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::publish::{BundleBoard, Poll, Publisher};
 use crate::reconcile::{Reconciled, note_cleaned_up, reconcile};
 use crate::resolve::group_named_by;
+use crate::retire::{Retirement, note_wipe_answer};
 use crate::state::{ActionEntry, ControllerState};
 use crate::store::{Statuses, Store, StoreError};
 use crate::timestamp::{UnixMillis, format_millis};
@@ -55,6 +58,18 @@ impl Default for Settings {
             startup_grace: aggregate::DEFAULT_STALE_AFTER,
         }
     }
+}
+
+/// Where a deleted volume stands, as far as its nodes go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VolumeRetirement {
+    /// Still remembered as a live volume: not retired (yet).
+    Known,
+    /// Its replicas are being erased; the nodes that have not answered, with their latest
+    /// word.
+    Wiping { waiting_on: Vec<String> },
+    /// Nothing of it is left to do on any node.
+    Gone,
 }
 
 /// Why a node's report was refused; nothing of it was applied.
@@ -277,6 +292,7 @@ impl<S: Store> Controller<S> {
         for key in &reconciled.deletion_finished {
             info!(group = %key, "both nodes cleaned up; group removed");
         }
+        volume_events.extend(retirement_events(&reconciled.volumes, &core.state, now));
 
         // Serving bundles the store could not record would let revisions repeat after a
         // restart: on failure keep the old state and bundles instead.
@@ -626,12 +642,53 @@ impl<S: Store> Controller<S> {
                 events.push((group.key.clone(), GroupEvent { node: Some(node.to_string()), event: event.clone() }));
             }
         }
+        let mut volume_events = Vec::new();
+        let previous = core.reports.get(node).map(|(r, _)| r.wipes.clone()).unwrap_or_default();
+        for answer in &report.wipes {
+            let news = if answer.outcome.is_final() {
+                note_wipe_answer(&mut core.state, node, answer)
+            } else {
+                core.state.wiping.get(&answer.volume).is_some_and(|w| w.uuid == answer.uuid)
+                    && !previous.contains(answer)
+            };
+            if !news {
+                continue;
+            }
+            if answer.outcome.is_final() {
+                core.unsaved = true;
+                rebuild = true;
+            }
+            let (type_, reason) = wipe_reason(answer.outcome);
+            let _span = info_span!("volume", volume = %answer.volume, node).entered();
+            if type_ == EventType::Warning {
+                warn!(reason, "{}", answer.message);
+            } else {
+                info!(reason, "{}", answer.message);
+            }
+            let event = GroupEvent {
+                node: Some(node.to_string()),
+                event: hapair_crds::nodeapi::EventRecord {
+                    time: format_millis(now),
+                    type_,
+                    reason: reason.to_string(),
+                    message: answer.message.clone(),
+                    epoch: 0,
+                },
+            };
+            volume_events.push((answer.volume.clone(), event));
+        }
         if let Some(error) = &report.config_error {
             warn!(node, revision = report.applied_revision, "agent refused its desired config: {error}");
         }
         core.reports.insert(node.to_string(), (report, now));
         for (key, event) in events {
             self.record_event(&mut core, &key, event).await;
+        }
+        for (key, event) in volume_events {
+            if let Err(e) = self.store.record_volume_event(&key, &event).await {
+                self.metrics.error("store");
+                warn!(volume = %key, error = %e, "cannot record an event");
+            }
         }
         let result = if rebuild {
             let catalog = core.catalog.clone();
@@ -767,6 +824,32 @@ impl<S: Store> Controller<S> {
         users
     }
 
+    /// Where the deletion of volume `key` stands on its nodes.
+    pub async fn volume_retirement(&self, key: &GroupKey) -> VolumeRetirement {
+        let core = self.core.lock().await;
+        if let Some(wiping) = core.state.wiping.get(key) {
+            let waiting_on = wiping
+                .pending()
+                .into_iter()
+                .map(|node| {
+                    let answer = core
+                        .reports
+                        .get(&node)
+                        .and_then(|(r, _)| r.wipes.iter().find(|w| w.volume == *key && w.uuid == wiping.uuid));
+                    match answer {
+                        Some(a) => format!("{node} ({})", a.message),
+                        None => format!("{node} (no answer yet)"),
+                    }
+                })
+                .collect();
+            return VolumeRetirement::Wiping { waiting_on };
+        }
+        if core.state.volume_specs.contains_key(key) {
+            return VolumeRetirement::Known;
+        }
+        VolumeRetirement::Gone
+    }
+
     pub async fn action(&self, key: &GroupKey, id: &str) -> Option<ActionView> {
         let core = self.core.lock().await;
         core.state.actions.get(id).filter(|a| a.group == *key).map(view)
@@ -890,6 +973,49 @@ fn view(entry: &ActionEntry) -> ActionView {
     }
 }
 
+/// The event type and reason of a node's answer to a wipe.
+fn wipe_reason(outcome: WipeOutcome) -> (EventType, &'static str) {
+    match outcome {
+        WipeOutcome::Wiped => (EventType::Normal, "VolumeWiped"),
+        WipeOutcome::NothingToWipe => (EventType::Normal, "NothingToWipe"),
+        WipeOutcome::Waiting => (EventType::Normal, "WipeWaiting"),
+        WipeOutcome::Refused => (EventType::Warning, "WipeRefused"),
+        WipeOutcome::Failed => (EventType::Warning, "WipeFailed"),
+    }
+}
+
+/// Events (and log lines) for what a reconcile decided about deleted volumes.
+fn retirement_events(retirement: &Retirement, state: &ControllerState, now: UnixMillis) -> Vec<(GroupKey, GroupEvent)> {
+    let event =
+        |type_, reason: &str, message: String| GroupEvent::controller(format_millis(now), type_, reason, message);
+    let mut events = Vec::new();
+    for key in &retirement.retained {
+        info!(volume = %key, reason = "Retained", "volume deleted; its replicas' data stays on the nodes (deletionPolicy: Retain)");
+    }
+    for key in &retirement.wipe_started {
+        let nodes = state.wiping.get(key).map(|w| w.pending().join(", ")).unwrap_or_default();
+        let message = format!("volume deleted with deletionPolicy: Wipe; erasing its replicas on {nodes}");
+        info!(volume = %key, reason = "Wiping", "{message}");
+        events.push((key.clone(), event(EventType::Normal, "Wiping", message)));
+    }
+    for key in &retirement.wipe_cancelled {
+        let message =
+            "volume created again before its wipe finished; the replicas not wiped yet keep their data".to_string();
+        warn!(volume = %key, reason = "WipeCancelled", "{message}");
+        events.push((key.clone(), event(EventType::Warning, "WipeCancelled", message)));
+    }
+    for (key, wiping) in &retirement.wipe_finished {
+        let refused = wiping.answers.values().any(|a| a.outcome == WipeOutcome::Refused);
+        let outcomes: Vec<String> = wiping.answers.iter().map(|(node, a)| format!("{node}: {:?}", a.outcome)).collect();
+        let message = format!("every replica answered ({}); the volume is gone", outcomes.join(", "));
+        let (type_, reason) =
+            if refused { (EventType::Warning, "WipeIncomplete") } else { (EventType::Normal, "Wiped") };
+        info!(volume = %key, reason, "{message}");
+        events.push((key.clone(), event(type_, reason, message)));
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -997,6 +1123,7 @@ mod tests {
             uptime_seconds: 1,
             hardware: Default::default(),
             links: vec![],
+            wipes: vec![],
             groups: vec![hapair_crds::nodeapi::GroupReport {
                 key: key.clone(),
                 role: hapair_crds::hagroup::NodeRole::Standby,

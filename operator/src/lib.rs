@@ -43,6 +43,7 @@ pub mod plan;
 pub mod publish;
 pub mod reconcile;
 pub mod resolve;
+pub mod retire;
 pub mod revision;
 pub mod server;
 pub mod standalone;

@@ -92,7 +92,7 @@ mod tests {
     use super::*;
 
     fn bundle(node: &str, revision: u64) -> DesiredConfig {
-        DesiredConfig { node: node.into(), revision, groups: vec![] }
+        DesiredConfig { node: node.into(), revision, groups: vec![], wipes: vec![] }
     }
 
     #[tokio::test]

@@ -10,13 +10,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use hapair_crds::manifest::ManifestError;
-use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, GroupKey};
+use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, GroupKey, VolumeWipe};
 use rand::RngCore;
 
 use crate::actions::pending_for;
 use crate::build::group_config;
 use crate::catalog::Catalog;
 use crate::resolve::resolve;
+use crate::retire::{Retirement, retire_volumes};
 use crate::revision::assign;
 use crate::state::{ControllerState, Deleting};
 use crate::timestamp::UnixMillis;
@@ -55,10 +56,12 @@ pub struct Reconciled {
     pub deletion_started: Vec<GroupKey>,
     /// Groups whose deletion every node confirmed in this reconcile; they are gone.
     pub deletion_finished: Vec<GroupKey>,
+    /// What happened to deleted volumes.
+    pub volumes: Retirement,
 }
 
 /// Builds every node's bundle from `catalog`, updating `state` (last good configs, UUIDs,
-/// generated keys, deletions, revisions).
+/// generated keys, deletions of groups and volumes, revisions).
 pub fn reconcile(catalog: &Catalog, state: &mut ControllerState, now: UnixMillis, rng: &mut dyn RngCore) -> Reconciled {
     let resolution = resolve(catalog, state, rng);
     let mut out = Reconciled { errors: resolution.errors.clone(), ..Reconciled::default() };
@@ -110,6 +113,8 @@ pub fn reconcile(catalog: &Catalog, state: &mut ControllerState, now: UnixMillis
         });
     }
 
+    out.volumes = retire_volumes(catalog, state, now);
+
     let mut per_node: BTreeMap<String, Vec<GroupConfig>> =
         state.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
     for (key, plan) in &out.groups {
@@ -122,8 +127,16 @@ pub fn reconcile(catalog: &Catalog, state: &mut ControllerState, now: UnixMillis
             per_node.entry(node.name.clone()).or_default().push(for_node);
         }
     }
+    let mut wipes: BTreeMap<String, Vec<VolumeWipe>> = BTreeMap::new();
+    for (key, wiping) in &state.wiping {
+        for node in wiping.pending() {
+            per_node.entry(node.clone()).or_default();
+            let wipe = VolumeWipe { volume: key.clone(), uuid: wiping.uuid.clone(), spec: wiping.spec.clone() };
+            wipes.entry(node).or_default().push(wipe);
+        }
+    }
     for (node, groups) in per_node {
-        let (bundle, changed) = assign(&mut state.nodes, &node, groups);
+        let (bundle, changed) = assign(&mut state.nodes, &node, groups, wipes.remove(&node).unwrap_or_default());
         if changed {
             out.changed.insert(node.clone());
         }
@@ -355,6 +368,53 @@ spec:
         assert!(!out.groups.contains_key(&key()));
         // The volume's identity outlives the group, for retained data.
         assert!(state.volume_uuids.contains_key(&GroupKey::new("ns", "data")));
+    }
+
+    #[test]
+    fn a_wiped_volume_goes_out_to_its_nodes_only_after_its_group_cleaned_up_and_until_they_answer() {
+        let wipe_volume = VOLUME.replace("  size: 1Gi\n", "  size: 1Gi\n  deletionPolicy: Wipe\n");
+        let mut state = ControllerState::default();
+        reconcile(
+            &catalog(&[("g.yaml", GROUP), ("v.yaml", &wipe_volume), ("o.yaml", OTHER)]),
+            &mut state,
+            0,
+            &mut rng(),
+        );
+        let data = GroupKey::new("ns", "data");
+        let uuid = state.volume_uuids.get(&data).cloned().unwrap_or_default();
+
+        // Group and volume deleted together: the group cleans up first, the volume waits.
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 1, &mut rng());
+        assert_eq!(out.deletion_started, [key()]);
+        assert!(out.volumes.wipe_started.is_empty() && bundle(&out, "a").wipes.is_empty());
+        assert!(note_cleaned_up(&mut state, &key(), "a") && note_cleaned_up(&mut state, &key(), "b"));
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 2, &mut rng());
+        assert_eq!(
+            (out.deletion_finished.as_slice(), out.volumes.wipe_started.as_slice()),
+            ([key()].as_slice(), [data.clone()].as_slice())
+        );
+        for node in ["a", "b"] {
+            let wipes = &bundle(&out, node).wipes;
+            assert_eq!(wipes.len(), 1, "{node}");
+            assert_eq!((&wipes[0].volume, &wipes[0].uuid), (&data, &uuid));
+        }
+        assert!(bundle(&out, "c").wipes.is_empty(), "c holds no replica");
+
+        // a answers: its bundle drops the wipe (a new revision), b's keeps it.
+        let answer = hapair_crds::nodeapi::WipeReport {
+            volume: data.clone(),
+            uuid: uuid.clone(),
+            outcome: hapair_crds::nodeapi::WipeOutcome::Wiped,
+            message: "done".into(),
+        };
+        assert!(crate::retire::note_wipe_answer(&mut state, "a", &answer));
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 3, &mut rng());
+        assert_eq!(out.changed, ["a".to_string()].into());
+        assert!(bundle(&out, "a").wipes.is_empty() && bundle(&out, "b").wipes.len() == 1);
+        assert!(crate::retire::note_wipe_answer(&mut state, "b", &answer));
+        let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 4, &mut rng());
+        assert_eq!(out.volumes.wipe_finished.len(), 1);
+        assert!(bundle(&out, "b").wipes.is_empty() && !state.volume_uuids.contains_key(&data));
     }
 
     #[test]

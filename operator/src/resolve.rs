@@ -117,7 +117,11 @@ fn source_for(
         let Some((volume, _)) = catalog.volumes.get(&volume_key) else {
             return Err(error("spec.flow", format!("no ReplicatedVolume named {name:?} in the group's namespace")));
         };
-        volumes.push(volume.clone());
+        // The group runs on the spec; a deletion mark is the volume's business (see
+        // `retire`) and would only make the recorded source differ for nothing.
+        let mut volume = volume.clone();
+        volume.metadata.deletion_timestamp = None;
+        volumes.push(volume);
     }
     let heartbeat_key = match &group.spec.heartbeat.key_secret_ref {
         Some(reference) => {

@@ -6,33 +6,39 @@
 
 use std::collections::BTreeMap;
 
-use hapair_crds::nodeapi::{DesiredConfig, GroupConfig};
+use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, VolumeWipe};
 use sha2::{Digest, Sha256};
 
 use crate::state::NodeRevision;
 
-/// Hash of a node's groups as canonical JSON (struct fields in declaration order, maps
-/// sorted), hex.
-pub fn content_hash(groups: &[GroupConfig]) -> String {
-    let json = serde_json::to_vec(groups).unwrap_or_default();
+/// Hash of a node's groups (and wipes, when there are any) as canonical JSON (struct
+/// fields in declaration order, maps sorted), hex. Without wipes the hash covers the groups
+/// alone, exactly as before wipes existed, so upgrading the controller moves no revision.
+pub fn content_hash(groups: &[GroupConfig], wipes: &[VolumeWipe]) -> String {
+    let json = if wipes.is_empty() {
+        serde_json::to_vec(groups).unwrap_or_default()
+    } else {
+        serde_json::to_vec(&(groups, wipes)).unwrap_or_default()
+    };
     hex(&Sha256::digest(&json))
 }
 
-/// Wraps `groups` into the node's bundle, bumping its revision when the content differs from
+/// Wraps `groups` and `wipes` into the node's bundle, bumping its revision when the content differs from
 /// what was last published. Returns the bundle and whether it changed.
 pub fn assign(
     nodes: &mut BTreeMap<String, NodeRevision>,
     node: &str,
     groups: Vec<GroupConfig>,
+    wipes: Vec<VolumeWipe>,
 ) -> (DesiredConfig, bool) {
-    let hash = content_hash(&groups);
+    let hash = content_hash(&groups, &wipes);
     let entry = nodes.entry(node.to_string()).or_default();
     let changed = entry.content_hash != hash || entry.revision == 0;
     if changed {
         entry.revision = entry.revision.saturating_add(1);
         entry.content_hash = hash;
     }
-    (DesiredConfig { node: node.to_string(), revision: entry.revision, groups }, changed)
+    (DesiredConfig { node: node.to_string(), revision: entry.revision, groups, wipes }, changed)
 }
 
 /// Lowercase hex of `bytes`.
@@ -64,25 +70,25 @@ mod tests {
     #[test]
     fn revision_moves_only_on_content_change() {
         let mut nodes = BTreeMap::new();
-        let (first, changed) = assign(&mut nodes, "a", vec![group("g")]);
+        let (first, changed) = assign(&mut nodes, "a", vec![group("g")], vec![]);
         assert_eq!((first.revision, changed), (1, true));
-        let (same, changed) = assign(&mut nodes, "a", vec![group("g")]);
+        let (same, changed) = assign(&mut nodes, "a", vec![group("g")], vec![]);
         assert_eq!((same.revision, changed), (1, false));
         let mut edited = group("g");
         edited.generation = 2;
-        let (next, changed) = assign(&mut nodes, "a", vec![edited]);
+        let (next, changed) = assign(&mut nodes, "a", vec![edited], vec![]);
         assert_eq!((next.revision, changed), (2, true));
         // Another node's bundle has its own counter.
-        let (other, _) = assign(&mut nodes, "b", vec![group("g")]);
+        let (other, _) = assign(&mut nodes, "b", vec![group("g")], vec![]);
         assert_eq!(other.revision, 1);
     }
 
     #[test]
     fn an_empty_bundle_still_gets_a_first_revision() {
         let mut nodes = BTreeMap::new();
-        let (bundle, changed) = assign(&mut nodes, "a", vec![]);
+        let (bundle, changed) = assign(&mut nodes, "a", vec![], vec![]);
         assert_eq!((bundle.revision, changed), (1, true));
-        let (bundle, changed) = assign(&mut nodes, "a", vec![]);
+        let (bundle, changed) = assign(&mut nodes, "a", vec![], vec![]);
         assert_eq!((bundle.revision, changed), (1, false));
     }
 }

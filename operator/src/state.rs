@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use hapair_crds::nodeapi::{ActionOutcome, ActionResult, AdminAction, GroupKey};
+use hapair_crds::nodeapi::{ActionOutcome, ActionResult, AdminAction, GroupKey, WipeReport};
+use hapair_crds::volume::ReplicatedVolumeSpec;
 use hapair_crds::{HaGroup, ReplicatedVolume};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,41 @@ pub struct ControllerState {
     /// Admin actions, pending and recently finished, by id.
     #[serde(default)]
     pub actions: BTreeMap<String, ActionEntry>,
+    /// The last accepted spec of every volume that has a UUID, and where it was read: once
+    /// its manifest is gone, this is what says what its deletion does (`deletionPolicy`).
+    #[serde(default)]
+    pub volume_specs: BTreeMap<GroupKey, KnownVolume>,
+    /// Deleted volumes with `deletionPolicy: Wipe` whose nodes have not all answered yet.
+    #[serde(default)]
+    pub wiping: BTreeMap<GroupKey, Wiping>,
+}
+
+/// A volume as last accepted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KnownVolume {
+    pub spec: ReplicatedVolumeSpec,
+    pub origin: Origin,
+}
+
+/// A deleted volume whose replicas are being erased: each backing node receives it in its
+/// bundle until it has answered with a final outcome.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Wiping {
+    pub uuid: String,
+    pub spec: ReplicatedVolumeSpec,
+    /// Final answers, by node.
+    #[serde(default)]
+    pub answers: BTreeMap<String, WipeReport>,
+    pub since: UnixMillis,
+}
+
+impl Wiping {
+    /// Backing nodes that have not answered yet.
+    pub fn pending(&self) -> Vec<String> {
+        self.spec.backing.iter().filter(|b| !self.answers.contains_key(&b.node)).map(|b| b.node.clone()).collect()
+    }
 }
 
 /// Everything a group's config is built from, captured when it was last valid.

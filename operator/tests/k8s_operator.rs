@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use hapair_crds::hagroup::NodeRole;
-use hapair_crds::nodeapi::{ActionOutcome, EventRecord, EventType, GroupKey};
+use hapair_crds::nodeapi::{ActionOutcome, EventRecord, EventType, GroupKey, WipeOutcome};
 use hapair_crds::{HaGroup, ReplicatedVolume};
 use hapair_operator::controller::{Controller, Settings};
 use hapair_operator::k8s::annotations;
@@ -124,13 +124,18 @@ fn state_summary(secret: &Value) -> String {
     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
     let state: ControllerState = serde_json::from_slice(&bytes).unwrap();
     let keys = |m: Vec<String>| if m.is_empty() { "-".to_string() } else { m.join(",") };
-    format!(
+    let summary = format!(
         "running={} deleting={} keys={} actions={}",
         keys(state.last_good.keys().map(|k| k.to_string()).collect()),
         keys(state.deleting.keys().map(|k| k.to_string()).collect()),
         keys(state.generated_keys.keys().map(|k| k.to_string()).collect()),
         keys(state.actions.values().map(|a| format!("{}:{:?}", a.action.id, a.outcome)).collect()),
-    )
+    );
+    if state.wiping.is_empty() {
+        return summary;
+    }
+    let wiping = state.wiping.iter().map(|(k, w)| format!("{k}({})", w.pending().join(","))).collect::<Vec<_>>();
+    format!("{summary} wiping={}", wiping.join(","))
 }
 
 impl Server {
@@ -689,6 +694,104 @@ async fn deleting_a_volume_in_use_is_blocked_with_a_condition_until_the_group_dr
         lines,
         [
             "UPDATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=-",
+            "APPLY ns/hagroups/g/status phase=Pending active=- gen=2 Valid=True,Ready=Unknown lastAction=-",
+        ]
+    );
+    let (action, lines) = h.reconcile_volume(deleting).await;
+    assert_eq!(lines, ["PATCH ns/replicatedvolumes/data remove /metadata/finalizers/0"]);
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn deleting_a_volume_with_wipe_waits_for_both_nodes_to_erase_it_then_removes_the_finalizer() {
+    let mut h = Harness::start().await;
+    let volume: ReplicatedVolume = parse(&VOLUME.replace("  size: 1Gi\n", "  size: 1Gi\n  deletionPolicy: Wipe\n"));
+    h.put_volume(&volume);
+    let group: HaGroup = parse(GROUP_WITH_VOLUME);
+    h.put_group(&group);
+    let (_, lines) = h.reconcile(group).await;
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    h.echo_group("ns", "g");
+    let uuid = h.core.current_config("a").unwrap().groups[0].volumes[0].uuid.clone();
+
+    // Deleted while the group uses it: blocked, and nothing goes to the nodes.
+    let mut deleting = volume.clone();
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    h.put_volume(&deleting);
+    let (_, lines) = h.reconcile_volume(deleting.clone()).await;
+    assert_eq!(lines, ["APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True,DeletionBlocked=True"]);
+    assert!(h.core.current_config("a").unwrap().wipes.is_empty());
+
+    // The group lets go of it: the wipe starts and goes out to both nodes.
+    let mut edited: HaGroup = parse(GROUP);
+    edited.metadata.generation = Some(2);
+    edited.metadata.finalizers = Some(vec!["hapair.dev/cleanup".into()]);
+    h.put_group(&edited);
+    let (_, lines) = h.reconcile(edited).await;
+    assert_eq!(
+        lines,
+        [
+            "UPDATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=- wiping=ns/data(a,b)",
+            "EVENT volume ns/data Normal Wiping: volume deleted with deletionPolicy: Wipe; erasing its replicas on a, b",
+            "APPLY ns/hagroups/g/status phase=Pending active=- gen=2 Valid=True,Ready=Unknown lastAction=-",
+        ]
+    );
+    for node in ["a", "b"] {
+        let wipes = h.core.current_config(node).unwrap().wipes.clone();
+        assert_eq!(wipes.len(), 1, "{node}");
+        assert_eq!((wipes[0].volume.to_string(), wipes[0].uuid.as_str()), ("ns/data".to_string(), uuid.as_str()));
+    }
+    let (action, lines) = h.reconcile_volume(deleting.clone()).await;
+    assert_eq!(lines, ["APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True,DeletionBlocked=True"]);
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    let status = &h.server.objects[&volume_path("ns", "data")]["status"];
+    let blocked = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "DeletionBlocked").unwrap();
+    assert_eq!(blocked["reason"], json!("Wiping"));
+    assert_eq!(
+        blocked["message"],
+        json!(
+            "deletion waits: erasing the replicas (deletionPolicy: Wipe); waiting for a (no answer yet); b (no answer yet)"
+        )
+    );
+
+    // a is still waiting for its replica to close, then wipes; b had nothing there.
+    let answer = |outcome, message: &str| hapair_crds::nodeapi::WipeReport {
+        volume: GroupKey::new("ns", "data"),
+        uuid: uuid.clone(),
+        outcome,
+        message: message.into(),
+    };
+    let mut waiting = report("a", 3, vec![]);
+    waiting.wipes = vec![answer(WipeOutcome::Waiting, "/srv/data.img is open by a replica (lock held)")];
+    let lines = h.report("a", waiting).await;
+    assert_eq!(lines, ["EVENT volume ns/data Normal WipeWaiting: a: /srv/data.img is open by a replica (lock held)"]);
+    let mut wiped = report("a", 3, vec![]);
+    wiped.wipes = vec![answer(WipeOutcome::Wiped, "discarded 1073741824 bytes of data in /srv/data.img")];
+    let lines = h.report("a", wiped.clone()).await;
+    assert_eq!(
+        lines,
+        [
+            "UPDATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=- wiping=ns/data(b)",
+            "EVENT volume ns/data Normal VolumeWiped: a: discarded 1073741824 bytes of data in /srv/data.img",
+            // The first full status pass since a reported at all.
+            "APPLY ns/hagroups/g/status phase=Pending active=- gen=2 Valid=True,Ready=Unknown lastAction=-",
+        ]
+    );
+    assert!(h.core.current_config("a").unwrap().wipes.is_empty(), "a answered: its bundle drops the wipe");
+    // The same answer again is no news.
+    assert!(h.report("a", wiped).await.is_empty());
+    let (_, lines) = h.reconcile_volume(deleting.clone()).await;
+    assert_eq!(lines, ["APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True,DeletionBlocked=True"]);
+
+    let mut nothing = report("b", 3, vec![]);
+    nothing.wipes = vec![answer(WipeOutcome::NothingToWipe, "/srv/data.img does not exist")];
+    let lines = h.report("b", nothing).await;
+    assert_eq!(
+        lines,
+        [
+            "UPDATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=-",
+            "EVENT volume ns/data Normal NothingToWipe: b: /srv/data.img does not exist",
+            "EVENT volume ns/data Normal Wiped: every replica answered (a: Wiped, b: NothingToWipe); the volume is gone",
             "APPLY ns/hagroups/g/status phase=Pending active=- gen=2 Valid=True,Ready=Unknown lastAction=-",
         ]
     );

@@ -18,43 +18,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use hapair_tests::agents::{Agent, BundleSpec, GROUP, bundle, group, status, wait_role, write_file};
-use hapair_tests::netns::{Netns, require_root, run, wait_for};
+use hapair_tests::mounts::AttachDirCleanup;
+use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::TwoServersAndClient;
 
 const UP: Duration = Duration::from_secs(30);
 const FILES: usize = 12;
-
-/// Tears down what the attach helper left under `dir` (a killed agent's nbdfuse keeps its
-/// mount namespace, mount and loop device alive): loop devices backed by files under
-/// `dir`, then the nbdfuse processes recorded there.
-struct AttachCleanup(PathBuf);
-
-impl Drop for AttachCleanup {
-    fn drop(&mut self) {
-        let prefix = self.0.display().to_string();
-        let loops = run("losetup", &["-n", "-l", "-O", "NAME,BACK-FILE"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let ours: Vec<String> = loops
-            .lines()
-            .filter_map(|l| {
-                let mut parts = l.split_whitespace();
-                let (name, file) = (parts.next()?, parts.next()?);
-                file.starts_with(&prefix).then(|| name.to_string())
-            })
-            .collect();
-        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            if let Ok(pid) = std::fs::read_to_string(entry.path().join("pid"))
-                && let Ok(pid) = pid.trim().parse::<i32>()
-            {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        for device in ours {
-            let _ = run("losetup", &["-d", &device]);
-        }
-    }
-}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh").canonicalize().unwrap()
@@ -81,7 +50,7 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
     let dir = tmp.path().to_path_buf();
     let attach_dir = dir.join("attach");
     std::fs::create_dir_all(&attach_dir).unwrap();
-    let _attached = AttachCleanup(attach_dir.clone());
+    let _attached = AttachDirCleanup(attach_dir.clone());
     let topo = TwoServersAndClient::build().unwrap();
 
     let mount = dir.join("mnt");

@@ -7,6 +7,7 @@
 //! ordered thread has issued them, and meanwhile later writes keep flowing. Concurrent
 //! sync requests share one `fdatasync`.
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -139,27 +140,36 @@ fn run_meta(files: &BackingFiles, steps: Vec<MetaStep>) -> Result<(), String> {
 /// backing supports it. Both replicas end up with zeroes either way, which keeps them
 /// identical even where the protocol lets a trimmed range read as anything.
 pub fn zero_range(files: &BackingFiles, offset: u64, len: u64, punch: bool) -> std::io::Result<()> {
+    zero_file_range(files.data(), offset, len, punch)
+}
+
+/// [`zero_range`] on any file or block device: `fallocate` (which block devices turn into a
+/// discard or write-zeroes), or plain zero writes where that is not supported.
+pub fn zero_file_range(file: &File, offset: u64, len: u64, punch: bool) -> std::io::Result<()> {
     let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     };
+    if len == 0 {
+        return Ok(());
+    }
     let mode = if punch {
         FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
     } else {
         FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
     };
-    match fallocate(files.data(), mode, off, l) {
+    match fallocate(file, mode, off, l) {
         Ok(()) => Ok(()),
-        Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENODEV) => write_zeroes(files, offset, len),
+        Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENODEV) => write_zeroes(file, offset, len),
         Err(e) => Err(std::io::Error::from(e)),
     }
 }
 
-fn write_zeroes(files: &BackingFiles, offset: u64, len: u64) -> std::io::Result<()> {
+fn write_zeroes(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(zeroes.len() as u64) as usize;
-        files.data().write_all_at(&zeroes[..n], offset + done)?;
+        file.write_all_at(&zeroes[..n], offset + done)?;
         done += n as u64;
     }
     Ok(())

@@ -22,4 +22,5 @@ pub mod status;
 pub mod store;
 pub mod tls;
 pub mod verify;
+pub mod wipe;
 pub mod wire;

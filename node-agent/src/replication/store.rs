@@ -146,7 +146,7 @@ pub fn volume_uuid_bytes(id: &str) -> [u8; 16] {
     }
 }
 
-fn uuid_text(bytes: &[u8; 16]) -> String {
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*bytes).to_string()
 }
 

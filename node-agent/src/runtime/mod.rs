@@ -17,6 +17,8 @@
 //!   sockets, step executors ([`steps`]), probes, checks and state file ([`records`]).
 //!   Groups are independent; a group gone from the bundle is stopped (VIP first) and
 //!   reported `cleanedUp`.
+//! - Deleted volumes listed for wiping are erased once no group of the bundle uses them
+//!   ([`wipes`]); the answers go out with the node's report.
 //! - Engine time is `CLOCK_BOOTTIME` ([`clock`]); the incarnation is
 //!   `max(previous + 1, unix ms)`, recorded before anything else.
 //! - The [`watchdog`] is node-wide; without a device, its absence is reported as a risk.
@@ -31,6 +33,7 @@ pub mod source;
 pub mod steps;
 pub mod volumes;
 pub mod watchdog;
+pub mod wipes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -135,6 +138,7 @@ pub async fn run(
         applied: None,
         state: Arc::clone(&state),
         exits: exits_tx,
+        wipes: wipes::Wipes::new(&node, Arc::clone(&state), Arc::clone(&board)),
     };
 
     match records::load_bundle(&store) {
@@ -245,6 +249,7 @@ struct Supervisor {
     applied: Option<DesiredConfig>,
     state: Arc<Mutex<NodeState>>,
     exits: UnboundedSender<GroupKey>,
+    wipes: wipes::Wipes,
 }
 
 impl Supervisor {
@@ -339,6 +344,7 @@ impl Supervisor {
                 handle.removed = true;
             }
         }
+        self.wipes.apply(&bundle.wipes, &bundle.groups);
         tracing::info!(revision = bundle.revision, groups = bundle.groups.len(), "desired config applied");
         {
             let mut state = self.state();

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hapair_crds::nodeapi::{EventRecord, EventType, GroupKey, GroupReport, NodeReport};
+use hapair_crds::nodeapi::{EventRecord, EventType, GroupKey, GroupReport, NodeReport, WipeReport};
 use tokio::sync::Notify;
 
 use super::host::HeartbeatAddress;
@@ -209,6 +209,8 @@ pub struct NodeState {
     pub node: String,
     pub applied_revision: Option<u64>,
     pub config_error: Option<String>,
+    /// The latest answer to each wipe of the bundle in force.
+    pub wipes: Vec<WipeReport>,
 }
 
 pub fn status_snapshot(state: &NodeState, board: &Board, agent_uptime: Duration) -> StatusSnapshot {
@@ -219,6 +221,7 @@ pub fn status_snapshot(state: &NodeState, board: &Board, agent_uptime: Duration)
         config_revision: state.applied_revision,
         config_error: state.config_error.clone(),
         groups: board.for_status(),
+        wipes: state.wipes.clone(),
     }
 }
 
@@ -239,6 +242,7 @@ pub fn node_report(
         hardware,
         links,
         groups,
+        wipes: state.wipes.clone(),
     }
 }
 

@@ -25,10 +25,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::controller::Controller;
+use crate::controller::{Controller, VolumeRetirement};
 use crate::k8s::FINALIZER;
 use crate::k8s::annotations::{self, AnnotatedAction};
-use crate::k8s::store::KubeStore;
+use crate::k8s::store::{DeletionHold, KubeStore};
 use crate::metrics::Metrics;
 use crate::resolve::referenced_volumes;
 use crate::store::StoreError;
@@ -363,18 +363,31 @@ async fn reconcile_volume_inner(
         }
         core.reconcile_coalesced().await?;
         let users = volume_users(&core, key).await;
-        if users.is_empty() {
-            core.store().forget_volume(key);
-            remove_finalizer(&api, volume, FINALIZER).await.map_err(kube_error("removing the finalizer"))?;
-            ctx.metrics.kube_write("finalizer");
-            info!(policy = ?volume.spec.deletion_policy, "no group uses the volume; finalizer removed");
-            return Ok(Action::await_change());
+        if !users.is_empty() {
+            let message = format!(
+                "deletion waits: used by {}; remove it from their flow and monitors (or delete them) first",
+                users.join(", ")
+            );
+            core.store().block_volume_deletion(key, Some(DeletionHold { reason: "InUse", message }));
+            return Ok(Action::requeue(ctx.blocked_poll));
         }
-        let why = format!(
-            "deletion waits: used by {}; remove it from their flow and monitors (or delete them) first",
-            users.join(", ")
-        );
-        core.store().block_volume_deletion(key, Some(why));
+        match core.volume_retirement(key).await {
+            VolumeRetirement::Gone => {
+                core.store().forget_volume(key);
+                remove_finalizer(&api, volume, FINALIZER).await.map_err(kube_error("removing the finalizer"))?;
+                ctx.metrics.kube_write("finalizer");
+                info!(policy = ?volume.spec.deletion_policy, "no group uses the volume and nothing is left to do on its nodes; finalizer removed");
+                return Ok(Action::await_change());
+            }
+            VolumeRetirement::Wiping { waiting_on } => {
+                let message = format!(
+                    "deletion waits: erasing the replicas (deletionPolicy: Wipe); waiting for {}",
+                    waiting_on.join("; ")
+                );
+                core.store().block_volume_deletion(key, Some(DeletionHold { reason: "Wiping", message }));
+            }
+            VolumeRetirement::Known => {}
+        }
         return Ok(Action::requeue(ctx.blocked_poll));
     }
     let mut fingerprint = Fingerprint::of(&volume.metadata);

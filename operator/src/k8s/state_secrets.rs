@@ -72,6 +72,12 @@ pub fn split(state: &ControllerState, shards: usize) -> Vec<ControllerState> {
     for (id, action) in &state.actions {
         parts[group_shard(&action.group, shards)].actions.insert(id.clone(), action.clone());
     }
+    for (key, volume) in &state.volume_specs {
+        parts[group_shard(key, shards)].volume_specs.insert(key.clone(), volume.clone());
+    }
+    for (key, wiping) in &state.wiping {
+        parts[group_shard(key, shards)].wiping.insert(key.clone(), wiping.clone());
+    }
     parts
 }
 
@@ -85,6 +91,8 @@ pub fn merge(parts: impl IntoIterator<Item = ControllerState>) -> ControllerStat
         state.deleting.extend(part.deleting);
         state.nodes.extend(part.nodes);
         state.actions.extend(part.actions);
+        state.volume_specs.extend(part.volume_specs);
+        state.wiping.extend(part.wiping);
     }
     state
 }
@@ -262,8 +270,42 @@ mod tests {
                 format!("a{i}"),
                 queue(&key, &format!("a{i}"), AdminActionKind::Maintenance { enabled: true }, 0),
             );
+            let volume = GroupKey::new("ns", format!("v{i}"));
+            let spec: hapair_crds::ReplicatedVolumeSpec = serde_yaml::from_str(
+                "{group: g, size: 1Gi, backing: [{node: a, path: /a.img}, {node: b, path: /b.img}]}",
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let origin = crate::catalog::Origin { file: "v.yaml".into(), index: i as usize };
+            state.volume_specs.insert(volume.clone(), crate::state::KnownVolume { spec: spec.clone(), origin });
+            let wiping = crate::state::Wiping { uuid: format!("uuid{i}"), spec, answers: Default::default(), since: 0 };
+            state.wiping.insert(GroupKey::new("ns", format!("w{i}")), wiping);
+            let group = hapair_crds::HaGroup::new(
+                &format!("g{i}"),
+                serde_yaml::from_str("{nodes: []}").unwrap_or_else(|e| panic!("{e}")),
+            );
+            let source = crate::state::GroupSource {
+                group,
+                volumes: vec![],
+                heartbeat_key: "k".into(),
+                origin: crate::catalog::Origin { file: "g.yaml".into(), index: 0 },
+            };
+            state.last_good.insert(key.clone(), source.clone());
+            let deleting = crate::state::Deleting { source, cleaned_up: Default::default(), since: 0 };
+            state.deleting.insert(GroupKey::new("ns", format!("d{i}")), deleting);
         }
         state
+    }
+
+    #[test]
+    fn the_sample_fills_every_field_of_the_state() {
+        // A field added to ControllerState but not to split/merge would be lost on every
+        // save; the round trip below only catches that if the sample fills it.
+        let json = serde_json::to_value(sample()).unwrap_or_else(|e| panic!("{e}"));
+        let fields = json.as_object().unwrap_or_else(|| panic!("not an object"));
+        let defaults = serde_json::to_value(ControllerState::default()).unwrap_or_else(|e| panic!("{e}"));
+        for (name, default) in defaults.as_object().unwrap_or_else(|| panic!("not an object")) {
+            assert_ne!(fields.get(name), Some(default), "the sample leaves {name} empty");
+        }
     }
 
     #[test]

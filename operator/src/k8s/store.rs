@@ -119,7 +119,7 @@ struct Written {
     /// The full last status of each volume, to re-apply it with a changed condition.
     volumes: BTreeMap<GroupKey, ReplicatedVolumeStatus>,
     /// Volumes whose deletion waits, and why.
-    blocked: BTreeMap<GroupKey, String>,
+    blocked: BTreeMap<GroupKey, DeletionHold>,
     /// Referenced Secrets' data, by `resourceVersion`.
     secrets: BTreeMap<GroupKey, (String, Secret)>,
 }
@@ -197,34 +197,42 @@ impl KubeStore {
 
     /// Marks a volume's deletion as waiting for `why` (or, with `None`, no longer waiting),
     /// and writes its status with the `DeletionBlocked` condition.
-    pub fn block_volume_deletion(&self, key: &GroupKey, why: Option<String>) {
+    pub fn block_volume_deletion(&self, key: &GroupKey, why: Option<DeletionHold>) {
         let status = {
             let mut written = self.lock();
             let changed = match &why {
-                Some(message) => written.blocked.insert(key.clone(), message.clone()).as_ref() != Some(message),
+                Some(hold) => written.blocked.insert(key.clone(), hold.clone()).as_ref() != Some(hold),
                 None => written.blocked.remove(key).is_some(),
             };
             if !changed {
                 return;
             }
             let previous = written.volumes.get(key).cloned().unwrap_or_default();
-            with_blocked(previous, why.as_deref())
+            with_blocked(previous, why.as_ref())
         };
         self.lock().volumes.insert(key.clone(), status.clone());
         self.writer.volume_status(key, status);
     }
 }
 
+/// Why a volume's deletion waits: the `DeletionBlocked` condition's reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeletionHold {
+    /// `InUse` (a group still uses it) or `Wiping` (its nodes are erasing the data).
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// `status` with the `DeletionBlocked` condition set (or cleared to False).
-fn with_blocked(mut status: ReplicatedVolumeStatus, why: Option<&str>) -> ReplicatedVolumeStatus {
+fn with_blocked(mut status: ReplicatedVolumeStatus, why: Option<&DeletionHold>) -> ReplicatedVolumeStatus {
     let now = crate::timestamp::format_millis(crate::timestamp::now_millis());
     let had = hapair_crds::condition::find(&status.conditions, types::DELETION_BLOCKED).is_some();
     let condition = match why {
-        Some(message) => Condition {
+        Some(hold) => Condition {
             type_: types::DELETION_BLOCKED.into(),
             status: ConditionStatus::True,
-            reason: "InUse".into(),
-            message: message.to_string(),
+            reason: hold.reason.into(),
+            message: hold.message.clone(),
             last_transition_time: now,
             observed_generation: status.observed_generation,
         },
@@ -262,8 +270,13 @@ impl Store for KubeStore {
             .volumes
             .state()
             .iter()
-            // A volume being deleted stays while groups use it (its finalizer holds it).
-            .map(|v| ReplicatedVolume { metadata: core_meta(&v.metadata), spec: v.spec.clone(), status: None })
+            // A volume being deleted stays while groups use it (its finalizer holds it); its
+            // deletion mark tells the core when to carry out its deletionPolicy.
+            .map(|v| {
+                let mut metadata = core_meta(&v.metadata);
+                metadata.deletion_timestamp.clone_from(&v.metadata.deletion_timestamp);
+                ReplicatedVolume { metadata, spec: v.spec.clone(), status: None }
+            })
             .collect();
         let mut referenced: Vec<GroupKey> = groups
             .iter()
@@ -342,7 +355,7 @@ impl Store for KubeStore {
         let status = {
             let mut written = self.lock();
             let blocked = written.blocked.get(key).cloned();
-            let status = with_blocked(status.clone(), blocked.as_deref());
+            let status = with_blocked(status.clone(), blocked.as_ref());
             if written.volumes.get(key).map(significant_volume) == Some(significant_volume(&status)) {
                 return Ok(());
             }
@@ -440,7 +453,8 @@ mod tests {
 
     #[test]
     fn a_blocked_deletion_is_a_condition_that_clears() {
-        let blocked = with_blocked(ReplicatedVolumeStatus::default(), Some("used by HaGroup ns/g"));
+        let hold = DeletionHold { reason: "InUse", message: "used by HaGroup ns/g".into() };
+        let blocked = with_blocked(ReplicatedVolumeStatus::default(), Some(&hold));
         let condition = hapair_crds::condition::find(&blocked.conditions, types::DELETION_BLOCKED).cloned();
         assert_eq!(
             condition.map(|c| (c.status, c.message)),

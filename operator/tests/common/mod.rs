@@ -236,6 +236,7 @@ pub fn report(node: &str, revision: u64, groups: Vec<GroupReport>) -> NodeReport
         hardware: Hardware { cpus: 2, memory_bytes: 1 << 30, ..Hardware::default() },
         links: vec![],
         groups,
+        wipes: vec![],
     }
 }
 

@@ -160,6 +160,7 @@ fn report(i: usize, primary: bool, uptime: u64) -> (String, NodeReport) {
         },
         links: vec![],
         groups: vec![group],
+        wipes: vec![],
     };
     (node, report)
 }
