@@ -24,8 +24,11 @@ ensure_debian_packages() {
 ensure_pip_packages() {
     local missing=()
     local spec have
+    python3 -m pip --version >/dev/null 2>&1 || ensure_debian_packages python3 python3-pip
     for spec in "$@"; do
-        have=$(python3 -m pip show "${spec%%=*}" 2>/dev/null | sed -n 's/^Version: //p')
+        # `pip show` fails for a package that is not installed: that is an answer, not an
+        # error (under `set -o pipefail` it would end the calling script).
+        have=$(python3 -m pip show "${spec%%=*}" 2>/dev/null | sed -n 's/^Version: //p' || true)
         case "$spec" in
             *==*) [ "$have" = "${spec#*==}" ] || missing+=("$spec") ;;
             *) [ -n "$have" ] || missing+=("$spec") ;;
@@ -33,7 +36,8 @@ ensure_pip_packages() {
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "==> installing PyPI packages: ${missing[*]}"
-        python3 -m pip install -q --disable-pip-version-check "${missing[@]}"
+        # Debian's own python3 is "externally managed" (PEP 668); these are test tools.
+        PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check "${missing[@]}"
     fi
 }
 
