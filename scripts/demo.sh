@@ -43,6 +43,7 @@ cleanup() {
         pids=$(ip netns pids "$ns" 2>/dev/null)
         [[ -n $pids ]] && kill -9 $pids 2>/dev/null
     done
+    HAPAIR_ATTACH_DIR="$WORK/attach" scripts/nbd-attach-fuse.sh cleanup
     [[ -n ${CTL_PID:-} ]] && kill "$CTL_PID" 2>/dev/null && wait "$CTL_PID" 2>/dev/null
     for ns in "$NS_A" "$NS_B" "$NS_C"; do ip netns del "$ns" 2>/dev/null; done
     ip link del "$LAN" 2>/dev/null

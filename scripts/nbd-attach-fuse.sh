@@ -7,6 +7,9 @@
 #                                                        prints the loop device)
 #   detachCommand: /path/to/nbd-attach-fuse.sh detach   (reads HAPAIR_BLOCK_DEVICE)
 #
+# `nbd-attach-fuse.sh cleanup` tears down everything attached under HAPAIR_ATTACH_DIR
+# after a crash (tests and the demo kill agents on purpose).
+#
 # Needs nbdfuse (libnbd-bin), fusermount3 (fuse3) and losetup.
 set -eu
 
@@ -30,7 +33,34 @@ attach)
         fi
         sleep 0.05
     done
-    losetup --find --show "$dir/mnt/disk"
+    # Recorded for cleanup after a crash: once the mount namespace holding the FUSE file
+    # is gone, the loop device's backing file no longer names this directory, and the
+    # FUSE connection (named by the mount's device number) may need aborting.
+    stat -c %d "$dir/mnt/disk" >"$dir/fuse-connection" 2>/dev/null || true
+    dev=$(losetup --find --show "$dir/mnt/disk")
+    echo "$dev" >"$dir/loop"
+    echo "$dev"
+    ;;
+cleanup)
+    # When an agent is killed, its nbdfuse can end up the last process of the agent's
+    # mount namespace: exiting, it unmounts the filesystem on the loop device, whose
+    # writes it would have to serve itself. Aborting the FUSE connection breaks that
+    # deadlock (the writes fail), after which the loop device frees itself.
+    conns=/sys/fs/fuse/connections
+    if [ -d "$conns" ] && [ -z "$(ls -A "$conns" 2>/dev/null)" ]; then
+        mount -t fusectl none "$conns" 2>/dev/null || true
+    fi
+    for dir in "$base"/hapair-nbdfuse.*; do
+        [ -d "$dir" ] || continue
+        dev=$(cat "$dir/loop" 2>/dev/null || true)
+        [ -n "$dev" ] && losetup -d "$dev" 2>/dev/null || true
+        conn=$(cat "$dir/fuse-connection" 2>/dev/null || true)
+        [ -n "$conn" ] && [ -e "$conns/$conn/abort" ] && echo 1 >"$conns/$conn/abort" 2>/dev/null || true
+        pid=$(cat "$dir/pid" 2>/dev/null || true)
+        [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+        fusermount3 -u -z "$dir/mnt" 2>/dev/null || true
+        rm -rf "$dir" 2>/dev/null || true
+    done
     ;;
 detach)
     : "${HAPAIR_BLOCK_DEVICE:?HAPAIR_BLOCK_DEVICE must name the loop device}"
@@ -58,7 +88,7 @@ detach)
     rm -rf "$dir"
     ;;
 *)
-    echo "usage: $0 attach|detach" >&2
+    echo "usage: $0 attach|detach|cleanup" >&2
     exit 2
     ;;
 esac

@@ -95,34 +95,16 @@ impl Drop for FuseAttachGuard {
     }
 }
 
-/// Tears down what `scripts/nbd-attach-fuse.sh` left under its `HAPAIR_ATTACH_DIR` when an
-/// agent ran it (a killed agent's nbdfuse keeps its mount namespace, mount and loop device
-/// alive): loop devices backed by files under the directory, then the nbdfuse processes
-/// recorded there.
+/// Tears down what `scripts/nbd-attach-fuse.sh` attached under its `HAPAIR_ATTACH_DIR` when
+/// agents ran it, on drop: `nbd-attach-fuse.sh cleanup` (loop devices, FUSE connections
+/// aborted, nbdfuse killed). A killed agent's nbdfuse otherwise keeps a loop device busy
+/// for good: see the script.
 #[derive(Debug)]
 pub struct AttachDirCleanup(pub PathBuf);
 
 impl Drop for AttachDirCleanup {
     fn drop(&mut self) {
-        let prefix = self.0.display().to_string();
-        let loops = run_quiet("losetup", &["-n", "-l", "-O", "NAME,BACK-FILE"]).unwrap_or_default();
-        let ours: Vec<String> = loops
-            .lines()
-            .filter_map(|l| {
-                let mut parts = l.split_whitespace();
-                let (name, file) = (parts.next()?, parts.next()?);
-                file.starts_with(&prefix).then(|| name.to_string())
-            })
-            .collect();
-        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            if let Ok(pid) = std::fs::read_to_string(entry.path().join("pid"))
-                && let Ok(pid) = pid.trim().parse::<i32>()
-            {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        for device in ours {
-            let _ = run_quiet("losetup", &["-d", &device]);
-        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh");
+        let _ = std::process::Command::new(script).arg("cleanup").env("HAPAIR_ATTACH_DIR", &self.0).output();
     }
 }
