@@ -785,11 +785,14 @@ impl GroupTask {
         let status = self.engine.status(clock::now());
         let now = (status.report_role, status.epoch);
         let changed = self.published != Some(now);
-        if changed && self.published.is_some_and(|(role, _)| role != status.report_role) {
-            self.ctx.board.urgent.notify_one();
-        }
+        // A new role (the first one included: until then the controller shows the node
+        // without the group) goes out at once, after it is on the board.
+        let urgent = changed && self.published.is_none_or(|(role, _)| role != status.report_role);
         if changed || self.last_publish.elapsed() >= PUBLISH_EVERY {
             self.publish(false);
+        }
+        if urgent {
+            self.ctx.board.urgent.notify_one();
         }
     }
 

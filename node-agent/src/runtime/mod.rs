@@ -352,6 +352,10 @@ impl Supervisor {
             state.config_error = None;
         }
         self.applied = Some(bundle);
+        // The controller learns the new revision (and the groups' first states) now
+        // rather than at the next periodic report, when status would still show the
+        // node without its groups.
+        self.ctx.board.urgent.notify_one();
     }
 
     fn exited(&mut self, key: &GroupKey) {
