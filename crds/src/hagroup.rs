@@ -476,7 +476,8 @@ pub struct MonitorSpec {
     /// A mount point that must be present (and writable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<MountMonitor>,
-    /// A replicated volume that must be connected with its peer UpToDate.
+    /// A replicated volume that must be connected with its peer UpToDate (`action: alert`
+    /// only: failover and restart cannot repair replication).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationMonitor>,
     /// What a failure triggers.

@@ -414,6 +414,14 @@ fn check_monitors(monitors: &[MonitorSpec], step_names: &BTreeSet<String>, c: &m
             }
             _ => {}
         }
+        if monitor.replication.is_some() && monitor.action != MonitorAction::Alert {
+            // The broken link is the peer's problem as much as ours: moving or restarting
+            // the service cannot cure it, and promotion already requires UpToDate data.
+            c.push(
+                format!("{path}.action"),
+                "a replication monitor only alerts (action: alert); failover and restart cannot repair replication",
+            );
+        }
         if monitor.action == MonitorAction::Restart && step_names.is_empty() {
             c.push(format!("{path}.action"), "restart needs a service flow to restart");
         }

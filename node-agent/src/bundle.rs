@@ -23,8 +23,6 @@ pub enum BundleError {
     DuplicateGroup(String),
     #[error("wipes[{index}] (volume {volume}): {reason}")]
     InvalidWipe { index: usize, volume: String, reason: String },
-    #[error("group {group}: {reason}")]
-    Unsupported { group: String, reason: crate::flow::UnsupportedFlow },
 }
 
 /// Decodes a bundle from JSON or YAML text.
@@ -85,8 +83,7 @@ fn check_group(group: &GroupConfig, node: &str) -> Result<(), BundleError> {
         volumes.insert(volume.name.clone(), volume.spec.clone());
     }
     validate_references(&group.key.name, &group.spec, &volumes)
-        .map_err(|errors| BundleError::Invalid { group: key.clone(), errors })?;
-    crate::flow::check_supported(&group.spec).map_err(|reason| BundleError::Unsupported { group: key, reason })
+        .map_err(|errors| BundleError::Invalid { group: key, errors })
 }
 
 #[cfg(test)]
@@ -128,20 +125,24 @@ groups:
     }
 
     #[test]
-    fn accepts_a_volume_step_and_refuses_a_replication_monitor_naming_it() {
+    fn accepts_a_volume_step_and_a_replication_monitor_naming_it() {
         let text = format!(
             "{BUNDLE}    volumes:\n      - name: pgdata\n        uuid: 0b6f5a52-9b43-4d3c-9f0e-3f1f0d6f2a11\n        spec:\n          group: web\n          size: 1Gi\n          backing:\n            - {{node: a, path: /var/lib/a.img}}\n            - {{node: b, path: /var/lib/b.img}}\n"
         )
         .replace("    spec:\n      nodes:", "    spec:\n      flow:\n        - {name: data, volume: {volumeRef: pgdata}}\n      nodes:");
         let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
         assert!(check(&bundle, "a").is_ok(), "{:?}", check(&bundle, "a").err());
-        let text = text.replace(
-            "      flow:\n",
-            "      monitors:\n        - {name: repl, replication: {volumeRef: pgdata}, action: alert}\n      flow:\n",
-        );
-        let bundle = decode(&text).unwrap_or_else(|e| panic!("{e}"));
+        let with_monitor = |action: &str| {
+            text.replace(
+                "      flow:\n",
+                &format!("      monitors:\n        - {{name: repl, replication: {{volumeRef: pgdata}}, action: {action}}}\n      flow:\n"),
+            )
+        };
+        let bundle = decode(&with_monitor("alert")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(check(&bundle, "a").is_ok(), "{:?}", check(&bundle, "a").err());
+        let bundle = decode(&with_monitor("failover")).unwrap_or_else(|e| panic!("{e}"));
         let err = check(&bundle, "a").err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.starts_with("group default/web: monitor \"repl\" watches replication"), "{err}");
+        assert!(err.contains("spec.monitors[0].action"), "{err}");
     }
 
     const WIPE: &str = "wipes:\n  - volume: default/old\n    uuid: 0b6f5a52-9b43-4d3c-9f0e-3f1f0d6f2a11\n    spec:\n      group: web\n      size: 1Gi\n      deletionPolicy: Wipe\n      backing:\n        - {node: a, path: /var/lib/a.img}\n        - {node: b, path: /var/lib/b.img}\n";

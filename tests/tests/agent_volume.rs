@@ -1,6 +1,7 @@
 //! Replicated volumes in the agent runtime, for real: two `hapair-agent run --bundle`
 //! processes in network namespaces replicate a 64 MiB volume (sparse backing files) over
-//! the topology's second link. The flow is volume (nbdfuse + loop device through
+//! the topology's second link, watched by a `replication` monitor (healthy while the pair
+//! is in sync, alerting once the primary is gone). The flow is volume (nbdfuse + loop device through
 //! `scripts/nbd-attach-fuse.sh`, mkfs ext4 on first use, mount) then an exec step writing
 //! files with fsync. The primary's agent is killed with SIGKILL; the standby promotes,
 //! mounts, and every fsynced file is intact; its status shows the volume's state. Removing
@@ -39,6 +40,10 @@ fn in_mounts_of(pid: u32, script: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn monitor_report(ns: &Netns) -> Option<serde_json::Value> {
+    group(&status(ns)?, GROUP)?["monitors"].as_array()?.iter().find(|m| m["name"] == "repl").cloned()
+}
+
 fn volume_report(ns: &Netns) -> Option<serde_json::Value> {
     group(&status(ns)?, GROUP)?["volumes"].as_array()?.iter().find(|v| v["name"] == "data").cloned()
 }
@@ -64,7 +69,7 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
         m = mount.display()
     );
     let flow = format!(
-        "      flow:\n        - name: data\n          volume: {{volumeRef: data, mountPath: {m}, mkfs: true, attachCommand: '{helper} attach', detachCommand: '{helper} detach'}}\n          timeout: 60s\n        - name: writer\n          exec: {{start: '{writer}', stop: 'true'}}\n          timeout: 30s\n",
+        "      monitors:\n        - {{name: repl, replication: {{volumeRef: data}}, action: alert, interval: 500ms, failureThreshold: 1}}\n      flow:\n        - name: data\n          volume: {{volumeRef: data, mountPath: {m}, mkfs: true, attachCommand: '{helper} attach', detachCommand: '{helper} detach'}}\n          timeout: 60s\n        - name: writer\n          exec: {{start: '{writer}', stop: 'true'}}\n          timeout: 30s\n",
         m = mount.display()
     );
     let spec = BundleSpec { spec_extra: flow, ..BundleSpec::default() };
@@ -99,6 +104,11 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
         (v["diskState"] == "UpToDate" && v["connection"] == "Connected" && v["role"] == "Secondary").then_some(v)
     });
     assert!(synced.is_some(), "the standby's replica is not in sync: {:?}", volume_report(ns_of(standby)));
+    // The replication monitor sees the pair in sync on both nodes.
+    for node in [primary, standby] {
+        let healthy = wait_for(UP, || (monitor_report(ns_of(node))?["healthy"] == true).then_some(()));
+        assert!(healthy.is_some(), "{node}: replication monitor not healthy: {:?}", monitor_report(ns_of(node)));
+    }
     let p = volume_report(ns_of(primary)).unwrap();
     assert_eq!((p["role"].as_str(), p["diskState"].as_str()), (Some("Primary"), Some("UpToDate")), "{p}");
     assert_eq!(p["outOfSyncBytes"], 0, "{p}");
@@ -123,6 +133,17 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
     let v = volume_report(ns_of(standby)).unwrap();
     assert_eq!((v["role"].as_str(), v["diskState"].as_str()), (Some("Primary"), Some("UpToDate")), "{v}");
     assert_ne!(v["connection"], "Connected", "the peer is dead: {v}");
+    // Serving alone: the replication monitor alerts (and nothing else happens).
+    let alerting = wait_for(UP, || {
+        let m = monitor_report(ns_of(standby))?;
+        (m["healthy"] == false && m["message"].as_str()?.starts_with("volume data: ")).then_some(m)
+    });
+    assert!(
+        alerting.is_some(),
+        "the replication monitor did not notice the lost peer: {:?}",
+        monitor_report(ns_of(standby))
+    );
+    assert_eq!(hapair_tests::agents::role(ns_of(standby), GROUP).as_deref(), Some("Primary"));
 
     // Removing the group unmounts, flushes, detaches and demotes; the copy is clean.
     let empty = BundleSpec { revision: 2, empty: true, ..BundleSpec::default() };

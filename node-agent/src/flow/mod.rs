@@ -15,8 +15,6 @@ pub mod systemd;
 
 use std::time::Duration;
 
-use hapair_crds::hagroup::HaGroupSpec;
-
 pub use health::{Health, StepHealth};
 pub use restart::{RestartBudget, RestartDecision};
 pub use runner::FlowRunner;
@@ -54,23 +52,4 @@ impl Outcome {
             }
         }
     }
-}
-
-/// A group this agent cannot run yet.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UnsupportedFlow {
-    #[error(
-        "monitor {monitor:?} watches replication; replication monitors are not supported by this agent yet (remove the monitor: the engine already refuses to promote a replica that is not UpToDate)"
-    )]
-    ReplicationMonitor { monitor: String },
-}
-
-/// Refuses a spec that uses features this agent does not implement, naming the monitor.
-pub fn check_supported(spec: &HaGroupSpec) -> Result<(), UnsupportedFlow> {
-    for monitor in &spec.monitors {
-        if monitor.replication.is_some() {
-            return Err(UnsupportedFlow::ReplicationMonitor { monitor: monitor.name.clone() });
-        }
-    }
-    Ok(())
 }

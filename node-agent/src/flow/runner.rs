@@ -9,14 +9,12 @@ use tracing::Instrument;
 
 use super::command::{self, CommandResult, Exit};
 use super::systemd::{Systemctl, UnitAction};
-use super::{Outcome, UnsupportedFlow, check, check_supported};
+use super::{Outcome, check};
 use crate::vip::{self, AddOutcome, Presence, RemoveOutcome, ResolvedVip, VipError, VipManager};
 
 /// Why a flow cannot be run on this node.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
-    #[error(transparent)]
-    Unsupported(#[from] UnsupportedFlow),
     #[error("node {0:?} is not a node of the group")]
     NotAMember(String),
     #[error("flow step {step:?}: {message}")]
@@ -39,7 +37,7 @@ pub struct FlowRunner {
 }
 
 impl FlowRunner {
-    /// Prepares `spec`'s flow for `node`. Refuses unsupported steps (volume) up front.
+    /// Prepares `spec`'s flow for `node`.
     pub fn new(
         group: GroupKey,
         spec: &HaGroupSpec,
@@ -47,7 +45,6 @@ impl FlowRunner {
         vip_manager: Option<Arc<VipManager>>,
         systemctl: Systemctl,
     ) -> Result<Self, FlowError> {
-        check_supported(spec)?;
         let me = spec.nodes.iter().find(|n| n.name == node).ok_or_else(|| FlowError::NotAMember(node.to_string()))?;
         let mut vips = BTreeMap::new();
         for v in &spec.virtual_ips {

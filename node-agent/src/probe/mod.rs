@@ -7,6 +7,7 @@ pub mod load;
 pub mod monitor;
 pub mod mount;
 pub mod process;
+pub mod replication;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -39,8 +40,6 @@ impl Observation {
 pub enum ProbeError {
     #[error("monitor {monitor:?}: {message}")]
     Invalid { monitor: String, message: String },
-    #[error("monitor {monitor:?} watches replication; replicated volumes are not supported by this agent yet")]
-    Unsupported { monitor: String },
 }
 
 /// Where the probes read the kernel's view; tests may point them elsewhere.
@@ -60,11 +59,33 @@ impl Default for ProcPaths {
 pub enum Probe {
     ProcessName(String),
     PidFile(PathBuf),
-    Link { device: String },
-    Gateway { address: IpAddr, method: GatewayMethod, device: Option<String>, timeout: Duration },
-    Cpu { sustained: load::Sustained, threshold: u32, previous: Option<load::CpuTimes> },
-    Memory { sustained: load::Sustained, threshold: u32 },
-    Mount { path: String, writable: bool },
+    Link {
+        device: String,
+    },
+    Gateway {
+        address: IpAddr,
+        method: GatewayMethod,
+        device: Option<String>,
+        timeout: Duration,
+    },
+    Cpu {
+        sustained: load::Sustained,
+        threshold: u32,
+        previous: Option<load::CpuTimes>,
+    },
+    Memory {
+        sustained: load::Sustained,
+        threshold: u32,
+    },
+    Mount {
+        path: String,
+        writable: bool,
+    },
+    /// Reads the group's replica states; see [`Probe::with_volume_states`].
+    Replication {
+        volume: String,
+        states: replication::VolumeStates,
+    },
 }
 
 impl Probe {
@@ -105,8 +126,19 @@ impl Probe {
                 threshold: l.threshold_percent,
             }),
             Some(MonitorKind::Mount(m)) => Ok(Probe::Mount { path: m.path.clone(), writable: m.writable }),
-            Some(MonitorKind::Replication(_)) => Err(ProbeError::Unsupported { monitor: spec.name.clone() }),
+            Some(MonitorKind::Replication(r)) => {
+                Ok(Probe::Replication { volume: r.volume_ref.clone(), states: replication::VolumeStates::default() })
+            }
             None => Err(invalid("set exactly one detector")),
+        }
+    }
+
+    /// Connects a replication probe to the states its group's replicas publish (other
+    /// probes are returned as they are).
+    pub fn with_volume_states(self, states: &replication::VolumeStates) -> Self {
+        match self {
+            Probe::Replication { volume, .. } => Probe::Replication { volume, states: states.clone() },
+            other => other,
         }
     }
 
@@ -167,6 +199,7 @@ impl Probe {
                     .await
                     .unwrap_or_else(|e| Observation::unhealthy(format!("mount probe: {e}")))
             }
+            Probe::Replication { volume, states } => replication::observe(volume, states),
         }
     }
 }
@@ -225,7 +258,7 @@ mod tests {
         );
         assert!(matches!(p, Err(ProbeError::Invalid { .. })));
         let p = Probe::from_spec(&monitor(serde_json::json!({"replication": {"volumeRef": "v"}})), &node());
-        assert!(matches!(p, Err(ProbeError::Unsupported { .. })));
+        assert!(matches!(p, Ok(Probe::Replication { ref volume, .. }) if volume == "v"), "{p:?}");
         let p =
             Probe::from_spec(&monitor(serde_json::json!({"process": {"name": "a", "pidFile": "/run/a.pid"}})), &node());
         assert!(matches!(p, Err(ProbeError::Invalid { .. })));

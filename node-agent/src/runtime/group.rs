@@ -37,6 +37,7 @@ use crate::engine::{Command, Engine, Event, Identity, Notice, PersistedState, Ro
 use crate::heartbeat::{HeartbeatReceiver, HeartbeatSender, HmacKey, LinkEndpoints, TransportConfig};
 use crate::iface::Netlink;
 use crate::metrics::AgentMetrics;
+use crate::probe::replication::VolumeStates;
 use crate::probe::{MonitorState, Observation, Probe, ProcPaths};
 use crate::replication::replica::Replica;
 use crate::replication::status::ReplicaStatus;
@@ -208,7 +209,13 @@ fn me<'a>(config: &'a GroupConfig, node: &str) -> Option<&'a NodeSpec> {
     config.spec.nodes.iter().find(|n| n.name == node)
 }
 
-fn monitor_runs(config: &GroupConfig, node: &str, keep: &mut Vec<MonitorRun>, generation: u64) -> Vec<MonitorRun> {
+fn monitor_runs(
+    config: &GroupConfig,
+    node: &str,
+    keep: &mut Vec<MonitorRun>,
+    generation: u64,
+    volumes: &VolumeStates,
+) -> Vec<MonitorRun> {
     let Some(me) = me(config, node) else { return vec![] };
     config
         .spec
@@ -221,7 +228,7 @@ fn monitor_runs(config: &GroupConfig, node: &str, keep: &mut Vec<MonitorRun>, ge
             match Probe::from_spec(spec, me) {
                 Ok(probe) => Some(MonitorRun {
                     spec: spec.clone(),
-                    probe: Some(probe),
+                    probe: Some(probe.with_volume_states(volumes)),
                     state: MonitorState::new(spec),
                     generation,
                 }),
@@ -348,7 +355,7 @@ async fn run(
     };
     let volumes = GroupVolumes::open(&volume_ctx, &config);
     let mut keep = Vec::new();
-    let monitors = monitor_runs(&config, &ctx.node, &mut keep, 0);
+    let monitors = monitor_runs(&config, &ctx.node, &mut keep, 0, volumes.states());
     let mut task = GroupTask {
         key: key.clone(),
         config,
@@ -534,7 +541,7 @@ impl GroupTask {
             }
             self.generation += 1;
             let mut keep = std::mem::take(&mut self.monitors);
-            self.monitors = monitor_runs(&config, &self.ctx.node, &mut keep, self.generation);
+            self.monitors = monitor_runs(&config, &self.ctx.node, &mut keep, self.generation, self.volumes.states());
         }
         self.rebind(&config).await;
         self.config = config.clone();

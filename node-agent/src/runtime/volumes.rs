@@ -27,6 +27,7 @@ use tracing::Instrument;
 use super::group::Input;
 use super::report::{Board, record};
 use crate::engine::VolumeOp;
+use crate::probe::replication::VolumeStates;
 use crate::replication::replica::{Replica, ReplicaOptions};
 use crate::replication::status::ReplicaStatus;
 use crate::replication::tls::TlsMaterial;
@@ -64,6 +65,8 @@ pub struct GroupVolumes {
     status: BTreeMap<String, ReplicaStatus>,
     /// What the engine was last told per volume.
     told: BTreeMap<String, (DiskState, ConnectionState)>,
+    /// The same states for the group's `replication` monitors.
+    states: VolumeStates,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -90,6 +93,11 @@ impl GroupVolumes {
         volumes
     }
 
+    /// What the group's `replication` monitors read.
+    pub fn states(&self) -> &VolumeStates {
+        &self.states
+    }
+
     pub fn replica(&self, volume: &str) -> Option<&Replica> {
         self.replicas.get(volume)
     }
@@ -114,6 +122,7 @@ impl GroupVolumes {
         status: ReplicaStatus,
     ) -> Option<(String, DiskState, ConnectionState)> {
         let now = (status.disk, status.connection);
+        self.states.set(status.report());
         self.status.insert(volume.clone(), status);
         if self.told.get(&volume) == Some(&now) {
             return None;
