@@ -443,11 +443,11 @@ fn removing_the_group_stops_the_flow_in_reverse_and_kills_a_hanging_stop() {
     assert!(wait_role(a, GROUP, "Primary", UP), "a alone did not take the service: {:?}", status(a));
     assert!(wait_for(Duration::from_secs(10), || has_vip(a).then_some(())).is_some());
 
-    // A group with a replication monitor is refused as a whole, saying why; the running
-    // config stays.
+    // A bundle whose group is invalid (a replication monitor may only alert) is refused as
+    // a whole, naming the field; the running config stays.
     let with_volume = bundle(
         "a",
-        &BundleSpec { revision: 2, spec_extra: format!("{}        - {{name: data, volume: {{volumeRef: data}}}}\n      monitors:\n        - {{name: repl, replication: {{volumeRef: data}}, action: alert}}\n", spec.spec_extra), ..spec.clone() },
+        &BundleSpec { revision: 2, spec_extra: format!("{}        - {{name: data, volume: {{volumeRef: data}}}}\n      monitors:\n        - {{name: repl, replication: {{volumeRef: data}}, action: failover}}\n", spec.spec_extra), ..spec.clone() },
     )
     .replace(
         "    spec:\n",
@@ -455,8 +455,8 @@ fn removing_the_group_stops_the_flow_in_reverse_and_kills_a_hanging_stop() {
     );
     write_file(&pair.a.bundle_path(), &with_volume);
     let refused = wait_for(UP, || status(a)?["configError"].as_str().map(str::to_string));
-    let refused = refused.unwrap_or_else(|| panic!("the replication monitor was not refused: {:?}", status(a)));
-    assert!(refused.contains("revision 2") && refused.contains("monitor \"repl\" watches replication"), "{refused}");
+    let refused = refused.unwrap_or_else(|| panic!("the invalid monitor was not refused: {:?}", status(a)));
+    assert!(refused.contains("revision 2") && refused.contains("spec.monitors[0].action"), "{refused}");
     let s = status(a).unwrap();
     assert_eq!((s["configRevision"].as_u64(), role(a, GROUP).as_deref()), (Some(1), Some("Primary")));
 
