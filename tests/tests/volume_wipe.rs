@@ -8,6 +8,9 @@
 //! the outcome; a ReplicatedVolume with the default `Retain` stays untouched in the same
 //! run, which is the other half of "no data is wiped unless Wipe".
 //!
+//! A second test wipes a replica kept on a block device (a loop device standing in for an
+//! LVM volume or a disk partition): the discard goes through `fallocate` on the device.
+//!
 //! Cleanup (even on failure): agents and controller first (their guards), then every
 //! nbdfuse process and loop device whose files live under this test's directory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,9 +19,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hapair_agent::replication::store::{self, BackingPlan, MetaLocation, volume_uuid_bytes};
+use hapair_agent::replication::wipe::{Wiped, wipe};
 use hapair_tests::agents::{Agent, GROUP, group, group_spec, role, status};
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
-use hapair_tests::mounts::AttachDirCleanup;
+use hapair_tests::mounts::{AttachDirCleanup, LoopGuard};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{C0, TwoServersAndClient};
 
@@ -171,4 +176,55 @@ fn deleting_a_volume_with_deletion_policy_wipe_erases_both_replicas_and_retain_k
     assert!(agents.iter_mut().all(Agent::running));
     controller.kill();
     drop(agents);
+}
+
+#[test]
+fn a_replica_on_a_block_device_is_discarded_and_its_metadata_blanked() {
+    require_root();
+    const SIZE: u64 = 16 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("disk.img");
+    // A device with room for the data and the internal metadata, all zeroes like a new LV.
+    let len = SIZE + store_metadata_len(SIZE);
+    std::fs::File::create(&file).unwrap().set_len(len).unwrap();
+    let out = hapair_tests::netns::run("losetup", &["--find", "--show", &file.display().to_string()]).unwrap();
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(device.starts_with("/dev/loop"), "losetup said {device:?}");
+    let _loop = LoopGuard(device.clone());
+    let uuid = volume_uuid_bytes("3d0c1f8e-2a4b-4c6d-8e0f-1a2b3c4d5e6f");
+    let plan = BackingPlan {
+        data_path: PathBuf::from(&device),
+        meta: MetaLocation::Internal,
+        volume_uuid: uuid,
+        size: SIZE,
+        al_slots: 7,
+        create_missing: false,
+        initialize_blank: true,
+    };
+    drop(store::open(&plan, 1).unwrap());
+    {
+        use std::os::unix::fs::FileExt;
+        let dev = std::fs::OpenOptions::new().write(true).open(&device).unwrap();
+        dev.write_all_at(&MARKER.repeat(SIZE as usize / MARKER.len()).into_bytes(), 0).unwrap();
+        dev.sync_all().unwrap();
+    }
+    assert!(contains(&std::fs::read(&device).unwrap(), MARKER.as_bytes()));
+
+    let other = volume_uuid_bytes("5b1e0f6a-93c2-4d7e-8a1f-0c2d3e4f5a6b");
+    let refused = wipe(Path::new(&device), &MetaLocation::Internal, other).unwrap_err();
+    assert!(refused.is_final(), "{refused}");
+    assert!(contains(&std::fs::read(&device).unwrap(), MARKER.as_bytes()), "a refused wipe touched the device");
+
+    let done = wipe(Path::new(&device), &MetaLocation::Internal, uuid).unwrap();
+    assert!(matches!(done, Wiped::Erased { data_bytes: SIZE, .. }), "{done:?}");
+    let bytes = std::fs::read(&device).unwrap();
+    assert_eq!(bytes.len() as u64, len);
+    assert!(bytes.iter().all(|b| *b == 0), "the device still holds data after the wipe");
+    // What the device showed is what its backing file holds.
+    assert!(std::fs::read(&file).unwrap().iter().all(|b| *b == 0));
+}
+
+/// The metadata area a volume of `size` bytes needs with 7 activity-log slots.
+fn store_metadata_len(size: u64) -> u64 {
+    hapair_agent::replication::metadata::metadata_len(size, 7)
 }
