@@ -28,6 +28,9 @@ pub struct GroupsOverview {
     /// Refused manifests (`file (document N), Kind ns/name: field: message`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// Deleted volumes whose deletion is not finished (`ns/name: why it waits`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleting_volumes: Vec<String>,
 }
 
 /// One group, as `status` and `describe` show it.

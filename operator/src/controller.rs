@@ -828,21 +828,7 @@ impl<S: Store> Controller<S> {
     pub async fn volume_retirement(&self, key: &GroupKey) -> VolumeRetirement {
         let core = self.core.lock().await;
         if let Some(wiping) = core.state.wiping.get(key) {
-            let waiting_on = wiping
-                .pending()
-                .into_iter()
-                .map(|node| {
-                    let answer = core
-                        .reports
-                        .get(&node)
-                        .and_then(|(r, _)| r.wipes.iter().find(|w| w.volume == *key && w.uuid == wiping.uuid));
-                    match answer {
-                        Some(a) => format!("{node} ({})", a.message),
-                        None => format!("{node} (no answer yet)"),
-                    }
-                })
-                .collect();
-            return VolumeRetirement::Wiping { waiting_on };
+            return VolumeRetirement::Wiping { waiting_on: waiting_on(&core, key, wiping) };
         }
         if core.state.volume_specs.contains_key(key) {
             return VolumeRetirement::Known;
@@ -899,7 +885,22 @@ impl<S: Store> Controller<S> {
                 }
             })
             .collect();
-        GroupsOverview { groups, errors: core.reconciled.errors.iter().map(|e| e.to_string()).collect() }
+        let deleting_volumes = core
+            .state
+            .wiping
+            .iter()
+            .map(|(key, wiping)| {
+                format!(
+                    "{key}: erasing the replicas (deletionPolicy: Wipe); waiting for {}",
+                    waiting_on(&core, key, wiping).join("; ")
+                )
+            })
+            .collect();
+        GroupsOverview {
+            groups,
+            errors: core.reconciled.errors.iter().map(|e| e.to_string()).collect(),
+            deleting_volumes,
+        }
     }
 }
 
@@ -971,6 +972,24 @@ fn view(entry: &ActionEntry) -> ActionView {
             .map(|(node, r)| NodeActionResult { node: node.clone(), outcome: r.outcome, message: r.message.clone() })
             .collect(),
     }
+}
+
+/// The backing nodes that have not answered a wipe, each with its latest word.
+fn waiting_on(core: &Core, key: &GroupKey, wiping: &crate::state::Wiping) -> Vec<String> {
+    wiping
+        .pending()
+        .into_iter()
+        .map(|node| {
+            let answer = core
+                .reports
+                .get(&node)
+                .and_then(|(r, _)| r.wipes.iter().find(|w| w.volume == *key && w.uuid == wiping.uuid));
+            match answer {
+                Some(a) => format!("{node} ({})", a.message),
+                None => format!("{node} (no answer yet)"),
+            }
+        })
+        .collect()
 }
 
 /// The event type and reason of a node's answer to a wipe.

@@ -741,6 +741,10 @@ async fn deleting_a_volume_with_wipe_waits_for_both_nodes_to_erase_it_then_remov
         assert_eq!(wipes.len(), 1, "{node}");
         assert_eq!((wipes[0].volume.to_string(), wipes[0].uuid.as_str()), ("ns/data".to_string(), uuid.as_str()));
     }
+    assert_eq!(
+        h.core.overview().await.deleting_volumes,
+        ["ns/data: erasing the replicas (deletionPolicy: Wipe); waiting for a (no answer yet); b (no answer yet)"]
+    );
     let (action, lines) = h.reconcile_volume(deleting.clone()).await;
     assert_eq!(lines, ["APPLY ns/replicatedvolumes/data/status sync=Unknown Valid=True,DeletionBlocked=True"]);
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
@@ -795,6 +799,7 @@ async fn deleting_a_volume_with_wipe_waits_for_both_nodes_to_erase_it_then_remov
             "APPLY ns/hagroups/g/status phase=Pending active=- gen=2 Valid=True,Ready=Unknown lastAction=-",
         ]
     );
+    assert!(h.core.overview().await.deleting_volumes.is_empty());
     let (action, lines) = h.reconcile_volume(deleting).await;
     assert_eq!(lines, ["PATCH ns/replicatedvolumes/data remove /metadata/finalizers/0"]);
     assert_eq!(action, Action::await_change());

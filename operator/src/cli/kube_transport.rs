@@ -216,7 +216,19 @@ impl Transport for KubeTransport {
             groups.items.iter().map(|g| group_view(g, &volumes.items, Vec::new())).collect();
         views.sort_by(|a, b| a.key.cmp(&b.key));
         let errors = views.iter().filter_map(|v| v.error.clone()).collect();
-        Ok(GroupsOverview { groups: views, errors })
+        let deleting_volumes = volumes
+            .items
+            .iter()
+            .filter(|v| v.metadata.deletion_timestamp.is_some())
+            .filter_map(|v| {
+                let blocked = v.status.as_ref().and_then(|s| {
+                    hapair_crds::condition::find(&s.conditions, hapair_crds::condition::types::DELETION_BLOCKED)
+                })?;
+                let key = GroupKey::new(v.namespace().unwrap_or_default(), v.name_any());
+                Some(format!("{key}: {}", blocked.message))
+            })
+            .collect();
+        Ok(GroupsOverview { groups: views, errors, deleting_volumes })
     }
 
     async fn group(&self, key: &GroupKey) -> Result<GroupView, CliError> {
@@ -368,6 +380,50 @@ mod tests {
     }
 
     const PATH: &str = "/apis/hapair.dev/v1alpha1/namespaces/db/hagroups/pg";
+
+    #[tokio::test]
+    async fn status_lists_volumes_whose_deletion_waits_with_the_reason() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let transport = KubeTransport::new(Client::new(service, "db"));
+        let cli = tokio::spawn(async move { transport.groups().await });
+        let list = |kind: &str, items: Vec<Value>| json!({"apiVersion": "hapair.dev/v1alpha1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items});
+        expect(
+            &mut handle,
+            Method::GET,
+            "/apis/hapair.dev/v1alpha1/hagroups",
+            list("HaGroupList", vec![group(json!({}), json!({}))]),
+        )
+        .await;
+        let volume = |name: &str, deleting: bool, message: &str| {
+            let mut v = json!({
+                "apiVersion": "hapair.dev/v1alpha1",
+                "kind": "ReplicatedVolume",
+                "metadata": {"name": name, "namespace": "db"},
+                "spec": {"group": "pg", "size": "1Gi", "backing": [{"node": "db1", "path": "/a"}, {"node": "db2", "path": "/b"}]},
+                "status": {"conditions": [{"type": "DeletionBlocked", "status": "True", "reason": "Wiping", "message": message, "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+            });
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            v
+        };
+        let items = vec![
+            volume("old", true, "deletion waits: erasing the replicas; waiting for db2 (no answer yet)"),
+            volume("live", false, "stale"),
+        ];
+        expect(
+            &mut handle,
+            Method::GET,
+            "/apis/hapair.dev/v1alpha1/replicatedvolumes",
+            list("ReplicatedVolumeList", items),
+        )
+        .await;
+        let overview = cli.await.unwrap().unwrap();
+        assert_eq!(
+            overview.deleting_volumes,
+            ["db/old: deletion waits: erasing the replicas; waiting for db2 (no answer yet)"]
+        );
+    }
 
     #[tokio::test]
     async fn an_action_is_an_annotation_written_by_compare_and_swap_then_read_back_from_the_status() {

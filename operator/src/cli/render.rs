@@ -103,6 +103,12 @@ pub fn status(overview: &GroupsOverview) -> String {
             let _ = writeln!(out, "  {error}");
         }
     }
+    if !overview.deleting_volumes.is_empty() {
+        out.push_str("\nVolumes being deleted:\n");
+        for volume in &overview.deleting_volumes {
+            let _ = writeln!(out, "  {volume}");
+        }
+    }
     out
 }
 
@@ -363,6 +369,9 @@ mod tests {
         let overview = GroupsOverview {
             groups: vec![group()],
             errors: vec!["g.yaml (document 1), HaGroup db/x: spec: bad".into()],
+            deleting_volumes: vec![
+                "db/old: erasing the replicas (deletionPolicy: Wipe); waiting for db2 (no answer yet)".into(),
+            ],
         };
         let text = status(&overview);
         let lines: Vec<&str> = text.lines().collect();
@@ -373,6 +382,10 @@ mod tests {
         );
         assert!(text.contains("Refused manifests"), "{text}");
         assert!(text.contains("  g.yaml (document 1), HaGroup db/x: spec: bad"), "{text}");
+        assert!(
+            text.ends_with("\nVolumes being deleted:\n  db/old: erasing the replicas (deletionPolicy: Wipe); waiting for db2 (no answer yet)\n"),
+            "{text}"
+        );
         assert_eq!(status(&GroupsOverview::default()), "No HaGroups.\n");
     }
 
