@@ -339,7 +339,17 @@ def setup_sandbox(scratch: Path) -> None:
     for i, target in enumerate(("/etc", "/usr", "/var", "/root", "/run", "/opt", "/home", str(REPO))):
         if os.path.isdir(target):
             mount_overlay(target, scratch, f"o{i}")
+    # A checkout below /tmp (a CI clone, say) would vanish under the fresh /tmp: park its
+    # overlay in /run (overlaid above) and move it back into the new /tmp.
+    under_tmp = Path("/tmp") in REPO.parents
+    parked = Path("/run/hapair-doctest-checkout")
+    if under_tmp:
+        parked.mkdir(parents=True, exist_ok=True)
+        sh("mount", "--move", str(REPO), str(parked))
     sh("mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp")
+    if under_tmp:
+        REPO.mkdir(parents=True, exist_ok=True)
+        sh("mount", "--move", str(parked), str(REPO))
     sh("ip", "link", "set", "lo", "up")
     sh("ip", "addr", "add", f"{CONTROLLER_ADDRESS}/32", "dev", "lo")
     with open("/etc/hosts", "a") as hosts:
