@@ -86,6 +86,14 @@ fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
     serde_yaml::from_str(yaml).unwrap()
 }
 
+/// GROUP_WITH_VOLUME edited (generation 2) to drop the volume from its flow.
+fn group_without_the_volume() -> HaGroup {
+    let mut edited: HaGroup = parse(GROUP);
+    edited.metadata.generation = Some(2);
+    edited.metadata.finalizers = Some(vec!["hapair.dev/cleanup".into()]);
+    edited
+}
+
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 /// The API server side: objects by URL path, and the requests seen.
@@ -685,9 +693,7 @@ async fn deleting_a_volume_in_use_is_blocked_with_a_condition_until_the_group_dr
     let (_, lines) = h.reconcile_volume(deleting.clone()).await;
     assert!(lines.is_empty(), "{lines:#?}");
     // The group drops the volume from its flow; then the volume may go.
-    let mut edited: HaGroup = parse(GROUP);
-    edited.metadata.generation = Some(2);
-    edited.metadata.finalizers = Some(vec!["hapair.dev/cleanup".into()]);
+    let edited = group_without_the_volume();
     h.put_group(&edited);
     let (_, lines) = h.reconcile(edited).await;
     assert_eq!(
@@ -723,9 +729,7 @@ async fn deleting_a_volume_with_wipe_waits_for_both_nodes_to_erase_it_then_remov
     assert!(h.core.current_config("a").unwrap().wipes.is_empty());
 
     // The group lets go of it: the wipe starts and goes out to both nodes.
-    let mut edited: HaGroup = parse(GROUP);
-    edited.metadata.generation = Some(2);
-    edited.metadata.finalizers = Some(vec!["hapair.dev/cleanup".into()]);
+    let edited = group_without_the_volume();
     h.put_group(&edited);
     let (_, lines) = h.reconcile(edited).await;
     assert_eq!(

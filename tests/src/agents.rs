@@ -222,6 +222,16 @@ pub fn group_spec(witness: &str, extra: &str) -> String {
     )
 }
 
+/// The HaGroup [`GROUP`] as a manifest for a controller: [`group_spec`] with `witness` and
+/// `extra`, under `spec:`.
+pub fn group_manifest(witness: &str, extra: &str) -> String {
+    let spec: String = group_spec(witness, extra).lines().map(|l| format!("{}\n", &l[4..])).collect();
+    let (namespace, name) = GROUP.split_once('/').unwrap_or(("default", GROUP));
+    format!(
+        "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
+    )
+}
+
 /// A desired-config bundle for `node` holding the group [`GROUP`].
 pub fn bundle(node: &str, spec: &BundleSpec) -> String {
     if spec.empty {

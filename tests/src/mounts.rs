@@ -104,7 +104,11 @@ pub struct AttachDirCleanup(pub PathBuf);
 
 impl Drop for AttachDirCleanup {
     fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh");
-        let _ = std::process::Command::new(script).arg("cleanup").env("HAPAIR_ATTACH_DIR", &self.0).output();
+        let _ = std::process::Command::new(attach_script()).arg("cleanup").env("HAPAIR_ATTACH_DIR", &self.0).output();
     }
+}
+
+/// `scripts/nbd-attach-fuse.sh`, the volume step's attach helper where no `/dev/nbd*` exists.
+pub fn attach_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh")
 }

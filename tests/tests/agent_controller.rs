@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hapair_operator::adminapi::GroupsOverview;
-use hapair_tests::agents::{Agent, GROUP, get, group, group_spec, role, status};
+use hapair_tests::agents::{Agent, GROUP, get, group, group_manifest, role, status};
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{C0, TwoServersAndClient};
@@ -22,11 +22,7 @@ fn manifest(flow_log: &Path) -> String {
         "      flow:\n        - name: app\n          exec:\n            start: 'echo \"$HAPAIR_NODE start\" >> {log}'\n            stop: 'echo \"$HAPAIR_NODE stop\" >> {log}'\n",
         log = flow_log.display()
     );
-    let spec: String = group_spec("controller", &flow).lines().map(|l| format!("{}\n", &l[4..])).collect();
-    let (namespace, name) = GROUP.split_once('/').unwrap();
-    format!(
-        "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
-    )
+    group_manifest("controller", &flow)
 }
 
 fn report_role(overview: &GroupsOverview, node: &str) -> Option<String> {

@@ -14,21 +14,16 @@
 //! test's directory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use hapair_tests::agents::{Agent, BundleSpec, GROUP, bundle, group, status, wait_role, write_file};
-use hapair_tests::mounts::AttachDirCleanup;
+use hapair_tests::mounts::{AttachDirCleanup, attach_script};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::TwoServersAndClient;
 
 const UP: Duration = Duration::from_secs(30);
 const FILES: usize = 12;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh").canonicalize().unwrap()
-}
 
 /// Runs `sh -c script` in the mount namespace of process `pid`.
 fn in_mounts_of(pid: u32, script: &str) -> (bool, String) {
@@ -61,7 +56,8 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
     let mount = dir.join("mnt");
     std::fs::create_dir_all(&mount).unwrap();
     let sums = dir.join("sums");
-    let helper = format!("HAPAIR_ATTACH_DIR={} {}", attach_dir.display(), script().display());
+    let helper =
+        format!("HAPAIR_ATTACH_DIR={} {}", attach_dir.display(), attach_script().canonicalize().unwrap().display());
     // Writes once (the first primary): each file fsynced, then the list of checksums.
     let writer = format!(
         "[ -e {sums} ] || {{ for i in $(seq 1 {FILES}); do head -c 300000 /dev/urandom > {m}/f$i && sync {m}/f$i || exit 1; done; (cd {m} && sha256sum f*) > {sums}.tmp && mv {sums}.tmp {sums}; }}",

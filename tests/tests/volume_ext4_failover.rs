@@ -21,7 +21,7 @@ use rand::{Rng, RngCore, SeedableRng};
 const HARNESS: &str = env!("CARGO_BIN_EXE_replica-harness");
 
 fn script() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh").display().to_string()
+    hapair_tests::mounts::attach_script().display().to_string()
 }
 
 fn fuse_attach() -> AttachMethod {

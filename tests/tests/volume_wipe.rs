@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use hapair_agent::replication::store::{self, BackingPlan, MetaLocation, volume_uuid_bytes};
 use hapair_agent::replication::wipe::{Wiped, wipe};
-use hapair_tests::agents::{Agent, GROUP, group, group_spec, role, status};
+use hapair_tests::agents::{Agent, GROUP, group, group_manifest, role, status};
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
-use hapair_tests::mounts::{AttachDirCleanup, LoopGuard};
+use hapair_tests::mounts::{AttachDirCleanup, LoopGuard, attach_script};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{C0, TwoServersAndClient};
 
@@ -32,13 +32,10 @@ const UP: Duration = Duration::from_secs(60);
 const MARKER: &str = "hapair-wipe-test-marker";
 const UUID_KEY: &str = "default/data";
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nbd-attach-fuse.sh").canonicalize().unwrap()
-}
-
-fn group_manifest(dir: &Path) -> String {
+fn manifest(dir: &Path) -> String {
     let attach_dir = dir.join("attach");
-    let helper = format!("HAPAIR_ATTACH_DIR={} {}", attach_dir.display(), script().display());
+    let helper =
+        format!("HAPAIR_ATTACH_DIR={} {}", attach_dir.display(), attach_script().canonicalize().unwrap().display());
     let mount = dir.join("mnt");
     let written = dir.join("written");
     // Once, on the first primary: a 1 MiB file of markers, fsynced, then a flag file.
@@ -51,11 +48,7 @@ fn group_manifest(dir: &Path) -> String {
         "      flow:\n        - name: data\n          volume: {{volumeRef: data, mountPath: {m}, mkfs: true, attachCommand: '{helper} attach', detachCommand: '{helper} detach'}}\n          timeout: 60s\n        - name: writer\n          exec: {{start: '{writer}', stop: 'true'}}\n          timeout: 30s\n",
         m = mount.display()
     );
-    let spec: String = group_spec("controller", &flow).lines().map(|l| format!("{}\n", &l[4..])).collect();
-    let (namespace, name) = GROUP.split_once('/').unwrap();
-    format!(
-        "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
-    )
+    group_manifest("controller", &flow)
 }
 
 fn volume_manifest(dir: &Path, name: &str, port: u16, policy: &str) -> String {
@@ -93,7 +86,7 @@ fn deleting_a_volume_with_deletion_policy_wipe_erases_both_replicas_and_retain_k
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("data.yaml"), volume_manifest(&dir, "data", 7790, "Wipe")).unwrap();
-    let mut controller = Controller::start(&topo.client, C0, &dir, &group_manifest(&dir));
+    let mut controller = Controller::start(&topo.client, C0, &dir, &manifest(&dir));
 
     let mut agents = Vec::new();
     for (node, ns) in [("a", &topo.a), ("b", &topo.b)] {

@@ -162,6 +162,19 @@ fn open_rw(path: &Path) -> Result<File, MetadataError> {
     OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path, "opening"))
 }
 
+/// Reads both superblock slots of a metadata area ending at `meta_len` (at least two slots
+/// long) and chooses between them.
+pub fn read_superblocks(meta: &File, meta_len: u64) -> std::io::Result<SlotChoice> {
+    let read_slot = |offset: u64| -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; SUPERBLOCK_SIZE];
+        meta.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    };
+    let slot0 = Superblock::decode(&read_slot(meta_len - 2 * SUPERBLOCK_SIZE as u64)?);
+    let slot1 = Superblock::decode(&read_slot(meta_len - SUPERBLOCK_SIZE as u64)?);
+    Ok(choose_slot([slot0, slot1]))
+}
+
 /// Opens (and if allowed creates) a backing, validating its metadata against the plan.
 pub fn open(plan: &BackingPlan, format_id_seed: u64) -> Result<Opened, MetadataError> {
     let data_path = plan.data_path.as_path();
@@ -229,8 +242,7 @@ pub fn open(plan: &BackingPlan, format_id_seed: u64) -> Result<Opened, MetadataE
         files.meta().read_exact_at(&mut buf, offset).map_err(io_err(&files.meta_path, "reading metadata"))?;
         Ok(buf)
     };
-    let slot0 = Superblock::decode(&read_block(meta_len - 2 * SUPERBLOCK_SIZE as u64, SUPERBLOCK_SIZE)?);
-    let slot1 = Superblock::decode(&read_block(meta_len - SUPERBLOCK_SIZE as u64, SUPERBLOCK_SIZE)?);
+    let slots = read_superblocks(files.meta(), meta_len).map_err(io_err(&files.meta_path, "reading metadata"))?;
     let truncated = || MetadataError::Truncated {
         path: mp.clone(),
         len: meta_len,
@@ -239,7 +251,7 @@ pub fn open(plan: &BackingPlan, format_id_seed: u64) -> Result<Opened, MetadataE
         kind,
     };
     let too_small = meta_len < if internal { plan.size + meta_len_needed } else { meta_len_needed };
-    let sb = match choose_slot([slot0, slot1]) {
+    let sb = match slots {
         SlotChoice::Valid { sb, .. } => sb,
         SlotChoice::Blank => {
             if too_small {

@@ -15,14 +15,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
 use super::disk::zero_file_range;
-use super::metadata::{SUPERBLOCK_SIZE, SlotChoice, Superblock, choose_slot};
-use super::store::{MetaLocation, uuid_text};
+use super::metadata::{SUPERBLOCK_SIZE, SlotChoice};
+use super::store::{MetaLocation, read_superblocks, uuid_text};
 
 /// What a wipe found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,15 +99,9 @@ pub fn wipe(data_path: &Path, meta: &MetaLocation, volume_uuid: [u8; 16]) -> Res
     if meta_len < slots {
         return Err(WipeError::Unrecognised { path: mp, what: format!("{meta_len} bytes hold no metadata area") });
     }
-    let read_slot = |offset: u64| -> Result<Vec<u8>, WipeError> {
-        let mut buf = vec![0u8; SUPERBLOCK_SIZE];
-        meta_file.read_exact_at(&mut buf, offset).map_err(io_err(&meta_path, "reading metadata"))?;
-        Ok(buf)
-    };
-    let slot0 = Superblock::decode(&read_slot(meta_len - slots)?);
-    let slot1 = Superblock::decode(&read_slot(meta_len - SUPERBLOCK_SIZE as u64)?);
+    let slots = read_superblocks(meta_file, meta_len).map_err(io_err(&meta_path, "reading metadata"))?;
     let unrecognised = |what: String| WipeError::Unrecognised { path: mp.clone(), what };
-    let sb = match choose_slot([slot0, slot1]) {
+    let sb = match slots {
         SlotChoice::Valid { sb, .. } => sb,
         SlotChoice::Blank => {
             return Ok(Wiped::NothingThere(format!(
@@ -146,6 +139,8 @@ pub fn wipe(data_path: &Path, meta: &MetaLocation, volume_uuid: [u8; 16]) -> Res
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
+
     use crate::replication::store::{self, BackingPlan, volume_uuid_bytes};
 
     const SIZE: u64 = 8 << 20;
