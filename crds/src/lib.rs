@@ -13,7 +13,10 @@
 //!   messages of the node API;
 //! - [`crd`]: CRD generation (the `crdgen` binary writes them into the Helm chart);
 //! - [`reference`]: the Markdown field reference generated from the CRD schemas
-//!   (`crdgen --docs` writes it into `docs/reference/`).
+//!   (`crdgen --docs` writes it into `docs/reference/`);
+//! - [`regular_file`]: the one piece of I/O here, reading a file a user points us at
+//!   (a manifest, a bundle) without blocking on a FIFO or reading without bound, so the
+//!   controller and the agents refuse such files alike.
 //!
 //! Reconciling, serving and deciding live elsewhere: in `hapair-operator` and `hapair-agent`.
 
@@ -25,6 +28,7 @@ pub mod manifest;
 pub mod nodeapi;
 pub mod quantity;
 pub mod reference;
+pub mod regular_file;
 pub mod validation;
 pub mod volume;
 

@@ -13,7 +13,7 @@ use kube::Resource;
 use serde::de::DeserializeOwned;
 
 use crate::hagroup::HaGroup;
-use crate::validation::{validate_group, validate_volume};
+use crate::validation::{check_namespace, check_object_name, validate_group, validate_volume};
 use crate::volume::ReplicatedVolume;
 
 /// Namespace given to objects whose manifest names none, as `kubectl apply` does.
@@ -142,6 +142,10 @@ pub fn parse_documents(source: &str, text: &str) -> (Vec<Document>, Vec<Manifest
     use serde::Deserialize;
     let mut documents = Vec::new();
     let mut errors = Vec::new();
+    if let Err(message) = check_bounds(text) {
+        errors.push(ManifestError { file: source.to_string(), index: 0, object: None, field: None, message });
+        return (documents, errors);
+    }
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let error = |object: Option<String>, field: Option<String>, message: String| ManifestError {
@@ -168,6 +172,79 @@ pub fn parse_documents(source: &str, text: &str) -> (Vec<Document>, Vec<Manifest
     (documents, errors)
 }
 
+/// Largest manifest file accepted. The biggest real manifests (a group with dozens of
+/// steps, monitors and VIPs) are a few tens of KiB; a megabyte is already a mistake.
+pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
+
+/// Deepest flow nesting (`[` and `{`) accepted. Real manifests nest a handful of levels.
+/// libyaml's scanner does work proportional to the open flow levels for every token, so
+/// deep nesting costs quadratic time long before serde_yaml's recursion limit refuses it.
+pub const MAX_FLOW_DEPTH: usize = 64;
+
+/// Refuses text that is too large or too deeply nested to be worth handing to the YAML
+/// parser, so a hostile file costs a linear scan and no more.
+pub fn check_bounds(text: &str) -> Result<(), String> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(format!("is {} bytes, more than the {MAX_MANIFEST_BYTES} bytes a manifest may have", text.len()));
+    }
+    check_flow_depth(text)
+}
+
+/// Refuses YAML nested deeper than [`MAX_FLOW_DEPTH`], whatever its size (agents read
+/// bundles far larger than a manifest).
+pub fn check_flow_depth(text: &str) -> Result<(), String> {
+    match flow_depth_beyond(text, MAX_FLOW_DEPTH) {
+        Some((line, column)) => {
+            Err(format!("nests '[' or '{{' more than {MAX_FLOW_DEPTH} levels deep at line {line} column {column}"))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Where flow nesting first exceeds `max`, as 1-based line and column. Quoted scalars and
+/// comments are skipped so brackets inside them do not count; a quote only opens a scalar
+/// where YAML allows one to start, so a stray `'` inside a plain word cannot hide brackets
+/// that the parser will see.
+fn flow_depth_beyond(text: &str, max: usize) -> Option<(usize, usize)> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut comment = false;
+    let mut previous = '\n';
+    for c in text.chars() {
+        column += 1;
+        if c == '\n' {
+            line += 1;
+            column = 0;
+            comment = false;
+        }
+        if comment {
+            previous = c;
+            continue;
+        }
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '#' if previous.is_whitespace() => comment = true,
+                '\'' | '"' if previous.is_whitespace() || "[{,:-".contains(previous) => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > max {
+                        return Some((line, column));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        previous = c;
+    }
+    None
+}
+
 type ObjectError = (Option<String>, Option<String>, String);
 
 /// Decodes and validates one object from its JSON form.
@@ -179,10 +256,15 @@ pub fn parse_object(value: serde_json::Value) -> Result<Object, ObjectError> {
     let kind = map.get("kind").and_then(|v| v.as_str()).unwrap_or("");
     let name = value.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or("");
     let namespace = value.pointer("/metadata/namespace").and_then(|v| v.as_str()).unwrap_or(DEFAULT_NAMESPACE);
-    let label = Some(format!("{kind} {namespace}/{name}"));
+    // The label goes into status, events and terminals, so a hostile name is shown escaped.
+    let label = Some(format!("{} {}/{}", kind.escape_debug(), namespace.escape_debug(), name.escape_debug()));
     if name.is_empty() {
         return Err((label, Some("metadata.name".into()), "is required".into()));
     }
+    // Checked before anything else: a name becomes a key in state, a path in the API and a
+    // label on the nodes, and one that cannot be all three must never get that far.
+    check_object_name(name).map_err(|why| (label.clone(), Some("metadata.name".into()), why))?;
+    check_namespace(namespace).map_err(|why| (label.clone(), Some("metadata.namespace".into()), why))?;
     let expected_group = HaGroup::api_version(&());
     match (api_version, kind) {
         (v, "HaGroup") if v == expected_group => {
@@ -208,7 +290,11 @@ pub fn parse_object(value: serde_json::Value) -> Result<Object, ObjectError> {
         _ => Err((
             label,
             Some("kind".into()),
-            format!("{api_version} {kind} is not a hapair object (expected HaGroup, ReplicatedVolume or v1 Secret)"),
+            format!(
+                "{} {} is not a hapair object (expected HaGroup, ReplicatedVolume or v1 Secret)",
+                api_version.escape_debug(),
+                kind.escape_debug()
+            ),
         )),
     }
 }
@@ -307,5 +393,74 @@ spec:
         assert_eq!(errors[0].field.as_deref(), Some("kind"));
         assert_eq!(docs[0].index, 2);
         assert_eq!(docs[0].object.namespace(), DEFAULT_NAMESPACE);
+    }
+
+    fn group_named(metadata: &str) -> String {
+        format!(
+            "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {metadata}\nspec:\n  nodes:\n  \
+             - {{name: a, heartbeatAddresses: [198.18.1.1]}}\n  - {{name: b, heartbeatAddresses: [198.18.1.2]}}\n"
+        )
+    }
+
+    #[test]
+    fn names_are_refused_as_the_api_server_would_with_the_field_named() {
+        let long = "a".repeat(254);
+        let cases = [
+            (r#"{name: "a/b"}"#.to_string(), "metadata.name", "'/'"),
+            (r#"{name: "a b"}"#.to_string(), "metadata.name", "white space"),
+            (r#"{name: "a\x1b[2Jb"}"#.to_string(), "metadata.name", "control character"),
+            (r#"{name: "Web"}"#.to_string(), "metadata.name", "upper-case"),
+            (r#"{name: "a..b"}"#.to_string(), "metadata.name", "\"..\""),
+            (r#"{name: "-a"}"#.to_string(), "metadata.name", "start and end"),
+            (format!("{{name: {long}}}"), "metadata.name", "254 bytes"),
+            (r#"{name: ok, namespace: "a/b"}"#.to_string(), "metadata.namespace", "'/'"),
+            (r#"{name: ok, namespace: "a.b"}"#.to_string(), "metadata.namespace", "'.'"),
+            (r#"{name: ok, namespace: ""}"#.to_string(), "metadata.namespace", "empty"),
+            (format!("{{name: ok, namespace: {}}}", "n".repeat(64)), "metadata.namespace", "64 bytes"),
+        ];
+        for (metadata, field, why) in cases {
+            let (docs, errors) = parse_documents("names.yaml", &group_named(&metadata));
+            assert!(docs.is_empty(), "{metadata} was accepted");
+            assert_eq!(errors.len(), 1, "{metadata}: {errors:#?}");
+            assert_eq!(errors[0].field.as_deref(), Some(field), "{metadata}");
+            assert!(errors[0].message.contains(why), "{metadata}: {}", errors[0].message);
+        }
+    }
+
+    #[test]
+    fn a_refused_name_is_shown_escaped() {
+        let (_, errors) = parse_documents("names.yaml", &group_named(r#"{name: "x\x1b]0;owned\x07"}"#));
+        let shown = errors[0].to_string();
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+        assert!(shown.contains("\\u{1b}"), "{shown}");
+    }
+
+    #[test]
+    fn good_names_pass() {
+        for metadata in ["{name: web-1.example, namespace: prod-2}", "{name: a}", r#"{name: "0"}"#] {
+            let (docs, errors) = parse_documents("names.yaml", &group_named(metadata));
+            assert_eq!(docs.len(), 1, "{metadata}: {errors:#?}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_files_are_refused_before_parsing() {
+        let (docs, errors) = parse_documents("deep.yaml", &"[".repeat(200_000));
+        assert!(docs.is_empty());
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.contains("more than 64 levels deep at line 1 column 65"), "{}", errors[0]);
+
+        let (_, errors) = parse_documents("big.yaml", &format!("# {}\n", "x".repeat(MAX_MANIFEST_BYTES)));
+        assert!(errors[0].message.contains("more than the 1048576 bytes"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn brackets_in_quotes_and_comments_do_not_count_but_a_stray_quote_hides_none() {
+        let deep = "[".repeat(100);
+        assert_eq!(flow_depth_beyond(&format!("a: '{deep}'\nb: \"{deep}\\\"\"\n# {deep}\n"), 64), None);
+        assert_eq!(flow_depth_beyond(&format!("a: [b'{deep}"), 64), Some((1, 70)));
+        let nested = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert_eq!(flow_depth_beyond(&nested, 64), None);
+        assert!(flow_depth_beyond(&format!("[{nested}]"), 64).is_some());
     }
 }

@@ -63,10 +63,10 @@ impl FromStr for GroupKey {
     type Err = GroupKeyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok(GroupKey::new(ns, name))
-            }
+        // Names never hold a '/', but state written before names were validated may hold a
+        // namespace that does ("a/b"); splitting at the last '/' keeps such state loadable.
+        match s.rsplit_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok(GroupKey::new(ns, name)),
             _ => Err(GroupKeyError(s.to_string())),
         }
     }
@@ -481,9 +481,17 @@ mod tests {
         let key: GroupKey = "db/pg".parse().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(key, GroupKey::new("db", "pg"));
         assert_eq!(serde_json::to_string(&key).ok().as_deref(), Some("\"db/pg\""));
-        for bad in ["pg", "/pg", "db/", "a/b/c"] {
+        for bad in ["pg", "/pg", "db/"] {
             assert!(bad.parse::<GroupKey>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_key_written_before_names_were_validated_still_loads() {
+        let legacy = GroupKey::new("a/b", "pg");
+        let text = serde_json::to_string(&legacy).unwrap_or_else(|e| panic!("{e}"));
+        let back: GroupKey = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, legacy);
     }
 
     #[test]

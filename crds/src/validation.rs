@@ -88,6 +88,61 @@ pub fn is_valid_name(name: &str) -> bool {
         && bytes.last() != Some(&b'-')
 }
 
+/// Longest object name Kubernetes accepts (a DNS-1123 subdomain).
+pub const MAX_OBJECT_NAME: usize = 253;
+
+/// Longest namespace Kubernetes accepts (a DNS-1123 label).
+pub const MAX_NAMESPACE: usize = 63;
+
+/// Checks `metadata.name` as the API server does: a DNS-1123 subdomain of at most 253
+/// bytes. The message names the first thing wrong, so `a/b` is told about its `/`.
+pub fn check_object_name(name: &str) -> Result<(), String> {
+    check_dns_name(name, MAX_OBJECT_NAME, true)
+}
+
+/// Checks `metadata.namespace` as the API server does: a DNS-1123 label of at most 63 bytes.
+pub fn check_namespace(namespace: &str) -> Result<(), String> {
+    check_dns_name(namespace, MAX_NAMESPACE, false)
+}
+
+fn check_dns_name(value: &str, max: usize, dots: bool) -> Result<(), String> {
+    let shape = if dots {
+        "a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit"
+    } else {
+        "a DNS-1123 label: lower-case letters, digits and '-', starting and ending with a letter or digit"
+    };
+    let refuse = |why: String| Err(format!("{value:?} is not valid: {why}; it must be {shape}, at most {max} bytes"));
+    if value.is_empty() {
+        return refuse("it is empty".into());
+    }
+    if value.len() > max {
+        return refuse(format!("it is {} bytes long", value.len()));
+    }
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.')) {
+        let what = match c {
+            '/' => "'/' separates namespace and name".to_string(),
+            c if c.is_control() => format!("control character {:?}", c.escape_default().to_string()),
+            c if c.is_whitespace() => "it contains white space".to_string(),
+            c if c.is_uppercase() => format!("upper-case {c:?}"),
+            c => format!("character {c:?}"),
+        };
+        return refuse(what);
+    }
+    if !dots && value.contains('.') {
+        return refuse("'.' is not allowed here".into());
+    }
+    if value.contains("..") {
+        return refuse("it contains \"..\"".into());
+    }
+    for part in value.split('.') {
+        let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+        if !alnum(part.as_bytes().first()) || !alnum(part.as_bytes().last()) {
+            return refuse("each part must start and end with a letter or digit".into());
+        }
+    }
+    Ok(())
+}
+
 /// Validates one HaGroup spec on its own.
 pub fn validate_group(spec: &HaGroupSpec) -> Result<(), ValidationErrors> {
     let mut c = Collector::default();
