@@ -2,8 +2,11 @@
 //! so a bad bundle from any source (controller bug, hand-edited file) is refused whole.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
+use hapair_crds::manifest::check_flow_depth;
 use hapair_crds::nodeapi::{DesiredConfig, GroupConfig};
+use hapair_crds::regular_file::read_text;
 use hapair_crds::validation::{ValidationErrors, validate_group, validate_references, validate_volume};
 
 /// Why a bundle was refused. Nothing of a refused bundle is applied.
@@ -25,6 +28,17 @@ pub enum BundleError {
     InvalidWipe { index: usize, volume: String, reason: String },
 }
 
+/// Largest bundle file read. A bundle carries every group of one node, with keys and
+/// flows; even hundreds of groups stay far below this.
+pub const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads and decodes a bundle file, refusing a FIFO, a device or an oversized file
+/// without blocking, since the agent reads it on the task that also runs heartbeats.
+pub fn read_file(path: &Path) -> Result<DesiredConfig, String> {
+    let text = read_text(path, MAX_BUNDLE_BYTES).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Decodes a bundle from JSON or YAML text.
 ///
 /// YAML goes through a JSON value first so enums read the same in both forms
@@ -33,6 +47,7 @@ pub fn decode(text: &str) -> Result<DesiredConfig, BundleError> {
     let value: serde_json::Value = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| BundleError::Decode(e.to_string()))?
     } else {
+        check_flow_depth(text).map_err(BundleError::Decode)?;
         serde_yaml::from_str(text).map_err(|e| BundleError::Decode(e.to_string()))?
     };
     serde_path_to_error::deserialize(value).map_err(|e| BundleError::Decode(format!("{}: {}", e.path(), e.inner())))
@@ -87,6 +102,7 @@ fn check_group(group: &GroupConfig, node: &str) -> Result<(), BundleError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -173,5 +189,29 @@ groups:
     #[test]
     fn refuses_garbage() {
         assert!(matches!(decode("{nope"), Err(BundleError::Decode(_))));
+    }
+
+    #[test]
+    fn a_fifo_a_device_or_deep_nesting_in_place_of_the_bundle_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("hapair-bundle-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("ok.yaml");
+        std::fs::write(&ok, BUNDLE).unwrap();
+        assert_eq!(read_file(&ok).map(|b| b.revision), Ok(3));
+
+        let fifo = dir.join("fifo.yaml");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert_eq!(read_file(&fifo).unwrap_err(), format!("{}: is a FIFO, not a regular file", fifo.display()));
+        assert_eq!(
+            read_file(Path::new("/dev/zero")).unwrap_err(),
+            "/dev/zero: is a character device, not a regular file"
+        );
+
+        let deep = dir.join("deep.yaml");
+        std::fs::write(&deep, format!("node: {}", "[".repeat(100_000))).unwrap();
+        let err = read_file(&deep).unwrap_err();
+        assert!(err.contains("more than 64 levels deep"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -157,8 +157,7 @@ fn command(cli: Cli) -> anyhow::Result<()> {
             run(hapair_agent::runtime::RunOptions { config, config_path: Some(path) })
         }
         Command::CheckConfig { config, node } => {
-            let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-            let bundle = hapair_agent::bundle::decode(&text).with_context(|| config.display().to_string())?;
+            let bundle = hapair_agent::bundle::read_file(&config).map_err(anyhow::Error::msg)?;
             let node = node.unwrap_or_else(|| bundle.node.clone());
             hapair_agent::bundle::check(&bundle, &node).with_context(|| config.display().to_string())?;
             println!("{}: revision {} for node {node}", config.display(), bundle.revision);

@@ -213,13 +213,10 @@ async fn wait_until_runnable(
                 }
             }
             Source::BundleFile { node, .. } if !node.is_empty() => return Some((options.config, node, None)),
-            Source::BundleFile { path, .. } => match std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| crate::bundle::decode(&t).map_err(|e| e.to_string()))
-            {
+            Source::BundleFile { path, .. } => match crate::bundle::read_file(&path) {
                 Ok(bundle) if !bundle.node.is_empty() => return Some((options.config, bundle.node, None)),
                 Ok(_) => format!("{}: the bundle names no node and none is configured", path.display()),
-                Err(e) => format!("{}: {e}", path.display()),
+                Err(e) => e,
             },
             Source::NotEnrolled => "not enrolled: run `hapair-agent enroll` (or configure bundleFile)".to_string(),
         };

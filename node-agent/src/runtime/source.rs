@@ -5,7 +5,7 @@
 //! engines never know which source is in use, so another source needs no change there.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -119,13 +119,10 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn read(path: &PathBuf) -> SourceEvent {
-    match std::fs::read_to_string(path) {
-        Ok(text) => match crate::bundle::decode(&text) {
-            Ok(bundle) => SourceEvent::Bundle(Box::new(bundle)),
-            Err(e) => SourceEvent::Unreadable(format!("{}: {e}", path.display())),
-        },
-        Err(e) => SourceEvent::Unreadable(format!("{}: {e}", path.display())),
+fn read(path: &Path) -> SourceEvent {
+    match crate::bundle::read_file(path) {
+        Ok(bundle) => SourceEvent::Bundle(Box::new(bundle)),
+        Err(e) => SourceEvent::Unreadable(e),
     }
 }
 
