@@ -8,8 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use hapair_crds::manifest::{Document, ManifestError, Object, parse_documents};
+use hapair_crds::manifest::{Document, MAX_MANIFEST_BYTES, ManifestError, Object, parse_documents};
 use hapair_crds::nodeapi::GroupKey;
+use hapair_crds::regular_file::read_text;
 use hapair_crds::validation::{FieldError, ValidationErrors, validate_references, validate_volume_group};
 use hapair_crds::{HaGroup, ReplicatedVolume};
 use k8s_openapi::api::core::v1::Secret;
@@ -43,68 +44,137 @@ pub enum CatalogError {
     ReadDir { path: PathBuf, source: std::io::Error },
 }
 
+/// The file each object was last loaded from. When two files define the same object, the
+/// one that already held it keeps it: a copy dropped into the directory must never take
+/// over (or, once refused, delete) a running group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Incumbents {
+    #[serde(default)]
+    pub groups: BTreeMap<GroupKey, String>,
+    #[serde(default)]
+    pub volumes: BTreeMap<GroupKey, String>,
+}
+
+impl Incumbents {
+    /// The incumbents after loading `catalog`: the files its objects came from, plus the
+    /// remembered file of any object missing because its file has a refused document (it
+    /// is still that file's once the typo is fixed).
+    pub fn after(&self, catalog: &Catalog) -> Incumbents {
+        let next = |known: &BTreeMap<GroupKey, String>, live: BTreeMap<GroupKey, String>| {
+            let mut next: BTreeMap<GroupKey, String> = known
+                .iter()
+                .filter(|(key, file)| !live.contains_key(*key) && refusal_in_file(&catalog.errors, file).is_some())
+                .map(|(key, file)| (key.clone(), file.clone()))
+                .collect();
+            next.extend(live);
+            next
+        };
+        let files = |(key, origin): (&GroupKey, &Origin)| (key.clone(), origin.file.clone());
+        Incumbents {
+            groups: next(&self.groups, catalog.groups.iter().map(|(k, (_, o))| files((k, o))).collect()),
+            volumes: next(&self.volumes, catalog.volumes.iter().map(|(k, (_, o))| files((k, o))).collect()),
+        }
+    }
+}
+
 impl Catalog {
     /// Loads every `*.yaml` / `*.yml` file of `dir` (not recursive; hidden files skipped).
-    pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogError> {
-        let read_err = |source| CatalogError::ReadDir { path: dir.to_path_buf(), source };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(read_err)?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
-            })
+    ///
+    /// Files are taken oldest first, so that without an incumbent the older of two
+    /// duplicates wins and the newer file is the one reported. Anything that is not a
+    /// regular file of at most [`MAX_MANIFEST_BYTES`] is refused as an error in that file,
+    /// without blocking.
+    pub fn load_dir(dir: &Path, incumbents: &Incumbents) -> Result<Catalog, CatalogError> {
+        let mut files: Vec<(Option<std::time::SystemTime>, PathBuf)> = manifest_files(dir)
+            .map_err(|source| CatalogError::ReadDir { path: dir.to_path_buf(), source })?
+            .into_iter()
+            .map(|p| (std::fs::metadata(&p).and_then(|m| m.modified()).ok(), p))
             .collect();
         files.sort();
         let mut sources = Vec::with_capacity(files.len());
         let mut errors = Vec::new();
-        for file in files {
-            match std::fs::read_to_string(&file) {
+        for (_, file) in files {
+            match read_text(&file, MAX_MANIFEST_BYTES) {
                 Ok(text) => sources.push((file.display().to_string(), text)),
                 Err(e) => errors.push(ManifestError {
                     file: file.display().to_string(),
                     index: 0,
                     object: None,
                     field: None,
-                    message: format!("cannot read: {e}"),
+                    message: e.to_string(),
                 }),
             }
         }
-        let mut catalog = Catalog::from_sources(sources.iter().map(|(f, t)| (f.as_str(), t.as_str())));
-        errors.append(&mut catalog.errors);
-        catalog.errors = errors;
+        let catalog =
+            Catalog::from_sources_with(sources.iter().map(|(f, t)| (f.as_str(), t.as_str())), incumbents, errors);
         Ok(catalog)
     }
 
-    /// Builds a catalog from in-memory sources `(name, yaml text)`.
+    /// Builds a catalog from in-memory sources `(name, yaml text)`; the first of two
+    /// duplicates wins.
     pub fn from_sources<'a>(sources: impl IntoIterator<Item = (&'a str, &'a str)>) -> Catalog {
-        let mut catalog = Catalog::default();
+        Catalog::from_sources_with(sources, &Incumbents::default(), Vec::new())
+    }
+
+    /// Builds a catalog from sources in order of age, `errors` being those already found
+    /// while reading them. Of two duplicates, the one in the incumbent's file wins, else
+    /// the first. While the incumbent's file has a refused document, a duplicate elsewhere
+    /// is refused too: a typo must not hand a group to a stray copy.
+    fn from_sources_with<'a>(
+        sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+        incumbents: &Incumbents,
+        errors: Vec<ManifestError>,
+    ) -> Catalog {
+        let mut catalog = Catalog { errors, ..Catalog::default() };
         let mut documents: Vec<Document> = Vec::new();
         for (name, text) in sources {
             let (docs, mut errors) = parse_documents(name, text);
             documents.extend(docs);
             catalog.errors.append(&mut errors);
         }
+        let incumbent_file = |doc: &Document, key: &GroupKey| match &doc.object {
+            Object::Group(_) => incumbents.groups.get(key),
+            Object::Volume(_) => incumbents.volumes.get(key),
+            Object::Secret(_) => None,
+        };
+        // Incumbents first, each kind keeping the order of age among the rest.
+        documents.sort_by_key(|doc| {
+            let key = GroupKey::new(doc.object.namespace(), doc.object.name());
+            incumbent_file(doc, &key) != Some(&doc.source)
+        });
+        let mut refused = Vec::new();
         for doc in documents {
             let key = GroupKey::new(doc.object.namespace(), doc.object.name());
             let origin = Origin { file: doc.source.clone(), index: doc.index };
             let kind = doc.object.kind();
-            let duplicate = |previous: &Origin| ManifestError {
+            let refuse = |message: String| ManifestError {
                 file: doc.source.clone(),
                 index: doc.index,
                 object: Some(format!("{kind} {key}")),
                 field: Some("metadata.name".into()),
-                message: format!("also defined in {} (document {})", previous.file, previous.index),
+                message,
             };
+            let duplicate =
+                |previous: &Origin| refuse(format!("also defined in {} (document {})", previous.file, previous.index));
+            if let Some(home) = incumbent_file(&doc, &key).filter(|home| **home != doc.source)
+                && refusal_in_file(&catalog.errors, home).is_some()
+            {
+                {
+                    refused.push(refuse(format!(
+                        "also defined in {home}, which holds it and has a refused document; fix that file first"
+                    )));
+                    continue;
+                }
+            }
             match doc.object {
                 Object::Group(group) => match catalog.groups.get(&key) {
-                    Some((_, previous)) => catalog.errors.push(duplicate(previous)),
+                    Some((_, previous)) => refused.push(duplicate(previous)),
                     None => {
                         catalog.groups.insert(key, (*group, origin));
                     }
                 },
                 Object::Volume(volume) => match catalog.volumes.get(&key) {
-                    Some((_, previous)) => catalog.errors.push(duplicate(previous)),
+                    Some((_, previous)) => refused.push(duplicate(previous)),
                     None => {
                         catalog.volumes.insert(key, (*volume, origin));
                     }
@@ -114,6 +184,7 @@ impl Catalog {
                 }
             }
         }
+        catalog.errors.append(&mut refused);
         catalog.check_cross_references();
         catalog
     }
@@ -219,9 +290,15 @@ impl Catalog {
         }
     }
 
-    /// Objects of `kind` refused so far.
+    /// Objects of `kind` refused so far. An object that is present is not refused, even if
+    /// an error names it: that error is about a duplicate it won against.
     fn refused(&self, kind: &str) -> BTreeSet<GroupKey> {
-        self.errors.iter().filter_map(|e| refused_object(e, kind)).collect()
+        let present = |key: &GroupKey| match kind {
+            "HaGroup" => self.groups.contains_key(key),
+            "ReplicatedVolume" => self.volumes.contains_key(key),
+            _ => false,
+        };
+        self.errors.iter().filter_map(|e| refused_object(e, kind)).filter(|key| !present(key)).collect()
     }
 
     /// Volume specs of one namespace, by name.
@@ -234,9 +311,28 @@ impl Catalog {
     }
 }
 
+/// The manifest files of `dir`: `*.yaml` and `*.yml`, not hidden, not recursive, in no
+/// particular order.
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+        })
+        .collect())
+}
+
 /// The key of the object of `kind` that `error` refuses.
 pub fn refused_object(error: &ManifestError, kind: &str) -> Option<GroupKey> {
     error.object.as_deref()?.strip_prefix(kind)?.strip_prefix(' ')?.parse().ok()
+}
+
+/// The first refused document of `file`, if any. Objects read from the API server have no
+/// file: there an error about one object never stands for another, and only an error that
+/// names no object at all (the whole snapshot unreadable) holds them.
+pub fn refusal_in_file<'a>(errors: &'a [ManifestError], file: &str) -> Option<&'a ManifestError> {
+    errors.iter().find(|e| e.file == file && (!file.is_empty() || e.object.is_none()))
 }
 
 /// The volumes a group refers to, with the field that names each.
@@ -269,6 +365,7 @@ fn error_for(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -378,5 +475,81 @@ spec:
             "{error}"
         );
         assert_eq!(catalog.volumes.len(), 1);
+    }
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hapair-catalog-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn age(path: &Path, seconds_ago: u64) {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(seconds_ago)).unwrap();
+    }
+
+    #[test]
+    fn the_older_file_wins_a_duplicate_and_the_newer_is_reported() {
+        let dir = scratch_dir("older");
+        std::fs::write(dir.join("g.yaml"), GROUP).unwrap();
+        std::fs::write(dir.join("z-old.yaml"), VOLUME).unwrap();
+        std::fs::write(dir.join("a-new.yaml"), VOLUME).unwrap();
+        age(&dir.join("z-old.yaml"), 3600);
+        let catalog = Catalog::load_dir(&dir, &Incumbents::default()).unwrap();
+        let key = GroupKey::new("ns", "data");
+        assert!(catalog.volumes[&key].1.file.ends_with("z-old.yaml"));
+        assert_eq!(catalog.errors.len(), 1, "{:?}", catalog.errors);
+        assert!(catalog.errors[0].file.ends_with("a-new.yaml"));
+        assert!(catalog.errors[0].message.contains("z-old.yaml"), "{}", catalog.errors[0]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_file_that_holds_an_object_keeps_it_even_when_edited_last() {
+        let key = GroupKey::new("ns", "data");
+        let incumbents = Incumbents { volumes: [(key.clone(), "b.yaml".to_string())].into(), ..Incumbents::default() };
+        let catalog = Catalog::from_sources_with(
+            [("a.yaml", VOLUME), ("b.yaml", VOLUME), ("g.yaml", GROUP)],
+            &incumbents,
+            Vec::new(),
+        );
+        assert_eq!(catalog.volumes[&key].1.file, "b.yaml");
+        assert_eq!(catalog.errors.len(), 1, "{:?}", catalog.errors);
+        assert_eq!(catalog.errors[0].file, "a.yaml");
+        assert_eq!(incumbents.after(&catalog).volumes, incumbents.volumes);
+        assert_eq!(
+            incumbents.after(&catalog).groups.get(&GroupKey::new("ns", "g")).map(String::as_str),
+            Some("g.yaml")
+        );
+    }
+
+    #[test]
+    fn a_copy_never_takes_over_while_the_holding_file_has_a_typo() {
+        let key = GroupKey::new("ns", "g");
+        let incumbents =
+            Incumbents { groups: [(key.clone(), "pair.yaml".to_string())].into(), ..Incumbents::default() };
+        let typo = format!("{}---\n{}", GROUP.replace("kind: HaGroup", "kind: HAGroup"), VOLUME);
+        let catalog =
+            Catalog::from_sources_with([("pair.yaml", typo.as_str()), ("copy.yaml", GROUP)], &incumbents, Vec::new());
+        assert!(catalog.groups.is_empty());
+        let refused: Vec<_> = catalog.errors.iter().filter(|e| e.file == "copy.yaml").collect();
+        assert_eq!(refused.len(), 1, "{:?}", catalog.errors);
+        assert!(refused[0].message.contains("pair.yaml, which holds it and has a refused document"), "{}", refused[0]);
+        // The group is still pair.yaml's once the typo is fixed.
+        assert_eq!(incumbents.after(&catalog).groups.get(&key).map(String::as_str), Some("pair.yaml"));
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_among_the_manifests_is_refused_without_blocking() {
+        let dir = scratch_dir("fifo");
+        std::fs::write(dir.join("g.yaml"), GROUP).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(dir.join("v.yaml")).status().unwrap().success());
+        std::fs::create_dir(dir.join("d.yaml")).unwrap();
+        let catalog = Catalog::load_dir(&dir, &Incumbents::default()).unwrap();
+        let of = |name: &str| catalog.errors.iter().find(|e| e.file.ends_with(name)).map(|e| e.message.clone());
+        assert_eq!(of("v.yaml").as_deref(), Some("is a FIFO, not a regular file"));
+        assert_eq!(of("d.yaml").as_deref(), Some("is a directory, not a regular file"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

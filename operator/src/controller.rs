@@ -556,6 +556,13 @@ impl<S: Store> Controller<S> {
                 group_writes.push((key.clone(), None));
             }
         }
+        // Events kept from before a restart of a group that has since gone (no status to
+        // remove) are dropped the same way, or they would stay for ever.
+        for key in core.events.groups() {
+            if only.is_none() && !core.reconciled.groups.contains_key(key) && !core.statuses.groups.contains_key(key) {
+                group_writes.push((key.clone(), None));
+            }
+        }
         for key in core.statuses.volumes.keys() {
             if only.is_none() && !live_volumes.contains(key) {
                 volume_writes.push((key.clone(), None));

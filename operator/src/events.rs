@@ -29,6 +29,41 @@ impl GroupEvent {
     }
 }
 
+/// Longest event message kept, in bytes. Agents quote probe output and command errors;
+/// a kilobyte says what went wrong, and a hostile or broken agent cannot fill the ring's
+/// memory and `events.json` with megabytes per event.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Longest reason, node name or time kept, in bytes (they are short words by design).
+pub const MAX_WORD: usize = 253;
+
+impl GroupEvent {
+    /// The event with every text field cut to its limit, marked where it was cut.
+    fn bounded(mut self) -> GroupEvent {
+        truncate(&mut self.event.message, MAX_MESSAGE);
+        truncate(&mut self.event.reason, MAX_WORD);
+        truncate(&mut self.event.time, MAX_WORD);
+        if let Some(node) = &mut self.node {
+            truncate(node, MAX_WORD);
+        }
+        self
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, ending in "…".
+fn truncate(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    const MARK: &str = "…";
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MARK);
+}
+
 /// Bounded per-group event history.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct EventRing {
@@ -50,6 +85,7 @@ impl EventRing {
     /// Appends `event` unless the very same event is already among the recent ones (an agent
     /// re-sending a report whose reply it lost). Returns whether it was added.
     pub fn push(&mut self, key: &GroupKey, event: GroupEvent) -> bool {
+        let event = event.bounded();
         let ring = self.groups.entry(key.clone()).or_default();
         if ring.iter().rev().take(self.capacity).any(|e| *e == event) {
             return false;
@@ -66,8 +102,14 @@ impl EventRing {
         self.groups.get(key).map(|r| r.iter().cloned().collect()).unwrap_or_default()
     }
 
-    pub fn forget(&mut self, key: &GroupKey) {
-        self.groups.remove(key);
+    /// Drops a group's events; whether it had any.
+    pub fn forget(&mut self, key: &GroupKey) -> bool {
+        self.groups.remove(key).is_some()
+    }
+
+    /// The groups that have events.
+    pub fn groups(&self) -> impl Iterator<Item = &GroupKey> {
+        self.groups.keys()
     }
 }
 
@@ -111,5 +153,23 @@ mod tests {
         let json = serde_json::to_string(&ring).unwrap_or_default();
         let back: EventRing = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
         assert_eq!(back, ring);
+    }
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        let key = GroupKey::new("default", "g");
+        let mut ring = EventRing::new(2);
+        let mut huge =
+            GroupEvent::controller("t".into(), EventType::Warning, &"R".repeat(10_000), "é".repeat(1_000_000));
+        huge.node = Some("n".repeat(10_000));
+        assert!(ring.push(&key, huge));
+        let kept = &ring.recent(&key)[0];
+        assert!(kept.event.message.len() <= MAX_MESSAGE && kept.event.message.ends_with('…'));
+        assert!(kept.event.message.starts_with("éé"));
+        assert!(kept.event.reason.len() <= MAX_WORD);
+        assert!(kept.node.as_ref().is_some_and(|n| n.len() <= MAX_WORD));
+        let mut short = "abc".to_string();
+        truncate(&mut short, 3);
+        assert_eq!(short, "abc");
     }
 }

@@ -5,7 +5,7 @@
 //! `state.json` (controller state, mode 0600: it holds generated heartbeat keys),
 //! `status.json` (group and volume statuses), `events.json` (recent events per group),
 //! `generations.json` (the `metadata.generation` this store assigns, since no API server
-//! does it here).
+//! does it here, and which file holds each object, to settle duplicates).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::atomic_file::{read_json, write_json};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Incumbents};
 use crate::events::{EventRing, GroupEvent};
 use crate::revision::hex;
 use crate::state::ControllerState;
@@ -35,6 +35,10 @@ struct Generations {
     groups: BTreeMap<GroupKey, (String, i64)>,
     #[serde(default)]
     volumes: BTreeMap<GroupKey, (String, i64)>,
+    /// Which file holds each object, so a duplicate added later never wins, even across
+    /// a restart.
+    #[serde(default)]
+    incumbents: Incumbents,
 }
 
 #[derive(Debug)]
@@ -111,10 +115,16 @@ fn next_generation(book: &mut BTreeMap<GroupKey, (String, i64)>, key: &GroupKey,
 
 impl Store for FileStore {
     async fn snapshot(&self) -> Result<Catalog, StoreError> {
-        let mut catalog = Catalog::load_dir(&self.manifests)?;
+        let incumbents = self.lock().generations.incumbents.clone();
+        let mut catalog = Catalog::load_dir(&self.manifests, &incumbents)?;
         let mut changed = false;
         let generations = {
             let mut buffered = self.lock();
+            let next = buffered.generations.incumbents.after(&catalog);
+            if next != buffered.generations.incumbents {
+                buffered.generations.incumbents = next;
+                changed = true;
+            }
             for (key, (group, _)) in catalog.groups.iter_mut() {
                 let (generation, bumped) =
                     next_generation(&mut buffered.generations.groups, key, spec_hash(&group.spec));
@@ -154,6 +164,9 @@ impl Store for FileStore {
             None => buffered.statuses.groups.remove(key).is_some(),
         };
         buffered.statuses_dirty |= changed;
+        if status.is_none() && buffered.events.forget(key) {
+            buffered.events_dirty = true;
+        }
         Ok(())
     }
 

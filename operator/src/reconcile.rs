@@ -417,6 +417,87 @@ spec:
         assert!(bundle(&out, "b").wipes.is_empty() && !state.volume_uuids.contains_key(&data));
     }
 
+    /// The typos a user makes in a manifest that held a running group, each of which once
+    /// read as "the group is gone".
+    type Typo = (&'static str, fn(&str) -> String);
+
+    fn typos() -> [Typo; 5] {
+        [
+            ("kind", |doc| {
+                doc.replacen("kind: HaGroup", "kind: HAGroup", 1).replacen(
+                    "kind: ReplicatedVolume",
+                    "kind: ReplicatedVol",
+                    1,
+                )
+            }),
+            ("apiVersion", |doc| doc.replacen("hapair.dev/v1alpha1", "hapair.dev/v1alpha", 1)),
+            ("metadata key", |doc| doc.replacen("metadata:", "metdata:", 1)),
+            ("namespace key", |doc| doc.replacen("namespace: ns", "namepsace: ns", 1)),
+            ("YAML error", |doc| doc.replacen("spec:\n", "spec:\n  nodes: [unclosed\n", 1)),
+        ]
+    }
+
+    #[test]
+    fn a_typo_in_a_running_groups_file_neither_deletes_nor_wipes_also_after_a_restart() {
+        let wipe_volume = VOLUME.replace("  size: 1Gi\n", "  size: 1Gi\n  deletionPolicy: Wipe\n");
+        for (class, typo) in typos() {
+            for (culprit, group_doc, volume_doc) in
+                [("group", typo(GROUP), wipe_volume.clone()), ("volume", GROUP.to_string(), typo(&wipe_volume))]
+            {
+                let label = format!("{class} typo in the {culprit}");
+                let good = format!("{GROUP}---{wipe_volume}");
+                let broken = format!("{group_doc}---{volume_doc}");
+                let mut state = ControllerState::default();
+                let first = reconcile(&catalog(&[("pair.yaml", &good), ("o.yaml", OTHER)]), &mut state, 0, &mut rng());
+                assert!(first.errors.is_empty(), "{label}: {:?}", first.errors);
+                for now in 1..4 {
+                    // The nodes would confirm a cleanup at once if one were asked of them.
+                    for node in ["a", "b"] {
+                        note_cleaned_up(&mut state, &key(), node);
+                    }
+                    let out =
+                        reconcile(&catalog(&[("pair.yaml", &broken), ("o.yaml", OTHER)]), &mut state, now, &mut rng());
+                    assert!(!out.errors.is_empty(), "{label}: the typo must be reported");
+                    assert!(out.changed.is_empty(), "{label}: nothing may change on the nodes");
+                    assert_eq!(out.bundles, first.bundles, "{label}");
+                    assert!(out.deletion_started.is_empty() && out.volumes == Retirement::default(), "{label}");
+                    let plan = out.groups.get(&key()).unwrap_or_else(|| panic!("{label}: group dropped"));
+                    assert!(plan.config.is_some() && !plan.deleting && plan.error.is_some(), "{label}: {plan:?}");
+                }
+                // A restart: the state goes through JSON, the catalog is read afresh.
+                let json = serde_json::to_string(&state).unwrap_or_else(|e| panic!("{e}"));
+                let mut restored: ControllerState = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+                let out =
+                    reconcile(&catalog(&[("pair.yaml", &broken), ("o.yaml", OTHER)]), &mut restored, 9, &mut rng());
+                assert_eq!(out.bundles, first.bundles, "{label}, after a restart");
+                assert!(restored.deleting.is_empty() && restored.wiping.is_empty(), "{label}, after a restart");
+                // The fix goes in: still the same group, nothing moved.
+                let out =
+                    reconcile(&catalog(&[("pair.yaml", &good), ("o.yaml", OTHER)]), &mut restored, 10, &mut rng());
+                assert!(out.changed.is_empty() && out.errors.is_empty(), "{label}: {:?}", out.errors);
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_is_deleted_once_its_file_parses_and_no_longer_names_it() {
+        let mut state = ControllerState::default();
+        let both = format!("{GROUP}---{VOLUME}");
+        reconcile(&catalog(&[("pair.yaml", &both), ("o.yaml", OTHER)]), &mut state, 0, &mut rng());
+        // Renamed in the same file: a different object, so the old one goes.
+        let renamed = both.replace("name: g,", "name: h,").replace("group: g", "group: h");
+        let out = reconcile(&catalog(&[("pair.yaml", &renamed), ("o.yaml", OTHER)]), &mut state, 1, &mut rng());
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.deletion_started, [key()]);
+        // A typo in another file holds only that file's groups.
+        let mut state = ControllerState::default();
+        reconcile(&catalog(&[("pair.yaml", &both), ("o.yaml", OTHER)]), &mut state, 0, &mut rng());
+        let other_typo = OTHER.replace("kind: HaGroup", "kind: HAGroup");
+        let out = reconcile(&catalog(&[("o.yaml", &other_typo)]), &mut state, 1, &mut rng());
+        assert_eq!(out.deletion_started, [key()]);
+        assert!(out.groups.get(&GroupKey::new("ns", "other")).is_some_and(|p| !p.deleting && p.error.is_some()));
+    }
+
     #[test]
     fn pending_actions_ride_in_the_bundles_of_the_groups_nodes() {
         let mut state = ControllerState::default();
@@ -434,7 +515,7 @@ spec:
     #[test]
     fn the_examples_build() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        let catalog = Catalog::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let catalog = Catalog::load_dir(&dir, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
         let mut state = ControllerState::default();
         let out = reconcile(&catalog, &mut state, 0, &mut rng());
         assert!(out.errors.is_empty(), "{:?}", out.errors);

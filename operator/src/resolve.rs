@@ -15,7 +15,7 @@ use hapair_crds::manifest::ManifestError;
 use hapair_crds::nodeapi::GroupKey;
 use rand::RngCore;
 
-use crate::catalog::{Catalog, Origin};
+use crate::catalog::{Catalog, Origin, refusal_in_file};
 use crate::state::{ControllerState, GroupSource};
 
 /// Shortest heartbeat key accepted from a Secret. HMAC-SHA256 takes any length, but a short
@@ -72,14 +72,15 @@ pub fn resolve(catalog: &Catalog, state: &mut ControllerState, rng: &mut dyn Rng
             }
         }
     }
-    // A file that could not be parsed at all names no object: every group last seen in it
-    // keeps running rather than being deleted because of a syntax error.
+    // A refused document may be the group itself under a misspelt kind, apiVersion or
+    // metadata key, or hide it behind a YAML error: whatever it names, every group last
+    // seen in its file keeps running. Only a file that is gone, or whose documents all
+    // parse without naming the group, deletes it.
     for (key, source) in &state.last_good {
         if resolution.live.contains_key(key) {
             continue;
         }
-        let unreadable = resolution.errors.iter().find(|e| e.object.is_none() && e.file == source.origin.file);
-        match unreadable {
+        match refusal_in_file(&resolution.errors, &source.origin.file) {
             Some(error) => {
                 resolution.live.insert(key.clone(), LiveGroup { source: source.clone(), error: Some(error.clone()) });
             }

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use hapair_crds::nodeapi::{GroupKey, WipeReport};
 use hapair_crds::volume::DeletionPolicy;
 
-use crate::catalog::{Catalog, refused_object};
+use crate::catalog::{Catalog, refusal_in_file, refused_object};
 use crate::resolve::referenced_volumes;
 use crate::state::{ControllerState, KnownVolume, Wiping};
 use crate::timestamp::UnixMillis;
@@ -116,13 +116,12 @@ fn volumes_in_use(catalog: &Catalog, state: &ControllerState) -> BTreeSet<GroupK
 }
 
 /// A volume missing from the snapshot is deleted unless its manifest was refused (an error
-/// names it) or the file it was last read from cannot be parsed at all.
+/// names it) or any document of the file it was last read from is refused: a misspelt kind
+/// or metadata key must not erase a replica.
 fn really_gone(catalog: &Catalog, state: &ControllerState, key: &GroupKey) -> bool {
-    let last_file = state.volume_specs.get(key).map(|v| v.origin.file.as_str());
-    !catalog.errors.iter().any(|e| {
-        refused_object(e, "ReplicatedVolume").as_ref() == Some(key)
-            || (e.object.is_none() && Some(e.file.as_str()) == last_file)
-    })
+    let named = catalog.errors.iter().any(|e| refused_object(e, "ReplicatedVolume").as_ref() == Some(key));
+    let held = state.volume_specs.get(key).is_some_and(|v| refusal_in_file(&catalog.errors, &v.origin.file).is_some());
+    !named && !held
 }
 
 #[cfg(test)]

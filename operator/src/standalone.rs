@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hapair_crds::manifest::MAX_MANIFEST_BYTES;
+use hapair_crds::regular_file::read_text;
+
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -84,21 +87,15 @@ pub enum StandaloneError {
 /// Content hash of the manifest files of `dir` (names and bytes), or `None` when it cannot
 /// be listed.
 pub fn directory_fingerprint(dir: &Path) -> Option<String> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
-        })
-        .collect();
+    let mut files = crate::catalog::manifest_files(dir).ok()?;
     files.sort();
     let mut hash = Sha256::new();
     for file in files {
         hash.update(file.to_string_lossy().as_bytes());
         hash.update([0]);
-        match std::fs::read(&file) {
-            Ok(bytes) => hash.update(&bytes),
+        // Read as the catalog reads, so a FIFO put here cannot block the watcher.
+        match read_text(&file, MAX_MANIFEST_BYTES) {
+            Ok(text) => hash.update(text.as_bytes()),
             Err(e) => hash.update(e.to_string().as_bytes()),
         }
         hash.update([0]);

@@ -58,6 +58,7 @@ pub trait Store: Send + Sync + 'static {
     fn load_statuses(&self) -> impl Future<Output = Result<Statuses, StoreError>> + Send;
 
     /// Writes (or with `None` removes) a group's status. May be buffered until [`Store::flush`].
+    /// `None` means the group is gone: its recorded events go with it.
     fn write_group_status(
         &self,
         key: &GroupKey,
