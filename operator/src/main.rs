@@ -15,6 +15,7 @@ use hapair_operator::k8s::term::TermConfig;
 use hapair_operator::k8s::token_secret::TokenSecret;
 use hapair_operator::k8s::{pki_secret, run};
 use hapair_operator::pki::{CA_CERT_FILE, fingerprint};
+use hapair_operator::server::ApiSettings;
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
 use hapair_operator::timestamp::{format_millis, now_millis};
 use hapair_operator::tokens::{TokenFile, enroll_instructions};
@@ -108,6 +109,13 @@ enum Command {
         /// Base URL written into the CLI config (default: https://<first server name>:<port>).
         #[arg(long)]
         advertise: Option<String>,
+        /// Open node API connections at most (0: no limit).
+        #[arg(long, default_value_t = ApiSettings::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Open node API connections at most from one IP address (0: no limit); raise it
+        /// when many agents share an address behind NAT.
+        #[arg(long, default_value_t = ApiSettings::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
+        max_connections_per_client: usize,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
@@ -285,18 +293,29 @@ fn main() -> ExitCode {
             init_logging(args.log_format);
             runtime().and_then(|rt| rt.block_on(run_operator(args)))
         }
-        Command::Plan { manifests } => match Catalog::load_dir(&manifests) {
+        Command::Plan { manifests } => match Catalog::load_dir(&manifests, &Default::default()) {
             Ok(catalog) => {
                 print!("{}", hapair_operator::plan::render(&catalog));
                 return if catalog.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
             }
             Err(e) => Err(e.into()),
         },
-        Command::Standalone { manifests, state, listen, server_names, advertise, log_format } => {
+        Command::Standalone {
+            manifests,
+            state,
+            listen,
+            server_names,
+            advertise,
+            max_connections,
+            max_connections_per_client,
+            log_format,
+        } => {
             init_logging(log_format);
             let mut config = StandaloneConfig::new(&manifests, &state, listen);
             config.server_names = server_names;
             config.advertise = advertise;
+            config.api.max_connections = max_connections;
+            config.api.max_connections_per_client = max_connections_per_client;
             match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime.block_on(standalone(config)),
                 Err(e) => Err(e.into()),

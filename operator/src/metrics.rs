@@ -18,6 +18,11 @@ use prometheus_client::registry::Registry;
 type Labels = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
 
+/// The `reason` labels of `api_connections_refused`.
+pub const API_REFUSAL_REASONS: [&str; 2] = ["total_limit", "client_limit"];
+/// The `phase` labels of `api_timeouts`.
+pub const API_TIMEOUT_PHASES: [&str; 4] = ["handshake", "idle", "header", "body"];
+
 const PHASES: [GroupPhase; 8] = [
     GroupPhase::Pending,
     GroupPhase::Healthy,
@@ -42,6 +47,9 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     leader: Gauge,
     kube_writes: Family<Labels, Counter>,
+    api_connections_refused: Family<Labels, Counter>,
+    api_connections: Gauge,
+    api_timeouts: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -63,6 +71,9 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let leader = Gauge::default();
         let kube_writes = Family::<Labels, Counter>::default();
+        let api_connections_refused = Family::<Labels, Counter>::default();
+        let api_connections = Gauge::default();
+        let api_timeouts = Family::<Labels, Counter>::default();
         registry.register("reconciles", "Reconciles of the desired state", reconciles.clone());
         registry.register("errors", "Errors by category (manifest, store, report, action, tls)", errors.clone());
         registry.register("witness_decisions", "Witness answers by decision", witness.clone());
@@ -76,6 +87,25 @@ impl Metrics {
             "Writes to the Kubernetes API by kind (status, finalizer, annotation, event, state, lease, token)",
             kube_writes.clone(),
         );
+        registry.register(
+            "api_connections_refused",
+            "Node API connections closed at accept, by reason (total_limit, client_limit)",
+            api_connections_refused.clone(),
+        );
+        registry.register("api_connections", "Open node API connections", api_connections.clone());
+        registry.register(
+            "api_timeouts",
+            "Node API connections or requests ended because the client was too slow, by phase (handshake, \
+             idle: kept-alive connection without a request, header: request head, body: request body)",
+            api_timeouts.clone(),
+        );
+        // From 0, so that rate() and alerts work before the first refusal or timeout.
+        for reason in API_REFUSAL_REASONS {
+            let _ = api_connections_refused.get_or_create(&[("reason", reason.to_string())]);
+        }
+        for phase in API_TIMEOUT_PHASES {
+            let _ = api_timeouts.get_or_create(&[("phase", phase.to_string())]);
+        }
         Metrics {
             registry: Mutex::new(registry),
             reconciles,
@@ -87,7 +117,39 @@ impl Metrics {
             reconcile_seconds,
             leader,
             kube_writes,
+            api_connections_refused,
+            api_connections,
+            api_timeouts,
         }
+    }
+
+    /// A node API connection closed at accept; `reason` is one of [`API_REFUSAL_REASONS`].
+    pub fn api_connection_refused(&self, reason: &str) {
+        self.api_connections_refused.get_or_create(&[("reason", reason.to_string())]).inc();
+    }
+
+    /// Node API connections closed at accept so far, for this reason.
+    pub fn api_connections_refused(&self, reason: &str) -> u64 {
+        self.api_connections_refused.get_or_create(&[("reason", reason.to_string())]).get()
+    }
+
+    pub fn set_api_connections(&self, open: usize) {
+        self.api_connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// Open node API connections.
+    pub fn api_connections(&self) -> i64 {
+        self.api_connections.get()
+    }
+
+    /// A client too slow in `phase`, one of [`API_TIMEOUT_PHASES`].
+    pub fn api_timeout(&self, phase: &str) {
+        self.api_timeouts.get_or_create(&[("phase", phase.to_string())]).inc();
+    }
+
+    /// Slow-client timeouts so far in `phase`.
+    pub fn api_timeouts(&self, phase: &str) -> u64 {
+        self.api_timeouts.get_or_create(&[("phase", phase.to_string())]).get()
     }
 
     pub fn reconciled(&self) {
@@ -174,11 +236,20 @@ mod tests {
         metrics.reconcile_duration(Duration::from_millis(3));
         metrics.set_leader(true);
         metrics.kube_write("status");
+        let fresh = metrics.render();
+        assert!(fresh.contains("hapair_controller_api_connections_refused_total{reason=\"total_limit\"} 0"), "{fresh}");
+        assert!(fresh.contains("hapair_controller_api_timeouts_total{phase=\"idle\"} 0"), "{fresh}");
+        metrics.api_connection_refused("client_limit");
+        metrics.set_api_connections(7);
+        metrics.api_timeout("body");
         let text = metrics.render();
         assert!(text.contains("hapair_controller_reconcile_duration_seconds_count 1"), "{text}");
         assert!(text.contains("hapair_controller_leader 1"), "{text}");
         assert!(text.contains("hapair_controller_kube_writes_total{kind=\"status\"} 1"), "{text}");
         assert!(text.contains("hapair_controller_reconciles_total 1"), "{text}");
+        assert!(text.contains("hapair_controller_api_connections_refused_total{reason=\"client_limit\"} 1"), "{text}");
+        assert!(text.contains("hapair_controller_api_connections 7"), "{text}");
+        assert!(text.contains("hapair_controller_api_timeouts_total{phase=\"body\"} 1"), "{text}");
         assert!(
             text.contains("hapair_controller_api_requests_total{endpoint=\"/v1/groups\",code=\"200\"} 1"),
             "{text}"

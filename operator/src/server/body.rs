@@ -47,7 +47,8 @@ impl IntoResponse for ApiFailure {
 }
 
 /// A JSON body of type `T`, at most [`MAX_BODY_BYTES`], decoded with the failing field's
-/// path in the error.
+/// path in the error. A body that does not arrive within the server's body timeout gets a
+/// 408 (see [`super::limits::TimedBody`]).
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -77,7 +78,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
-            Err(e) => return Err(ApiFailure::bad_request(format!("reading the request body: {e}"))),
+            Err(e) => {
+                return Err(match super::limits::find_body_timeout(&*e) {
+                    Some(timeout) => ApiFailure::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("{timeout}; send the whole body without pausing"),
+                    ),
+                    None => ApiFailure::bad_request(format!("reading the request body: {e}")),
+                });
+            }
         };
         let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
         let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {

@@ -16,24 +16,35 @@
 //! the reason; a valid certificate for the wrong node or role → 403. Refused requests change
 //! nothing. Bodies are limited to [`body::MAX_BODY_BYTES`] (413), malformed JSON gets a 400
 //! naming the field, and each client has a request budget (429).
+//!
+//! Slow or numerous clients cannot hold the server: the TLS handshake, an idle kept-alive
+//! connection, the request head and the request body each have a deadline (a body that is
+//! late gets a 408 and the connection is closed), and open connections are capped overall
+//! and per client address — over a cap a new connection is closed at accept (see [`limits`]
+//! and [`ApiSettings`]). The deadlines cover the client's part only: a long-poll may take as
+//! long as its `wait`.
 
 pub mod body;
 pub mod identity;
+pub mod limits;
 pub mod ratelimit;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hapair_crds::nodeapi::{EnrollRequest, EnrollResponse, GroupKey, LeaseRequest, LeaseResponse, NodeReport, paths};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -51,6 +62,7 @@ use crate::store::Store;
 use crate::tokens::{RedeemError, TokenError, TokenRedeemer, check_node_name};
 use body::{ApiFailure, ApiJson};
 use identity::{ClientAuth, PeerIdentity};
+use limits::{ClockedIo, ConnectionClock, ConnectionLimiter, TimedBody};
 use ratelimit::{RateLimiter, RateSettings};
 
 /// Tunables of the node API.
@@ -63,6 +75,49 @@ pub struct ApiSettings {
     pub node_cert_validity: Duration,
     /// A client that has not finished the TLS handshake by then is dropped.
     pub handshake_timeout: Duration,
+    /// A connection without a request in progress — after the handshake or an answer — is
+    /// closed after this. It does not run while a handler works on a request, so long-polls
+    /// are not cut short; it does run while the answer is written, so it also bounds a
+    /// client that does not read its answers.
+    pub idle_timeout: Duration,
+    /// A request head (request line and headers) must be complete within this of its first
+    /// byte; otherwise the connection is closed. A deadline, not an inactivity timer: a
+    /// client sending a byte now and then is cut off all the same.
+    pub header_timeout: Duration,
+    /// A request body must have arrived within this, counted from when the handler starts
+    /// reading it; a late one gets a 408 and the connection is closed. Also a deadline.
+    pub body_timeout: Duration,
+    /// Open connections at most, over all clients; 0 for no limit. Over it, a new
+    /// connection is closed as soon as it is accepted. Lowered at start if the open-file
+    /// limit cannot accommodate it.
+    pub max_connections: usize,
+    /// Open connections at most from one IP address; 0 for no limit.
+    pub max_connections_per_client: usize,
+}
+
+impl ApiSettings {
+    /// Ample for a TLS 1.3 handshake over a slow or lossy link (two round trips).
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// What hyper allowed before (its header timeout ran from the last answer, so it was the
+    /// idle timeout too). Agents re-poll right after an answer, so their connections are
+    /// rarely idle; their pool keeps idle connections longer (90 s) but notices a close.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Agents send a request's head, a few hundred bytes, in one write: ample even over a
+    /// lossy link, and it is what a client trickling a head gets.
+    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The largest body (1 MiB) in 30 s needs about 35 KB/s; a node report is far
+    /// smaller, and agents give up on a report after 5 s anyway. With the other deadlines
+    /// this bounds how long a client that trickles bytes holds a connection to about 80 s.
+    pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// An agent holds one long-poll connection plus, at times, one or two for reports and
+    /// leases; 1000 groups (the scale the controller is benchmarked at) are 2000 agents.
+    /// 4096 serves them with room to spare while keeping memory and descriptors bounded.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+    /// One address can then hold at most 1/64 of the server. An agent needs up to three, so
+    /// this leaves room for about twenty agents behind one NAT address; raise it (or set 0)
+    /// where more share an address, e.g. a Kubernetes Service with
+    /// `externalTrafficPolicy: Cluster`, which shows agents as the nodes' addresses.
+    pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 64;
 }
 
 impl Default for ApiSettings {
@@ -71,7 +126,12 @@ impl Default for ApiSettings {
             rate: RateSettings::default(),
             max_wait: Duration::from_secs(60),
             node_cert_validity: crate::pki::LEAF_VALIDITY,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: ApiSettings::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: ApiSettings::DEFAULT_IDLE_TIMEOUT,
+            header_timeout: ApiSettings::DEFAULT_HEADER_TIMEOUT,
+            body_timeout: ApiSettings::DEFAULT_BODY_TIMEOUT,
+            max_connections: ApiSettings::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: ApiSettings::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
         }
     }
 }
@@ -396,6 +456,95 @@ pub fn standby_router(retry_after: Duration) -> Router {
     })
 }
 
+/// The deadlines of one connection.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    handshake: Duration,
+    idle: Duration,
+    header: Duration,
+    body: Duration,
+}
+
+/// One connection: TLS handshake, then HTTP/1 until the client or [`Server::shutdown`] ends it.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    auth: ClientAuth,
+    routes: watch::Receiver<Router>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+    timeouts: Timeouts,
+) {
+    let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.error("tls");
+            debug!(%addr, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.error("tls");
+            metrics.api_timeout("handshake");
+            debug!(%addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = auth.identify(tls.get_ref().1.peer_certificates());
+    let peer = Peer { identity, addr };
+    let clock = ConnectionClock::new();
+    let service_clock = clock.clone();
+    let body_metrics = metrics.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+        // hyper calls this as soon as the head is parsed: from here the handler's time is
+        // its own, and the connection is idle again once it has answered.
+        let handling = service_clock.handler_started();
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(peer.clone());
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let request =
+            Request::from_parts(parts, axum::body::Body::new(TimedBody::new(body, timeouts.body, timed_out.clone())));
+        let app = routes.borrow().clone();
+        let metrics = body_metrics.clone();
+        async move {
+            let _handling = handling;
+            let mut response = app.oneshot(request).await?;
+            if timed_out.load(Ordering::SeqCst) {
+                // The rest of the body may still be on its way: the connection cannot be
+                // reused, and a client this slow should not keep it.
+                metrics.api_timeout("body");
+                debug!(%addr, "request body timed out");
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        // The ConnectionClock does its job (see limits); hyper's would cut idle
+        // connections at the head deadline.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(ClockedIo::new(tls, clock.clone())), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                debug!(%addr, error = %e, "connection ended with an error");
+            }
+        }
+        stall = clock.stalled(timeouts.idle, timeouts.header) => {
+            // Dropping the connection closes the socket; a client this slow, or gone, is
+            // not owed a graceful close.
+            metrics.api_timeout(stall.label());
+            debug!(%addr, phase = stall.label(), "connection closed: client too slow or idle");
+        }
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
+    }
+}
+
 /// A running node API server.
 #[derive(Debug)]
 pub struct Server {
@@ -405,25 +554,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves `api` on `listener` with TLS until [`Server::shutdown`].
+    /// Serves `api` on `listener` with TLS until [`Server::shutdown`], with the connection
+    /// limits and timeouts of its [`ApiSettings`].
     pub fn start<S: Store>(
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         auth: ClientAuth,
         api: Arc<NodeApi<S>>,
     ) -> std::io::Result<Server> {
-        let handshake_timeout = api.settings.handshake_timeout;
+        let settings = api.settings.clone();
         let metrics = api.controller.metrics().clone();
         // The sender may go: a receiver keeps the last router it was given.
         let (_, routes) = watch::channel(router(api));
-        Server::start_routed(listener, tls, auth, routes, metrics, handshake_timeout)
+        Server::start_routed_with(listener, tls, auth, routes, metrics, &settings)
     }
 
-    /// Serves whatever router `routes` holds at the time of each request, so that the
-    /// Kubernetes operator can switch between the leader's node API and
-    /// [`standby_router`] without closing connections. Choosing per request rather than per
-    /// connection matters: a kept-alive connection of an agent must not keep reaching a
-    /// witness that lost its leadership.
+    /// [`Server::start_routed_with`] with the default connection limits and timeouts, but
+    /// for the handshake timeout.
     pub fn start_routed(
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
@@ -432,9 +579,35 @@ impl Server {
         metrics: Arc<Metrics>,
         handshake_timeout: Duration,
     ) -> std::io::Result<Server> {
+        let settings = ApiSettings { handshake_timeout, ..ApiSettings::default() };
+        Server::start_routed_with(listener, tls, auth, routes, metrics, &settings)
+    }
+
+    /// Serves whatever router `routes` holds at the time of each request, so that the
+    /// Kubernetes operator can switch between the leader's node API and
+    /// [`standby_router`] without closing connections. Choosing per request rather than per
+    /// connection matters: a kept-alive connection of an agent must not keep reaching a
+    /// witness that lost its leadership. Of `settings`, the connection limits and timeouts
+    /// apply.
+    pub fn start_routed_with(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        auth: ClientAuth,
+        routes: watch::Receiver<Router>,
+        metrics: Arc<Metrics>,
+        settings: &ApiSettings,
+    ) -> std::io::Result<Server> {
         let local_addr = listener.local_addr()?;
         let (shutdown, mut stop) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let max_connections = limits::fit_fd_limit(settings.max_connections);
+        let limiter = ConnectionLimiter::new(max_connections, settings.max_connections_per_client, metrics.clone());
+        let timeouts = Timeouts {
+            handshake: settings.handshake_timeout,
+            idle: settings.idle_timeout,
+            header: settings.header_timeout,
+            body: settings.body_timeout,
+        };
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, addr) = tokio::select! {
@@ -449,46 +622,20 @@ impl Server {
                         }
                     },
                 };
-                let (acceptor, auth, routes, metrics, mut stop) =
+                let slot = match limiter.admit(addr.ip()) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        // Closed before the handshake: costs a descriptor for a moment, no TLS.
+                        limiter.refused(addr, refused);
+                        drop(tcp);
+                        continue;
+                    }
+                };
+                let (acceptor, auth, routes, metrics, stop) =
                     (acceptor.clone(), auth.clone(), routes.clone(), metrics.clone(), stop.clone());
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            metrics.error("tls");
-                            debug!(%addr, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            metrics.error("tls");
-                            debug!(%addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let identity = auth.identify(tls.get_ref().1.peer_certificates());
-                    let peer = Peer { identity, addr };
-                    let service =
-                        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                            request.extensions_mut().insert(peer.clone());
-                            let app = routes.borrow().clone();
-                            app.oneshot(request)
-                        });
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
-                        .serve_connection(TokioIo::new(tls), service);
-                    let mut connection = std::pin::pin!(connection);
-                    tokio::select! {
-                        result = connection.as_mut() => {
-                            if let Err(e) = result {
-                                debug!(%addr, error = %e, "connection ended with an error");
-                            }
-                        }
-                        _ = stop.changed() => {
-                            connection.as_mut().graceful_shutdown();
-                            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
-                        }
-                    }
+                    serve_connection(tcp, addr, acceptor, auth, routes, metrics, stop, timeouts).await;
+                    drop(slot);
                 });
             }
         });
