@@ -193,7 +193,7 @@ pub async fn run(
         .map_err(|source| K8sError::Io { what: format!("listening on {}", config.node_api_listen), source })?;
     let retry_after = config.election.retry_period;
     let (routes, served) = watch::channel(standby_router(retry_after));
-    let server = Server::start_routed(listener, tls, auth, served, metrics.clone(), config.term.api.handshake_timeout)
+    let server = Server::start_routed_with(listener, tls, auth, served, metrics.clone(), &config.term.api)
         .map_err(|source| K8sError::Io { what: "starting the node API".into(), source })?;
     health.ready.store(true, Ordering::SeqCst);
     if let Some(path) = &config.runtime_file {

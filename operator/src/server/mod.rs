@@ -569,20 +569,6 @@ impl Server {
         Server::start_routed_with(listener, tls, auth, routes, metrics, &settings)
     }
 
-    /// [`Server::start_routed_with`] with the default connection limits and timeouts, but
-    /// for the handshake timeout.
-    pub fn start_routed(
-        listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
-        auth: ClientAuth,
-        routes: watch::Receiver<Router>,
-        metrics: Arc<Metrics>,
-        handshake_timeout: Duration,
-    ) -> std::io::Result<Server> {
-        let settings = ApiSettings { handshake_timeout, ..ApiSettings::default() };
-        Server::start_routed_with(listener, tls, auth, routes, metrics, &settings)
-    }
-
     /// Serves whatever router `routes` holds at the time of each request, so that the
     /// Kubernetes operator can switch between the leader's node API and
     /// [`standby_router`] without closing connections. Choosing per request rather than per
