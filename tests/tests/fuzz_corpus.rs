@@ -1,6 +1,7 @@
 //! Runs the fuzz targets' checks (`fuzz/fuzz_targets`) over every committed corpus file,
-//! so the decoders' corpus is exercised by every CI run without nightly Rust. With
-//! `HAPAIR_WRITE_FUZZ_SEEDS=1` the seed inputs are (re)written first.
+//! so the corpus of the decoders and of the manifest parser is exercised by every CI run
+//! without nightly Rust. With `HAPAIR_WRITE_FUZZ_SEEDS=1` the seed inputs are (re)written
+//! first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -193,4 +194,52 @@ fn nbd_request_corpus_parses_without_panics_and_stays_in_bounds() {
         }
     }
     assert!(commands >= 5, "only {commands} commands parsed from the corpus");
+}
+
+/// The manifest seeds: every example, every invalid-manifest fixture and every hostile one.
+fn write_manifest_seeds(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = [
+        "../examples",
+        "fixtures/invalid",
+        "fixtures/hostile",
+        "fixtures/hostile/typos",
+        "fixtures/hostile/names",
+        "fixtures/hostile/parse",
+    ];
+    for source in sources {
+        for (path, data) in files(&root.join(source)) {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let tag = source.trim_start_matches("../").replace('/', "-");
+            std::fs::write(dir.join(format!("seed-{tag}-{name}")), data).unwrap();
+        }
+    }
+}
+
+#[test]
+fn manifest_parse_corpus_parses_without_panics_and_accepts_only_valid_names() {
+    use hapair_crds::manifest::parse_documents;
+    use hapair_crds::validation::{check_namespace, check_object_name};
+
+    let dir = corpus("manifest_parse");
+    if std::env::var_os("HAPAIR_WRITE_FUZZ_SEEDS").is_some() {
+        write_manifest_seeds(&dir);
+    }
+    let inputs = files(&dir);
+    assert!(inputs.len() >= 30, "the manifest corpus has only {} files", inputs.len());
+    let (mut accepted, mut refused) = (0, 0);
+    for (path, data) in inputs {
+        let Ok(text) = std::str::from_utf8(&data) else { continue };
+        let (documents, errors) = parse_documents("fuzz.yaml", text);
+        for doc in &documents {
+            assert!(check_object_name(doc.object.name()).is_ok(), "{}", path.display());
+            assert!(check_namespace(doc.object.namespace()).is_ok(), "{}", path.display());
+        }
+        assert!(errors.iter().all(|e| e.file == "fuzz.yaml"), "{}", path.display());
+        accepted += documents.len();
+        refused += errors.len();
+    }
+    // The corpus holds both kinds, so both paths are exercised.
+    assert!(accepted >= 5 && refused >= 20, "accepted {accepted}, refused {refused}");
 }
