@@ -117,6 +117,18 @@ pub enum Op {
     WriteZeroes { offset: u64, len: u32, fua: bool, may_trim: bool },
 }
 
+impl Op {
+    /// Bytes of data the command carries (a write's payload) or brings back (a read's):
+    /// what it holds in memory until its reply is sent. Zeroing and trimming carry none.
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Op::Read { len, .. } => u64::from(*len),
+            Op::Write { data, .. } => data.len() as u64,
+            Op::Flush | Op::Trim { .. } | Op::WriteZeroes { .. } => 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Send(Bytes),
@@ -788,6 +800,15 @@ mod tests {
         );
         // Clients that did not ask for block sizes may use any alignment.
         assert!(matches!(feed(&mut s, &req(CMD_READ, 0, 2, 3, 5)).as_slice(), [Action::Execute(_)]));
+    }
+
+    #[test]
+    fn data_len_is_what_a_command_holds_until_answered() {
+        assert_eq!(Op::Read { offset: 0, len: 4096 }.data_len(), 4096);
+        assert_eq!(Op::Write { offset: 0, data: Bytes::from(vec![0; 512]), fua: false }.data_len(), 512);
+        assert_eq!(Op::Flush.data_len(), 0);
+        assert_eq!(Op::Trim { offset: 0, len: 1 << 20, fua: false }.data_len(), 0);
+        assert_eq!(Op::WriteZeroes { offset: 0, len: 1 << 20, fua: false, may_trim: true }.data_len(), 0);
     }
 
     #[test]
