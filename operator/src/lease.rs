@@ -120,4 +120,26 @@ mod tests {
         let release = LeaseRequest { op: LeaseOp::Release, ..request("a") };
         assert!(admit("a", &release, Some(&s), true).is_ok());
     }
+
+    #[test]
+    fn an_admitted_request_with_an_absurd_epoch_is_refused_by_the_witness() {
+        // Admission knows members, not epochs: the authority behind it refuses.
+        let absurd = LeaseRequest { epoch: u64::MAX, ..request("a") };
+        let params = admit("a", &absurd, Some(&spec("controller")), false).unwrap_or_else(|e| panic!("{e}"));
+        let mut authority: Box<dyn LeaseAuthority> = Box::new(crate::witness::Witness::new(Duration::ZERO));
+        authority.restore_epoch(&absurd.group, 41);
+        assert_eq!(
+            authority.handle(Duration::from_secs(10), &absurd, params),
+            LeaseResponse::Denied {
+                holder: None,
+                retry_after_ms: 600,
+                reason: "epoch: 18446744073709551615 from node \"a\" is more than 4294967296 above the highest epoch of HaGroup default/g (41); refused".into(),
+            }
+        );
+        let sane = LeaseRequest { epoch: 2, ..request("a") };
+        assert_eq!(
+            authority.handle(Duration::from_secs(10), &sane, params),
+            LeaseResponse::Granted { holder: "a".into(), ttl_ms: 600, epoch: 42 }
+        );
+    }
 }

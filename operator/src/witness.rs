@@ -23,6 +23,8 @@
 //!   the holder's grant epoch.
 //! - **Restart.** A witness that (re)starts may have forgotten a holder: it grants nothing
 //!   until `ttl·(1+δ)` has passed since it started.
+//! - **No absurd epochs.** A request whose epoch is more than [`MAX_EPOCH_LEAP`] above the
+//!   highest epoch the witness has seen for the group is refused and changes nothing.
 //!
 //! # Epochs across witness restarts
 //!
@@ -35,6 +37,22 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use hapair_crds::nodeapi::{GroupKey, LeaseOp, LeaseRequest, LeaseResponse};
+
+/// How far above the highest epoch the witness has seen for a group a request may name.
+///
+/// Legitimate epochs do run ahead of the witness's: they rise by one per term, and a pair
+/// starts most terms (switchovers, failovers while the heartbeats still work) over its peer
+/// lease without asking the witness, which sees only what it grants and what
+/// [`Witness::restore_epoch`] tells it (nothing, when a group's status was lost). So the
+/// gap is the number of terms since the witness last heard from the group: 2^32 of them is
+/// 136 years at one term a second, more than any pair lives through.
+///
+/// Beyond that the epoch is no term a node can have reached but a bug, a damaged state file
+/// or a hostile node, and granting it would spend the epoch space: at `u64::MAX`,
+/// `highest + 1` saturates and every later term would get the same epoch as the one before,
+/// which breaks the strictly increasing order fencing relies on. With leaps this size,
+/// burning the space from 0 still takes 2^32 consecutive maximal grants.
+pub const MAX_EPOCH_LEAP: u64 = 1 << 32;
 
 /// A group's lease settings, from its `spec.heartbeat`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +134,19 @@ impl Witness {
         };
         if request.node.is_empty() {
             return deny(None, params.ttl, "node: must name the requesting node".into());
+        }
+        // Checked before anything is recorded, releases included: a refused request must
+        // leave the group exactly as it was.
+        let highest = self.groups.get(&request.group).map_or(0, |g| g.epoch);
+        if request.epoch > highest.saturating_add(MAX_EPOCH_LEAP) {
+            return deny(
+                None,
+                params.ttl,
+                format!(
+                    "epoch: {} from node {:?} is more than {MAX_EPOCH_LEAP} above the highest epoch of HaGroup {} ({highest}); refused",
+                    request.epoch, request.node, request.group
+                ),
+            );
         }
         if request.op == LeaseOp::Release {
             if let Some(entry) = self.groups.get_mut(&request.group)
@@ -305,6 +336,58 @@ mod tests {
         let mut d = req("d", LeaseOp::Acquire, 1);
         d.group = GroupKey::new("ns", "other");
         assert!(matches!(w.handle(ms(T0 + 101), &d, PARAMS), LeaseResponse::Granted { .. }));
+    }
+
+    #[test]
+    fn absurd_epochs_are_refused_naming_the_field_and_the_node_and_change_nothing() {
+        let mut w = ready();
+        let g = GroupKey::new("ns", "g");
+        let refused = |epoch: u64, highest: u64| LeaseResponse::Denied {
+            holder: None,
+            retry_after_ms: 800,
+            reason: format!(
+                "epoch: {epoch} from node \"b\" is more than 4294967296 above the highest epoch of HaGroup ns/g ({highest}); refused"
+            ),
+        };
+        // A group the witness has never seen: nothing is recorded for it.
+        for op in [LeaseOp::Acquire, LeaseOp::Renew, LeaseOp::Release] {
+            assert_eq!(w.handle(ms(T0), &req("b", op, u64::MAX), PARAMS), refused(u64::MAX, 0), "{op:?}");
+        }
+        assert_eq!((w.group_count(), w.epoch(&g)), (0, None));
+
+        assert_eq!(w.handle(ms(T0), &req("a", LeaseOp::Acquire, 7), PARAMS), granted("a", 7));
+        let before = w.groups.clone();
+        for (op, epoch) in [
+            (LeaseOp::Acquire, u64::MAX),
+            (LeaseOp::Acquire, 7 + MAX_EPOCH_LEAP + 1),
+            (LeaseOp::Renew, u64::MAX),
+            (LeaseOp::Release, u64::MAX),
+        ] {
+            assert_eq!(w.handle(ms(T0 + 900), &req("b", op, epoch), PARAMS), refused(epoch, 7), "{op:?}");
+        }
+        // a's lease, holder epoch and the group's epoch are untouched, even by a release
+        // from the holder itself.
+        let mut from_holder = req("a", LeaseOp::Release, u64::MAX);
+        from_holder.ttl_ms = 0;
+        assert!(matches!(
+            w.handle(ms(T0 + 1), &from_holder, PARAMS),
+            LeaseResponse::Denied { reason, .. } if reason.starts_with("epoch: 18446744073709551615 from node \"a\"")
+        ));
+        assert_eq!(w.groups, before);
+        assert_eq!(w.holder(&g, ms(T0 + 1)), Some("a"));
+
+        // The bound itself is a leap a group may take.
+        let edge = 7 + MAX_EPOCH_LEAP;
+        assert_eq!(w.handle(ms(T0 + 900), &req("b", LeaseOp::Acquire, edge), PARAMS), granted("b", edge));
+        assert_eq!(w.epoch(&g), Some(edge));
+    }
+
+    #[test]
+    fn epochs_restored_after_a_restart_raise_the_bound() {
+        let mut w = Witness::new(ms(T0));
+        let g = GroupKey::new("ns", "g");
+        w.restore_epoch(&g, u64::MAX - 1);
+        assert_eq!(w.handle(ms(T0 + 900), &req("a", LeaseOp::Acquire, u64::MAX), PARAMS), granted("a", u64::MAX));
     }
 
     #[test]

@@ -14,9 +14,14 @@
 //! 4. a kubeconfig (`$KUBECONFIG`, `~/.kube/config`) or an in-cluster service account: the
 //!    cluster;
 //! 5. otherwise an error that names both ways.
+//!
+//! Output goes through a locked stdout and every write is checked: a full disk or a closed
+//! pipe ends the command with an error, never a panic, and nothing is printed unescaped
+//! ([`terminal`]).
 
 pub mod kube_transport;
 pub mod render;
+pub mod terminal;
 pub mod transport;
 
 use std::io::Write;
@@ -36,6 +41,11 @@ use transport::{CliError, ConnectionFlags, HttpsTransport, Transport};
 
 /// Exit code when an action got no final outcome in time.
 pub const EXIT_TIMEOUT: u8 = 3;
+
+/// Exit code when stdout is a pipe nobody reads any more (`hapair status | head -1`): what
+/// a shell reports for a program killed by SIGPIPE, so pipelines see the usual status, and
+/// without a message, as other tools end there.
+pub const EXIT_BROKEN_PIPE: u8 = 141;
 
 #[derive(Parser, Debug)]
 #[command(name = "kubectl-hapair", version, about = "hapair command-line client: status, describe and admin actions")]
@@ -203,6 +213,9 @@ pub fn parse_group(text: &str, namespace: Option<&str>) -> Result<GroupKey, CliE
 
 /// Like [`parse_group`], with `default` for a bare name without `-n`.
 pub fn parse_group_or(text: &str, namespace: Option<&str>, default: &str) -> Result<GroupKey, CliError> {
+    if text.matches('/').count() > 1 {
+        return Err(CliError::Config(format!("GROUP {text:?}: expected NAME or NAMESPACE/NAME")));
+    }
     if text.contains('/') {
         let key: GroupKey = text.parse().map_err(|e| CliError::Config(format!("GROUP: {e}")))?;
         if let Some(ns) = namespace
@@ -218,28 +231,40 @@ pub fn parse_group_or(text: &str, namespace: Option<&str>, default: &str) -> Res
     Ok(GroupKey::new(namespace.unwrap_or(default), text))
 }
 
-fn validate(files: &[PathBuf]) -> ExitCode {
+/// Writes `text`, escaped for the terminal, to `out`.
+fn emit(out: &mut dyn Write, text: &str) -> Result<(), CliError> {
+    out.write_all(terminal::printable_lines(text).as_bytes()).map_err(CliError::Output)
+}
+
+/// Writes one line to stderr, escaped to stay one line: an error quoting a hostile name or
+/// controller message must not forge further lines. A stderr that cannot be written
+/// (closed pipe, full disk) leaves nowhere to report that, so the failure is dropped; the
+/// exit code still tells.
+fn warn(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{}", terminal::printable(text));
+}
+
+fn validate(files: &[PathBuf], out: &mut dyn Write) -> Result<ExitCode, CliError> {
     let mut sources = Vec::new();
     for file in files {
         match std::fs::read_to_string(file) {
             Ok(text) => sources.push((file.display().to_string(), text)),
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return Err(CliError::Config(format!("{}: {e}", file.display()))),
         }
     }
     let catalog = Catalog::from_sources(sources.iter().map(|(f, t)| (f.as_str(), t.as_str())));
     for (key, (_, origin)) in &catalog.groups {
-        println!("valid: HaGroup {key} ({})", origin.file);
+        emit(out, &format!("valid: HaGroup {key} ({})\n", terminal::printable(&origin.file)))?;
     }
     for (key, (_, origin)) in &catalog.volumes {
-        println!("valid: ReplicatedVolume {key} ({})", origin.file);
+        emit(out, &format!("valid: ReplicatedVolume {key} ({})\n", terminal::printable(&origin.file)))?;
     }
+    // The valid ones first and complete, then the refusals on stderr.
+    out.flush().map_err(CliError::Output)?;
     for error in &catalog.errors {
-        eprintln!("invalid: {error}");
+        warn(&format!("invalid: {error}"));
     }
-    if catalog.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    Ok(if catalog.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Runs an admin action and waits for its final outcome.
@@ -252,22 +277,31 @@ pub async fn act<T: Transport>(
 ) -> Result<ExitCode, CliError> {
     let words = render::action_words(&kind);
     let mut view = transport.submit(key, &ActionRequest { id: None, kind }).await?;
-    let _ = writeln!(out, "{words} on {key} requested as {}; waiting for the agents", view.id);
-    let deadline = Instant::now() + timeout;
+    let shown_key = key.to_string();
+    let shown_key = terminal::printable(&shown_key);
+    emit(
+        out,
+        &format!("{words} on {shown_key} requested as {}; waiting for the agents\n", terminal::printable(&view.id)),
+    )?;
+    // A timeout too large for the clock (`--timeout 99999999999999999s`) is no deadline:
+    // that is what such a timeout means, and `Instant + Duration` would panic on it.
+    let deadline = Instant::now().checked_add(timeout);
     while !view.outcome.is_final() {
-        if Instant::now() >= deadline {
-            let _ = write!(out, "{}", render::action(&view));
-            let _ = writeln!(
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            emit(out, &render::action(&view))?;
+            emit(
                 out,
-                "no final outcome within {}s; the action stays queued (see `describe {key}`)",
-                timeout.as_secs()
-            );
+                &format!(
+                    "no final outcome within {}s; the action stays queued (see `describe {shown_key}`)\n",
+                    timeout.as_secs()
+                ),
+            )?;
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         view = transport.action(key, &view.id).await?;
     }
-    let _ = write!(out, "{}", render::action(&view));
+    emit(out, &render::action(&view))?;
     Ok(if view.outcome == ActionOutcome::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -278,14 +312,14 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
     let parse_group = |text: &str, namespace: Option<&str>| parse_group_or(text, namespace, default_ns);
     let timeout = cli.timeout.as_std();
     match &cli.command {
-        Command::Validate { files } => Ok(validate(files)),
+        Command::Validate { files } => validate(files, out),
         Command::Status { output } => {
             let overview = transport.groups().await?;
             let text = match output {
                 Output::Table => render::status(&overview),
-                Output::Json => to_json(&overview),
+                Output::Json => to_json(&overview)?,
             };
-            let _ = write!(out, "{text}");
+            emit(out, &text)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Describe { group, output } => {
@@ -293,9 +327,9 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
             let view = transport.group(&key).await?;
             let text = match output {
                 Output::Table => render::describe(&view),
-                Output::Json => to_json(&view),
+                Output::Json => to_json(&view)?,
             };
-            let _ = write!(out, "{text}");
+            emit(out, &text)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Switchover { group, to } => {
@@ -361,16 +395,21 @@ async fn run_against_cluster(cli: &mut Cli, out: &mut dyn Write) -> Result<ExitC
             return Err(CliError::Config("--ttl must be greater than zero".into()));
         }
         let text = transport.create_token(node, ttl.as_std(), operator_namespace.as_deref()).await?;
-        let _ = write!(out, "{text}");
+        emit(out, &text)?;
         return Ok(ExitCode::SUCCESS);
     }
     run(cli, &transport, out).await
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+/// Pretty JSON with DEL, C1 and the other characters [`terminal`] will not show written as
+/// JSON escapes: the same document, safe on a terminal (and passed through [`emit`]
+/// unchanged, having no other controls).
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Config(format!("encoding the answer as JSON: {e}")))?;
+    let mut text = terminal::printable_json(&text).into_owned();
     text.push('\n');
-    text
+    Ok(text)
 }
 
 /// The name the binary was started as: `hapair` or `kubectl hapair`.
@@ -383,15 +422,62 @@ fn invoked_as() -> &'static str {
 /// Entry point of the `kubectl-hapair` / `hapair` binary.
 pub fn main() -> ExitCode {
     let name = invoked_as();
-    let matches = Cli::command().name(name).bin_name(name).get_matches();
+    let matches = match Cli::command().name(name).bin_name(name).try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => return clap_exit(name, &e),
+    };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) => return clap_exit(name, &e),
     };
-    if let Command::Validate { files } = &cli.command {
-        return validate(files);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    // Flushed here, not at exit: std drops a failed final flush silently.
+    let result =
+        dispatch(&matches, cli, &mut out).and_then(|code| out.flush().map(|()| code).map_err(CliError::Output));
+    match result {
+        Ok(code) => code,
+        Err(e) => fail(name, &e),
     }
-    let mut cli = cli;
+}
+
+/// Reports `error` on stderr, and the exit code that goes with it.
+fn fail(name: &str, error: &CliError) -> ExitCode {
+    if let CliError::Output(e) = error
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        return ExitCode::from(EXIT_BROKEN_PIPE);
+    }
+    warn(&format!("{name}: {error}"));
+    ExitCode::FAILURE
+}
+
+/// Ends on a clap answer: a usage error on stderr, `--help` and `--version` on stdout,
+/// where failing to write is an error like any other output's.
+fn clap_exit(name: &str, error: &clap::Error) -> ExitCode {
+    use std::io::IsTerminal;
+    let code = ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1));
+    let text = error.render();
+    if error.use_stderr() {
+        let stderr = std::io::stderr();
+        let styled = if stderr.is_terminal() { text.ansi().to_string() } else { text.to_string() };
+        let _ = write!(stderr.lock(), "{styled}");
+        return code;
+    }
+    let stdout = std::io::stdout();
+    let styled = if stdout.is_terminal() { text.ansi().to_string() } else { text.to_string() };
+    let mut out = stdout.lock();
+    match out.write_all(styled.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => code,
+        Err(e) => fail(name, &CliError::Output(e)),
+    }
+}
+
+/// Picks the controller and runs the command, writing to `out`.
+fn dispatch(matches: &ArgMatches, mut cli: Cli, out: &mut dyn Write) -> Result<ExitCode, CliError> {
+    if let Command::Validate { files } = &cli.command {
+        return validate(files, out);
+    }
     let flags = ConnectionFlags {
         config: cli.connection.config.clone(),
         controller: cli.connection.controller.clone(),
@@ -400,37 +486,31 @@ pub fn main() -> ExitCode {
         key: cli.connection.key.clone(),
     };
     let kube_flags = cli.connection.kubeconfig.is_some() || cli.connection.context.is_some();
-    let standalone_flags = ["controller", "ca", "cert", "key"].iter().any(|id| from_command_line(&matches, id))
-        || from_command_line(&matches, "config");
+    let standalone_flags = ["controller", "ca", "cert", "key"].iter().any(|id| from_command_line(matches, id))
+        || from_command_line(matches, "config");
     let config_env = matches.value_source("config") == Some(ValueSource::EnvVariable);
-    let result = (|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| CliError::Config(format!("starting the runtime: {e}")))?;
-        // Only look for a kubeconfig when nothing else decides.
-        let kube_available =
-            !kube_flags && !standalone_flags && !config_env && runtime.block_on(kube::Config::infer()).is_ok();
-        match choose_backend(kube_flags, standalone_flags, config_env, kube_available)? {
-            Backend::Standalone => {
-                let transport = HttpsTransport::new(&flags.resolve()?)?;
-                runtime.block_on(run(&cli, &transport, &mut std::io::stdout()))
-            }
-            Backend::Kubernetes => runtime.block_on(run_against_cluster(&mut cli, &mut std::io::stdout())),
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Config(format!("starting the runtime: {e}")))?;
+    // Only look for a kubeconfig when nothing else decides.
+    let kube_available =
+        !kube_flags && !standalone_flags && !config_env && runtime.block_on(kube::Config::infer()).is_ok();
+    match choose_backend(kube_flags, standalone_flags, config_env, kube_available)? {
+        Backend::Standalone => {
+            let transport = HttpsTransport::new(&flags.resolve()?)?;
+            runtime.block_on(run(&cli, &transport, out))
         }
-    })();
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            ExitCode::FAILURE
-        }
+        Backend::Kubernetes => runtime.block_on(run_against_cluster(&mut cli, out)),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+    use crate::adminapi::{ActionView, GroupsOverview, NodeActionResult};
 
     #[test]
     fn groups_default_to_the_namespace_flag_or_default() {
@@ -479,5 +559,117 @@ mod tests {
         let cli = Cli::try_parse_from(["hapair", "maintenance", "pg", "off"]).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(cli.command, Command::Maintenance { state: OnOff::Off, .. }));
         assert!(Cli::try_parse_from(["hapair", "maintenance", "pg", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn huge_timeouts_parse_up_to_the_largest_duration_and_are_refused_beyond_naming_the_flag() {
+        let cli = Cli::try_parse_from(["hapair", "--timeout", "18446744073709551615s", "status"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.timeout.as_std(), Duration::from_secs(u64::MAX));
+        for (text, why) in [
+            ("18446744073709551616s", "is too large"),
+            ("1e30s", "expected a number followed by a unit"),
+            ("18446744073709551615", "expected a number followed by a unit"),
+        ] {
+            let error = Cli::try_parse_from(["hapair", "status", "--timeout", text]).err().map(|e| e.to_string());
+            let error = error.unwrap_or_default();
+            assert!(error.contains(&format!("invalid value '{text}' for '--timeout <TIMEOUT>'")), "{error}");
+            assert!(error.contains(why), "{error}");
+        }
+    }
+
+    /// Answers an action as pending `pending` times, then as succeeded.
+    struct Fake {
+        pending: Cell<u32>,
+    }
+
+    impl Fake {
+        fn view(&self, outcome: ActionOutcome) -> ActionView {
+            ActionView {
+                id: "a-1".into(),
+                group: GroupKey::new("db", "pg"),
+                kind: AdminActionKind::Maintenance { enabled: true },
+                outcome,
+                message: "applied".into(),
+                submitted: "t".into(),
+                finished: None,
+                results: vec![NodeActionResult { node: "db1".into(), outcome, message: "ok".into() }],
+            }
+        }
+    }
+
+    impl Transport for Fake {
+        async fn groups(&self) -> Result<GroupsOverview, CliError> {
+            Ok(GroupsOverview::default())
+        }
+
+        async fn submit(&self, _: &GroupKey, _: &ActionRequest) -> Result<ActionView, CliError> {
+            Ok(self.view(ActionOutcome::Pending))
+        }
+
+        async fn action(&self, _: &GroupKey, _: &str) -> Result<ActionView, CliError> {
+            let left = self.pending.get();
+            self.pending.set(left.saturating_sub(1));
+            Ok(self.view(if left == 0 { ActionOutcome::Succeeded } else { ActionOutcome::Pending }))
+        }
+    }
+
+    /// A writer on a full disk.
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn maintenance() -> AdminActionKind {
+        AdminActionKind::Maintenance { enabled: true }
+    }
+
+    #[tokio::test]
+    async fn an_action_with_the_largest_timeout_waits_for_its_outcome() {
+        let key = GroupKey::new("db", "pg");
+        let fake = Fake { pending: Cell::new(1) };
+        let mut out = Vec::new();
+        let code = act(&fake, &key, maintenance(), Duration::MAX, &mut out).await.map_err(|e| e.to_string());
+        assert_eq!(code, Ok(ExitCode::SUCCESS));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "maintenance on on db/pg requested as a-1; waiting for the agents\n\
+             maintenance on (a-1) on db/pg: Succeeded: applied\n  db1: Succeeded ok\n"
+        );
+        // A zero timeout gives up at once, with its own exit code.
+        let fake = Fake { pending: Cell::new(u32::MAX) };
+        let mut out = Vec::new();
+        let code = act(&fake, &key, maintenance(), Duration::ZERO, &mut out).await.map_err(|e| e.to_string());
+        assert_eq!(code, Ok(ExitCode::from(EXIT_TIMEOUT)));
+        assert!(
+            String::from_utf8_lossy(&out)
+                .ends_with("no final outcome within 0s; the action stays queued (see `describe db/pg`)\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn output_that_cannot_be_written_is_an_error() {
+        let key = GroupKey::new("db", "pg");
+        let fake = Fake { pending: Cell::new(0) };
+        let error = act(&fake, &key, maintenance(), Duration::MAX, &mut Full).await.err().map(|e| e.to_string());
+        assert_eq!(error.as_deref(), Some("writing output: No space left on device"));
+        let cli = Cli::try_parse_from(["hapair", "status"]).unwrap_or_else(|e| panic!("{e}"));
+        let error = run(&cli, &fake, &mut Full).await.err().map(|e| e.to_string());
+        assert_eq!(error.as_deref(), Some("writing output: No space left on device"));
+    }
+
+    #[test]
+    fn a_broken_pipe_exits_quietly_and_other_write_errors_fail() {
+        let broken = CliError::Output(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(fail("hapair", &broken), ExitCode::from(EXIT_BROKEN_PIPE));
+        let full = CliError::Output(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(fail("hapair", &full), ExitCode::FAILURE);
     }
 }

@@ -1,5 +1,10 @@
 //! Turning admin-API answers into the text `status`, `describe` and the actions print.
 //! Pure, so the layouts are tested without a controller.
+//!
+//! Everything in these views came from users, manifests, agents or the controller, so each
+//! renderer passes its text through [`terminal`] before returning it: every field and
+//! table cell as a single line (a newline in a message must not forge a line of the
+//! report), then the whole report keeping only its own line breaks.
 
 use std::fmt::Write;
 
@@ -8,14 +13,18 @@ use hapair_crds::hagroup::{NodeHealth, WitnessMode};
 use hapair_crds::nodeapi::{AdminActionKind, EventType};
 
 use crate::adminapi::{ActionView, GroupView, GroupsOverview};
+use crate::cli::terminal::{printable, printable_lines};
 
 fn table(rows: &[Vec<String>]) -> String {
+    // Escaped before measuring, so the columns line up with what the terminal shows.
+    let rows: Vec<Vec<std::borrow::Cow<'_, str>>> =
+        rows.iter().map(|r| r.iter().map(|cell| printable(cell)).collect()).collect();
     let columns = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in rows {
+    for row in &rows {
         let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {
             if c + 1 == row.len() {
@@ -30,8 +39,13 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// One field of a report, escaped to a single line (see [`printable`]).
+fn field(text: &str) -> std::borrow::Cow<'_, str> {
+    printable(text)
+}
+
 fn or_dash(text: Option<&str>) -> String {
-    text.filter(|t| !t.is_empty()).unwrap_or("-").to_string()
+    field(text.filter(|t| !t.is_empty()).unwrap_or("-")).into_owned()
 }
 
 /// The group's replication state in a few words.
@@ -100,24 +114,24 @@ pub fn status(overview: &GroupsOverview) -> String {
     if !overview.errors.is_empty() {
         out.push_str("\nRefused manifests (the last good config of each group stays in force):\n");
         for error in &overview.errors {
-            let _ = writeln!(out, "  {error}");
+            let _ = writeln!(out, "  {}", printable(error));
         }
     }
     if !overview.deleting_volumes.is_empty() {
         out.push_str("\nVolumes being deleted:\n");
         for volume in &overview.deleting_volumes {
-            let _ = writeln!(out, "  {volume}");
+            let _ = writeln!(out, "  {}", printable(volume));
         }
     }
-    out
+    printable_lines(&out).into_owned()
 }
 
 /// `describe GROUP`: everything the controller knows about one group.
 pub fn describe(group: &GroupView) -> String {
     let s = &group.status;
     let mut out = String::new();
-    let _ = writeln!(out, "Name:        {}", group.key.name);
-    let _ = writeln!(out, "Namespace:   {}", group.key.namespace);
+    let _ = writeln!(out, "Name:        {}", field(&group.key.name));
+    let _ = writeln!(out, "Namespace:   {}", field(&group.key.namespace));
     let _ = writeln!(out, "Phase:       {}", s.phase.map(|p| p.as_str()).unwrap_or("Unknown"));
     let _ = writeln!(out, "Active:      {}", or_dash(s.active_node.as_deref()));
     let _ = writeln!(out, "Epoch:       {}", s.epoch);
@@ -133,20 +147,35 @@ pub fn describe(group: &GroupView) -> String {
         let _ = writeln!(out, "Deleting:    waiting for both nodes to clean up");
     }
     if let Some(error) = &group.error {
-        let _ = writeln!(out, "Invalid:     {error}");
+        let _ = writeln!(out, "Invalid:     {}", field(error));
         let _ = writeln!(out, "             (the last good config stays in force)");
     }
     match &s.last_failover {
         Some(f) => {
-            let from = f.from.as_deref().map(|n| format!("{n} -> ")).unwrap_or_default();
-            let _ = writeln!(out, "Last failover: {} {from}{} ({}, {} ms)", f.time, f.to, f.reason, f.duration_ms);
+            let from = f.from.as_deref().map(|n| format!("{} -> ", field(n))).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "Last failover: {} {from}{} ({}, {} ms)",
+                field(&f.time),
+                field(&f.to),
+                field(&f.reason),
+                f.duration_ms
+            );
         }
         None => {
             let _ = writeln!(out, "Last failover: -");
         }
     }
     if let Some(a) = &s.last_action {
-        let _ = writeln!(out, "Last action: {} {} {:?} at {}: {}", a.action, a.id, a.outcome, a.time, a.message);
+        let _ = writeln!(
+            out,
+            "Last action: {} {} {:?} at {}: {}",
+            field(&a.action),
+            field(&a.id),
+            a.outcome,
+            field(&a.time),
+            field(&a.message)
+        );
     }
     if !s.conditions.is_empty() {
         let _ = writeln!(out, "Conditions:");
@@ -168,23 +197,29 @@ pub fn describe(group: &GroupView) -> String {
         let report = detail.and_then(|d| d.report.as_ref());
         let role = status.and_then(|n| n.role).map(|r| r.as_str()).unwrap_or("Unknown");
         let health = status.and_then(|n| n.health).map(|h| format!("{h:?}")).unwrap_or_else(|| "Unknown".into());
-        let _ = writeln!(out, "Node {name}:");
-        let reason = report.and_then(|r| r.role_reason.as_deref()).map(|r| format!(" ({r})")).unwrap_or_default();
+        let _ = writeln!(out, "Node {}:", field(name));
+        let reason =
+            report.and_then(|r| r.role_reason.as_deref()).map(|r| format!(" ({})", field(r))).unwrap_or_default();
         let _ = writeln!(out, "  Role:        {role}{reason}");
         let _ = writeln!(out, "  Health:      {health}");
         if let Some(d) = detail {
             let applied = d.applied_revision.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(out, "  Config:      revision {} desired, {applied} applied", d.desired_revision);
             if let Some(e) = &d.config_error {
-                let _ = writeln!(out, "  Config error: {e}");
+                let _ = writeln!(out, "  Config error: {}", field(e));
             }
         }
         if let Some(n) = status {
             let _ = writeln!(out, "  Last report: {}", or_dash(n.last_report.as_deref()));
             let _ = writeln!(out, "  Heard by peer: {}", or_dash(n.last_heartbeat.as_deref()));
             if let Some(version) = &n.agent_version {
-                let _ =
-                    writeln!(out, "  Agent:       {version} on {}, up {}s", or_dash(n.os.as_deref()), n.uptime_seconds);
+                let _ = writeln!(
+                    out,
+                    "  Agent:       {} on {}, up {}s",
+                    field(version),
+                    or_dash(n.os.as_deref()),
+                    n.uptime_seconds
+                );
             }
             if let Some(h) = &n.hardware {
                 let _ = writeln!(
@@ -206,9 +241,9 @@ pub fn describe(group: &GroupView) -> String {
                 let _ = writeln!(
                     out,
                     "  Link {}:{hb} {} [{}]{speed}{loss}",
-                    link.interface,
+                    field(&link.interface),
                     if link.up { "up" } else { "DOWN" },
-                    link.addresses.join(", ")
+                    field(&link.addresses.join(", "))
                 );
             }
         }
@@ -219,8 +254,8 @@ pub fn describe(group: &GroupView) -> String {
                     out,
                     "  Heartbeat link {}: {} -> {} {} ({}% loss)",
                     l.index,
-                    l.local_address,
-                    l.peer_address,
+                    field(&l.local_address),
+                    field(&l.peer_address),
                     if l.up { "up" } else { "DOWN" },
                     l.loss_percent
                 );
@@ -230,15 +265,16 @@ pub fn describe(group: &GroupView) -> String {
                 for (i, step) in r.steps.iter().enumerate() {
                     let restarts =
                         if step.restarts > 0 { format!(", {} restarts", step.restarts) } else { String::new() };
-                    let message = step.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-                    let _ = writeln!(out, "    {}. {} {:?}{restarts}{message}", i + 1, step.name, step.state);
+                    let message = step.message.as_deref().map(|m| format!(": {}", field(m))).unwrap_or_default();
+                    let _ = writeln!(out, "    {}. {} {:?}{restarts}{message}", i + 1, field(&step.name), step.state);
                 }
             }
             if !r.monitors.is_empty() {
                 let _ = writeln!(out, "  Probes:");
                 for m in &r.monitors {
-                    let message = m.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-                    let _ = writeln!(out, "    {} {}{message}", m.name, if m.healthy { "ok" } else { "FAILING" });
+                    let message = m.message.as_deref().map(|m| format!(": {}", field(m))).unwrap_or_default();
+                    let _ =
+                        writeln!(out, "    {} {}{message}", field(&m.name), if m.healthy { "ok" } else { "FAILING" });
                 }
             }
             for v in &r.volumes {
@@ -246,7 +282,7 @@ pub fn describe(group: &GroupView) -> String {
                 let _ = writeln!(
                     out,
                     "  Volume {}: {:?} {} {:?}, {} bytes out of sync{sync}",
-                    v.name,
+                    field(&v.name),
                     v.role,
                     v.disk_state.as_str(),
                     v.connection,
@@ -258,7 +294,8 @@ pub fn describe(group: &GroupView) -> String {
         }
     }
     for v in &group.volumes {
-        let _ = writeln!(out, "Volume {}: {}", v.name, v.status.sync_state.as_deref().unwrap_or("Unknown"));
+        let _ =
+            writeln!(out, "Volume {}: {}", field(&v.name), field(v.status.sync_state.as_deref().unwrap_or("Unknown")));
     }
     let _ = writeln!(out, "Events:");
     if group.events.is_empty() {
@@ -281,36 +318,42 @@ pub fn describe(group: &GroupView) -> String {
         }
         out.push_str(&table(&rows));
     }
-    out
+    printable_lines(&out).into_owned()
 }
 
 /// What an action asked for, in words.
 pub fn action_words(kind: &AdminActionKind) -> String {
     match kind {
-        AdminActionKind::Switchover { to } => format!("switchover to {to}"),
-        AdminActionKind::ForceActive { node } => format!("force-active {node}"),
-        AdminActionKind::ResolveSplitBrain { winner } => format!("resolve-split-brain, winner {winner}"),
+        AdminActionKind::Switchover { to } => format!("switchover to {}", field(to)),
+        AdminActionKind::ForceActive { node } => format!("force-active {}", field(node)),
+        AdminActionKind::ResolveSplitBrain { winner } => format!("resolve-split-brain, winner {}", field(winner)),
         AdminActionKind::Maintenance { enabled } => format!("maintenance {}", if *enabled { "on" } else { "off" }),
     }
 }
 
 /// An action's outcome, one line plus one line per node that answered.
 pub fn action(view: &ActionView) -> String {
-    let mut out =
-        format!("{} ({}) on {}: {:?}: {}\n", action_words(&view.kind), view.id, view.group, view.outcome, view.message);
+    let mut out = format!(
+        "{} ({}) on {}: {:?}: {}\n",
+        action_words(&view.kind),
+        field(&view.id),
+        field(&view.group.to_string()),
+        view.outcome,
+        field(&view.message)
+    );
     for r in &view.results {
-        let _ = writeln!(out, "  {}: {:?} {}", r.node, r.outcome, r.message);
+        let _ = writeln!(out, "  {}: {:?} {}", field(&r.node), r.outcome, field(&r.message));
     }
-    out
+    printable_lines(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adminapi::{NodeActionResult, VolumeView};
+    use crate::adminapi::{NodeActionResult, NodeDetail, VolumeView};
     use crate::events::GroupEvent;
     use hapair_crds::hagroup::{FailoverRecord, GroupPhase, NodeRole, NodeStatus};
-    use hapair_crds::nodeapi::{ActionOutcome, GroupKey};
+    use hapair_crds::nodeapi::{ActionOutcome, GroupKey, GroupReport};
     use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 
     fn group() -> GroupView {
@@ -418,6 +461,104 @@ mod tests {
         assert_eq!(
             action(&view),
             "switchover to db2 (a-1) on db/pg: Rejected: db2: out of sync\n  db2: Rejected out of sync\n"
+        );
+    }
+
+    /// Every character a terminal would act on, other than the report's own line breaks.
+    fn steering(text: &str) -> Vec<char> {
+        text.chars().filter(|c| c.is_control() && *c != '\n').collect()
+    }
+
+    fn hostile_report() -> GroupReport {
+        use hapair_crds::nodeapi::MonitorReport;
+        GroupReport {
+            key: GroupKey::new("db", "pg"),
+            role: NodeRole::Primary,
+            epoch: 7,
+            health: NodeHealth::Healthy,
+            role_reason: Some("because\r\x1b[1A".into()),
+            peer_reachable: true,
+            last_peer_heartbeat: None,
+            heartbeat_links: vec![],
+            steps: vec![],
+            monitors: vec![MonitorReport {
+                name: "http\u{9b}2J".into(),
+                healthy: false,
+                message: Some("down\nNode db9:".into()),
+            }],
+            volumes: vec![],
+            last_failover: None,
+            actions: vec![],
+            events: vec![],
+            cleaned_up: false,
+        }
+    }
+
+    #[test]
+    fn describe_escapes_every_field_from_the_controller_and_the_agents() {
+        let mut g = group();
+        g.status.active_node = Some("db1\x1b]0;owned\x07".into());
+        g.error = Some("bad\nDeleting:    yes".into());
+        g.events.push(GroupEvent::controller(
+            "2025-01-01T10:00:02Z".into(),
+            EventType::Normal,
+            "Odd\x7f",
+            "line one\nNode evil:\x1b[2J".into(),
+        ));
+        g.node_details = vec![NodeDetail {
+            node: "db1".into(),
+            desired_revision: 1,
+            applied_revision: None,
+            config_error: Some("x\ny".into()),
+            report: Some(hostile_report()),
+        }];
+        let text = describe(&g);
+        assert_eq!(steering(&text), Vec::<char>::new(), "{text}");
+        // Newlines inside one field are shown, so no field forges a line of its own.
+        for forged in ["Deleting:", "Node evil:", "Node db9:", "y"] {
+            assert!(!text.lines().any(|l| l.trim_start().starts_with(forged)), "{forged}: {text}");
+        }
+        assert!(text.contains("Active:      db1\\x1b]0;owned\\x07\n"), "{text}");
+        assert!(text.contains("Invalid:     bad\\nDeleting:    yes\n"), "{text}");
+        assert!(text.contains("  Role:        Primary (because\\r\\x1b[1A)\n"), "{text}");
+        assert!(text.contains("  Config error: x\\ny\n"), "{text}");
+        assert!(text.contains("    http\\u{9b}2J FAILING: down\\nNode db9:\n"), "{text}");
+        assert!(text.contains("Normal    Odd\\x7f        controller   line one\\nNode evil:\\x1b[2J\n"), "{text}");
+    }
+
+    #[test]
+    fn status_and_actions_escape_names_and_messages() {
+        let mut g = group();
+        g.status.active_node = Some("db1\n\x1b[31m".into());
+        let overview = GroupsOverview {
+            groups: vec![g],
+            errors: vec!["g.yaml: bad\ndb/pg   Healthy".into()],
+            deleting_volumes: vec!["db/old\x1b[2K".into()],
+        };
+        let text = status(&overview);
+        assert_eq!(steering(&text), Vec::<char>::new(), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("db/pg")).count(), 1, "{text}");
+        assert!(text.contains("   db1\\n\\x1b[31m   "), "{text}");
+        assert!(text.contains("  g.yaml: bad\\ndb/pg   Healthy\n"), "{text}");
+        assert!(text.contains("  db/old\\x1b[2K\n"), "{text}");
+
+        let view = ActionView {
+            id: "a-1\x1b[1A".into(),
+            group: GroupKey::new("db", "pg"),
+            kind: AdminActionKind::Switchover { to: "db2\u{9b}".into() },
+            outcome: ActionOutcome::Failed,
+            message: "boom\nSucceeded".into(),
+            submitted: "t".into(),
+            finished: Some("t".into()),
+            results: vec![NodeActionResult {
+                node: "db2\r".into(),
+                outcome: ActionOutcome::Failed,
+                message: "no\x07".into(),
+            }],
+        };
+        assert_eq!(
+            action(&view),
+            "switchover to db2\\u{9b} (a-1\\x1b[1A) on db/pg: Failed: boom\\nSucceeded\n  db2\\r: Failed no\\x07\n"
         );
     }
 }

@@ -25,6 +25,18 @@ pub enum CliError {
     Api { status: u16, message: String },
     #[error("unexpected answer from the controller: {0}")]
     Decode(String),
+    /// Stdout could not be written (a full disk, a closed pipe).
+    #[error("writing output: {}", io_message(.0))]
+    Output(std::io::Error),
+}
+
+/// An I/O error in words, without the `(os error N)` std appends: "No space left on device".
+fn io_message(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => text[..at].to_string(),
+        _ => text,
+    }
 }
 
 /// What the CLI needs from a controller.
