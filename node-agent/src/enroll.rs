@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -248,13 +248,21 @@ fn first_contact_tls(trust: &Trust) -> Result<rustls::ClientConfig, EnrollError>
     })
 }
 
+/// Mode of the private key.
+pub const KEY_MODE: u32 = 0o600;
+
+/// Mode of an enrollment directory `enroll` creates: it holds the private key.
+pub const DIR_MODE: u32 = 0o700;
+
 /// Writes `bytes` to `path` via a temporary file and rename, with `mode`.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
     let io = |e: std::io::Error| EnrollError::Io(format!("{}: {e}", path.display()));
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file =
         std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(io)?;
+    // `mode` applies only to a file created here, and is narrowed by the umask; set on the
+    // open file, it also holds for a leftover temporary file, before the key is written.
+    file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io)?;
     file.write_all(bytes).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
@@ -295,7 +303,13 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     if options.dir.join(CERT_FILE).exists() && !options.force {
         return Err(EnrollError::AlreadyEnrolled(options.dir.clone()));
     }
-    std::fs::create_dir_all(&options.dir).map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
+    // A directory made here is private. One that exists is left as it is: it may be shared
+    // (`/etc/hapair` with other files), and the key in it is 0600 on its own.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(&options.dir)
+        .map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
 
     let key = KeyPair::generate().map_err(|e| EnrollError::Tls(format!("generating the node key: {e}")))?;
     let mut params = CertificateParams::default();
@@ -347,7 +361,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     // Refuse a certificate that does not work with our key before writing anything.
     client_tls(&answer.ca_pem, &answer.certificate_pem, &key.serialize_pem())?;
 
-    write_file(&options.dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&options.dir.join(KEY_FILE), key.serialize_pem().as_bytes(), KEY_MODE)?;
     write_file(&options.dir.join(CERT_FILE), answer.certificate_pem.as_bytes(), 0o644)?;
     write_file(&options.dir.join(CA_FILE), answer.ca_pem.as_bytes(), 0o644)?;
     let dir =
@@ -396,6 +410,44 @@ mod tests {
         std::fs::write(dir.path().join("agent").join(CERT_FILE), "x")?;
         let err = enroll(&options("https://ctl:7443", "db1")).await.err();
         assert!(matches!(err, Some(EnrollError::AlreadyEnrolled(_))), "{err:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_key_is_written_owner_only_even_over_a_leftover_temporary_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(KEY_FILE);
+        let leftover = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&leftover, "old")?;
+        std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o666))?;
+        write_file(&path, b"-----BEGIN PRIVATE KEY-----", KEY_MODE)?;
+        assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(std::fs::read(&path)?, b"-----BEGIN PRIVATE KEY-----");
+        assert!(!leftover.exists());
+        // Replacing a key that had been left readable makes it private again.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        write_file(&path, b"new", KEY_MODE)?;
+        assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o7777, 0o600);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_directory_enroll_creates_is_private() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let options = EnrollOptions {
+            // Nothing listens there: enroll fails after making the directory.
+            controller: "https://127.0.0.1:1".into(),
+            token: "t".into(),
+            node: "db1".into(),
+            dir: dir.path().join("etc/hapair"),
+            trust: Trust::Fingerprint("00".repeat(32)),
+            force: false,
+        };
+        let err = enroll(&options).await.err();
+        assert!(matches!(err, Some(EnrollError::Unreachable { .. })), "{err:?}");
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o7777);
+        assert_eq!(mode(&dir.path().join("etc/hapair"))?, 0o700);
+        assert_eq!(mode(&dir.path().join("etc"))?, 0o700);
         Ok(())
     }
 

@@ -6,10 +6,15 @@
 //! starts with a header line carrying a format version, the body length and a CRC32C of
 //! the body, so a torn or edited file is recognised. A file that fails any check is
 //! renamed aside (`<name>.corrupt-<unix seconds>`) and reported; it is never used.
+//!
+//! The files hold secrets (the desired config carries each group's heartbeat key inline),
+//! so the directory is kept `0700` and every file in it `0600`: created so, and tightened
+//! when the agent opens a directory an older agent or an administrator left wider.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::marker::PhantomData;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,6 +22,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 const FORMAT: &str = "hapair-state v1";
+
+/// Mode of the state directory: the agent's alone.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Mode of every file in it.
+pub const FILE_MODE: u32 = 0o600;
 
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +60,25 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens (creating if needed) the state directory.
+    /// Opens (creating if needed) the state directory, and takes away whatever access
+    /// group and others have to it and to the files in it.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|source| StateError::Io { path: dir.clone(), source })?;
+        let io = |source| StateError::Io { path: dir.clone(), source };
+        // Parents it has to create get the same mode: they lead only to this directory.
+        fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir).map_err(io)?;
+        // Followed if the directory is a symlink: its target is what holds the files.
+        let meta = fs::metadata(&dir).map_err(io)?;
+        restrict(&dir, &meta, DIR_MODE)?;
+        for entry in fs::read_dir(&dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let path = entry.path();
+            // Not followed: a symlink's target may be anything, outside the directory.
+            let meta = entry.metadata().map_err(|source| StateError::Io { path: path.clone(), source })?;
+            if meta.is_file() {
+                restrict(&path, &meta, FILE_MODE)?;
+            }
+        }
         Ok(StateStore { dir })
     }
 
@@ -80,7 +106,11 @@ impl StateStore {
         content.push(b'\n');
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let io = |source| StateError::Io { path: tmp.clone(), source };
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
+        let mut file =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(&tmp).map_err(io)?;
+        // `mode` applies only when the file is created; a temporary file left by a crashed
+        // run keeps its own, so it is set on the open file before the secrets go in.
+        file.set_permissions(fs::Permissions::from_mode(FILE_MODE)).map_err(io)?;
         file.write_all(&content).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
@@ -130,6 +160,20 @@ impl StateStore {
         self.path(name)?;
         Ok(StateFile { store: self.clone(), name: name.to_string(), _type: PhantomData })
     }
+}
+
+/// Clears the permission bits of `path` outside `allowed` (group and other access, setuid,
+/// setgid, sticky), keeping what the owner has.
+fn restrict(path: &Path, meta: &fs::Metadata, allowed: u32) -> Result<(), StateError> {
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & !allowed == 0 {
+        return Ok(());
+    }
+    let tightened = mode & allowed;
+    fs::set_permissions(path, fs::Permissions::from_mode(tightened))
+        .map_err(|source| StateError::Io { path: path.to_path_buf(), source })?;
+    tracing::warn!(path = %path.display(), from = format!("{mode:04o}"), to = format!("{tightened:04o}"), "state file or directory was open to others; tightened");
+    Ok(())
 }
 
 fn decode<T: DeserializeOwned>(content: &[u8]) -> Result<T, String> {
@@ -273,6 +317,65 @@ mod tests {
         let (_dir, store) = store();
         store.save("f.json", &serde_json::json!({"version": 1, "role": 7})).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(store.load::<Versioned<Facts>>("f.json"), Ok(Loaded::Corrupt { .. })));
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn the_directory_is_created_private_and_files_are_written_owner_only() {
+        let (dir, store) = store();
+        assert_eq!(mode(store.dir()), 0o700);
+        // Parents created on the way are private too.
+        let nested = StateStore::open(dir.path().join("a/b/state")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (mode(&dir.path().join("a")), mode(&dir.path().join("a/b")), mode(nested.dir())),
+            (0o700, 0o700, 0o700)
+        );
+
+        store.save("desired-config.json", &facts(1)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mode(&store.dir().join("desired-config.json")), 0o600);
+        // A temporary file a crashed run left behind with a wide mode is not reused as is.
+        let stale = store.dir().join(format!(".f.json.tmp-{}", std::process::id()));
+        fs::write(&stale, "old").unwrap_or_else(|e| panic!("{e}"));
+        chmod(&stale, 0o666);
+        store.save("f.json", &facts(2)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mode(&store.dir().join("f.json")), 0o600);
+        assert_eq!(store.load::<Versioned<Facts>>("f.json").ok(), Some(Loaded::Found(facts(2))));
+    }
+
+    #[test]
+    fn a_directory_left_open_to_others_is_tightened_at_open() {
+        let (dir, store) = store();
+        store.save("desired-config.json", &facts(1)).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(store.dir().join("node.json.corrupt-1"), "x").unwrap_or_else(|e| panic!("{e}"));
+        fs::create_dir(store.dir().join("sub")).unwrap_or_else(|e| panic!("{e}"));
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "not ours").unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(&outside, store.dir().join("link")).unwrap_or_else(|e| panic!("{e}"));
+        chmod(store.dir(), 0o2775);
+        chmod(&store.dir().join("desired-config.json"), 0o644);
+        chmod(&store.dir().join("node.json.corrupt-1"), 0o4755);
+        chmod(&store.dir().join("sub"), 0o755);
+        chmod(&outside, 0o644);
+
+        let reopened = StateStore::open(store.dir()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mode(reopened.dir()), 0o700);
+        assert_eq!(mode(&reopened.dir().join("desired-config.json")), 0o600);
+        assert_eq!(mode(&reopened.dir().join("node.json.corrupt-1")), 0o600);
+        // Only the agent's own files: what a symlink points at and directories it did not
+        // make are left alone.
+        assert_eq!(mode(&outside), 0o644);
+        assert_eq!(mode(&reopened.dir().join("sub")), 0o755);
+        // Owner-only modes already narrower than the defaults stay as they are.
+        chmod(&reopened.dir().join("desired-config.json"), 0o400);
+        StateStore::open(store.dir()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mode(&reopened.dir().join("desired-config.json")), 0o400);
     }
 
     #[test]
