@@ -7,18 +7,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hapair_operator::adminapi::{AdminConfig, CLI_CONFIG_FILE};
-use hapair_operator::catalog::Catalog;
+use hapair_operator::desired::catalog::Catalog;
 use hapair_operator::k8s::leader::ElectionTiming;
 use hapair_operator::k8s::run::{RUNTIME_FILE, RunConfig, RuntimeInfo, secret_names};
 use hapair_operator::k8s::term::TermConfig;
 use hapair_operator::k8s::token_secret::TokenSecret;
 use hapair_operator::k8s::{pki_secret, run};
+use hapair_operator::pki::tokens::{TokenFile, enroll_instructions};
 use hapair_operator::pki::{CA_CERT_FILE, fingerprint};
 use hapair_operator::server::ApiSettings;
+use hapair_operator::server::adminapi::{AdminConfig, CLI_CONFIG_FILE};
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
-use hapair_operator::timestamp::{format_millis, now_millis};
-use hapair_operator::tokens::{TokenFile, enroll_instructions};
+use hapair_operator::support::timestamp::{format_millis, now_millis};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -285,7 +285,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
-    hapair_operator::allocator::limit_arenas();
+    hapair_operator::support::allocator::limit_arenas();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run(cli.run));
     let result = match command {
@@ -295,7 +295,7 @@ fn main() -> ExitCode {
         }
         Command::Plan { manifests } => match Catalog::load_dir(&manifests, &Default::default()) {
             Ok(catalog) => {
-                print!("{}", hapair_operator::plan::render(&catalog));
+                print!("{}", hapair_operator::desired::describe::render(&catalog));
                 return if catalog.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
             }
             Err(e) => Err(e.into()),

@@ -66,9 +66,7 @@ pub struct LeaseParams {
 impl LeaseParams {
     /// `d·(1+δ)`, rounded up.
     fn stretch(&self, d: Duration) -> Duration {
-        let nanos = d.as_nanos();
-        let extra = (nanos * u128::from(self.max_clock_drift_ppm)).div_ceil(1_000_000);
-        Duration::from_nanos(u64::try_from(nanos + extra).unwrap_or(u64::MAX))
+        hapair_crds::drift::stretch(d, self.max_clock_drift_ppm)
     }
 }
 

@@ -13,9 +13,9 @@ use std::path::Path;
 
 use base64::Engine;
 use hapair_crds::nodeapi::{GroupConfig, HeartbeatKey};
-use hapair_operator::catalog::Catalog;
-use hapair_operator::reconcile::reconcile;
-use hapair_operator::state::ControllerState;
+use hapair_operator::desired::catalog::Catalog;
+use hapair_operator::desired::reconcile::reconcile;
+use hapair_operator::desired::state::ControllerState;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -18,7 +18,7 @@ fn cli(h: &Harness, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
     command
         .arg("--config")
-        .arg(state_dir(h).join(hapair_operator::adminapi::CLI_CONFIG_FILE))
+        .arg(state_dir(h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
         .args(args)
         .env_remove("HAPAIR_CONFIG")
         .stdin(Stdio::null())
@@ -132,12 +132,12 @@ async fn the_binary_answers_to_hapair_and_reads_hapair_config() {
 
     let output = tokio::process::Command::new(&link)
         .args(["status", "-o", "json"])
-        .env("HAPAIR_CONFIG", state_dir(&h).join(hapair_operator::adminapi::CLI_CONFIG_FILE))
+        .env("HAPAIR_CONFIG", state_dir(&h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
         .output()
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
-    let overview: hapair_operator::adminapi::GroupsOverview = serde_json::from_slice(&output.stdout).unwrap();
+    let overview: hapair_operator::server::adminapi::GroupsOverview = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(overview.groups[0].key, GroupKey::new("default", "g"));
 
     let output =

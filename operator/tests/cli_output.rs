@@ -226,7 +226,7 @@ fn cli(h: &Harness, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
     command
         .arg("--config")
-        .arg(state_dir(h).join(hapair_operator::adminapi::CLI_CONFIG_FILE))
+        .arg(state_dir(h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
         .args(args)
         .env_remove("HAPAIR_CONFIG")
         .stdin(Stdio::null())

@@ -12,10 +12,10 @@ use hapair_crds::hagroup::{GroupPhase, NodeRole};
 use hapair_crds::nodeapi::{
     ActionOutcome, ApiError, DesiredConfig, EnrollRequest, LeaseOp, LeaseRequest, LeaseResponse, paths,
 };
-use hapair_operator::adminapi::ActionView;
 use hapair_operator::pki::Ca;
+use hapair_operator::pki::tokens::TokenFile;
+use hapair_operator::server::adminapi::ActionView;
 use hapair_operator::server::ratelimit::RateSettings;
-use hapair_operator::tokens::TokenFile;
 
 /// A client whose certificate comes from a CA that copies our CA's subject name.
 fn forged_ca_client(h: &Harness, now: i64) -> reqwest::Client {
@@ -90,7 +90,7 @@ async fn enrollment_accepts_a_good_token_once_and_refuses_the_rest() {
     assert!(message.starts_with("enrollment token was already used"), "{message}");
 
     let expired = TokenFile::new(state_dir(&h))
-        .create("a", Duration::from_secs(1), hapair_operator::timestamp::now_millis() - 10_000)
+        .create("a", Duration::from_secs(1), hapair_operator::support::timestamp::now_millis() - 10_000)
         .unwrap();
     let (status, message) = error_of(post(EnrollRequest { token: expired, ..good.clone() }).await.unwrap()).await;
     assert_eq!(status, 401);
@@ -209,7 +209,7 @@ async fn reports_update_status_and_foreign_or_missing_certificates_change_nothin
 #[tokio::test]
 async fn certificates_from_another_ca_or_expired_are_refused_with_the_reason() {
     let h = Harness::start(&[("g.yaml", GROUP)]).await;
-    let now = hapair_operator::timestamp::now_millis() / 1000;
+    let now = hapair_operator::support::timestamp::now_millis() / 1000;
     let other_dir = tempfile::tempdir().unwrap();
     let foreign = Ca::load_or_create(other_dir.path()).unwrap().issue_client("a", now - 60, now + 3600).unwrap();
     // Even a CA with the very same name as ours is told apart by the signature.
@@ -394,7 +394,7 @@ async fn admin_actions_reach_the_nodes_and_their_outcome_comes_back() {
     from_a.actions = vec![result(&queued.id, ActionOutcome::Succeeded, "demoted")];
     let response = a.post(h.url(&paths::report("a"))).json(&report("a", 2, vec![from_a])).send().await.unwrap();
     assert_eq!(response.status(), 204);
-    let action_url = h.url(&hapair_operator::adminapi::action_path("default", "g", &queued.id));
+    let action_url = h.url(&hapair_operator::server::adminapi::action_path("default", "g", &queued.id));
     let view: ActionView = admin.get(&action_url).send().await.unwrap().json().await.unwrap();
     assert_eq!(view.outcome, ActionOutcome::Pending);
     // a answered; only b still sees the action.

@@ -11,8 +11,8 @@ use hapair_agent::enroll::{
     CA_FILE, CONFIG_FILE, ControllerConfig, EnrollError, EnrollOptions, KEY_FILE, Trust, enroll,
 };
 use hapair_crds::nodeapi::{DesiredConfig, paths};
+use hapair_operator::pki::tokens::TokenFile;
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
-use hapair_operator::tokens::TokenFile;
 
 const GROUP: &str = r#"apiVersion: hapair.dev/v1alpha1
 kind: HaGroup
@@ -33,7 +33,7 @@ async fn an_agent_enrolls_by_fingerprint_and_then_reads_its_config() {
     let url = format!("https://127.0.0.1:{}", controller.local_addr().port());
     let token = |node: &str| {
         TokenFile::new(state.path())
-            .create(node, Duration::from_secs(300), hapair_operator::timestamp::now_millis())
+            .create(node, Duration::from_secs(300), hapair_operator::support::timestamp::now_millis())
             .unwrap()
     };
     let agent_dir = tempfile::tempdir().unwrap();

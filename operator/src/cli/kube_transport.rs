@@ -17,15 +17,15 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use rand::RngCore;
 
-use crate::adminapi::{ActionRequest, ActionView, GroupView, GroupsOverview, VolumeView};
 use crate::cli::transport::{CliError, Transport};
-use crate::events::GroupEvent;
 use crate::k8s::annotations::{self, annotation_for};
 use crate::k8s::pki_secret;
 use crate::k8s::state_secrets::SECRET_ROLE_LABEL;
 use crate::k8s::token_secret::TokenSecret;
-use crate::timestamp::{format_millis, now_millis};
-use crate::tokens::enroll_instructions;
+use crate::pki::tokens::enroll_instructions;
+use crate::server::adminapi::{ActionRequest, ActionView, GroupView, GroupsOverview, VolumeView};
+use crate::status::events::GroupEvent;
+use crate::support::timestamp::{format_millis, now_millis};
 
 /// Events shown by `describe`.
 const EVENTS_SHOWN: usize = 20;
@@ -257,7 +257,7 @@ impl Transport for KubeTransport {
             None => {
                 let mut bytes = [0u8; 6];
                 rand::rng().fill_bytes(&mut bytes);
-                format!("k-{}", crate::revision::hex(&bytes))
+                format!("k-{}", crate::desired::revision::hex(&bytes))
             }
         };
         let value = annotations::render(&id, &request.kind);

@@ -2,7 +2,7 @@
 //! Pure, so the layouts are tested without a controller.
 //!
 //! Everything in these views came from users, manifests, agents or the controller, so each
-//! renderer passes its text through [`terminal`] before returning it: every field and
+//! renderer passes its text through [`super::terminal`] before returning it: every field and
 //! table cell as a single line (a newline in a message must not forge a line of the
 //! report), then the whole report keeping only its own line breaks.
 
@@ -12,8 +12,8 @@ use hapair_crds::condition::{ConditionStatus, find, types};
 use hapair_crds::hagroup::{NodeHealth, WitnessMode};
 use hapair_crds::nodeapi::{AdminActionKind, EventType};
 
-use crate::adminapi::{ActionView, GroupView, GroupsOverview};
 use crate::cli::terminal::{printable, printable_lines};
+use crate::server::adminapi::{ActionView, GroupView, GroupsOverview};
 
 fn table(rows: &[Vec<String>]) -> String {
     // Escaped before measuring, so the columns line up with what the terminal shows.
@@ -350,8 +350,8 @@ pub fn action(view: &ActionView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adminapi::{NodeActionResult, NodeDetail, VolumeView};
-    use crate::events::GroupEvent;
+    use crate::server::adminapi::{NodeActionResult, NodeDetail, VolumeView};
+    use crate::status::events::GroupEvent;
     use hapair_crds::hagroup::{FailoverRecord, GroupPhase, NodeRole, NodeStatus};
     use hapair_crds::nodeapi::{ActionOutcome, GroupKey, GroupReport};
     use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};

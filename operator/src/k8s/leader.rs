@@ -32,8 +32,8 @@ use kube::api::PostParams;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::controller::metrics::Metrics;
 use crate::lease::{LeaseAuthority, LeaseParams};
-use crate::metrics::Metrics;
 
 /// The election's clocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Kubernetes mode (`hapair-operator run`): the standalone controller's reconcile core with
 //! the Kubernetes API as its store.
 //!
-//! - [`store`]: [`store::KubeStore`], the [`crate::store::Store`] of this mode (caches in,
+//! - [`store`]: [`store::KubeStore`], the [`crate::controller::store::Store`] of this mode (caches in,
 //!   state Secrets, server-side-applied statuses, Events and finalizer releases out), with
 //!   [`writer`] doing the writes off the controller's lock and [`state_secrets`] sharding
 //!   the controller's state over Secrets in the operator's namespace;
@@ -37,7 +37,7 @@ pub enum K8sError {
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::controller::store::StoreError),
     #[error(transparent)]
     Tls(#[from] crate::server::identity::TlsSetupError),
     #[error("{what}: {source}")]

@@ -25,14 +25,14 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::controller::metrics::Metrics;
+use crate::controller::store::StoreError;
 use crate::controller::{Controller, VolumeRetirement};
+use crate::desired::resolve::referenced_volumes;
 use crate::k8s::FINALIZER;
 use crate::k8s::annotations::{self, AnnotatedAction};
 use crate::k8s::store::{DeletionHold, KubeStore};
-use crate::metrics::Metrics;
-use crate::resolve::referenced_volumes;
-use crate::store::StoreError;
-use crate::timestamp::parse_millis;
+use crate::support::timestamp::parse_millis;
 
 /// Why one object's reconcile failed; kube-runtime retries it after [`error_policy`]'s delay.
 #[derive(Debug, thiserror::Error)]

@@ -33,12 +33,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::controller::metrics::Metrics;
 use crate::k8s::K8sError;
 use crate::k8s::leader::{ElectionTiming, Elector, FencedAuthority, Leadership, run_election};
 use crate::k8s::pki_secret;
 use crate::k8s::term::{Term, TermConfig};
 use crate::lease::LeaseAuthority;
-use crate::metrics::Metrics;
 use crate::pki::Ca;
 use crate::server::identity::server_config;
 use crate::server::{Server, standby_router};
@@ -141,7 +141,7 @@ fn write_runtime_info(path: &std::path::Path, info: &RuntimeInfo) {
         warn!(path = %dir.display(), error = %e, "cannot create the runtime directory");
         return;
     }
-    if let Err(e) = crate::atomic_file::write_json(path, info, 0o644) {
+    if let Err(e) = crate::support::atomic_file::write_json(path, info, 0o644) {
         warn!(path = %path.display(), error = %e, "cannot write the runtime file; token create needs --tokens-secret");
     }
 }

@@ -18,9 +18,9 @@ use kube::Api;
 use kube::api::PostParams;
 use sha2::{Digest, Sha256};
 
-use crate::metrics::Metrics;
-use crate::state::ControllerState;
-use crate::store::StoreError;
+use crate::controller::metrics::Metrics;
+use crate::controller::store::StoreError;
+use crate::desired::state::ControllerState;
 
 /// Number of state Secrets. Fixed: every entry's shard is a function of its key and this.
 pub const STATE_SHARDS: usize = 16;
@@ -255,8 +255,8 @@ impl StateSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actions::queue;
-    use crate::state::NodeRevision;
+    use crate::desired::actions::queue;
+    use crate::desired::state::NodeRevision;
     use hapair_crds::nodeapi::AdminActionKind;
 
     fn sample() -> ControllerState {
@@ -275,22 +275,25 @@ mod tests {
                 "{group: g, size: 1Gi, backing: [{node: a, path: /a.img}, {node: b, path: /b.img}]}",
             )
             .unwrap_or_else(|e| panic!("{e}"));
-            let origin = crate::catalog::Origin { file: "v.yaml".into(), index: i as usize };
-            state.volume_specs.insert(volume.clone(), crate::state::KnownVolume { spec: spec.clone(), origin });
-            let wiping = crate::state::Wiping { uuid: format!("uuid{i}"), spec, answers: Default::default(), since: 0 };
+            let origin = crate::desired::catalog::Origin { file: "v.yaml".into(), index: i as usize };
+            state
+                .volume_specs
+                .insert(volume.clone(), crate::desired::state::KnownVolume { spec: spec.clone(), origin });
+            let wiping =
+                crate::desired::state::Wiping { uuid: format!("uuid{i}"), spec, answers: Default::default(), since: 0 };
             state.wiping.insert(GroupKey::new("ns", format!("w{i}")), wiping);
             let group = hapair_crds::HaGroup::new(
                 &format!("g{i}"),
                 serde_yaml::from_str("{nodes: []}").unwrap_or_else(|e| panic!("{e}")),
             );
-            let source = crate::state::GroupSource {
+            let source = crate::desired::state::GroupSource {
                 group,
                 volumes: vec![],
                 heartbeat_key: "k".into(),
-                origin: crate::catalog::Origin { file: "g.yaml".into(), index: 0 },
+                origin: crate::desired::catalog::Origin { file: "g.yaml".into(), index: 0 },
             };
             state.last_good.insert(key.clone(), source.clone());
-            let deleting = crate::state::Deleting { source, cleaned_up: Default::default(), since: 0 };
+            let deleting = crate::desired::state::Deleting { source, cleaned_up: Default::default(), since: 0 };
             state.deleting.insert(GroupKey::new("ns", format!("d{i}")), deleting);
         }
         state

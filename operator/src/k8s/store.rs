@@ -31,13 +31,13 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use kube::{Api, Client, ResourceExt};
 
-use crate::catalog::Catalog;
-use crate::events::{EventRing, GroupEvent};
+use crate::controller::metrics::Metrics;
+use crate::controller::store::{Statuses, Store, StoreError};
+use crate::desired::catalog::Catalog;
+use crate::desired::state::ControllerState;
 use crate::k8s::state_secrets::StateSecrets;
 use crate::k8s::writer::Writer;
-use crate::metrics::Metrics;
-use crate::state::ControllerState;
-use crate::store::{Statuses, Store, StoreError};
+use crate::status::events::{EventRing, GroupEvent};
 
 /// How long [`Store::flush`] waits for queued writes.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
@@ -225,7 +225,7 @@ pub struct DeletionHold {
 
 /// `status` with the `DeletionBlocked` condition set (or cleared to False).
 fn with_blocked(mut status: ReplicatedVolumeStatus, why: Option<&DeletionHold>) -> ReplicatedVolumeStatus {
-    let now = crate::timestamp::format_millis(crate::timestamp::now_millis());
+    let now = crate::support::timestamp::format_millis(crate::support::timestamp::now_millis());
     let had = hapair_crds::condition::find(&status.conditions, types::DELETION_BLOCKED).is_some();
     let condition = match why {
         Some(hold) => Condition {

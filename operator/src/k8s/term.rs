@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::controller::metrics::Metrics;
 use crate::controller::{Controller, Settings};
 use crate::k8s::K8sError;
 use crate::k8s::reconciler::{Context, error_policy, reconcile_group, reconcile_volume};
@@ -31,7 +32,6 @@ use crate::k8s::store::{Caches, KubeStore};
 use crate::k8s::token_secret::TokenSecret;
 use crate::k8s::writer::Writer;
 use crate::lease::LeaseAuthority;
-use crate::metrics::Metrics;
 use crate::pki::Ca;
 use crate::server::{ApiSettings, NodeApi, router};
 

@@ -15,11 +15,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::PostParams;
 
+use crate::controller::metrics::Metrics;
 use crate::k8s::K8sError;
 use crate::k8s::state_secrets::SECRET_ROLE_LABEL;
-use crate::metrics::Metrics;
-use crate::timestamp::UnixMillis;
-use crate::tokens::{RedeemError, TokenBook, TokenError, TokenRedeemer};
+use crate::pki::tokens::{RedeemError, TokenBook, TokenError, TokenRedeemer};
+use crate::support::timestamp::UnixMillis;
 
 /// Data key of the token book.
 pub const TOKENS_KEY: &str = "tokens.json";

@@ -21,9 +21,9 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::events::GroupEvent;
+use crate::controller::metrics::Metrics;
 use crate::k8s::FINALIZER;
-use crate::metrics::Metrics;
+use crate::status::events::GroupEvent;
 
 /// The field manager of every status the operator applies.
 pub const FIELD_MANAGER: &str = "hapair-operator";

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 
 /// Why a connection was closed at accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,6 +24,7 @@
 //! and [`ApiSettings`]). The deadlines cover the client's part only: a long-poll may take as
 //! long as its `wait`.
 
+pub mod adminapi;
 pub mod body;
 pub mod identity;
 pub mod limits;
@@ -51,15 +52,15 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::actions::Refusal;
-use crate::adminapi::ActionRequest;
+use crate::controller::metrics::Metrics;
+use crate::controller::publish::Poll;
+use crate::controller::store::Store;
 use crate::controller::{Controller, ReportRefusal};
+use crate::desired::actions::Refusal;
 use crate::lease::{LeaseAuthority, LeaseRefusal};
-use crate::metrics::Metrics;
 use crate::pki::Ca;
-use crate::publish::Poll;
-use crate::store::Store;
-use crate::tokens::{RedeemError, TokenError, TokenRedeemer, check_node_name};
+use crate::pki::tokens::{RedeemError, TokenError, TokenRedeemer, check_node_name};
+use crate::server::adminapi::ActionRequest;
 use body::{ApiFailure, ApiJson};
 use identity::{ClientAuth, PeerIdentity};
 use limits::{ClockedIo, ConnectionClock, ConnectionLimiter, TimedBody};
@@ -374,7 +375,7 @@ async fn enroll_inner<S: Store>(api: &NodeApi<S>, request: EnrollRequest) -> Res
         .ca
         .sign_node_csr(&request.node, &request.csr_pem, api.settings.node_cert_validity)
         .map_err(|e| ApiFailure::bad_request(format!("csrPem: {e}")))?;
-    let now = crate::timestamp::now_millis();
+    let now = crate::support::timestamp::now_millis();
     match api.tokens.redeem(&request.token, &request.node, now).await {
         Ok(()) => {
             info!(node = %request.node, "enrolled node");

@@ -33,9 +33,9 @@ use hapair_crds::nodeapi::{
     GroupKey, GroupReport, LeaseOp, LeaseRequest, LeaseResponse, NodeReport, VolumeReport, paths,
 };
 use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
+use hapair_operator::controller::metrics::Metrics;
 use hapair_operator::k8s::leader::{FencedAuthority, Leadership};
 use hapair_operator::k8s::term::{Term, TermConfig};
-use hapair_operator::metrics::Metrics;
 use hapair_operator::pki::Ca;
 use hapair_operator::server::Peer;
 use hapair_operator::server::identity::PeerIdentity;
@@ -354,7 +354,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn main() -> anyhow::Result<()> {
     // As hapair-operator's main does, before any thread exists.
-    let arenas = hapair_operator::allocator::limit_arenas();
+    let arenas = hapair_operator::support::allocator::limit_arenas();
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.serve_fake_api {
@@ -375,7 +375,7 @@ async fn bench(args: Args, arenas: bool) -> anyhow::Result<()> {
     );
     println!(
         "  allocator: glibc limited to {} arenas as in hapair-operator ({})",
-        hapair_operator::allocator::MALLOC_ARENAS,
+        hapair_operator::support::allocator::MALLOC_ARENAS,
         if arenas { "accepted" } else { "refused" }
     );
 

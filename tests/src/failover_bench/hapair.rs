@@ -16,8 +16,8 @@ use std::time::Duration;
 use hapair_agent::endpoints::StatusSnapshot;
 use hapair_crds::hagroup::NodeRole;
 use hapair_crds::nodeapi::DesiredConfig;
-use hapair_operator::catalog::Catalog;
-use hapair_operator::state::ControllerState;
+use hapair_operator::desired::catalog::Catalog;
+use hapair_operator::desired::state::ControllerState;
 
 use super::{BenchError, HaPair, Node, PerNode, Result, SERVICE_PORT, Testbed, VIP, VIP_PREFIX_LEN, io_error};
 use crate::netns::ChildGuard;
@@ -73,10 +73,10 @@ pub fn bundles(manifest: &str) -> Result<BTreeMap<String, DesiredConfig>> {
         return Err(BenchError::Setup(format!("the benchmark's HaGroup is refused: {error}")));
     }
     let mut state = ControllerState::default();
-    let reconciled = hapair_operator::reconcile::reconcile(
+    let reconciled = hapair_operator::desired::reconcile::reconcile(
         &catalog,
         &mut state,
-        hapair_operator::timestamp::now_millis(),
+        hapair_operator::support::timestamp::now_millis(),
         &mut rand::rng(),
     );
     if let Some(error) = reconciled.errors.first() {

@@ -43,7 +43,7 @@ pub const AGGRESSIVE_TIMINGS: Timings = Timings {
 
 impl Timings {
     pub fn lease_wait(&self) -> Duration {
-        hapair_agent::engine::time::stretch(self.lease, self.drift_ppm)
+        hapair_crds::drift::stretch(self.lease, self.drift_ppm)
     }
 }
 

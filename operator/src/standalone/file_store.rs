@@ -16,12 +16,12 @@ use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::atomic_file::{read_json, write_json};
-use crate::catalog::{Catalog, Incumbents};
-use crate::events::{EventRing, GroupEvent};
-use crate::revision::hex;
-use crate::state::ControllerState;
-use crate::store::{Statuses, Store, StoreError};
+use crate::controller::store::{Statuses, Store, StoreError};
+use crate::desired::catalog::{Catalog, Incumbents};
+use crate::desired::revision::hex;
+use crate::desired::state::ControllerState;
+use crate::status::events::{EventRing, GroupEvent};
+use crate::support::atomic_file::{read_json, write_json};
 
 pub const STATE_FILE: &str = "state.json";
 pub const STATUS_FILE: &str = "status.json";

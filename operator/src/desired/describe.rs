@@ -7,7 +7,7 @@ use std::fmt::Write;
 use hapair_crds::hagroup::{MonitorKind, StepKind, WitnessMode};
 use hapair_crds::quantity::{format_bytes, parse_bytes};
 
-use crate::catalog::Catalog;
+use crate::desired::catalog::Catalog;
 
 /// Renders the plan of every valid group, then every refused manifest.
 pub fn render(catalog: &Catalog) -> String {

@@ -9,7 +9,7 @@ use hapair_crds::nodeapi::{ActionOutcome, AdminActionKind, GroupKey, GroupReport
 use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 use serde::{Deserialize, Serialize};
 
-use crate::events::GroupEvent;
+use crate::status::events::GroupEvent;
 
 /// File name of the CLI config the standalone controller writes into its state directory.
 pub const CLI_CONFIG_FILE: &str = "hapair-admin.json";

@@ -5,6 +5,10 @@
 //! One lock serializes every change, so a report, an action and a manifest change are each
 //! applied whole. Long-polls never take it: they wait on the [`BundleBoard`].
 
+pub mod metrics;
+pub mod publish;
+pub mod store;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,20 +25,22 @@ use rand::{RngCore, SeedableRng};
 use tokio::sync::Mutex;
 use tracing::{info, info_span, warn};
 
-use crate::actions::{self, Refusal, Target};
-use crate::adminapi::{ActionRequest, ActionView, GroupView, GroupsOverview, NodeActionResult, NodeDetail, VolumeView};
-use crate::aggregate::{self, GroupInputs, Observation};
-use crate::catalog::Catalog;
-use crate::events::{EventRing, GroupEvent};
+use crate::controller::metrics::Metrics;
+use crate::controller::publish::{BundleBoard, Poll, Publisher};
+use crate::controller::store::{Statuses, Store, StoreError};
+use crate::desired::actions::{self, Refusal, Target};
+use crate::desired::catalog::Catalog;
+use crate::desired::reconcile::{Reconciled, note_cleaned_up, reconcile};
+use crate::desired::resolve::group_named_by;
+use crate::desired::retire::{Retirement, note_wipe_answer};
+use crate::desired::state::{ActionEntry, ControllerState};
 use crate::lease::{LeaseParams, LeaseRefusal, admit};
-use crate::metrics::Metrics;
-use crate::publish::{BundleBoard, Poll, Publisher};
-use crate::reconcile::{Reconciled, note_cleaned_up, reconcile};
-use crate::resolve::group_named_by;
-use crate::retire::{Retirement, note_wipe_answer};
-use crate::state::{ActionEntry, ControllerState};
-use crate::store::{Statuses, Store, StoreError};
-use crate::timestamp::{UnixMillis, format_millis};
+use crate::server::adminapi::{
+    ActionRequest, ActionView, GroupView, GroupsOverview, NodeActionResult, NodeDetail, VolumeView,
+};
+use crate::status::aggregate::{self, GroupInputs, Observation};
+use crate::status::events::{EventRing, GroupEvent};
+use crate::support::timestamp::{UnixMillis, format_millis};
 
 /// Tunables of the controller loop.
 #[derive(Clone, Debug)]
@@ -166,7 +172,7 @@ impl<S: Store> Controller<S> {
                 events,
                 known_errors: BTreeSet::new(),
                 rng: StdRng::from_rng(&mut rand::rng()),
-                started: crate::timestamp::now_millis(),
+                started: crate::support::timestamp::now_millis(),
             }),
             requested: AtomicU64::new(0),
             runs: Mutex::new(Runs::default()),
@@ -244,7 +250,7 @@ impl<S: Store> Controller<S> {
     }
 
     async fn apply_inner(&self, core: &mut Core, catalog: Catalog) -> Result<(), StoreError> {
-        let now = crate::timestamp::now_millis();
+        let now = crate::support::timestamp::now_millis();
         let before = core.state.clone();
         let mut events: Vec<(GroupKey, GroupEvent)> = Vec::new();
         let mut volume_events: Vec<(GroupKey, GroupEvent)> = Vec::new();
@@ -268,7 +274,7 @@ impl<S: Store> Controller<S> {
                         key,
                         GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", message),
                     ));
-                } else if let Some(key) = crate::catalog::refused_object(error, "ReplicatedVolume") {
+                } else if let Some(key) = crate::desired::catalog::refused_object(error, "ReplicatedVolume") {
                     volume_events.push((
                         key,
                         GroupEvent::controller(format_millis(now), EventType::Warning, "InvalidManifest", text.clone()),
@@ -364,7 +370,7 @@ impl<S: Store> Controller<S> {
                     .filter(|n| {
                         core.reports
                             .get(n)
-                            .is_some_and(|(_, t)| crate::timestamp::age(now, *t) < self.settings.stale_after)
+                            .is_some_and(|(_, t)| crate::support::timestamp::age(now, *t) < self.settings.stale_after)
                     })
                     .collect();
                 (key.clone(), fresh)
@@ -399,11 +405,11 @@ impl<S: Store> Controller<S> {
             .reconciled
             .errors
             .iter()
-            .filter_map(|e| Some((crate::catalog::refused_object(e, "ReplicatedVolume")?, e.to_string())))
+            .filter_map(|e| Some((crate::desired::catalog::refused_object(e, "ReplicatedVolume")?, e.to_string())))
             .collect();
         let volume_generation =
             |key: &GroupKey, fallback: Option<i64>| core.catalog.volume_generations.get(key).copied().or(fallback);
-        let in_grace = crate::timestamp::age(now, core.started) < self.settings.startup_grace;
+        let in_grace = crate::support::timestamp::age(now, core.started) < self.settings.startup_grace;
         for (key, plan) in &core.reconciled.groups {
             if only.is_some_and(|o| !o.contains(key)) {
                 phases.extend(core.statuses.groups.get(key).and_then(|s| s.phase));
@@ -498,8 +504,9 @@ impl<S: Store> Controller<S> {
                         .iter()
                         .map(|n| {
                             let seen = core.reports.get(n);
-                            let fresh =
-                                seen.is_some_and(|(_, t)| crate::timestamp::age(now, *t) < self.settings.stale_after);
+                            let fresh = seen.is_some_and(|(_, t)| {
+                                crate::support::timestamp::age(now, *t) < self.settings.stale_after
+                            });
                             let report = seen
                                 .and_then(|(r, _)| r.groups.iter().find(|g| g.key == *key))
                                 .and_then(|g| g.volumes.iter().find(|v| v.name == volume.name));
@@ -621,7 +628,7 @@ impl<S: Store> Controller<S> {
                 return Err(ReportRefusal::NotAMember { node: node.to_string(), group: group.key.to_string() });
             }
         }
-        let now = crate::timestamp::now_millis();
+        let now = crate::support::timestamp::now_millis();
         let mut events = Vec::new();
         let mut groups = BTreeSet::new();
         // Whether the report touches what bundles are built from (action answers, cleanup),
@@ -726,7 +733,7 @@ impl<S: Store> Controller<S> {
             None => {
                 let mut bytes = [0u8; 6];
                 core.rng.fill_bytes(&mut bytes);
-                format!("a-{}", crate::revision::hex(&bytes))
+                format!("a-{}", crate::desired::revision::hex(&bytes))
             }
         };
         let target = core
@@ -737,7 +744,7 @@ impl<S: Store> Controller<S> {
         if let Some(existing) = actions::check(key, &id, &request.kind, target, &core.state.actions)? {
             return Ok(view(existing));
         }
-        let now = crate::timestamp::now_millis();
+        let now = crate::support::timestamp::now_millis();
         let entry = actions::queue(key, &id, request.kind.clone(), now);
         let message = format!("{} {id} requested{}", request.kind.label(), describe_kind(&request.kind));
         info!(group = %key, action = %id, "{message}");
@@ -773,7 +780,7 @@ impl<S: Store> Controller<S> {
         if let Some(existing) = core.state.actions.get(id) {
             return Ok(view(existing));
         }
-        let now = crate::timestamp::now_millis();
+        let now = crate::support::timestamp::now_millis();
         let mut entry = actions::queue(key, id, kind, now);
         entry.outcome = hapair_crds::nodeapi::ActionOutcome::Rejected;
         entry.message = message;
@@ -801,7 +808,8 @@ impl<S: Store> Controller<S> {
     /// example an admin-action annotation that cannot be read).
     pub async fn note_event(&self, key: &GroupKey, type_: EventType, reason: &str, message: String) {
         let mut core = self.core.lock().await;
-        let event = GroupEvent::controller(format_millis(crate::timestamp::now_millis()), type_, reason, message);
+        let event =
+            GroupEvent::controller(format_millis(crate::support::timestamp::now_millis()), type_, reason, message);
         self.record_event(&mut core, key, event).await;
     }
 
@@ -816,7 +824,7 @@ impl<S: Store> Controller<S> {
     /// namespace): while there are any, the volume must not go away.
     pub async fn volume_users(&self, volume: &GroupKey) -> Vec<GroupKey> {
         let core = self.core.lock().await;
-        let uses = |source: &crate::state::GroupSource| {
+        let uses = |source: &crate::desired::state::GroupSource| {
             source.volumes.iter().any(|v| v.metadata.name.as_deref() == Some(volume.name.as_str()))
         };
         let live = core.state.last_good.iter();
@@ -982,7 +990,7 @@ fn view(entry: &ActionEntry) -> ActionView {
 }
 
 /// The backing nodes that have not answered a wipe, each with its latest word.
-fn waiting_on(core: &Core, key: &GroupKey, wiping: &crate::state::Wiping) -> Vec<String> {
+fn waiting_on(core: &Core, key: &GroupKey, wiping: &crate::desired::state::Wiping) -> Vec<String> {
     wiping
         .pending()
         .into_iter()

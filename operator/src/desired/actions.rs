@@ -12,8 +12,8 @@ use hapair_crds::HaGroupSpec;
 use hapair_crds::nodeapi::{ActionOutcome, ActionResult, AdminAction, AdminActionKind, GroupKey};
 use hapair_crds::validation::is_valid_name;
 
-use crate::state::ActionEntry;
-use crate::timestamp::{UnixMillis, age};
+use crate::desired::state::ActionEntry;
+use crate::support::timestamp::{UnixMillis, age};
 
 /// How long an action may stay without a final outcome before it is declared failed.
 pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(300);

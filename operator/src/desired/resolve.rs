@@ -15,8 +15,8 @@ use hapair_crds::manifest::ManifestError;
 use hapair_crds::nodeapi::GroupKey;
 use rand::RngCore;
 
-use crate::catalog::{Catalog, Origin, refusal_in_file};
-use crate::state::{ControllerState, GroupSource};
+use crate::desired::catalog::{Catalog, Origin, refusal_in_file};
+use crate::desired::state::{ControllerState, GroupSource};
 
 /// Shortest heartbeat key accepted from a Secret. HMAC-SHA256 takes any length, but a short
 /// key can be guessed offline from one captured heartbeat.

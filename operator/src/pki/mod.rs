@@ -5,6 +5,8 @@
 //! certificate per enrolled node (CN = node name). Agents and the CLI trust only this CA,
 //! and the node API trusts only certificates it signed: nothing depends on public PKI.
 
+pub mod tokens;
+
 use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
@@ -19,8 +21,8 @@ use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::atomic_file::{FileError, write};
-use crate::revision::hex;
+use crate::desired::revision::hex;
+use crate::support::atomic_file::{FileError, write};
 
 /// CN of the admin client certificate; the node API gives it the admin API and nothing
 /// else. No node may enroll under this name.

@@ -11,7 +11,7 @@ use hapair_crds::nodeapi::{GroupConfig, GroupKey, HeartbeatKey, VolumeConfig};
 use hapair_crds::validation::is_valid_name;
 use rand::RngCore;
 
-use crate::state::GroupSource;
+use crate::desired::state::GroupSource;
 
 /// Longest step name the API accepts (a DNS label).
 const MAX_NAME: usize = 63;

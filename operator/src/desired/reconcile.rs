@@ -2,8 +2,8 @@
 //! one desired-config bundle per node out.
 //!
 //! Dereference (reading the snapshot), publish (handing bundles to the node API) and status
-//! writes touch the outside world and live behind [`crate::store::Store`] and
-//! [`crate::publish::Publisher`]; everything here is a pure function of its inputs, with
+//! writes touch the outside world and live behind [`crate::controller::store::Store`] and
+//! [`crate::controller::publish::Publisher`]; everything here is a pure function of its inputs, with
 //! time and randomness passed in. The Kubernetes operator calls the same function with a
 //! snapshot read from the API server.
 
@@ -13,14 +13,14 @@ use hapair_crds::manifest::ManifestError;
 use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, GroupKey, VolumeWipe};
 use rand::RngCore;
 
-use crate::actions::pending_for;
-use crate::build::group_config;
-use crate::catalog::Catalog;
-use crate::resolve::resolve;
-use crate::retire::{Retirement, retire_volumes};
-use crate::revision::assign;
-use crate::state::{ControllerState, Deleting};
-use crate::timestamp::UnixMillis;
+use crate::desired::actions::pending_for;
+use crate::desired::bundle::group_config;
+use crate::desired::catalog::Catalog;
+use crate::desired::resolve::resolve;
+use crate::desired::retire::{Retirement, retire_volumes};
+use crate::desired::revision::assign;
+use crate::desired::state::{ControllerState, Deleting};
+use crate::support::timestamp::UnixMillis;
 
 /// What the controller knows about one group after a reconcile.
 #[derive(Clone, Debug, PartialEq)]
@@ -158,7 +158,7 @@ pub fn note_cleaned_up(state: &mut ControllerState, key: &GroupKey, node: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actions::queue;
+    use crate::desired::actions::queue;
     use base64::Engine;
     use hapair_crds::nodeapi::{AdminActionKind, HeartbeatKey};
     use rand::SeedableRng;
@@ -237,7 +237,7 @@ spec:
         assert!(uuid::Uuid::parse_str(&g.volumes[0].uuid).is_ok());
         let HeartbeatKey::Inline(k) = &g.heartbeat_key else { panic!("inline key expected") };
         let raw = base64::engine::general_purpose::STANDARD.decode(k).unwrap_or_default();
-        assert_eq!(raw.len(), crate::resolve::GENERATED_KEY_BYTES);
+        assert_eq!(raw.len(), crate::desired::resolve::GENERATED_KEY_BYTES);
         // Both nodes of a group get identical group content.
         let g_on_b = bundle(&out, "b").groups.iter().find(|c| c.key == key()).cloned();
         assert_eq!(g_on_b.as_ref(), Some(g));
@@ -407,11 +407,11 @@ spec:
             outcome: hapair_crds::nodeapi::WipeOutcome::Wiped,
             message: "done".into(),
         };
-        assert!(crate::retire::note_wipe_answer(&mut state, "a", &answer));
+        assert!(crate::desired::retire::note_wipe_answer(&mut state, "a", &answer));
         let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 3, &mut rng());
         assert_eq!(out.changed, ["a".to_string()].into());
         assert!(bundle(&out, "a").wipes.is_empty() && bundle(&out, "b").wipes.len() == 1);
-        assert!(crate::retire::note_wipe_answer(&mut state, "b", &answer));
+        assert!(crate::desired::retire::note_wipe_answer(&mut state, "b", &answer));
         let out = reconcile(&catalog(&[("o.yaml", OTHER)]), &mut state, 4, &mut rng());
         assert_eq!(out.volumes.wipe_finished.len(), 1);
         assert!(bundle(&out, "b").wipes.is_empty() && !state.volume_uuids.contains_key(&data));

@@ -6,6 +6,8 @@
 //! like any other change) and reconciled on change; a refused manifest is logged and
 //! recorded with file, object and field while the last good config stays in force.
 
+pub mod file_store;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,17 +22,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::adminapi::{AdminConfig, CLI_CONFIG_FILE};
-use crate::atomic_file::{FileError, write_json};
+use crate::controller::metrics::Metrics;
+use crate::controller::store::StoreError;
 use crate::controller::{Controller, Settings};
-use crate::file_store::FileStore;
 use crate::lease::LeaseAuthority;
-use crate::metrics::Metrics;
+use crate::pki::tokens::TokenFile;
 use crate::pki::{Ca, PkiError};
+use crate::server::adminapi::{AdminConfig, CLI_CONFIG_FILE};
 use crate::server::identity::{TlsSetupError, server_config};
 use crate::server::{ApiSettings, NodeApi, Server};
-use crate::store::StoreError;
-use crate::tokens::TokenFile;
+use crate::standalone::file_store::FileStore;
+use crate::support::atomic_file::{FileError, write_json};
 
 /// Full reconciles happen at least this often, changed directory or not.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
@@ -87,7 +89,7 @@ pub enum StandaloneError {
 /// Content hash of the manifest files of `dir` (names and bytes), or `None` when it cannot
 /// be listed.
 pub fn directory_fingerprint(dir: &Path) -> Option<String> {
-    let mut files = crate::catalog::manifest_files(dir).ok()?;
+    let mut files = crate::desired::catalog::manifest_files(dir).ok()?;
     files.sort();
     let mut hash = Sha256::new();
     for file in files {
@@ -100,7 +102,7 @@ pub fn directory_fingerprint(dir: &Path) -> Option<String> {
         }
         hash.update([0]);
     }
-    Some(crate::revision::hex(&hash.finalize()))
+    Some(crate::desired::revision::hex(&hash.finalize()))
 }
 
 fn certificate_names(config: &StandaloneConfig, bound: SocketAddr) -> Vec<String> {

@@ -15,10 +15,10 @@ use std::collections::BTreeSet;
 use hapair_crds::nodeapi::{GroupKey, WipeReport};
 use hapair_crds::volume::DeletionPolicy;
 
-use crate::catalog::{Catalog, refusal_in_file, refused_object};
-use crate::resolve::referenced_volumes;
-use crate::state::{ControllerState, KnownVolume, Wiping};
-use crate::timestamp::UnixMillis;
+use crate::desired::catalog::{Catalog, refusal_in_file, refused_object};
+use crate::desired::resolve::referenced_volumes;
+use crate::desired::state::{ControllerState, KnownVolume, Wiping};
+use crate::support::timestamp::UnixMillis;
 
 /// What one reconcile decided about deleted volumes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -132,7 +132,7 @@ mod tests {
     use hapair_crds::nodeapi::WipeOutcome;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    use crate::catalog::Origin;
+    use crate::desired::catalog::Origin;
 
     const UUID: &str = "9a7e3c1d-0b2f-4e5a-8c6d-7f8e9a0b1c2d";
 

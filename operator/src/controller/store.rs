@@ -1,10 +1,10 @@
 //! What reconcile reads and writes outside itself, as a trait: the standalone controller
-//! keeps it in a state directory ([`crate::file_store::FileStore`]); the Kubernetes operator
+//! keeps it in a state directory ([`crate::standalone::file_store::FileStore`]); the Kubernetes operator
 //! keeps it in the API server ([`crate::k8s::store::KubeStore`]: objects, status
 //! subresources, Events, state Secrets).
 //!
 //! Reconcile = dereference ([`Store::snapshot`]) → validate and build (pure) → publish
-//! ([`crate::publish::Publisher`]) → write status ([`Store::write_group_status`]). Nothing
+//! ([`crate::controller::publish::Publisher`]) → write status ([`Store::write_group_status`]). Nothing
 //! else in the reconcile path touches a client.
 
 use std::collections::BTreeMap;
@@ -14,10 +14,10 @@ use hapair_crds::nodeapi::GroupKey;
 use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file::FileError;
-use crate::catalog::{Catalog, CatalogError};
-use crate::events::{EventRing, GroupEvent};
-use crate::state::ControllerState;
+use crate::desired::catalog::{Catalog, CatalogError};
+use crate::desired::state::ControllerState;
+use crate::status::events::{EventRing, GroupEvent};
+use crate::support::atomic_file::FileError;
 
 /// Why the store could not be read or written. Reconcile keeps the last good state in
 /// force and retries; none of these is about a bad manifest (those are in the snapshot).

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, VolumeWipe};
 use sha2::{Digest, Sha256};
 
-use crate::state::NodeRevision;
+use crate::desired::state::NodeRevision;
 
 /// Hash of a node's groups (and wipes, when there are any) as canonical JSON (struct
 /// fields in declaration order, maps sorted), hex. Without wipes the hash covers the groups

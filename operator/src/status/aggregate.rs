@@ -13,8 +13,8 @@ use hapair_crds::nodeapi::{GroupKey, GroupReport, NodeReport, VolumeReport};
 use hapair_crds::volume::{ConnectionState, DiskState, VolumeNodeStatus, VolumeRole};
 use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus, condition::Condition};
 
-use crate::reconcile::GroupPlan;
-use crate::timestamp::{UnixMillis, age, format_millis};
+use crate::desired::reconcile::GroupPlan;
+use crate::support::timestamp::{UnixMillis, age, format_millis};
 
 /// Default bound after which a node's report no longer counts: agents report at least every
 /// few seconds, so three missed reports mean the controller has lost touch.

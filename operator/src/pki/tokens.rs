@@ -16,10 +16,10 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::atomic_file::{FileError, read_json, write_json};
+use crate::desired::revision::hex;
 use crate::pki::ADMIN_CN;
-use crate::revision::hex;
-use crate::timestamp::{UnixMillis, age, format_millis};
+use crate::support::atomic_file::{FileError, read_json, write_json};
+use crate::support::timestamp::{UnixMillis, age, format_millis};
 
 pub const TOKENS_FILE: &str = "tokens.json";
 const LOCK_FILE: &str = "tokens.lock";

@@ -5,7 +5,7 @@
 //! both replicas look foreign, a regenerated heartbeat key would split the pair until both
 //! agents reloaded, a revision that went backwards would stall the agents' long-polls, and
 //! an invalid edit would tear down a running group instead of keeping its last good config.
-//! The reconcile core reads and updates this value; a [`crate::store::Store`] persists it.
+//! The reconcile core reads and updates this value; a [`crate::controller::store::Store`] persists it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,8 +14,8 @@ use hapair_crds::volume::ReplicatedVolumeSpec;
 use hapair_crds::{HaGroup, ReplicatedVolume};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::Origin;
-use crate::timestamp::UnixMillis;
+use crate::desired::catalog::Origin;
+use crate::support::timestamp::UnixMillis;
 
 /// The controller's durable memory. Serialized as one JSON document; unknown or missing
 /// fields default so that older state files keep loading.
