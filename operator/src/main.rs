@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hapair_operator::desired::catalog::Catalog;
-use hapair_operator::k8s::leader::ElectionTiming;
+use hapair_operator::k8s::election::ElectionTiming;
 use hapair_operator::k8s::run::{RUNTIME_FILE, RunConfig, RuntimeInfo, secret_names};
 use hapair_operator::k8s::term::TermConfig;
 use hapair_operator::k8s::token_secret::TokenSecret;

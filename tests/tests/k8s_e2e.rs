@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use hapair_crds::manifest::{Object, parse_documents};
 use hapair_crds::{HaGroup, ReplicatedVolume};
-use hapair_operator::k8s::leader::ElectionTiming;
+use hapair_operator::k8s::election::ElectionTiming;
 use hapair_operator::k8s::run::{RunConfig, run};
 use hapair_operator::k8s::term::TermConfig;
 use k8s_openapi::api::coordination::v1::Lease;

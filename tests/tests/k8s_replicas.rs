@@ -12,7 +12,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use hapair_operator::k8s::leader::ElectionTiming;
+use hapair_operator::k8s::election::ElectionTiming;
 use hapair_operator::k8s::run::{RunConfig, run};
 use hapair_operator::k8s::term::TermConfig;
 use hapair_tests::fake_kube::FakeApi;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use hapair_crds::nodeapi::{GroupKey, LeaseOp, LeaseRequest, LeaseResponse, paths};
 use hapair_operator::controller::metrics::Metrics;
-use hapair_operator::k8s::leader::{FencedAuthority, Leadership};
+use hapair_operator::k8s::election::{FencedAuthority, Leadership};
 use hapair_operator::k8s::term::{Term, TermConfig};
 use hapair_operator::pki::Ca;
 use hapair_operator::server::Peer;

@@ -8,14 +8,14 @@
 //! - [`reconciler`]: the per-object reconcilers kube-runtime's `Controller`s call
 //!   (finalizers, admin-action [`annotations`], blocked volume deletion), which hand
 //!   everything else to the shared core;
-//! - [`leader`]: leader election on a Lease, and the fence that keeps a non-leader from
+//! - [`election`]: leader election on a Lease, and the fence that keeps a non-leader from
 //!   granting witness leases;
 //! - [`pki_secret`] and [`token_secret`]: the CA and the enrollment tokens in Secrets;
 //! - [`term`]: everything a replica runs while it leads; [`run`]: the process around terms
 //!   (election, node API that answers 503 when not leading, metrics and probes).
 
 pub mod annotations;
-pub mod leader;
+pub mod election;
 pub mod pki_secret;
 pub mod reconciler;
 pub mod run;

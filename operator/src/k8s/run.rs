@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use crate::controller::metrics::Metrics;
 use crate::k8s::K8sError;
-use crate::k8s::leader::{ElectionTiming, Elector, FencedAuthority, Leadership, run_election};
+use crate::k8s::election::{ElectionTiming, Elector, FencedAuthority, Leadership, run_election};
 use crate::k8s::pki_secret;
 use crate::k8s::term::{Term, TermConfig};
 use crate::lease::LeaseAuthority;

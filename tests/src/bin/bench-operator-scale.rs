@@ -34,7 +34,7 @@ use hapair_crds::nodeapi::{
 };
 use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
 use hapair_operator::controller::metrics::Metrics;
-use hapair_operator::k8s::leader::{FencedAuthority, Leadership};
+use hapair_operator::k8s::election::{FencedAuthority, Leadership};
 use hapair_operator::k8s::term::{Term, TermConfig};
 use hapair_operator::pki::Ca;
 use hapair_operator::server::Peer;
