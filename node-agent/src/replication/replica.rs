@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use hapair_crds::nodeapi::{VolumeConfig, VolumeReport};
 use hapair_crds::quantity::parse_bytes;
-use hapair_crds::volume::{ReplicationProtocol, SplitBrainPolicy, VolumeRole};
+use hapair_crds::volume::{BackingSpec, ReplicatedVolumeSpec, ReplicationProtocol, SplitBrainPolicy, VolumeRole};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -34,10 +34,11 @@ use super::disk::{Completion, DiskWorker};
 use super::geometry::EXTENT_SIZE;
 use super::link::{self, BoxStream, DialState, LinkEvent, LinkHandle, WireCounters};
 use super::machine::{ConnId, ErrorCode, Input, Machine, MachineConfig, Output, Refusal, ReplicaEvent, ReqId};
+use super::metadata::Layout;
 use super::resync::ResyncLimits;
 use super::status::ReplicaStatus;
 use super::store::{self, BackingFiles, BackingPlan, MetaLocation, MetadataError};
-use super::tls::{self, TlsError, TlsMaterial};
+use super::tls::{self, LinkTls, TlsError, TlsMaterial};
 use super::wire::{Resolution, WirePolicy, WireProtocol};
 use crate::nbd::export::{BlockExport, ExportError};
 use crate::nbd::proto::Errno;
@@ -213,49 +214,101 @@ fn address(volume: &str, node: &str, addr: Option<&String>, port: u16) -> Result
     }
 }
 
+/// What `Replica::open` takes from the volume spec and the options, all checked before
+/// anything touches the disk or the network, so a bad spec leaves nothing half started.
+struct Settings<'a> {
+    name: String,
+    own: &'a BackingSpec,
+    peer: &'a BackingSpec,
+    size: u64,
+    rate: Option<u64>,
+    listen: Option<SocketAddr>,
+    peer_addr: Option<SocketAddr>,
+    dial: bool,
+    tls: Option<LinkTls>,
+}
+
+/// Reads this node's and the peer's backing, the size, the resync rate, the addresses,
+/// which side dials, and the link's TLS from the spec, the options overriding it.
+fn configure<'a>(volume: &'a VolumeConfig, node: &str, opts: &ReplicaOptions) -> Result<Settings<'a>, ReplicaError> {
+    let name = volume.name.clone();
+    let spec = &volume.spec;
+    let own = spec
+        .backing
+        .iter()
+        .find(|b| b.node == node)
+        .ok_or_else(|| ReplicaError::NotAMember { volume: name.clone(), node: node.to_string() })?;
+    let peer = spec
+        .backing
+        .iter()
+        .find(|b| b.node != node)
+        .ok_or_else(|| spec_err(&name, "spec.backing", "needs an entry for the peer node"))?;
+    let size = parse_bytes(&spec.size).map_err(|e| spec_err(&name, "spec.size", e.to_string()))?;
+    if size == 0 || size % super::geometry::BLOCK_SIZE != 0 {
+        return Err(spec_err(&name, "spec.size", format!("{size} bytes is not a positive multiple of 4 KiB")));
+    }
+    let rate = match &spec.resync_rate {
+        Some(q) => Some(parse_bytes(q).map_err(|e| spec_err(&name, "spec.resyncRate", e.to_string()))?),
+        None => None,
+    };
+    let listen = match opts.listen {
+        Some(a) => Some(a),
+        None => address(&name, node, own.address.as_ref(), spec.port)?,
+    };
+    let peer_addr = match opts.peer {
+        Some(a) => Some(a),
+        None => address(&name, &peer.node, peer.address.as_ref(), spec.port)?,
+    };
+    let dial = opts.dial.unwrap_or(node < peer.node.as_str());
+    let tls = if spec.tls.enabled {
+        let material = opts
+            .tls
+            .as_ref()
+            .ok_or_else(|| spec_err(&name, "spec.tls.enabled", "TLS is enabled but this node has no certificate"))?;
+        Some(tls::link_tls(material, &peer.node).map_err(|source| ReplicaError::Tls { volume: name.clone(), source })?)
+    } else {
+        None
+    };
+    Ok(Settings { name, own, peer, size, rate, listen, peer_addr, dial, tls })
+}
+
+/// The machine's fixed parameters; apart from the rest of the configuration because the
+/// layout is known only once the metadata is open.
+fn machine_config(
+    node: &str,
+    peer: &str,
+    spec: &ReplicatedVolumeSpec,
+    rate: Option<u64>,
+    timing: &Timing,
+    layout: Layout,
+) -> MachineConfig {
+    let ms = |d: Duration| d.as_millis() as u64;
+    MachineConfig {
+        node: node.to_string(),
+        peer: peer.to_string(),
+        protocol: match spec.protocol {
+            ReplicationProtocol::A => WireProtocol::A,
+            ReplicationProtocol::C => WireProtocol::C,
+        },
+        policy: match spec.split_brain_policy {
+            SplitBrainPolicy::Manual => WirePolicy::Manual,
+            SplitBrainPolicy::DiscardYoungerPrimary => WirePolicy::DiscardYoungerPrimary,
+            SplitBrainPolicy::DiscardLeastChanges => WirePolicy::DiscardLeastChanges,
+        },
+        resync: ResyncLimits { rate, ..ResyncLimits::default() },
+        ping_interval_ms: ms(timing.ping_interval),
+        ping_timeout_ms: ms(timing.ping_timeout),
+        handshake_timeout_ms: ms(timing.handshake_timeout),
+        bitmap_flush_interval_ms: ms(timing.bitmap_flush),
+        layout,
+    }
+}
+
 impl Replica {
     /// Opens this node's replica of `volume` and starts replicating with the peer.
     pub async fn open(volume: &VolumeConfig, node: &str, opts: ReplicaOptions) -> Result<Replica, ReplicaError> {
-        let name = volume.name.clone();
+        let Settings { name, own, peer, size, rate, listen, peer_addr, dial, tls } = configure(volume, node, &opts)?;
         let spec = &volume.spec;
-        let own = spec
-            .backing
-            .iter()
-            .find(|b| b.node == node)
-            .ok_or_else(|| ReplicaError::NotAMember { volume: name.clone(), node: node.to_string() })?;
-        let peer = spec
-            .backing
-            .iter()
-            .find(|b| b.node != node)
-            .ok_or_else(|| spec_err(&name, "spec.backing", "needs an entry for the peer node"))?;
-        let size = parse_bytes(&spec.size).map_err(|e| spec_err(&name, "spec.size", e.to_string()))?;
-        if size == 0 || size % super::geometry::BLOCK_SIZE != 0 {
-            return Err(spec_err(&name, "spec.size", format!("{size} bytes is not a positive multiple of 4 KiB")));
-        }
-        let rate = match &spec.resync_rate {
-            Some(q) => Some(parse_bytes(q).map_err(|e| spec_err(&name, "spec.resyncRate", e.to_string()))?),
-            None => None,
-        };
-        let listen = match opts.listen {
-            Some(a) => Some(a),
-            None => address(&name, node, own.address.as_ref(), spec.port)?,
-        };
-        let peer_addr = match opts.peer {
-            Some(a) => Some(a),
-            None => address(&name, &peer.node, peer.address.as_ref(), spec.port)?,
-        };
-        let dial = opts.dial.unwrap_or(node < peer.node.as_str());
-        let tls = if spec.tls.enabled {
-            let material = opts.tls.as_ref().ok_or_else(|| {
-                spec_err(&name, "spec.tls.enabled", "TLS is enabled but this node has no certificate")
-            })?;
-            Some(
-                tls::link_tls(material, &peer.node)
-                    .map_err(|source| ReplicaError::Tls { volume: name.clone(), source })?,
-            )
-        } else {
-            None
-        };
 
         let plan = BackingPlan {
             data_path: PathBuf::from(&own.path),
@@ -288,26 +341,7 @@ impl Replica {
             }
         }
         let timing = opts.timing;
-        let ms = |d: Duration| d.as_millis() as u64;
-        let cfg = MachineConfig {
-            node: node.to_string(),
-            peer: peer.node.clone(),
-            protocol: match spec.protocol {
-                ReplicationProtocol::A => WireProtocol::A,
-                ReplicationProtocol::C => WireProtocol::C,
-            },
-            policy: match spec.split_brain_policy {
-                SplitBrainPolicy::Manual => WirePolicy::Manual,
-                SplitBrainPolicy::DiscardYoungerPrimary => WirePolicy::DiscardYoungerPrimary,
-                SplitBrainPolicy::DiscardLeastChanges => WirePolicy::DiscardLeastChanges,
-            },
-            resync: ResyncLimits { rate, ..ResyncLimits::default() },
-            ping_interval_ms: ms(timing.ping_interval),
-            ping_timeout_ms: ms(timing.ping_timeout),
-            handshake_timeout_ms: ms(timing.handshake_timeout),
-            bitmap_flush_interval_ms: ms(timing.bitmap_flush),
-            layout: opened.layout,
-        };
+        let cfg = machine_config(node, &peer.node, spec, rate, &timing, opened.layout);
         let files = Arc::new(opened.files);
         let machine = Machine::new(cfg, opened.sb, opened.bitmap, opened.al, 0, seed);
         let (io_tx, io_rx) = mpsc::unbounded_channel::<Completion>();

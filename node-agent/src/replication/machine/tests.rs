@@ -4,13 +4,17 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+use hapair_crds::volume::{ConnectionState, DiskState};
+
 use super::*;
 use crate::replication::activity_log::ring_len_for;
 use crate::replication::bitmap::page_count;
 use crate::replication::generation::Generations;
 use crate::replication::geometry::block_count;
-use crate::replication::metadata::metadata_len;
+use crate::replication::metadata::{StoredDisk, flags, metadata_len};
 use crate::replication::verify::block_digests;
+use crate::replication::wire::Envelope;
 
 const SIZE: u64 = 64 << 20;
 

@@ -1,0 +1,192 @@
+//! Role changes: promotion, demotion, epochs and fencing, and the operator's split-brain verdict.
+
+use super::connection::{Phase, wire_disk};
+use super::messages::{ErrorCode, IoOp, IoTag, MetaPurpose, ReplicaEvent, refusal};
+use super::{Machine, RETRY_SOON_MS, ReqId};
+use crate::replication::handshake::SyncReason;
+use crate::replication::metadata::{StoredDisk, flags};
+use crate::replication::wire::{Frame, Resolution, WireRole};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+#[derive(Debug)]
+pub(super) struct DemoteRun {
+    req: ReqId,
+    flush_sent: bool,
+    pub(super) local_flushed: bool,
+    pub(super) peer_flush_seq: Option<u64>,
+    persisting: bool,
+}
+
+impl Machine {
+    pub(super) fn on_promote(&mut self, req: ReqId, epoch: u64, force: bool, wall_ms: u64) {
+        if epoch < self.sb.known_epoch {
+            let msg = format!("epoch {epoch} is older than the newest known epoch {}", self.sb.known_epoch);
+            self.complete(req, Err(refusal(ErrorCode::NotPermitted, msg)));
+            return;
+        }
+        if self.demote.is_some() {
+            self.complete(req, Err(refusal(ErrorCode::Busy, "a demotion is in progress")));
+            return;
+        }
+        if let Some(link) = &self.link {
+            if link.phase == Phase::AwaitHello {
+                self.complete(req, Err(refusal(ErrorCode::Busy, "the replication handshake is in progress")));
+                return;
+            }
+            if link.peer_role == WireRole::Primary {
+                let msg = format!("peer {} is primary", self.cfg.peer);
+                self.complete(req, Err(refusal(ErrorCode::NotPermitted, msg)));
+                return;
+            }
+            if link.sync.as_ref().is_some_and(|s| !s.source) {
+                let msg = "this replica is a sync target: its data is inconsistent until the resync completes";
+                self.complete(req, Err(refusal(ErrorCode::NotPermitted, msg)));
+                return;
+            }
+        }
+        let was_primary = self.role == Role::Primary;
+        let mut forced = false;
+        if self.sb.disk != StoredDisk::UpToDate {
+            if !force {
+                let msg = format!(
+                    "the local disk is {}: promotion needs UpToDate data (or an explicit force)",
+                    self.disk_state().as_str()
+                );
+                self.complete(req, Err(refusal(ErrorCode::NotPermitted, msg)));
+                return;
+            }
+            let fresh = self.fresh_gen();
+            self.sb.gens.force_new(fresh);
+            self.set_disk(StoredDisk::UpToDate, "forced promotion");
+            forced = true;
+            // The peer must learn from a fresh handshake that it is now behind.
+            if let Some(conn) = self.conn() {
+                self.close(conn, "forced promotion: renegotiating with the peer", RETRY_SOON_MS);
+            }
+        }
+        self.role = Role::Primary;
+        self.fenced = false;
+        self.split_brain = None;
+        self.refused = None;
+        self.sb.known_epoch = self.sb.known_epoch.max(epoch);
+        if !was_primary || epoch > self.sb.promoted_epoch {
+            self.sb.promoted_epoch = epoch;
+            self.sb.promoted_at_ms = wall_ms;
+        }
+        self.sb.set_flag(flags::PRIMARY, true);
+        self.persist(Some(IoTag::Meta(MetaPurpose::Promote(req))), false);
+        self.event(ReplicaEvent::Promoted { epoch, forced });
+        if let Some(link) = self.link.as_ref().filter(|l| l.phase != Phase::AwaitHello) {
+            let conn = link.conn;
+            let ready = link.phase == Phase::Ready;
+            self.send(conn, Frame::State { role: WireRole::Primary, disk: wire_disk(self.sb.disk) });
+            if ready && !self.bitmap.is_empty() {
+                self.begin_resync_as_source(conn, SyncReason::OutOfSyncBlocks);
+            }
+        }
+    }
+
+    pub(super) fn on_demote(&mut self, req: ReqId, force: bool, open_clients: usize) {
+        if self.role == Role::Secondary && self.demote.is_none() {
+            self.complete(req, Ok(()));
+            return;
+        }
+        if self.demote.is_some() {
+            self.complete(req, Err(refusal(ErrorCode::Busy, "a demotion is already in progress")));
+            return;
+        }
+        if open_clients > 0 && !force {
+            let msg = format!("{open_clients} NBD client(s) still attached: unmount and detach first (or force)");
+            self.complete(req, Err(refusal(ErrorCode::Busy, msg)));
+            return;
+        }
+        self.demote =
+            Some(DemoteRun { req, flush_sent: false, local_flushed: false, peer_flush_seq: None, persisting: false });
+        // Requests that have not started never will.
+        while let Some(op) = self.stalled.pop_front() {
+            self.complete(op.req(), Err(refusal(ErrorCode::NotPermitted, "the volume is being demoted")));
+        }
+    }
+
+    /// Demotion: wait for writes in flight, flush both replicas, persist, then secondary.
+    pub(super) fn progress_demote(&mut self) {
+        let Some(d) = &self.demote else { return };
+        if !self.requests.is_empty() || d.persisting {
+            return;
+        }
+        if !d.flush_sent {
+            let replicate = self.link.as_ref().filter(|l| l.replicating()).map(|l| l.conn);
+            let seq = replicate.map(|_| {
+                let s = self.next_seq;
+                self.next_seq += 1;
+                s
+            });
+            if let (Some(conn), Some(seq)) = (replicate, seq) {
+                self.send(conn, Frame::Flush { seq });
+            }
+            self.io(IoOp::Flush { tag: IoTag::DemoteFlush });
+            if let Some(d) = &mut self.demote {
+                d.flush_sent = true;
+                d.peer_flush_seq = seq;
+            }
+            return;
+        }
+        if !d.local_flushed || d.peer_flush_seq.is_some() {
+            return;
+        }
+        let req = d.req;
+        if let Some(d) = &mut self.demote {
+            d.persisting = true;
+        }
+        self.sb.set_flag(flags::PRIMARY, false);
+        self.persist(Some(IoTag::Meta(MetaPurpose::Demote(req))), true);
+    }
+
+    pub(super) fn finish_demote(&mut self, req: ReqId, result: Result<(), String>) {
+        self.demote = None;
+        match result {
+            Ok(()) => {
+                self.role = Role::Secondary;
+                self.fenced = false;
+                self.split_brain = None;
+                self.refused = None;
+                self.event(ReplicaEvent::Demoted);
+                if let Some(conn) = self.link.as_ref().filter(|l| l.phase != Phase::AwaitHello).map(|l| l.conn) {
+                    self.send(conn, Frame::State { role: WireRole::Secondary, disk: wire_disk(self.sb.disk) });
+                }
+                self.complete(req, Ok(()));
+            }
+            Err(e) => {
+                self.sb.set_flag(flags::PRIMARY, true);
+                self.complete(req, Err(refusal(ErrorCode::Io, format!("demotion could not persist metadata: {e}"))));
+            }
+        }
+    }
+
+    pub(super) fn observe_epoch(&mut self, epoch: u64, reason: &str) {
+        if epoch <= self.sb.known_epoch {
+            return;
+        }
+        self.sb.known_epoch = epoch;
+        self.sb_dirty = true;
+        if self.role == Role::Primary && epoch > self.sb.promoted_epoch && !self.fenced {
+            self.fenced = true;
+            self.event(ReplicaEvent::Fenced { epoch, reason: reason.to_string() });
+        }
+    }
+
+    pub(super) fn on_resolve(&mut self, req: ReqId, resolution: Resolution) {
+        self.resolution = Some(resolution);
+        self.split_brain = None;
+        self.complete(req, Ok(()));
+        // An established link renegotiates so the choice is applied at once.
+        if let Some(conn) = self.conn() {
+            self.close(conn, "split-brain resolution chosen: renegotiating", RETRY_SOON_MS);
+        }
+    }
+}
