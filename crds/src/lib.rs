@@ -5,6 +5,8 @@
 //!
 //! - [`hagroup`] and [`volume`]: the `HaGroup` and `ReplicatedVolume` custom resources
 //!   (API group `hapair.dev`, version `v1alpha1`), their status types and defaults;
+//! - [`drift`]: the clock-drift bound `L·(1+δ)`, which the agents and the witness must
+//!   compute alike;
 //! - [`validation`]: the semantic rules a schema cannot express, run by the controller
 //!   and again by every agent;
 //! - [`manifest`]: reading YAML manifests with API-server strictness, for standalone mode
@@ -22,6 +24,7 @@
 
 pub mod condition;
 pub mod crd;
+pub mod drift;
 pub mod duration;
 pub mod hagroup;
 pub mod manifest;

@@ -14,7 +14,7 @@
 //! - I/O adapters the runtime drives for the engine: [`heartbeat`] (authenticated UDP
 //!   envelopes per link, drop reasons, per-link loss), [`vip`] (rtnetlink addresses,
 //!   gratuitous ARP / unsolicited NA, built on [`iface`] and [`arp`]), [`flow`] (exec,
-//!   systemd and virtual-IP step executors, checks, stabilization and restart trackers),
+//!   systemd and virtual-IP step executors and checks),
 //!   [`probe`] (process, link, gateway, CPU/memory, mount detectors and monitor state),
 //!   [`state`] (atomic, checksummed state directory), [`metrics`] and [`endpoints`]
 //!   (`/healthz`, `/metrics`, `/v1/status`).

@@ -13,8 +13,6 @@ use hapair_crds::hagroup::{FailbackMode, MonitorAction, StepKind, WitnessMode};
 use hapair_crds::nodeapi::{GroupConfig, GroupKey};
 use hapair_crds::validation::{ValidationErrors, validate_group};
 
-use super::time::stretch;
-
 /// Why a config was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -68,7 +66,7 @@ impl Timing {
             dead_after,
             lease_ttl,
             drift_ppm,
-            lease_wait: stretch(lease_ttl, drift_ppm),
+            lease_wait: hapair_crds::drift::stretch(lease_ttl, drift_ppm),
             fence_margin: lease_ttl / 4,
             witness_below: (lease_ttl / 2).max(lease_ttl.saturating_sub(three_intervals)),
             witness_renew_below: lease_ttl * 2 / 3,

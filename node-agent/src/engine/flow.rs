@@ -2,6 +2,11 @@
 //!
 //! Bringing the flow up: promote every volume of the flow, then start the steps in order,
 //! each after the previous one is up and has stayed healthy for its stabilization time.
+//! *Stayed* healthy: a failed health check while a step stabilizes restarts its
+//! stabilization clock (and counts toward `failureThreshold`), and the step only counts as
+//! running once the clock has run out with no failure pending, so a flapping service never
+//! lets the next step (e.g. its virtual IP) start. Once running, failed checks only count
+//! toward the threshold.
 //!
 //! Bringing it down (demotion, fencing, startup cleanup): **remove every virtual IP
 //! first** — the address is what clients reach, and it must be gone before anything else
@@ -27,7 +32,8 @@ pub enum StepPhase {
     Unknown,
     Stopped,
     Starting,
-    /// Started; becomes Running at the instant given.
+    /// Started; becomes Running at the instant given if its last health check (if any)
+    /// passed. A failed check moves the instant to a full stabilization time later.
     Stabilizing(Instant),
     Running,
     Restarting,
@@ -43,6 +49,7 @@ pub struct StepRun {
     pub phase: StepPhase,
     pub in_flight: Option<StepOp>,
     pub restarts: RestartWindow,
+    /// Consecutive failed health checks since the last pass or (re)start.
     pub check_failures: u32,
     pub message: Option<String>,
 }
@@ -207,10 +214,13 @@ impl Flow {
             }
             match run.phase {
                 StepPhase::Running => continue,
-                StepPhase::Stabilizing(until) if now >= until => {
+                StepPhase::Stabilizing(until) if now >= until && run.check_failures == 0 => {
                     run.phase = StepPhase::Running;
                     continue;
                 }
+                // The time is up but the last check failed: the next check decides (a
+                // pass makes it running, a failure restarts the clock or fails it).
+                StepPhase::Stabilizing(until) if now >= until => return Progress::Working,
                 StepPhase::Stabilizing(until) => {
                     wake(until);
                     return Progress::Working;
@@ -362,8 +372,11 @@ impl Flow {
         }
     }
 
-    /// A health-check observation; true when it makes the step count as failed.
-    pub fn on_check(&mut self, i: usize, healthy: bool, message: Option<String>) -> bool {
+    /// A health-check observation at `now`; true when it makes the step count as failed
+    /// (`failureThreshold` failures in a row). A failure short of that while the step
+    /// stabilizes restarts its stabilization clock: the step must *stay* healthy for the
+    /// whole period.
+    pub fn on_check(&mut self, now: Instant, i: usize, healthy: bool, message: Option<String>) -> bool {
         let (Some(plan), Some(run)) = (self.plan.steps.get(i), self.steps.get_mut(i)) else { return false };
         let Some(threshold) = plan.check_threshold else { return false };
         if run.in_flight.is_some() || !matches!(run.phase, StepPhase::Running | StepPhase::Stabilizing(_)) {
@@ -373,11 +386,14 @@ impl Flow {
             run.check_failures = 0;
             return false;
         }
-        run.check_failures += 1;
+        run.check_failures = run.check_failures.saturating_add(1);
         if run.check_failures >= threshold {
             run.phase = StepPhase::Failed;
             run.message = message.or_else(|| Some("health check failed".into()));
             return true;
+        }
+        if let StepPhase::Stabilizing(_) = run.phase {
+            run.phase = StepPhase::Stabilizing(now + plan.stabilization);
         }
         false
     }
@@ -409,5 +425,161 @@ fn start_command(i: usize, plan: &PlannedStep) -> Command {
     match &plan.kind {
         PlannedKind::VirtualIp { vip } => Command::AddVip { step: i, vip: vip.clone() },
         _ => Command::StartStep { step: i, name: plan.name.clone() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const S: u64 = 1_000;
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn exec_step(name: &str, stabilization: Duration, check_threshold: Option<u32>) -> PlannedStep {
+        PlannedStep {
+            name: name.into(),
+            kind: PlannedKind::Exec,
+            stabilization,
+            restart_limit: 2,
+            restart_window: Duration::from_secs(60),
+            check_threshold,
+        }
+    }
+
+    /// `app` (checked, `failureThreshold` 3, the given stabilization) then `next`, all
+    /// stopped.
+    fn stopped(stabilization: Duration) -> Flow {
+        let plan = FlowPlan {
+            steps: vec![exec_step("app", stabilization, Some(3)), exec_step("next", Duration::ZERO, None)],
+            volumes: vec![],
+        };
+        let mut flow = Flow::unknown(plan);
+        for s in &mut flow.steps {
+            s.phase = StepPhase::Stopped;
+        }
+        flow
+    }
+
+    /// Drives the flow up at `now`: its progress, the commands and the wake-up asked for.
+    fn up(flow: &mut Flow, now: Instant) -> (Progress, Vec<Command>, Option<Instant>) {
+        let (mut out, mut wake) = (Vec::new(), None);
+        let progress = flow.drive_up(now, 1, false, &mut out, &mut |t| wake = Some(t));
+        (progress, out, wake)
+    }
+
+    fn start(i: usize, name: &str) -> Vec<Command> {
+        vec![Command::StartStep { step: i, name: name.into() }]
+    }
+
+    /// `app` started at t = 0 and stabilizing for `stabilization`.
+    fn app_started(stabilization: Duration) -> Flow {
+        let mut flow = stopped(stabilization);
+        assert_eq!(up(&mut flow, at(0)), (Progress::Working, start(0, "app"), None));
+        assert_eq!(flow.on_step_done(0, StepOp::Start, Ok(()), at(0)), Outcome::Ok);
+        flow
+    }
+
+    fn phase(flow: &Flow, i: usize) -> StepPhase {
+        flow.steps[i].phase
+    }
+
+    #[test]
+    fn a_step_runs_only_after_its_stabilization_period() {
+        let mut flow = app_started(Duration::from_secs(10));
+        assert_eq!(phase(&flow, 0), StepPhase::Stabilizing(at(10 * S)));
+        assert!(!flow.on_check(at(5 * S), 0, true, None));
+        assert_eq!(up(&mut flow, at(5 * S)), (Progress::Working, vec![], Some(at(10 * S))));
+        assert_eq!(up(&mut flow, at(10 * S)), (Progress::Working, start(1, "next"), None));
+        assert_eq!(phase(&flow, 0), StepPhase::Running);
+    }
+
+    #[test]
+    fn a_failed_check_restarts_the_stabilization_clock() {
+        let mut flow = app_started(Duration::from_secs(10));
+        assert!(!flow.on_check(at(8 * S), 0, false, Some("refused".into())), "1 of 3 failures");
+        assert_eq!(phase(&flow, 0), StepPhase::Stabilizing(at(18 * S)));
+        assert!(!flow.on_check(at(12 * S), 0, true, None));
+        // The original end of the period no longer counts.
+        assert_eq!(up(&mut flow, at(10 * S)), (Progress::Working, vec![], Some(at(18 * S))));
+        assert_eq!(up(&mut flow, at(18 * S - 1)), (Progress::Working, vec![], Some(at(18 * S))));
+        assert_eq!(up(&mut flow, at(18 * S)), (Progress::Working, start(1, "next"), None));
+        assert_eq!(phase(&flow, 0), StepPhase::Running);
+    }
+
+    #[test]
+    fn every_failed_check_while_stabilizing_restarts_the_clock() {
+        let mut flow = app_started(Duration::from_secs(10));
+        assert!(!flow.on_check(at(4 * S), 0, false, None));
+        assert!(!flow.on_check(at(5 * S), 0, true, None), "a pass resets the count");
+        assert!(!flow.on_check(at(9 * S), 0, false, None));
+        assert!(!flow.on_check(at(13 * S), 0, false, None), "2 of 3 failures in a row");
+        assert_eq!(phase(&flow, 0), StepPhase::Stabilizing(at(23 * S)));
+    }
+
+    #[test]
+    fn a_step_whose_last_check_failed_waits_for_a_passing_check() {
+        let mut flow = app_started(Duration::from_secs(10));
+        assert!(!flow.on_check(at(8 * S), 0, false, None));
+        // The clock ran out with a failure pending (checks are rarer than the period): no
+        // wake-up, the next check decides.
+        assert_eq!(up(&mut flow, at(20 * S)), (Progress::Working, vec![], None));
+        assert_eq!(phase(&flow, 0), StepPhase::Stabilizing(at(18 * S)));
+        assert!(!flow.on_check(at(23 * S), 0, true, None));
+        assert_eq!(up(&mut flow, at(23 * S)), (Progress::Working, start(1, "next"), None));
+    }
+
+    #[test]
+    fn the_threshold_counts_consecutive_failures() {
+        let mut flow = app_started(Duration::ZERO);
+        assert_eq!(phase(&flow, 0), StepPhase::Running);
+        assert_eq!(up(&mut flow, at(0)), (Progress::Working, start(1, "next"), None));
+        assert_eq!(flow.on_step_done(1, StepOp::Start, Ok(()), at(0)), Outcome::Ok);
+        assert!(flow.is_up());
+        assert!(!flow.on_check(at(S), 0, false, None));
+        assert!(!flow.on_check(at(2 * S), 0, false, None));
+        assert!(!flow.on_check(at(3 * S), 0, true, None), "a pass resets the count");
+        assert!(!flow.on_check(at(4 * S), 0, false, None));
+        // A running step is not sent back to stabilizing by a failure short of the
+        // threshold: the steps after it already run.
+        assert_eq!(phase(&flow, 0), StepPhase::Running);
+        assert!(!flow.on_check(at(5 * S), 0, false, None));
+        assert!(flow.on_check(at(6 * S), 0, false, Some("connection refused".into())));
+        assert_eq!(phase(&flow, 0), StepPhase::Failed);
+        assert_eq!(flow.steps[0].message.as_deref(), Some("connection refused"));
+        assert!(!flow.on_check(at(7 * S), 0, true, None), "the failure sticks until a restart");
+        assert_eq!(phase(&flow, 0), StepPhase::Failed);
+        assert_eq!(up(&mut flow, at(7 * S)), (Progress::StepFailed(0), vec![], None));
+    }
+
+    #[test]
+    fn a_restart_clears_the_failures_and_stabilizes_again() {
+        let mut flow = app_started(Duration::from_secs(10));
+        for t in [S, 2 * S] {
+            assert!(!flow.on_check(at(t), 0, false, None));
+        }
+        assert!(flow.on_check(at(3 * S), 0, false, None));
+        let mut out = Vec::new();
+        assert!(flow.restart(0, &mut out));
+        assert_eq!(out, vec![Command::RestartStep { step: 0, name: "app".into() }]);
+        assert_eq!(flow.on_step_done(0, StepOp::Restart, Ok(()), at(4 * S)), Outcome::Ok);
+        assert_eq!(phase(&flow, 0), StepPhase::Stabilizing(at(14 * S)));
+        assert_eq!(flow.steps[0].check_failures, 0);
+        assert_eq!(up(&mut flow, at(14 * S)), (Progress::Working, start(1, "next"), None));
+    }
+
+    #[test]
+    fn a_step_without_a_check_ignores_check_results() {
+        let mut flow = app_started(Duration::ZERO);
+        assert_eq!(up(&mut flow, at(0)), (Progress::Working, start(1, "next"), None));
+        assert_eq!(flow.on_step_done(1, StepOp::Start, Ok(()), at(0)), Outcome::Ok);
+        for t in 1..5 {
+            assert!(!flow.on_check(at(t * S), 1, false, None));
+        }
+        assert_eq!(phase(&flow, 1), StepPhase::Running);
     }
 }

@@ -288,7 +288,7 @@ impl Engine {
             Event::Heartbeat { link, message } => self.on_heartbeat(now, link, message),
             Event::Witness { request_id, answer } => self.on_witness(now, request_id, answer),
             Event::Probe { monitor, healthy, message } => self.on_probe(now, &monitor, healthy, message),
-            Event::StepCheck { step, healthy, message } => self.on_step_check(step, healthy, message),
+            Event::StepCheck { step, healthy, message } => self.on_step_check(now, step, healthy, message),
             Event::StepDone { step, op, result } => self.on_step_done(now, step, op, result),
             Event::VolumeDone { volume, op, result } => self.on_volume_done(&volume, op, result),
             Event::Volume { volume, disk, connection } => {

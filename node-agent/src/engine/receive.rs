@@ -232,8 +232,8 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_step_check(&mut self, step: usize, healthy: bool, message: Option<String>) {
-        if self.flow.on_check(step, healthy, message.clone()) {
+    pub(super) fn on_step_check(&mut self, now: Instant, step: usize, healthy: bool, message: Option<String>) {
+        if self.flow.on_check(now, step, healthy, message.clone()) {
             let name = self.flow.step(step).map(|(p, _)| p.name.clone()).unwrap_or_default();
             self.notice(
                 EventType::Warning,

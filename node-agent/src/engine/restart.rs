@@ -38,15 +38,39 @@ impl RestartWindow {
 mod tests {
     use super::*;
 
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn at_s(s: u64) -> Instant {
+        Instant::from_millis(s * 1_000)
+    }
+
     #[test]
-    fn allows_limit_restarts_per_window() {
-        let window = Duration::from_secs(60);
+    fn limit_restarts_then_failover() {
         let mut w = RestartWindow::default();
-        assert!(w.try_restart(Instant::from_millis(0), 2, window));
-        assert!(w.try_restart(Instant::from_millis(1_000), 2, window));
-        assert!(!w.try_restart(Instant::from_millis(2_000), 2, window));
-        // The first restart leaves the window.
-        assert!(w.try_restart(Instant::from_millis(60_000), 2, window));
-        assert!(!RestartWindow::default().try_restart(Instant::ZERO, 0, window));
+        assert!(w.try_restart(at_s(0), 2, WINDOW));
+        assert!(w.try_restart(at_s(1), 2, WINDOW));
+        assert!(!w.try_restart(at_s(2), 2, WINDOW), "a third failure within the window fails over");
+        assert_eq!(w.count(at_s(2), WINDOW), 2, "a refused restart is not counted");
+        assert_eq!(w.total(), 2);
+    }
+
+    #[test]
+    fn old_restarts_leave_the_window() {
+        let mut w = RestartWindow::default();
+        assert!(w.try_restart(at_s(0), 1, WINDOW));
+        assert!(!w.try_restart(at_s(59), 1, WINDOW));
+        assert_eq!(w.count(at_s(59), WINDOW), 1);
+        // Exactly one window after the first restart, it no longer counts.
+        assert_eq!(w.count(at_s(60), WINDOW), 0);
+        assert!(w.try_restart(at_s(60), 1, WINDOW));
+        assert_eq!(w.count(at_s(60), WINDOW), 1);
+        assert_eq!(w.total(), 1);
+    }
+
+    #[test]
+    fn a_zero_limit_fails_over_at_once() {
+        let mut w = RestartWindow::default();
+        assert!(!w.try_restart(Instant::ZERO, 0, WINDOW));
+        assert_eq!(w.total(), 0);
     }
 }

@@ -4,7 +4,8 @@
 //! monotonic clock (nanoseconds since an arbitrary origin, e.g. the agent's start). Two
 //! nodes' clocks are never compared directly; the only cross-node assumption is the drift
 //! bound `maxClockDriftPpm`: while one clock advances by `d`, the other advances by at most
-//! `d·(1+δ)`. [`stretch`] applies that bound, always rounding toward safety (up).
+//! `d·(1+δ)`. [`hapair_crds::drift::stretch`] applies that bound (shared with the witness),
+//! always rounding toward safety (up).
 
 use std::fmt;
 use std::ops::{Add, Sub};
@@ -67,14 +68,6 @@ impl fmt::Display for Instant {
     }
 }
 
-/// `d·(1 + ppm/10⁶)`, rounded up: the longest `d` on one clock can last on another clock
-/// within the drift bound.
-pub fn stretch(d: Duration, ppm: u32) -> Duration {
-    let nanos = d.as_nanos();
-    let extra = (nanos * u128::from(ppm)).div_ceil(1_000_000);
-    Duration::from_nanos(u64::try_from(nanos + extra).unwrap_or(u64::MAX))
-}
-
 /// Milliseconds of a duration for wire fields, saturating.
 pub fn millis_u64(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -83,13 +76,6 @@ pub fn millis_u64(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stretch_rounds_up() {
-        assert_eq!(stretch(Duration::from_millis(800), 10_000), Duration::from_millis(808));
-        assert_eq!(stretch(Duration::from_nanos(1), 1), Duration::from_nanos(2));
-        assert_eq!(stretch(Duration::from_nanos(1_000_000), 0), Duration::from_nanos(1_000_000));
-    }
 
     #[test]
     fn arithmetic_saturates() {

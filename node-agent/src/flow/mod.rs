@@ -1,22 +1,17 @@
-//! Service flow steps: the executors that start, stop and check each step, and the small
-//! pure trackers (stabilization and failure threshold, restart budget) the engine uses to
-//! judge them.
+//! Service flow steps: the executors that start, stop and check each step.
 //!
 //! The engine decides the order (start in order on promotion, stop in reverse on
-//! demotion) and when to check; [`runner::FlowRunner`] carries out one step operation at a
-//! time and reports a structured [`Outcome`].
+//! demotion) and judges the results (stabilization and failure threshold in
+//! `engine::flow`, the restart limit in `engine::restart`); [`runner::FlowRunner`] carries
+//! out one step operation at a time and reports a structured [`Outcome`].
 
 pub mod check;
 pub mod command;
-pub mod health;
-pub mod restart;
 pub mod runner;
 pub mod systemd;
 
 use std::time::Duration;
 
-pub use health::{Health, StepHealth};
-pub use restart::{RestartBudget, RestartDecision};
 pub use runner::FlowRunner;
 
 /// How one start, stop or check went.

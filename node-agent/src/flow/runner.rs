@@ -261,8 +261,8 @@ mod tests {
     use nix::sys::signal::kill;
     use nix::unistd::Pid;
 
-    use super::super::{Health, RestartBudget, RestartDecision, StepHealth};
     use super::*;
+    use crate::engine::restart::RestartWindow;
 
     fn spec(flow: serde_json::Value) -> HaGroupSpec {
         serde_json::from_value(serde_json::json!({
@@ -317,9 +317,10 @@ mod tests {
         );
     }
 
-    /// Plays the engine's part (start in order, restart a failing step within its budget,
-    /// then stop everything in reverse) to show the runner and the trackers compose; the
-    /// ordering itself is the engine's and is tested there.
+    /// Plays the engine's part (start in order, restart a failing step within its limit,
+    /// with the engine's restart window, then stop everything in reverse) to show the
+    /// runner and the engine's rules compose; the ordering itself is the engine's and is
+    /// tested there.
     #[tokio::test]
     async fn a_failing_check_is_restarted_n_times_then_the_flow_stops_in_reverse() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -332,28 +333,23 @@ mod tests {
         flow[1]["restart"] = serde_json::json!({"limit": 2, "window": "1m"});
         let r = runner(serde_json::Value::Array(flow));
         let step = &r.steps()[1];
-        let mut budget = RestartBudget::new(&step.restart);
-        let check = step.check.clone().unwrap_or_else(|| panic!("step has a check"));
+        let (limit, window) = (step.restart.limit, step.restart.window.as_std());
+        let mut restarts = RestartWindow::default();
+        let t0 = Instant::now();
+        let now = || crate::engine::Instant::from_duration(t0.elapsed());
 
         assert!(r.start_step(0).await.is_ok());
         assert!(r.start_step(1).await.is_ok());
-        let mut health = StepHealth::started(Instant::now(), check.failure_threshold, step.stabilization.as_std());
         loop {
+            // `failureThreshold: 1`: every failed check fails the step.
             let result = r.check_step(1).await.unwrap_or_else(|| panic!("step 1 has a check"));
-            match health.observe(Instant::now(), result.is_ok(), &result.summary()) {
-                Health::Failed { .. } => match budget.on_failure(Instant::now()) {
-                    RestartDecision::Restart { .. } => {
-                        assert!(r.stop_step(1).await.is_ok());
-                        assert!(r.start_step(1).await.is_ok());
-                        health = StepHealth::started(Instant::now(), check.failure_threshold, Duration::ZERO);
-                    }
-                    RestartDecision::Failover { restarts_in_window } => {
-                        assert_eq!(restarts_in_window, 2);
-                        break;
-                    }
-                },
-                other => panic!("check `false` cannot pass: {other:?}"),
+            assert!(!result.is_ok(), "check `false` cannot pass: {result:?}");
+            if !restarts.try_restart(now(), limit, window) {
+                assert_eq!(restarts.count(now(), window), 2);
+                break;
             }
+            assert!(r.stop_step(1).await.is_ok());
+            assert!(r.start_step(1).await.is_ok());
         }
         for i in (0..2).rev() {
             assert!(r.stop_step(i).await.is_ok());

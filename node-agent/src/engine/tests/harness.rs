@@ -55,6 +55,8 @@ pub struct Setup {
     prefer_b: bool,
     links: Option<usize>,
     state: Option<PersistedState>,
+    /// `stabilization` and check `failureThreshold` of step `app`.
+    app_stabilization: Option<(std::time::Duration, u32)>,
 }
 
 pub fn setup(extra: &str) -> Setup {
@@ -74,6 +76,12 @@ impl Setup {
         self
     }
 
+    /// Gives step `app` a stabilization time and its check a `failureThreshold`.
+    pub fn app_stabilization(mut self, stabilization: std::time::Duration, failure_threshold: u32) -> Setup {
+        self.app_stabilization = Some((stabilization, failure_threshold));
+        self
+    }
+
     /// Restores persisted state.
     pub fn state(mut self, state: PersistedState) -> Setup {
         self.state = Some(state);
@@ -90,6 +98,13 @@ impl Setup {
     pub fn config_unchecked(&self) -> GroupConfig {
         let mut c = config(&self.extra);
         c.spec.nodes[1].preferred = self.prefer_b;
+        if let Some((stabilization, threshold)) = self.app_stabilization {
+            let app = &mut c.spec.flow[1];
+            app.stabilization = stabilization.into();
+            if let Some(check) = &mut app.check {
+                check.failure_threshold = threshold;
+            }
+        }
         if let Some(n) = self.links {
             for (i, node) in c.spec.nodes.iter_mut().enumerate() {
                 node.heartbeat_addresses = (0..n).map(|l| format!("198.18.{l}.{}", i + 1)).collect();

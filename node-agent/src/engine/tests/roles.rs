@@ -1,7 +1,10 @@
 //! Role transitions: startup, granting, failover through the witness, peer consent,
 //! serving, self-fencing, stepping down, refusals, restarts, monitors, failback.
 
+use std::time::Duration;
+
 use hapair_crds::hagroup::{NodeHealth, NodeRole};
+use hapair_crds::nodeapi::StepState;
 use hapair_crds::volume::DiskState;
 
 use super::*;
@@ -531,6 +534,28 @@ fn a_failed_step_is_restarted_locally_then_failed_over() {
         &["witness #2 Release e2 800ms", "watchdog off", "event Normal Demoted", "hb #7 Standby e2 f2 handover->b"],
     );
     assert_eq!(h.e.status(at(1144)).steps[1].restarts, 2);
+}
+
+#[test]
+fn a_failed_check_while_stabilizing_restarts_the_clock_before_the_next_step() {
+    // `app` must stay healthy for 200 ms before the virtual IP goes up; 3 failed checks in
+    // a row fail it.
+    let mut h = failed_over_with(setup("").app_stabilization(Duration::from_millis(200), 3));
+    let check = |healthy| Event::StepCheck { step: 1, healthy, message: Some("exit 1".into()) };
+    h.expect(1070, promote_done(), &["start 0:data"]);
+    h.expect(1071, start_done(0), &["start 1:app"]);
+    h.expect(1072, start_done(1), &[]);
+    // A failure short of the threshold: healthy again only from 1150 + 200 ms.
+    h.expect(1150, check(false), &[]);
+    h.expect(1200, check(true), &["hb #5 Promoting e2 f2 holding"]);
+    // Where the first period would have ended: still stabilizing.
+    h.expect(1272, tick(), &[]);
+    assert_eq!(h.e.status(at(1272)).steps[1].state, StepState::Stabilizing);
+    assert_eq!(h.e.role(), Role::Promoting);
+    h.expect(1349, tick(), &["witness #2 Renew e2 800ms", "hb #6 Promoting e2 f2 holding"]);
+    h.expect(1350, tick(), &["add-vip 2:svc"]);
+    h.expect(1351, start_done(2), &["event Normal Promoted", "hb #7 Primary e2 f2 holding"]);
+    assert_eq!(h.e.status(at(1351)).steps[1].state, StepState::Running);
 }
 
 #[test]
