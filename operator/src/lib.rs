@@ -14,7 +14,7 @@
 //! - [`status`]: the agents' reports folded into group and volume statuses and events;
 //! - [`server`]: the node API and the admin API over HTTPS with mutual TLS;
 //! - [`witness`]: the pure lease state machine that breaks ties while a pair's heartbeats
-//!   fail, and [`lease`], the seam through which the server reaches it;
+//!   fail, and [`witness::lease`], the seam through which the server reaches it;
 //! - [`pki`]: the controller's CA, certificates and one-time enrollment tokens;
 //! - [`standalone`]: `hapair-operator standalone`, a manifest directory and a file store;
 //! - [`k8s`]: `hapair-operator run`, the Kubernetes operator: the same core with the API
@@ -26,7 +26,6 @@ pub mod cli;
 pub mod controller;
 pub mod desired;
 pub mod k8s;
-pub mod lease;
 pub mod pki;
 pub mod server;
 pub mod standalone;

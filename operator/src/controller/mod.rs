@@ -34,13 +34,13 @@ use crate::desired::reconcile::{Reconciled, note_cleaned_up, reconcile};
 use crate::desired::resolve::group_named_by;
 use crate::desired::retire::{Retirement, note_wipe_answer};
 use crate::desired::state::{ActionEntry, ControllerState};
-use crate::lease::{LeaseParams, LeaseRefusal, admit};
 use crate::server::adminapi::{
     ActionRequest, ActionView, GroupView, GroupsOverview, NodeActionResult, NodeDetail, VolumeView,
 };
 use crate::status::aggregate::{self, GroupInputs, Observation};
 use crate::status::events::{EventRing, GroupEvent};
 use crate::support::timestamp::{UnixMillis, format_millis};
+use crate::witness::lease::{LeaseParams, LeaseRefusal, admit};
 
 /// Tunables of the controller loop.
 #[derive(Clone, Debug)]

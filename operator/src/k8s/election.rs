@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::controller::metrics::Metrics;
-use crate::lease::{LeaseAuthority, LeaseParams};
+use crate::witness::lease::{LeaseAuthority, LeaseParams};
 
 /// The election's clocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

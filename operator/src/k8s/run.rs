@@ -38,10 +38,10 @@ use crate::k8s::K8sError;
 use crate::k8s::election::{ElectionTiming, Elector, FencedAuthority, Leadership, run_election};
 use crate::k8s::pki_secret;
 use crate::k8s::term::{Term, TermConfig};
-use crate::lease::LeaseAuthority;
 use crate::pki::Ca;
 use crate::server::identity::server_config;
 use crate::server::{Server, standby_router};
+use crate::witness::lease::LeaseAuthority;
 
 /// Builds a fresh witness authority; called at the start of every term.
 pub type AuthorityFactory = Arc<dyn Fn() -> Box<dyn LeaseAuthority> + Send + Sync>;

@@ -31,9 +31,9 @@ use crate::k8s::state_secrets::StateSecrets;
 use crate::k8s::store::{Caches, KubeStore};
 use crate::k8s::token_secret::TokenSecret;
 use crate::k8s::writer::Writer;
-use crate::lease::LeaseAuthority;
 use crate::pki::Ca;
 use crate::server::{ApiSettings, NodeApi, router};
+use crate::witness::lease::LeaseAuthority;
 
 /// How a term runs.
 #[derive(Clone, Debug)]

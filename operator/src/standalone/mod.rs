@@ -25,7 +25,6 @@ use tracing::{info, warn};
 use crate::controller::metrics::Metrics;
 use crate::controller::store::StoreError;
 use crate::controller::{Controller, Settings};
-use crate::lease::LeaseAuthority;
 use crate::pki::tokens::TokenFile;
 use crate::pki::{Ca, PkiError};
 use crate::server::adminapi::{AdminConfig, CLI_CONFIG_FILE};
@@ -33,6 +32,7 @@ use crate::server::identity::{TlsSetupError, server_config};
 use crate::server::{ApiSettings, NodeApi, Server};
 use crate::standalone::file_store::FileStore;
 use crate::support::atomic_file::{FileError, write_json};
+use crate::witness::lease::LeaseAuthority;
 
 /// Full reconciles happen at least this often, changed directory or not.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);

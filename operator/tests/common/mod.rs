@@ -13,12 +13,12 @@ use hapair_crds::nodeapi::{
     ActionResult, EnrollRequest, EnrollResponse, GroupKey, GroupReport, LeaseOp, LeaseRequest, LeaseResponse,
     NodeReport,
 };
-use hapair_operator::lease::{LeaseAuthority, LeaseParams};
 use hapair_operator::pki::tokens::TokenFile;
 use hapair_operator::server::ApiSettings;
 use hapair_operator::server::adminapi::{AdminConfig, CLI_CONFIG_FILE, GroupsOverview};
 use hapair_operator::server::ratelimit::RateSettings;
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
+use hapair_operator::witness::lease::{LeaseAuthority, LeaseParams};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 
 pub const GROUP: &str = r#"apiVersion: hapair.dev/v1alpha1

@@ -33,6 +33,8 @@
 //! its restarts the server should persist the epoch of each grant (e.g. in the HaGroup's
 //! `status.epoch`) and call [`Witness::restore_epoch`] after a restart.
 
+pub mod lease;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
