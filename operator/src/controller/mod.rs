@@ -4,11 +4,20 @@
 //!
 //! One lock serializes every change, so a report, an action and a manifest change are each
 //! applied whole. Long-polls never take it: they wait on the [`BundleBoard`].
+//!
+//! In: manifest snapshots from the [`store::Store`], node reports (`reports`), admin
+//! actions (`admin_actions`). Out: bundles on the board ([`publish`]), statuses and events
+//! through the store, the `overview` the CLI shows, and the [`metrics`]. Reconciling and
+//! status refreshing stay in this file, since every path ends in them.
 
+mod admin_actions;
 pub mod metrics;
+mod overview;
 pub mod publish;
+mod reports;
 pub mod store;
 
+use admin_actions::last_action;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -615,193 +624,12 @@ impl<S: Store> Controller<S> {
         self.board.current(node)
     }
 
-    /// Applies a node's report. `node` is the authenticated node the report was posted for.
-    pub async fn accept_report(&self, node: &str, report: NodeReport) -> Result<(), ReportRefusal> {
-        if report.node != node {
-            return Err(ReportRefusal::NodeMismatch { path: node.to_string(), found: report.node.clone() });
-        }
-        let mut core = self.core.lock().await;
-        for group in &report.groups {
-            if let Some(plan) = core.reconciled.groups.get(&group.key)
-                && !plan.nodes().iter().any(|n| n == node)
-            {
-                return Err(ReportRefusal::NotAMember { node: node.to_string(), group: group.key.to_string() });
-            }
-        }
-        let now = crate::support::timestamp::now_millis();
-        let mut events = Vec::new();
-        let mut groups = BTreeSet::new();
-        // Whether the report touches what bundles are built from (action answers, cleanup),
-        // or could decide a pending action; otherwise only statuses need recomputing.
-        let mut rebuild = false;
-        for group in &report.groups {
-            if !core.reconciled.groups.contains_key(&group.key) {
-                // A group the controller no longer knows: nothing in it can matter.
-                continue;
-            }
-            groups.insert(group.key.clone());
-            if actions::record_results(&mut core.state.actions, &group.key, node, &group.actions) {
-                core.unsaved = true;
-                rebuild = true;
-            }
-            rebuild |= core.state.actions.values().any(|a| a.group == group.key && !a.is_final());
-            if group.cleaned_up && note_cleaned_up(&mut core.state, &group.key, node) {
-                info!(group = %group.key, node, "node cleaned up a deleted group");
-                core.unsaved = true;
-                rebuild = true;
-            }
-            for event in &group.events {
-                let _span = info_span!("group", group = %group.key, node, epoch = event.epoch).entered();
-                info!(reason = %event.reason, "{}", event.message);
-                events.push((group.key.clone(), GroupEvent { node: Some(node.to_string()), event: event.clone() }));
-            }
-        }
-        let mut volume_events = Vec::new();
-        let previous = core.reports.get(node).map(|(r, _)| r.wipes.clone()).unwrap_or_default();
-        for answer in &report.wipes {
-            let news = if answer.outcome.is_final() {
-                note_wipe_answer(&mut core.state, node, answer)
-            } else {
-                core.state.wiping.get(&answer.volume).is_some_and(|w| w.uuid == answer.uuid)
-                    && !previous.contains(answer)
-            };
-            if !news {
-                continue;
-            }
-            if answer.outcome.is_final() {
-                core.unsaved = true;
-                rebuild = true;
-            }
-            let (type_, reason) = wipe_reason(answer.outcome);
-            let _span = info_span!("volume", volume = %answer.volume, node).entered();
-            if type_ == EventType::Warning {
-                warn!(reason, "{}", answer.message);
-            } else {
-                info!(reason, "{}", answer.message);
-            }
-            let event = GroupEvent {
-                node: Some(node.to_string()),
-                event: hapair_crds::nodeapi::EventRecord {
-                    time: format_millis(now),
-                    type_,
-                    reason: reason.to_string(),
-                    message: answer.message.clone(),
-                    epoch: 0,
-                },
-            };
-            volume_events.push((answer.volume.clone(), event));
-        }
-        if let Some(error) = &report.config_error {
-            warn!(node, revision = report.applied_revision, "agent refused its desired config: {error}");
-        }
-        core.reports.insert(node.to_string(), (report, now));
-        for (key, event) in events {
-            self.record_event(&mut core, &key, event).await;
-        }
-        for (key, event) in volume_events {
-            if let Err(e) = self.store.record_volume_event(&key, &event).await {
-                self.metrics.error("store");
-                warn!(volume = %key, error = %e, "cannot record an event");
-            }
-        }
-        let result = if rebuild {
-            let catalog = core.catalog.clone();
-            self.apply(&mut core, catalog).await
-        } else {
-            self.refresh_statuses(&mut core, now, Some(&groups)).await
-        };
-        if let Err(e) = result {
-            // The report itself is recorded; the store is retried on the next tick.
-            warn!(node, error = %e, "cannot persist after a report");
-        }
-        Ok(())
-    }
-
     /// Checks a lease request from the node `cert` and returns the group's lease rules.
     pub async fn admit_lease(&self, cert: &str, request: &LeaseRequest) -> Result<LeaseParams, LeaseRefusal> {
         let core = self.core.lock().await;
         let plan = core.reconciled.groups.get(&request.group);
         let spec = plan.and_then(|p| p.config.as_ref()).map(|c| &c.spec);
         admit(cert, request, spec, plan.is_some_and(|p| p.deleting))
-    }
-
-    /// Queues an admin action for the group's agents.
-    pub async fn submit_action(&self, key: &GroupKey, request: ActionRequest) -> Result<ActionView, Refusal> {
-        let mut core = self.core.lock().await;
-        let id = match &request.id {
-            Some(id) => id.clone(),
-            None => {
-                let mut bytes = [0u8; 6];
-                core.rng.fill_bytes(&mut bytes);
-                format!("a-{}", crate::desired::revision::hex(&bytes))
-            }
-        };
-        let target = core
-            .reconciled
-            .groups
-            .get(key)
-            .and_then(|p| p.config.as_ref().map(|c| Target { spec: &c.spec, deleting: p.deleting }));
-        if let Some(existing) = actions::check(key, &id, &request.kind, target, &core.state.actions)? {
-            return Ok(view(existing));
-        }
-        let now = crate::support::timestamp::now_millis();
-        let entry = actions::queue(key, &id, request.kind.clone(), now);
-        let message = format!("{} {id} requested{}", request.kind.label(), describe_kind(&request.kind));
-        info!(group = %key, action = %id, "{message}");
-        core.state.actions.insert(id.clone(), entry);
-        core.unsaved = true;
-        self.record_event(
-            &mut core,
-            key,
-            GroupEvent::controller(format_millis(now), EventType::Normal, "ActionRequested", message),
-        )
-        .await;
-        let catalog = core.catalog.clone();
-        if let Err(e) = self.apply(&mut core, catalog).await {
-            core.state.actions.remove(&id);
-            self.metrics.error("action");
-            return Err(Refusal::Conflict(format!("cannot record the action: {e}")));
-        }
-        core.state.actions.get(&id).map(view).ok_or_else(|| Refusal::NotFound(format!("action {id} vanished")))
-    }
-
-    /// Records a request that was refused before it could be queued, so that its outcome
-    /// shows in the group's `status.lastAction` like any other: the Kubernetes operator
-    /// answers an admin-action annotation nowhere else. An `id` already in use is left as it
-    /// is and its entry returned.
-    pub async fn reject_action(
-        &self,
-        key: &GroupKey,
-        id: &str,
-        kind: AdminActionKind,
-        message: String,
-    ) -> Result<ActionView, StoreError> {
-        let mut core = self.core.lock().await;
-        if let Some(existing) = core.state.actions.get(id) {
-            return Ok(view(existing));
-        }
-        let now = crate::support::timestamp::now_millis();
-        let mut entry = actions::queue(key, id, kind, now);
-        entry.outcome = hapair_crds::nodeapi::ActionOutcome::Rejected;
-        entry.message = message;
-        entry.finished = Some(now);
-        let text = format!("{} {id} refused: {}", entry.action.kind.label(), entry.message);
-        warn!(group = %key, action = %id, "{text}");
-        let recorded = view(&entry);
-        core.state.actions.insert(id.to_string(), entry);
-        core.unsaved = true;
-        self.record_event(
-            &mut core,
-            key,
-            GroupEvent::controller(format_millis(now), EventType::Warning, "ActionRejected", text),
-        )
-        .await;
-        let catalog = core.catalog.clone();
-        if let Err(e) = self.apply(&mut core, catalog).await {
-            core.state.actions.remove(id);
-            return Err(e);
-        }
-        Ok(recorded)
     }
 
     /// Records an event about a group on behalf of the layer around the controller (for
@@ -850,73 +678,6 @@ impl<S: Store> Controller<S> {
         }
         VolumeRetirement::Gone
     }
-
-    pub async fn action(&self, key: &GroupKey, id: &str) -> Option<ActionView> {
-        let core = self.core.lock().await;
-        core.state.actions.get(id).filter(|a| a.group == *key).map(view)
-    }
-
-    /// Everything `status` and `describe` show.
-    pub async fn overview(&self) -> GroupsOverview {
-        let core = self.core.lock().await;
-        let groups = core
-            .reconciled
-            .groups
-            .iter()
-            .map(|(key, plan)| {
-                let nodes = plan.nodes();
-                let node_details = nodes
-                    .iter()
-                    .map(|n| {
-                        let report = core.reports.get(n).map(|r| &r.0);
-                        NodeDetail {
-                            node: n.clone(),
-                            desired_revision: core.state.nodes.get(n).map(|r| r.revision).unwrap_or(0),
-                            applied_revision: report.map(|r| r.applied_revision),
-                            config_error: report.and_then(|r| r.config_error.clone()),
-                            report: report.and_then(|r| r.groups.iter().find(|g| g.key == *key).cloned()),
-                        }
-                    })
-                    .collect();
-                let volumes = plan
-                    .config
-                    .iter()
-                    .flat_map(|c| &c.volumes)
-                    .filter_map(|v| {
-                        let status = core.statuses.volumes.get(&GroupKey::new(&key.namespace, &v.name))?;
-                        Some(VolumeView { name: v.name.clone(), status: status.clone() })
-                    })
-                    .collect();
-                GroupView {
-                    key: key.clone(),
-                    nodes,
-                    witness: plan.config.as_ref().map(|c| c.spec.witness.mode).unwrap_or_default(),
-                    error: plan.error.as_ref().map(|e| e.to_string()),
-                    deleting: plan.deleting,
-                    status: core.statuses.groups.get(key).cloned().unwrap_or_default(),
-                    volumes,
-                    node_details,
-                    events: core.events.recent(key),
-                }
-            })
-            .collect();
-        let deleting_volumes = core
-            .state
-            .wiping
-            .iter()
-            .map(|(key, wiping)| {
-                format!(
-                    "{key}: erasing the replicas (deletionPolicy: Wipe); waiting for {}",
-                    waiting_on(&core, key, wiping).join("; ")
-                )
-            })
-            .collect();
-        GroupsOverview {
-            groups,
-            errors: core.reconciled.errors.iter().map(|e| e.to_string()).collect(),
-            deleting_volumes,
-        }
-    }
 }
 
 /// The event a volume's sync state change deserves, if any: a resync starting, finishing,
@@ -936,15 +697,6 @@ fn resync_transition(from: Option<&str>, to: Option<&str>) -> Option<(EventType,
     }
 }
 
-fn describe_kind(kind: &AdminActionKind) -> String {
-    match kind {
-        AdminActionKind::Switchover { to } => format!(": move the service to {to}"),
-        AdminActionKind::ForceActive { node } => format!(": force {node} active"),
-        AdminActionKind::ResolveSplitBrain { winner } => format!(": {winner} keeps its data"),
-        AdminActionKind::Maintenance { enabled } => format!(": maintenance {}", if *enabled { "on" } else { "off" }),
-    }
-}
-
 fn phase_reason(status: &HaGroupStatus) -> String {
     let interesting = ["Degraded", "Ready", "Valid", "SplitBrain"];
     status
@@ -958,35 +710,6 @@ fn phase_reason(status: &HaGroupStatus) -> String {
         })
         .map(|c| format!(" ({})", c.message))
         .unwrap_or_default()
-}
-
-fn last_action(actions: &BTreeMap<String, ActionEntry>, key: &GroupKey) -> Option<ActionRecord> {
-    actions.values().filter(|a| a.group == *key).max_by_key(|a| (a.submitted, a.action.id.clone())).map(|a| {
-        ActionRecord {
-            id: a.action.id.clone(),
-            action: a.action.kind.label().to_string(),
-            outcome: a.outcome,
-            message: a.message.clone(),
-            time: format_millis(a.finished.unwrap_or(a.submitted)),
-        }
-    })
-}
-
-fn view(entry: &ActionEntry) -> ActionView {
-    ActionView {
-        id: entry.action.id.clone(),
-        group: entry.group.clone(),
-        kind: entry.action.kind.clone(),
-        outcome: entry.outcome,
-        message: entry.message.clone(),
-        submitted: format_millis(entry.submitted),
-        finished: entry.finished.map(format_millis),
-        results: entry
-            .results
-            .iter()
-            .map(|(node, r)| NodeActionResult { node: node.clone(), outcome: r.outcome, message: r.message.clone() })
-            .collect(),
-    }
 }
 
 /// The backing nodes that have not answered a wipe, each with its latest word.
@@ -1051,156 +774,4 @@ fn retirement_events(retirement: &Retirement, state: &ControllerState, now: Unix
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// A store in memory that counts snapshots and can be slowed down.
-    #[derive(Default)]
-    struct CountingStore {
-        snapshots: AtomicUsize,
-        saves: AtomicUsize,
-        statuses: std::sync::Mutex<Vec<GroupKey>>,
-        released: std::sync::Mutex<Vec<GroupKey>>,
-        manifests: std::sync::Mutex<Vec<(String, String)>>,
-    }
-
-    impl Store for Arc<CountingStore> {
-        async fn snapshot(&self) -> Result<Catalog, StoreError> {
-            self.snapshots.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let sources = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            Ok(Catalog::from_sources(sources.iter().map(|(n, t)| (n.as_str(), t.as_str()))))
-        }
-        async fn load_state(&self) -> Result<ControllerState, StoreError> {
-            Ok(ControllerState::default())
-        }
-        async fn save_state(&self, _state: &ControllerState) -> Result<(), StoreError> {
-            self.saves.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        async fn load_statuses(&self) -> Result<Statuses, StoreError> {
-            Ok(Statuses::default())
-        }
-        async fn write_group_status(&self, key: &GroupKey, _s: Option<&HaGroupStatus>) -> Result<(), StoreError> {
-            self.statuses.lock().unwrap_or_else(|p| p.into_inner()).push(key.clone());
-            Ok(())
-        }
-        async fn write_volume_status(
-            &self,
-            _k: &GroupKey,
-            _s: Option<&ReplicatedVolumeStatus>,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn record_event(&self, _k: &GroupKey, _e: &GroupEvent) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn load_events(&self) -> Result<EventRing, StoreError> {
-            Ok(EventRing::default())
-        }
-        async fn flush(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn group_released(&self, key: &GroupKey) -> Result<(), StoreError> {
-            self.released.lock().unwrap_or_else(|p| p.into_inner()).push(key.clone());
-            Ok(())
-        }
-    }
-
-    const GROUP: &str = "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {name: g, namespace: ns}\nspec:\n  nodes:\n    - {name: a, heartbeatAddresses: [198.18.1.1]}\n    - {name: b, heartbeatAddresses: [198.18.1.2]}\n";
-
-    #[tokio::test]
-    async fn concurrent_callers_share_full_reconciles() {
-        let store = Arc::new(CountingStore::default());
-        let controller = Arc::new(
-            Controller::start(store.clone(), Settings::default(), Arc::new(Metrics::new()))
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let before = store.snapshots.load(Ordering::SeqCst);
-        let callers: Vec<_> = (0..200)
-            .map(|_| {
-                let c = controller.clone();
-                tokio::spawn(async move { c.reconcile_coalesced().await })
-            })
-            .collect();
-        for caller in callers {
-            caller.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-        }
-        let runs = store.snapshots.load(Ordering::SeqCst) - before;
-        // The first caller runs alone; everyone arriving during its run shares the next.
-        assert!((1..=3).contains(&runs), "{runs} full reconciles for 200 callers");
-        // A caller after those sees its own, fresh run: a change made before it is picked up.
-        store.manifests.lock().unwrap_or_else(|p| p.into_inner()).push(("g.yaml".into(), GROUP.into()));
-        controller.reconcile_coalesced().await.unwrap_or_else(|e| panic!("{e}"));
-        assert!(controller.current_config("a").is_some());
-    }
-
-    #[tokio::test]
-    async fn a_deleted_group_is_released_once_both_nodes_cleaned_up_and_the_confirmations_are_saved() {
-        let store = Arc::new(CountingStore::default());
-        store.manifests.lock().unwrap_or_else(|p| p.into_inner()).push(("g.yaml".into(), GROUP.into()));
-        let controller = Controller::start(store.clone(), Settings::default(), Arc::new(Metrics::new()))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        store.manifests.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        controller.reconcile().await.unwrap_or_else(|e| panic!("{e}"));
-        let key = GroupKey::new("ns", "g");
-        assert!(controller.cleanup_pending(&key).await);
-        let report = |node: &str| NodeReport {
-            node: node.into(),
-            applied_revision: 2,
-            config_error: None,
-            agent_version: "t".into(),
-            os: "t".into(),
-            uptime_seconds: 1,
-            hardware: Default::default(),
-            links: vec![],
-            wipes: vec![],
-            groups: vec![hapair_crds::nodeapi::GroupReport {
-                key: key.clone(),
-                role: hapair_crds::hagroup::NodeRole::Standby,
-                epoch: 0,
-                health: hapair_crds::hagroup::NodeHealth::Healthy,
-                role_reason: None,
-                peer_reachable: true,
-                last_peer_heartbeat: None,
-                heartbeat_links: vec![],
-                steps: vec![],
-                monitors: vec![],
-                volumes: vec![],
-                last_failover: None,
-                actions: vec![],
-                events: vec![],
-                cleaned_up: true,
-            }],
-        };
-        let saves = store.saves.load(Ordering::SeqCst);
-        controller.accept_report("a", report("a")).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.saves.load(Ordering::SeqCst), saves + 1, "a's confirmation is saved");
-        assert!(store.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
-        controller.accept_report("b", report("b")).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(*store.released.lock().unwrap_or_else(|p| p.into_inner()), std::slice::from_ref(&key));
-        assert!(!controller.cleanup_pending(&key).await);
-    }
-
-    #[test]
-    fn resync_events_mark_start_finish_and_interruption() {
-        let t = |from: Option<&str>, to: Option<&str>| resync_transition(from, to);
-        assert_eq!(
-            t(Some("Disconnected"), Some("Syncing 3%")),
-            Some((EventType::Normal, "ResyncStarted", "resync started (Syncing 3%)".into()))
-        );
-        assert_eq!(t(Some("Syncing 3%"), Some("Syncing 40%")), None);
-        assert_eq!(
-            t(Some("Syncing 99%"), Some("UpToDate")),
-            Some((EventType::Normal, "ResyncFinished", "resync finished; both replicas are up to date".into()))
-        );
-        assert_eq!(
-            t(Some("Syncing 40%"), Some("Disconnected")),
-            Some((EventType::Warning, "ResyncInterrupted", "resync stopped at Syncing 40%: now Disconnected".into()))
-        );
-        assert_eq!(t(None, Some("UpToDate")), None);
-    }
-}
+mod tests;
