@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -13,20 +12,6 @@ use hapair_crds::hagroup::NodeRole;
 use hapair_crds::nodeapi::{ActionOutcome, DesiredConfig, GroupKey, paths};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubectl-hapair");
-
-fn cli(h: &Harness, args: &[&str]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(state_dir(h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
-        .args(args)
-        .env_remove("HAPAIR_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
 
 async fn run(h: &Harness, args: &[&str]) -> (i32, String, String) {
     let output = tokio::time::timeout(Duration::from_secs(60), cli(h, args).output()).await.unwrap().unwrap();

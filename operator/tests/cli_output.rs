@@ -222,20 +222,6 @@ fn huge_timeouts_wait_without_a_deadline_or_are_refused_naming_the_flag() {
     }
 }
 
-fn cli(h: &Harness, args: &[&str]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(state_dir(h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
-        .args(args)
-        .env_remove("HAPAIR_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
 /// Runs `command` to its end. Not `Command::output`, which tokio makes capture stdout
 /// and stderr whatever they were set to.
 async fn output_of(mut command: tokio::process::Command) -> Output {

@@ -273,3 +273,19 @@ pub fn state_dir(h: &Harness) -> &Path {
 pub fn manifests_dir(h: &Harness) -> PathBuf {
     h.manifests.path().to_path_buf()
 }
+
+/// `kubectl-hapair ARGS` against `h`'s controller, on the admin config it wrote, with
+/// output captured.
+pub fn cli(h: &Harness, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-hapair"));
+    command
+        .arg("--config")
+        .arg(state_dir(h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
+        .args(args)
+        .env_remove("HAPAIR_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
