@@ -126,8 +126,14 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
     let verified = verified
         .unwrap_or_else(|| panic!("the files are not intact on the new primary: {}", in_mounts_of(pid, &check).1));
     assert_eq!(verified.lines().filter(|l| l.ends_with(": OK")).count(), FILES, "{verified}");
-    let v = volume_report(ns_of(standby)).unwrap();
-    assert_eq!((v["role"].as_str(), v["diskState"].as_str()), (Some("Primary"), Some("UpToDate")), "{v}");
+    // The replica's status reaches the report on its own path, a moment after the role.
+    let promoted = wait_for(Duration::from_secs(2), || {
+        let v = volume_report(ns_of(standby))?;
+        (v["role"] == "Primary").then_some(v)
+    });
+    let v =
+        promoted.unwrap_or_else(|| panic!("the volume is not reported Primary: {:?}", volume_report(ns_of(standby))));
+    assert_eq!(v["diskState"], "UpToDate", "{v}");
     assert_ne!(v["connection"], "Connected", "the peer is dead: {v}");
     // Serving alone: the replication monitor alerts (and nothing else happens).
     let alerting = wait_for(UP, || {

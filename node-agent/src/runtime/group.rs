@@ -503,9 +503,13 @@ impl GroupTask {
                 self.volumes.opened(&self.volume_ctx, volume, *replica);
             }
             Input::VolumeStatus { volume, status } => {
-                if let Some((volume, disk, connection)) = self.volumes.status_changed(volume, *status) {
+                let change = self.volumes.status_changed(volume, *status);
+                if let Some((volume, disk, connection)) = change.engine {
                     tracing::info!(volume, disk = disk.as_str(), ?connection, "volume state");
                     self.feed(Event::Volume { volume, disk, connection }).await;
+                }
+                if change.shown {
+                    self.publish(false);
                 }
             }
             Input::Witness { request_id, answer } => self.feed(Event::Witness { request_id, answer }).await,

@@ -57,6 +57,23 @@ pub struct VolumeContext {
     pub inbox: UnboundedSender<Input>,
 }
 
+/// What a new replica status changes, as [`GroupVolumes::status_changed`] sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The engine event to feed: disk state or connection changed since it last heard.
+    pub engine: Option<(String, DiskState, ConnectionState)>,
+    /// A state the status report shows changed (a promotion keeps disk and connection,
+    /// so the engine hearing nothing must not leave the report saying Secondary).
+    pub shown: bool,
+}
+
+/// Whether two statuses show the same states; counters and progress move all the time
+/// and go out with the next periodic report.
+fn same_states(a: &ReplicaStatus, b: &ReplicaStatus) -> bool {
+    (a.role, a.disk, a.connection, a.peer_disk, a.peer_role, a.fenced, &a.split_brain, &a.refused)
+        == (b.role, b.disk, b.connection, b.peer_disk, b.peer_role, b.fenced, &b.split_brain, &b.refused)
+}
+
 /// The group's replicas, opened or being opened.
 #[derive(Debug, Default)]
 pub struct GroupVolumes {
@@ -114,21 +131,17 @@ impl GroupVolumes {
         self.replicas.insert(volume, replica);
     }
 
-    /// Records `status`; returns the engine event to feed when disk state or connection
-    /// changed since the engine last heard.
-    pub fn status_changed(
-        &mut self,
-        volume: String,
-        status: ReplicaStatus,
-    ) -> Option<(String, DiskState, ConnectionState)> {
+    /// Records `status` and says what of it must go out now.
+    pub fn status_changed(&mut self, volume: String, status: ReplicaStatus) -> StatusChange {
         let now = (status.disk, status.connection);
+        let shown = self.status.get(&volume).is_none_or(|old| !same_states(old, &status));
         self.states.set(status.report());
         self.status.insert(volume.clone(), status);
         if self.told.get(&volume) == Some(&now) {
-            return None;
+            return StatusChange { engine: None, shown };
         }
         self.told.insert(volume.clone(), now);
-        Some((volume, now.0, now.1))
+        StatusChange { engine: Some((volume, now.0, now.1)), shown }
     }
 
     /// The engine's epoch, so that a primary learning of a newer one fences itself.
@@ -333,17 +346,32 @@ mod tests {
         let (inconsistent, syncing) = (DiskState::Inconsistent, ConnectionState::SyncTarget);
         assert_eq!(
             volumes.status_changed("data".into(), status(inconsistent, syncing, 8 << 20)),
-            Some(("data".into(), inconsistent, syncing))
+            StatusChange { engine: Some(("data".into(), inconsistent, syncing)), shown: true }
         );
-        assert_eq!(volumes.status_changed("data".into(), status(inconsistent, syncing, 4 << 20)), None);
+        // Resync progress alone: nothing to tell, the periodic report carries it.
+        assert_eq!(
+            volumes.status_changed("data".into(), status(inconsistent, syncing, 4 << 20)),
+            StatusChange { engine: None, shown: false }
+        );
         assert_eq!(volumes.reports()[0].out_of_sync_bytes, 4 << 20);
         assert_eq!(volumes.reports()[0].disk_state, inconsistent);
         let (up, connected) = (DiskState::UpToDate, ConnectionState::Connected);
         assert_eq!(
             volumes.status_changed("data".into(), status(up, connected, 0)),
-            Some(("data".into(), up, connected))
+            StatusChange { engine: Some(("data".into(), up, connected)), shown: true }
         );
         assert_eq!(volumes.reports().len(), 1);
+    }
+
+    #[test]
+    fn a_promotion_keeps_disk_and_connection_but_goes_out_at_once() {
+        let mut volumes = GroupVolumes::default();
+        let (up, lost) = (DiskState::UpToDate, ConnectionState::Connecting);
+        volumes.status_changed("data".into(), status(up, lost, 0));
+        let mut promoted = status(up, lost, 0);
+        promoted.role = hapair_crds::volume::VolumeRole::Primary;
+        assert_eq!(volumes.status_changed("data".into(), promoted), StatusChange { engine: None, shown: true });
+        assert_eq!(volumes.reports()[0].role, hapair_crds::volume::VolumeRole::Primary);
     }
 
     #[tokio::test]
