@@ -819,13 +819,30 @@ pub struct LinkStatus {
     pub heartbeat_loss_percent: Option<u32>,
 }
 
+// How an admin action ended, or that it has not yet (no doc comment: it would enter the CRD schema).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ActionOutcome {
+    /// Accepted and in progress.
+    Pending,
+    Succeeded,
+    Failed,
+    /// Refused before doing anything (for example a switchover to an out-of-sync node).
+    Rejected,
+}
+
+impl ActionOutcome {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, ActionOutcome::Pending)
+    }
+}
+
 /// Outcome of the last admin action.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActionRecord {
     pub id: String,
     pub action: String,
-    pub outcome: crate::nodeapi::ActionOutcome,
+    pub outcome: ActionOutcome,
     pub message: String,
     /// RFC 3339 time the outcome was recorded.
     pub time: String,

@@ -11,6 +11,8 @@ use std::str::FromStr;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+// The outcome belongs to the group status that records it; the node API speaks it too.
+pub use crate::hagroup::ActionOutcome;
 use crate::hagroup::{FailoverRecord, HaGroupSpec, Hardware, LinkStatus, NodeHealth, NodeRole};
 use crate::volume::{ConnectionState, DiskState, ReplicatedVolumeSpec, SyncProgress, VolumeRole};
 
@@ -240,22 +242,6 @@ impl AdminActionKind {
             AdminActionKind::ResolveSplitBrain { .. } => "resolve-split-brain",
             AdminActionKind::Maintenance { .. } => "maintenance",
         }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-pub enum ActionOutcome {
-    /// Accepted and in progress.
-    Pending,
-    Succeeded,
-    Failed,
-    /// Refused before doing anything (for example a switchover to an out-of-sync node).
-    Rejected,
-}
-
-impl ActionOutcome {
-    pub fn is_final(&self) -> bool {
-        !matches!(self, ActionOutcome::Pending)
     }
 }
 

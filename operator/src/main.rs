@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hapair_operator::controller::views::{AdminConfig, CLI_CONFIG_FILE};
 use hapair_operator::desired::catalog::Catalog;
 use hapair_operator::k8s::election::ElectionTiming;
 use hapair_operator::k8s::run::{RUNTIME_FILE, RunConfig, RuntimeInfo, secret_names};
@@ -16,7 +17,6 @@ use hapair_operator::k8s::{pki_secret, run};
 use hapair_operator::pki::tokens::{TokenFile, enroll_instructions};
 use hapair_operator::pki::{CA_CERT_FILE, fingerprint};
 use hapair_operator::server::ApiSettings;
-use hapair_operator::server::adminapi::{AdminConfig, CLI_CONFIG_FILE};
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
 use hapair_operator::support::timestamp::{format_millis, now_millis};
 use rustls_pki_types::CertificateDer;

@@ -117,12 +117,12 @@ async fn the_binary_answers_to_hapair_and_reads_hapair_config() {
 
     let output = tokio::process::Command::new(&link)
         .args(["status", "-o", "json"])
-        .env("HAPAIR_CONFIG", state_dir(&h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
+        .env("HAPAIR_CONFIG", state_dir(&h).join(hapair_operator::controller::views::CLI_CONFIG_FILE))
         .output()
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
-    let overview: hapair_operator::server::adminapi::GroupsOverview = serde_json::from_slice(&output.stdout).unwrap();
+    let overview: hapair_operator::controller::views::GroupsOverview = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(overview.groups[0].key, GroupKey::new("default", "g"));
 
     let output =

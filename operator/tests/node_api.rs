@@ -12,9 +12,9 @@ use hapair_crds::hagroup::{GroupPhase, NodeRole};
 use hapair_crds::nodeapi::{
     ActionOutcome, ApiError, DesiredConfig, EnrollRequest, LeaseOp, LeaseRequest, LeaseResponse, paths,
 };
+use hapair_operator::controller::views::ActionView;
 use hapair_operator::pki::Ca;
 use hapair_operator::pki::tokens::TokenFile;
-use hapair_operator::server::adminapi::ActionView;
 use hapair_operator::server::ratelimit::RateSettings;
 
 /// A client whose certificate comes from a CA that copies our CA's subject name.
@@ -394,7 +394,7 @@ async fn admin_actions_reach_the_nodes_and_their_outcome_comes_back() {
     from_a.actions = vec![result(&queued.id, ActionOutcome::Succeeded, "demoted")];
     let response = a.post(h.url(&paths::report("a"))).json(&report("a", 2, vec![from_a])).send().await.unwrap();
     assert_eq!(response.status(), 204);
-    let action_url = h.url(&hapair_operator::server::adminapi::action_path("default", "g", &queued.id));
+    let action_url = h.url(&hapair_operator::controller::views::action_path("default", "g", &queued.id));
     let view: ActionView = admin.get(&action_url).send().await.unwrap().json().await.unwrap();
     assert_eq!(view.outcome, ActionOutcome::Pending);
     // a answered; only b still sees the action.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use hapair_operator::server::adminapi::{AdminConfig, CLI_CONFIG_FILE, GroupsOverview};
+use hapair_operator::controller::views::{AdminConfig, CLI_CONFIG_FILE, GroupsOverview};
 
 use crate::agents::{ENDPOINTS, binary, spawn_logged};
 use crate::netns::{ChildGuard, Netns, wait_for};

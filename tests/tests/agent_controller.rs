@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hapair_operator::server::adminapi::GroupsOverview;
+use hapair_operator::controller::views::GroupsOverview;
 use hapair_tests::agents::{Agent, GROUP, get, group, group_manifest, role, status};
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
 use hapair_tests::netns::{Netns, require_root, wait_for};

@@ -53,6 +53,16 @@ pub enum CandidacyKind {
     Failback,
 }
 
+/// What the current promotion is for, to report when the flow is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promotion {
+    pub kind: CandidacyKind,
+    /// Promote volumes even when not UpToDate (force-active, split-brain winner).
+    pub forced: bool,
+    pub action: Option<String>,
+    pub since: Instant,
+}
+
 impl CandidacyKind {
     pub fn describe(&self) -> &'static str {
         match self {
@@ -385,8 +395,7 @@ impl Engine {
         self.handover = None;
         self.failover_wanted = None;
         self.failover_blocked_noted = false;
-        self.promotion =
-            Some(super::serving::Promotion { kind: c.kind, forced: c.forced, action: c.action, since: c.since });
+        self.promotion = Some(Promotion { kind: c.kind, forced: c.forced, action: c.action, since: c.since });
         self.set_role(Role::Promoting, format!("acting in epoch {} ({via}); starting the flow", self.epoch));
         // The peer learns the new term at once.
         self.heartbeat_now = true;

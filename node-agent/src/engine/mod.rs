@@ -80,13 +80,13 @@ pub use role::Role;
 pub use status::Status;
 pub use time::Instant;
 
-use candidacy::Candidacy;
+use candidacy::{Candidacy, Promotion};
 use flow::Flow;
 use lease::LeaseBook;
 use monitor::Monitors;
 use peer::PeerTracker;
 use restart::RestartWindow;
-use serving::{Demotion, HandoverOffer, Promotion, TakeoverAsk};
+use serving::{Demotion, HandoverOffer, TakeoverAsk};
 use witness_client::WitnessClient;
 
 /// Who this engine is.

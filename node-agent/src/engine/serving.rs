@@ -42,16 +42,6 @@ pub enum FailoverCause {
     Volume,
 }
 
-/// What the current promotion is for, to report when the flow is up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Promotion {
-    pub kind: CandidacyKind,
-    /// Promote volumes even when not UpToDate (force-active, split-brain winner).
-    pub forced: bool,
-    pub action: Option<String>,
-    pub since: Instant,
-}
-
 /// A graceful demotion in progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Demotion {

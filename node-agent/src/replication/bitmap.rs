@@ -9,8 +9,11 @@ use std::collections::BTreeSet;
 
 use super::geometry::BlockRange;
 
+/// Bytes the metadata store puts before each on-disk page's payload (magic, page index,
+/// format id, checksum); the page geometry is the bitmap's, so it is fixed here.
+pub const PAGE_HEADER_BYTES: usize = 24;
 /// Bytes of bitmap payload per on-disk page (a 4 KiB page minus its header).
-pub const PAGE_PAYLOAD_BYTES: usize = 4096 - super::metadata::BITMAP_PAGE_HEADER;
+pub const PAGE_PAYLOAD_BYTES: usize = 4096 - PAGE_HEADER_BYTES;
 /// Blocks described by one on-disk page.
 pub const BLOCKS_PER_PAGE: u64 = (PAGE_PAYLOAD_BYTES * 8) as u64;
 const WORDS_PER_PAGE: usize = PAGE_PAYLOAD_BYTES / 8;

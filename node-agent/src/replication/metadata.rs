@@ -22,7 +22,6 @@ use super::generation::Generations;
 
 pub const BLOCK: u64 = 4096;
 pub const SUPERBLOCK_SIZE: usize = 4096;
-pub const BITMAP_PAGE_HEADER: usize = 24;
 pub const MAGIC: [u8; 8] = *b"HAPAIRMD";
 pub const VERSION: u32 = 1;
 
@@ -283,7 +282,7 @@ pub fn encode_bitmap_page(bm: &Bitmap, page: u32, format_id: u64) -> Vec<u8> {
     put_u32(&mut b, 0, PAGE_MAGIC);
     put_u32(&mut b, 4, page);
     put_u64(&mut b, 8, format_id);
-    b[BITMAP_PAGE_HEADER..].copy_from_slice(&bm.page_payload(page));
+    b[bitmap::PAGE_HEADER_BYTES..].copy_from_slice(&bm.page_payload(page));
     let crc = page_crc(&b);
     put_u32(&mut b, 16, crc);
     b
@@ -294,7 +293,7 @@ pub fn decode_bitmap_page(b: &[u8], page: u32, format_id: u64) -> Option<&[u8]> 
     if b.len() != BLOCK as usize || get_u32(b, 0) != PAGE_MAGIC || get_u32(b, 4) != page || get_u64(b, 8) != format_id {
         return None;
     }
-    (page_crc(b) == get_u32(b, 16)).then(|| &b[BITMAP_PAGE_HEADER..])
+    (page_crc(b) == get_u32(b, 16)).then(|| &b[bitmap::PAGE_HEADER_BYTES..])
 }
 
 fn page_crc(b: &[u8]) -> u32 {

@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use super::clock;
 use super::host::HeartbeatAddress;
+use super::inbox::Input;
 use super::node_api::WitnessPath;
 use super::records::GroupFile;
 use super::report::{Board, record};
@@ -38,9 +39,7 @@ use crate::heartbeat::{HeartbeatReceiver, HeartbeatSender, HmacKey, LinkEndpoint
 use crate::iface::Netlink;
 use crate::metrics::AgentMetrics;
 use crate::probe::replication::VolumeStates;
-use crate::probe::{MonitorState, Observation, Probe, ProcPaths};
-use crate::replication::replica::Replica;
-use crate::replication::status::ReplicaStatus;
+use crate::probe::{MonitorState, Probe, ProcPaths};
 use crate::replication::tls::TlsMaterial;
 use crate::state::StateStore;
 use crate::vip::{Presence, VipManager};
@@ -49,52 +48,6 @@ use crate::vip::{Presence, VipManager};
 const LOSS_WINDOW: Duration = Duration::from_secs(10);
 /// Published state is refreshed at least this often (and at once on role changes).
 const PUBLISH_EVERY: Duration = Duration::from_millis(500);
-
-/// What reaches a group task.
-#[derive(Debug)]
-pub enum Input {
-    /// A new desired config for the group.
-    Config(Box<GroupConfig>),
-    /// The group is gone from the bundle: stop everything, report, end.
-    Remove,
-    StepDone {
-        step: usize,
-        op: StepOp,
-        result: Result<(), String>,
-    },
-    VolumeDone {
-        volume: String,
-        op: VolumeOp,
-        result: Result<(), String>,
-    },
-    /// A replica of the group finished opening.
-    VolumeOpened {
-        volume: String,
-        replica: Box<Replica>,
-    },
-    /// A replica's status changed.
-    VolumeStatus {
-        volume: String,
-        status: Box<ReplicaStatus>,
-    },
-    Witness {
-        request_id: u64,
-        answer: WitnessAnswer,
-    },
-    Observed {
-        generation: u64,
-        index: usize,
-        probe: Box<Probe>,
-        observation: Observation,
-        at: std::time::Instant,
-    },
-    Checked {
-        step: usize,
-        generation: u64,
-        healthy: bool,
-        message: Option<String>,
-    },
-}
 
 /// What every group task of the node shares.
 #[derive(Debug)]

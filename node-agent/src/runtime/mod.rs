@@ -26,6 +26,7 @@
 pub mod clock;
 pub mod group;
 pub mod host;
+pub mod inbox;
 pub mod node_api;
 pub mod records;
 pub mod report;
@@ -55,7 +56,8 @@ use crate::metrics::AgentMetrics;
 use crate::probe::Probe;
 use crate::state::{Loaded, StateError, StateStore};
 use crate::vip::VipManager;
-use group::{GroupHandle, Input, NodeContext};
+use group::{GroupHandle, NodeContext};
+use inbox::Input;
 use node_api::{NodeApiClient, WitnessPath};
 use report::{Board, NodeState, record};
 use source::{BundleFileSource, ConfigSource, ControllerSource, SourceEvent};

@@ -28,7 +28,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::group::Input;
+use super::inbox::Input;
 use crate::engine::StepOp;
 use crate::flow::runner::FlowError;
 use crate::flow::systemd::Systemctl;

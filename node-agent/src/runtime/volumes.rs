@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::group::Input;
+use super::inbox::Input;
 use super::report::{Board, record};
 use crate::engine::VolumeOp;
 use crate::probe::replication::VolumeStates;

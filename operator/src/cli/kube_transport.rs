@@ -18,12 +18,12 @@ use kube::{Api, Client, ResourceExt};
 use rand::RngCore;
 
 use crate::cli::transport::{CliError, Transport};
+use crate::controller::views::{ActionRequest, ActionView, GroupView, GroupsOverview, VolumeView};
 use crate::k8s::annotations::{self, annotation_for};
 use crate::k8s::pki_secret;
 use crate::k8s::state_secrets::SECRET_ROLE_LABEL;
 use crate::k8s::token_secret::TokenSecret;
 use crate::pki::tokens::enroll_instructions;
-use crate::server::adminapi::{ActionRequest, ActionView, GroupView, GroupsOverview, VolumeView};
 use crate::status::events::GroupEvent;
 use crate::support::timestamp::{format_millis, now_millis};
 

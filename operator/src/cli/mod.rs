@@ -34,8 +34,8 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 use hapair_crds::manifest::DEFAULT_NAMESPACE;
 use hapair_crds::nodeapi::{ActionOutcome, AdminActionKind, GroupKey};
 
+use crate::controller::views::ActionRequest;
 use crate::desired::catalog::Catalog;
-use crate::server::adminapi::ActionRequest;
 use kube_transport::KubeTransport;
 use transport::{CliError, ConnectionFlags, HttpsTransport, Transport};
 
@@ -510,7 +510,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::server::adminapi::{ActionView, GroupsOverview, NodeActionResult};
+    use crate::controller::views::{ActionView, GroupsOverview, NodeActionResult};
 
     #[test]
     fn groups_default_to_the_namespace_flag_or_default() {

@@ -13,7 +13,7 @@ use hapair_crds::hagroup::{NodeHealth, WitnessMode};
 use hapair_crds::nodeapi::{AdminActionKind, EventType};
 
 use crate::cli::terminal::{printable, printable_lines};
-use crate::server::adminapi::{ActionView, GroupView, GroupsOverview};
+use crate::controller::views::{ActionView, GroupView, GroupsOverview};
 
 fn table(rows: &[Vec<String>]) -> String {
     // Escaped before measuring, so the columns line up with what the terminal shows.
@@ -350,7 +350,7 @@ pub fn action(view: &ActionView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::adminapi::{NodeActionResult, NodeDetail, VolumeView};
+    use crate::controller::views::{NodeActionResult, NodeDetail, VolumeView};
     use crate::status::events::GroupEvent;
     use hapair_crds::hagroup::{FailoverRecord, GroupPhase, NodeRole, NodeStatus};
     use hapair_crds::nodeapi::{ActionOutcome, GroupKey, GroupReport};

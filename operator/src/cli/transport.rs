@@ -13,7 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
 
-use crate::server::adminapi::{ActionRequest, ActionView, AdminConfig, GroupView, GroupsOverview, action_path};
+use crate::controller::views::{ActionRequest, ActionView, AdminConfig, GroupView, GroupsOverview, action_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {

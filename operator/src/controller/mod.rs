@@ -16,6 +16,7 @@ mod overview;
 pub mod publish;
 mod reports;
 pub mod store;
+pub mod views;
 
 use admin_actions::last_action;
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,15 +38,15 @@ use tracing::{info, info_span, warn};
 use crate::controller::metrics::Metrics;
 use crate::controller::publish::{BundleBoard, Poll, Publisher};
 use crate::controller::store::{Statuses, Store, StoreError};
+use crate::controller::views::{
+    ActionRequest, ActionView, GroupView, GroupsOverview, NodeActionResult, NodeDetail, VolumeView,
+};
 use crate::desired::actions::{self, Refusal, Target};
 use crate::desired::catalog::Catalog;
 use crate::desired::reconcile::{Reconciled, note_cleaned_up, reconcile};
 use crate::desired::resolve::group_named_by;
 use crate::desired::retire::{Retirement, note_wipe_answer};
 use crate::desired::state::{ActionEntry, ControllerState};
-use crate::server::adminapi::{
-    ActionRequest, ActionView, GroupView, GroupsOverview, NodeActionResult, NodeDetail, VolumeView,
-};
 use crate::status::aggregate::{self, GroupInputs, Observation};
 use crate::status::events::{EventRing, GroupEvent};
 use crate::support::timestamp::{UnixMillis, format_millis};

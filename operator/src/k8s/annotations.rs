@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use hapair_crds::nodeapi::AdminActionKind;
 use hapair_crds::validation::is_valid_name;
 
-use crate::server::adminapi::ActionRequest;
+use crate::controller::views::ActionRequest;
 
 pub const SWITCHOVER: &str = "hapair.dev/switchover";
 pub const FORCE_ACTIVE: &str = "hapair.dev/force-active";

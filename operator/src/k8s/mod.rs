@@ -8,6 +8,8 @@
 //! - [`reconciler`]: the per-object reconcilers kube-runtime's `Controller`s call
 //!   (finalizers, admin-action [`annotations`], blocked volume deletion), which hand
 //!   everything else to the shared core;
+//! - [`finalizer`]: the operator's finalizer, added by the reconcilers and released by
+//!   either the group reconciler or the status writer;
 //! - [`election`]: leader election on a Lease, and the fence that keeps a non-leader from
 //!   granting witness leases;
 //! - [`pki_secret`] and [`token_secret`]: the CA and the enrollment tokens in Secrets;
@@ -16,6 +18,7 @@
 
 pub mod annotations;
 pub mod election;
+pub mod finalizer;
 pub mod pki_secret;
 pub mod reconciler;
 pub mod run;
@@ -24,10 +27,6 @@ pub mod store;
 pub mod term;
 pub mod token_secret;
 pub mod writer;
-
-/// The finalizer the operator puts on HaGroups (until their nodes cleaned up) and
-/// ReplicatedVolumes (until no group uses them).
-pub const FINALIZER: &str = "hapair.dev/cleanup";
 
 /// Why something in Kubernetes mode failed, naming the object involved.
 #[derive(Debug, thiserror::Error)]

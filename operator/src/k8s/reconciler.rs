@@ -17,11 +17,9 @@ use std::time::Duration;
 use hapair_crds::nodeapi::{EventType, GroupKey};
 use hapair_crds::{HaGroup, ReplicatedVolume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Patch, PatchParams};
+use kube::api::PatchParams;
 use kube::runtime::controller::Action;
-use kube::{Api, Client, Resource};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -29,8 +27,8 @@ use crate::controller::metrics::Metrics;
 use crate::controller::store::StoreError;
 use crate::controller::{Controller, VolumeRetirement};
 use crate::desired::resolve::referenced_volumes;
-use crate::k8s::FINALIZER;
 use crate::k8s::annotations::{self, AnnotatedAction};
+use crate::k8s::finalizer::{FINALIZER, ensure_finalizer, has_finalizer, json_patch, remove_finalizer};
 use crate::k8s::store::{DeletionHold, KubeStore};
 use crate::support::timestamp::parse_millis;
 
@@ -149,77 +147,6 @@ fn key_of(meta: &ObjectMeta) -> GroupKey {
         meta.namespace.as_deref().unwrap_or(hapair_crds::manifest::DEFAULT_NAMESPACE),
         meta.name.as_deref().unwrap_or(""),
     )
-}
-
-fn json_patch(operations: serde_json::Value) -> Result<Patch<()>, kube::Error> {
-    let patch: json_patch::Patch = serde_json::from_value(operations).map_err(kube::Error::SerdeError)?;
-    Ok(Patch::Json(patch))
-}
-
-fn has_finalizer(meta: &ObjectMeta, finalizer: &str) -> bool {
-    meta.finalizers.iter().flatten().any(|f| f == finalizer)
-}
-
-/// Adds `finalizer` to `object`. The JSON patch first tests the finalizer list as read, so
-/// a concurrent change to it fails the patch (and the reconcile is retried) instead of
-/// being overwritten; the API server does not deduplicate finalizers.
-pub async fn add_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<K, kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-{
-    let name = object.meta().name.clone().unwrap_or_default();
-    let operations = match &object.meta().finalizers {
-        None => serde_json::json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]},
-        ]),
-        Some(current) => serde_json::json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": current},
-            {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer},
-        ]),
-    };
-    api.patch(&name, &PatchParams::default(), &json_patch(operations)?).await
-}
-
-/// Adds the operator's finalizer to an object the cache shows without it. The cache may lag
-/// behind the operator's own earlier patch (a watch event from before it arrives after
-/// it): when the patch's test fails, the object is read afresh, and if it already carries
-/// the finalizer there is nothing to do. Returns whether a patch was written.
-async fn ensure_finalizer<K>(api: &Api<K>, object: &K) -> Result<bool, kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-{
-    match add_finalizer(api, object, FINALIZER).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 422 => {
-            let name = object.meta().name.clone().unwrap_or_default();
-            let fresh = api.get(&name).await?;
-            if has_finalizer(fresh.meta(), FINALIZER) {
-                Ok(false)
-            } else {
-                add_finalizer(api, &fresh, FINALIZER).await.map(|_| true)
-            }
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Removes `finalizer` from `object` by position, testing first that the position still
-/// holds it. Returns `Ok(None)` when the object does not carry it.
-pub async fn remove_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<Option<K>, kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-{
-    let Some(index) = object.meta().finalizers.iter().flatten().position(|f| f == finalizer) else {
-        return Ok(None);
-    };
-    let name = object.meta().name.clone().unwrap_or_default();
-    let path = format!("/metadata/finalizers/{index}");
-    let operations = serde_json::json!([
-        {"op": "test", "path": path, "value": finalizer},
-        {"op": "remove", "path": path},
-    ]);
-    api.patch(&name, &PatchParams::default(), &json_patch(operations)?).await.map(Some)
 }
 
 /// JSON-pointer form of an annotation key (`/` is escaped as `~1`).

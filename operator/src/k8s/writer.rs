@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::controller::metrics::Metrics;
-use crate::k8s::FINALIZER;
+use crate::k8s::finalizer::{FINALIZER, remove_finalizer};
 use crate::status::events::GroupEvent;
 
 /// The field manager of every status the operator applies.
@@ -370,7 +370,7 @@ impl Shared {
 async fn release(client: &Client, key: &GroupKey) -> Result<(), kube::Error> {
     let api: Api<HaGroup> = Api::namespaced(client.clone(), &key.namespace);
     let Some(group) = api.get_opt(&key.name).await? else { return Ok(()) };
-    match crate::k8s::reconciler::remove_finalizer(&api, &group, FINALIZER).await {
+    match remove_finalizer(&api, &group, FINALIZER).await {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(|_| ()),
     }

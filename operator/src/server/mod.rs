@@ -24,7 +24,6 @@
 //! and [`ApiSettings`]). The deadlines cover the client's part only: a long-poll may take as
 //! long as its `wait`.
 
-pub mod adminapi;
 pub mod body;
 pub mod identity;
 pub mod limits;
@@ -55,11 +54,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::controller::metrics::Metrics;
 use crate::controller::publish::Poll;
 use crate::controller::store::Store;
+use crate::controller::views::ActionRequest;
 use crate::controller::{Controller, ReportRefusal};
 use crate::desired::actions::Refusal;
 use crate::pki::Ca;
 use crate::pki::tokens::{RedeemError, TokenError, TokenRedeemer, check_node_name};
-use crate::server::adminapi::ActionRequest;
 use crate::witness::lease::{LeaseAuthority, LeaseRefusal};
 use body::{ApiFailure, ApiJson};
 use identity::{ClientAuth, PeerIdentity};

@@ -24,10 +24,10 @@ use tracing::{info, warn};
 
 use crate::controller::metrics::Metrics;
 use crate::controller::store::StoreError;
+use crate::controller::views::{AdminConfig, CLI_CONFIG_FILE};
 use crate::controller::{Controller, Settings};
 use crate::pki::tokens::TokenFile;
 use crate::pki::{Ca, PkiError};
-use crate::server::adminapi::{AdminConfig, CLI_CONFIG_FILE};
 use crate::server::identity::{TlsSetupError, server_config};
 use crate::server::{ApiSettings, NodeApi, Server};
 use crate::standalone::file_store::FileStore;

@@ -13,9 +13,9 @@ use hapair_crds::nodeapi::{
     ActionResult, EnrollRequest, EnrollResponse, GroupKey, GroupReport, LeaseOp, LeaseRequest, LeaseResponse,
     NodeReport,
 };
+use hapair_operator::controller::views::{AdminConfig, CLI_CONFIG_FILE, GroupsOverview};
 use hapair_operator::pki::tokens::TokenFile;
 use hapair_operator::server::ApiSettings;
-use hapair_operator::server::adminapi::{AdminConfig, CLI_CONFIG_FILE, GroupsOverview};
 use hapair_operator::server::ratelimit::RateSettings;
 use hapair_operator::standalone::{Standalone, StandaloneConfig};
 use hapair_operator::witness::lease::{LeaseAuthority, LeaseParams};
@@ -280,7 +280,7 @@ pub fn cli(h: &Harness, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-hapair"));
     command
         .arg("--config")
-        .arg(state_dir(h).join(hapair_operator::server::adminapi::CLI_CONFIG_FILE))
+        .arg(state_dir(h).join(hapair_operator::controller::views::CLI_CONFIG_FILE))
         .args(args)
         .env_remove("HAPAIR_CONFIG")
         .stdin(std::process::Stdio::null())

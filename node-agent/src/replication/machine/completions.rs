@@ -2,9 +2,9 @@
 
 use bytes::Bytes;
 
-use super::connection::Phase;
+use super::Phase;
+use super::Role;
 use super::messages::{ErrorCode, IoOutput, IoTag, MetaPurpose, ReplicaEvent, refusal};
-use super::roles::Role;
 use super::{Machine, RETRY_LATER_MS};
 use crate::replication::metadata::StoredDisk;
 use crate::replication::wire::{Frame, MAX_DATA};

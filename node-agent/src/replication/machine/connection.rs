@@ -1,56 +1,11 @@
 //! The link to the peer: handshake, liveness, incoming frames, and what this side tells it.
 
 use super::messages::{IoOp, IoTag, Output, ReplicaEvent};
-use super::roles::Role;
-use super::syncing::SyncRun;
-use super::{ConnId, Machine, RETRY_LATER_MS, RETRY_SOON_MS, ReqId};
+use super::{ConnId, Link, Machine, Phase, RETRY_LATER_MS, RETRY_SOON_MS, ReqId, Role, wire_disk};
 use crate::replication::geometry::{BLOCK_SIZE, blocks_touched};
 use crate::replication::handshake::{self, Decision, SyncReason};
 use crate::replication::metadata::{StoredDisk, flags};
 use crate::replication::wire::{Envelope, Frame, Hello, PROTOCOL_VERSION, WireDisk, WireRole};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Phase {
-    AwaitHello,
-    /// Bitmaps are being exchanged before a resync.
-    Bitmaps {
-        source: bool,
-    },
-    /// The target persisted the merged bitmap and is requesting blocks (or, on the
-    /// source, the source serves requests).
-    Syncing {
-        source: bool,
-    },
-    Ready,
-    /// Connected, but neither side has data to offer until a forced promotion.
-    Waiting,
-}
-
-#[derive(Debug)]
-pub(super) struct Link {
-    pub(super) conn: ConnId,
-    pub(super) phase: Phase,
-    /// The hello this side sent; the decision must use exactly what the peer saw.
-    local_hello: Hello,
-    pub(super) peer: Option<Hello>,
-    pub(super) peer_role: WireRole,
-    pub(super) peer_disk: WireDisk,
-    pub(super) last_rx_ms: u64,
-    pub(super) last_ping_ms: u64,
-    pub(super) opened_ms: u64,
-    pub(super) sync: Option<SyncRun>,
-}
-
-impl Link {
-    /// Whether application writes are mirrored to the peer on this link.
-    pub(super) fn replicating(&self) -> bool {
-        match self.phase {
-            Phase::Ready => true,
-            Phase::Bitmaps { source } | Phase::Syncing { source } => source,
-            Phase::AwaitHello | Phase::Waiting => false,
-        }
-    }
-}
 
 impl Machine {
     pub(super) fn hello(&self) -> Hello {
@@ -351,13 +306,5 @@ impl Machine {
             Role::Primary => WireRole::Primary,
             Role::Secondary => WireRole::Secondary,
         }
-    }
-}
-
-pub(super) fn wire_disk(d: StoredDisk) -> WireDisk {
-    match d {
-        StoredDisk::UpToDate => WireDisk::UpToDate,
-        StoredDisk::Inconsistent => WireDisk::Inconsistent,
-        StoredDisk::Outdated => WireDisk::Outdated,
     }
 }

@@ -36,19 +36,19 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use super::activity_log::ActivityLog;
 use super::bitmap::Bitmap;
 use super::geometry::BlockRange;
+use super::metadata::StoredDisk;
 use super::metadata::{Layout, Superblock};
 use super::resync::ResyncLimits;
-use super::wire::{Frame, Resolution, WireDisk, WirePolicy, WireProtocol, WireRole};
+use super::wire::{Frame, Hello, Resolution, WireDisk, WirePolicy, WireProtocol, WireRole};
 
 pub use messages::{
     DiscardRecord, ErrorCode, Input, IoOp, IoOutput, IoTag, MetaPurpose, MetaStep, Output, Refusal, ReplicaEvent,
 };
-pub use roles::Role;
 pub use snapshot::{Counters, SNAPSHOT_RANGES, Snapshot};
 
-use connection::{Link, Phase};
 use requests::{AppReq, Stalled};
 use roles::DemoteRun;
+use syncing::SyncRun;
 use verifying::VerifyRun;
 
 pub type ReqId = u64;
@@ -71,6 +71,66 @@ pub struct MachineConfig {
 
 const RETRY_SOON_MS: u64 = 200;
 const RETRY_LATER_MS: u64 = 2_000;
+
+/// Whether this replica serves writes; the engine alone changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// Where the link to the peer stands, from the first hello to serving writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    /// Bitmaps are being exchanged before a resync.
+    Bitmaps {
+        source: bool,
+    },
+    /// The target persisted the merged bitmap and is requesting blocks (or, on the
+    /// source, the source serves requests).
+    Syncing {
+        source: bool,
+    },
+    Ready,
+    /// Connected, but neither side has data to offer until a forced promotion.
+    Waiting,
+}
+
+#[derive(Debug)]
+struct Link {
+    conn: ConnId,
+    phase: Phase,
+    /// The hello this side sent; the decision must use exactly what the peer saw.
+    local_hello: Hello,
+    peer: Option<Hello>,
+    peer_role: WireRole,
+    peer_disk: WireDisk,
+    last_rx_ms: u64,
+    last_ping_ms: u64,
+    opened_ms: u64,
+    sync: Option<SyncRun>,
+}
+
+impl Link {
+    /// Whether application writes are mirrored to the peer on this link.
+    fn replicating(&self) -> bool {
+        match self.phase {
+            Phase::Ready => true,
+            Phase::Bitmaps { source } | Phase::Syncing { source } => source,
+            Phase::AwaitHello | Phase::Waiting => false,
+        }
+    }
+}
+
+/// What a replica says of its disk to the peer.
+fn wire_disk(d: StoredDisk) -> WireDisk {
+    match d {
+        StoredDisk::UpToDate => WireDisk::UpToDate,
+        StoredDisk::Inconsistent => WireDisk::Inconsistent,
+        StoredDisk::Outdated => WireDisk::Outdated,
+    }
+}
 
 #[derive(Debug)]
 pub struct Machine {

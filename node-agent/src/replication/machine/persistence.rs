@@ -3,9 +3,9 @@
 use hapair_crds::volume::DiskState;
 
 use super::Machine;
-use super::connection::{Phase, wire_disk};
+use super::Role;
 use super::messages::{IoOp, IoTag, MetaStep, ReplicaEvent};
-use super::roles::Role;
+use super::{Phase, wire_disk};
 use crate::replication::metadata::{StoredDisk, encode_bitmap_page};
 use crate::replication::wire::Frame;
 

@@ -4,9 +4,9 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::connection::Phase;
+use super::Phase;
+use super::Role;
 use super::messages::{ErrorCode, IoOp, IoTag, MetaPurpose, MetaStep, Output, Refusal, refusal};
-use super::roles::Role;
 use super::{ConnId, Machine, ReqId};
 use crate::replication::activity_log::Admission;
 use crate::replication::geometry::{BlockRange, blocks_touched, extents_touched};

@@ -1,17 +1,10 @@
 //! Role changes: promotion, demotion, epochs and fencing, and the operator's split-brain verdict.
 
-use super::connection::{Phase, wire_disk};
 use super::messages::{ErrorCode, IoOp, IoTag, MetaPurpose, ReplicaEvent, refusal};
-use super::{Machine, RETRY_SOON_MS, ReqId};
+use super::{Machine, Phase, RETRY_SOON_MS, ReqId, Role, wire_disk};
 use crate::replication::handshake::SyncReason;
 use crate::replication::metadata::{StoredDisk, flags};
 use crate::replication::wire::{Frame, Resolution, WireRole};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Primary,
-    Secondary,
-}
 
 #[derive(Debug)]
 pub(super) struct DemoteRun {

@@ -3,9 +3,9 @@
 use hapair_crds::volume::{ConnectionState, DiskState, SyncProgress, VolumeRole};
 
 use super::Machine;
-use super::connection::Phase;
+use super::Phase;
+use super::Role;
 use super::messages::DiscardRecord;
-use super::roles::Role;
 use crate::replication::geometry::BLOCK_SIZE;
 use crate::replication::metadata::flags;
 use crate::replication::wire::{WireDisk, WireRole};

@@ -2,9 +2,8 @@
 
 use bytes::Bytes;
 
-use super::connection::Phase;
 use super::messages::{DiscardRecord, IoOp, IoTag, MetaPurpose, ReplicaEvent};
-use super::{ConnId, Machine, RETRY_LATER_MS};
+use super::{ConnId, Machine, Phase, RETRY_LATER_MS};
 use crate::replication::geometry::{BLOCK_SIZE, blocks_touched};
 use crate::replication::handshake::SyncReason;
 use crate::replication::metadata::{StoredDisk, flags};

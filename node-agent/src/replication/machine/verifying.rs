@@ -1,8 +1,8 @@
 //! Online verify: comparing block digests with the peer and marking mismatches out of sync.
 
-use super::connection::Phase;
+use super::Phase;
+use super::Role;
 use super::messages::{ErrorCode, IoOp, IoTag, ReplicaEvent, refusal};
-use super::roles::Role;
 use super::{ConnId, Machine, RETRY_LATER_MS, ReqId};
 use crate::replication::geometry::{BLOCK_SIZE, BlockRange};
 use crate::replication::handshake::SyncReason;

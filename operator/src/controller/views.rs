@@ -1,6 +1,7 @@
-//! The admin half of the node API, spoken by `kubectl-hapair` with the admin certificate:
-//! what `GET /v1/groups` returns, how an action is requested and how its outcome reads, and
-//! the CLI config file the controller writes for it.
+//! What the controller shows and is asked through the admin half of the node API, spoken
+//! by `kubectl-hapair` with the admin certificate: what `GET /v1/groups` returns, how an
+//! action is requested and how its outcome reads, and the CLI config file the controller
+//! writes for it. The controller builds these views; the server only serializes them.
 
 use std::fmt;
 
