@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hapair_crds::hagroup::{ActionRecord, GroupPhase};
+use hapair_crds::hagroup::ActionRecord;
 use hapair_crds::manifest::ManifestError;
 use hapair_crds::nodeapi::{
     AdminActionKind, DesiredConfig, EventType, GroupKey, LeaseRequest, NodeReport, WipeOutcome,
@@ -47,8 +47,9 @@ use crate::desired::reconcile::{Reconciled, note_cleaned_up, reconcile};
 use crate::desired::resolve::group_named_by;
 use crate::desired::retire::{Retirement, note_wipe_answer};
 use crate::desired::state::{ActionEntry, ControllerState};
-use crate::status::aggregate::{self, GroupInputs, Observation};
 use crate::status::events::{EventRing, GroupEvent};
+use crate::status::group::{self, GroupInputs, Observation};
+use crate::status::{transitions, volume};
 use crate::support::timestamp::{UnixMillis, format_millis};
 use crate::witness::lease::{LeaseParams, LeaseRefusal, admit};
 
@@ -69,9 +70,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            stale_after: aggregate::DEFAULT_STALE_AFTER,
+            stale_after: group::DEFAULT_STALE_AFTER,
             action_timeout: actions::DEFAULT_ACTION_TIMEOUT,
-            startup_grace: aggregate::DEFAULT_STALE_AFTER,
+            startup_grace: group::DEFAULT_STALE_AFTER,
         }
     }
 }
@@ -442,7 +443,7 @@ impl<S: Store> Controller<S> {
                 now,
                 stale_after: self.settings.stale_after,
             };
-            let status = aggregate::group_status(&previous, &inputs);
+            let status = group::group_status(&previous, &inputs);
             let unheard = nodes.iter().all(|n| !core.reports.contains_key(n));
             let validity = |s: &HaGroupStatus| {
                 hapair_crds::condition::find(&s.conditions, hapair_crds::condition::types::VALID)
@@ -461,48 +462,9 @@ impl<S: Store> Controller<S> {
                 }
                 continue;
             }
-            if let (Some(from), Some(to)) = (&previous.active_node, &status.active_node)
-                && from != to
-            {
-                let why = status.last_failover.as_ref().map(|f| format!(" ({})", f.reason)).unwrap_or_default();
-                info!(group = %key, epoch = status.epoch, "active node {from} -> {to}{why}");
-                events.push((
-                    key.clone(),
-                    GroupEvent::controller(
-                        format_millis(now),
-                        EventType::Normal,
-                        "ActiveNodeChanged",
-                        format!("{from} -> {to} in epoch {}{why}", status.epoch),
-                    ),
-                ));
-            }
-            if let Some(phase) = status.phase {
-                phases.push(phase);
-                // Entering Invalid already has its InvalidManifest event, with the reason.
-                if (previous.phase.is_some_and(|p| p != phase)
-                    || previous.phase.is_none() && phase != GroupPhase::Pending)
-                    && phase != GroupPhase::Invalid
-                {
-                    let from = previous.phase.map(|p| p.as_str()).unwrap_or("none");
-                    let why = phase_reason(&status);
-                    let type_ = if matches!(phase, GroupPhase::Healthy | GroupPhase::Maintenance) {
-                        EventType::Normal
-                    } else {
-                        EventType::Warning
-                    };
-                    let reason = if phase == GroupPhase::SplitBrain { "SplitBrain" } else { "PhaseChanged" };
-                    info!(group = %key, epoch = status.epoch, active = status.active_node.as_deref().unwrap_or(""), "phase {from} -> {}", phase.as_str());
-                    events.push((
-                        key.clone(),
-                        GroupEvent::controller(
-                            format_millis(now),
-                            type_,
-                            reason,
-                            format!("{from} -> {}{why}", phase.as_str()),
-                        ),
-                    ));
-                }
-            }
+            phases.extend(status.phase);
+            events
+                .extend(transitions::group_events(key, &previous, &status, now).into_iter().map(|e| (key.clone(), e)));
             if status != previous {
                 group_writes.push((key.clone(), Some(status)));
             }
@@ -510,41 +472,17 @@ impl<S: Store> Controller<S> {
                 for volume in &config.volumes {
                     let vkey = GroupKey::new(&key.namespace, &volume.name);
                     live_volumes.insert(vkey.clone());
-                    let per_node: Vec<(&str, Option<&hapair_crds::nodeapi::VolumeReport>, bool)> = nodes
-                        .iter()
-                        .map(|n| {
-                            let seen = core.reports.get(n);
-                            let fresh = seen.is_some_and(|(_, t)| {
-                                crate::support::timestamp::age(now, *t) < self.settings.stale_after
-                            });
-                            let report = seen
-                                .and_then(|(r, _)| r.groups.iter().find(|g| g.key == *key))
-                                .and_then(|g| g.volumes.iter().find(|v| v.name == volume.name));
-                            (n.as_str(), report, fresh)
-                        })
-                        .collect();
                     let previous = core.statuses.volumes.get(&vkey).cloned().unwrap_or_default();
-                    let mut status = aggregate::volume_status(&previous, Some(volume.generation), &per_node, now);
-                    aggregate::set_volume_validity(
+                    let mut status = self.volume_status(core, key, &nodes, volume, &previous, now);
+                    volume::set_volume_validity(
                         &mut status,
                         refused_volumes.get(&vkey).map(String::as_str),
                         volume_generation(&vkey, Some(volume.generation)),
                         now,
                     );
-                    if let Some((type_, reason, message)) =
-                        resync_transition(previous.sync_state.as_deref(), status.sync_state.as_deref())
-                    {
-                        info!(group = %key, volume = %volume.name, "{reason}: {message}");
-                        events.push((
-                            key.clone(),
-                            GroupEvent::controller(
-                                format_millis(now),
-                                type_,
-                                reason,
-                                format!("volume {}: {message}", volume.name),
-                            ),
-                        ));
-                    }
+                    events.extend(
+                        transitions::volume_event(key, &volume.name, &previous, &status, now).map(|e| (key.clone(), e)),
+                    );
                     if status != previous {
                         volume_writes.push((vkey, Some(status)));
                     }
@@ -562,7 +500,7 @@ impl<S: Store> Controller<S> {
                 }
                 let previous = core.statuses.volumes.get(vkey).cloned().unwrap_or_default();
                 let mut status = previous.clone();
-                aggregate::set_volume_validity(&mut status, why, volume_generation(vkey, None), now);
+                volume::set_volume_validity(&mut status, why, volume_generation(vkey, None), now);
                 if status != previous {
                     volume_writes.push((vkey.clone(), Some(status)));
                 }
@@ -586,6 +524,18 @@ impl<S: Store> Controller<S> {
             }
         }
         self.metrics.set_groups(phases);
+        self.write_statuses(core, group_writes, volume_writes, events).await
+    }
+
+    /// Writes the changed statuses (`None` removes one) and records the events, in that
+    /// order, so an event never names a status the store does not have yet.
+    async fn write_statuses(
+        &self,
+        core: &mut Core,
+        group_writes: Vec<(GroupKey, Option<HaGroupStatus>)>,
+        volume_writes: Vec<(GroupKey, Option<ReplicatedVolumeStatus>)>,
+        events: Vec<(GroupKey, GroupEvent)>,
+    ) -> Result<(), StoreError> {
         for (key, status) in group_writes {
             self.store.write_group_status(&key, status.as_ref()).await?;
             match status {
@@ -609,6 +559,31 @@ impl<S: Store> Controller<S> {
             self.record_event(core, &key, event).await;
         }
         Ok(())
+    }
+
+    /// A volume's status from what the group's nodes last said of it.
+    fn volume_status(
+        &self,
+        core: &Core,
+        key: &GroupKey,
+        nodes: &[String],
+        volume: &hapair_crds::nodeapi::VolumeConfig,
+        previous: &ReplicatedVolumeStatus,
+        now: UnixMillis,
+    ) -> ReplicatedVolumeStatus {
+        let per_node: Vec<(&str, Option<&hapair_crds::nodeapi::VolumeReport>, bool)> = nodes
+            .iter()
+            .map(|n| {
+                let seen = core.reports.get(n);
+                let fresh =
+                    seen.is_some_and(|(_, t)| crate::support::timestamp::age(now, *t) < self.settings.stale_after);
+                let report = seen
+                    .and_then(|(r, _)| r.groups.iter().find(|g| g.key == *key))
+                    .and_then(|g| g.volumes.iter().find(|v| v.name == volume.name));
+                (n.as_str(), report, fresh)
+            })
+            .collect();
+        volume::volume_status(previous, Some(volume.generation), &per_node, now)
     }
 
     /// Whether the controller has a bundle for `node` (it is, or was, in some group).
@@ -679,38 +654,6 @@ impl<S: Store> Controller<S> {
         }
         VolumeRetirement::Gone
     }
-}
-
-/// The event a volume's sync state change deserves, if any: a resync starting, finishing,
-/// or stopping before it finished.
-fn resync_transition(from: Option<&str>, to: Option<&str>) -> Option<(EventType, &'static str, String)> {
-    let syncing = |s: Option<&str>| s.is_some_and(|s| s.starts_with("Syncing"));
-    let (from_text, to_text) = (from.unwrap_or("Unknown"), to.unwrap_or("Unknown"));
-    match (syncing(from), syncing(to)) {
-        (false, true) => Some((EventType::Normal, "ResyncStarted", format!("resync started ({to_text})"))),
-        (true, false) if to == Some("UpToDate") => {
-            Some((EventType::Normal, "ResyncFinished", "resync finished; both replicas are up to date".into()))
-        }
-        (true, false) => {
-            Some((EventType::Warning, "ResyncInterrupted", format!("resync stopped at {from_text}: now {to_text}")))
-        }
-        _ => None,
-    }
-}
-
-fn phase_reason(status: &HaGroupStatus) -> String {
-    let interesting = ["Degraded", "Ready", "Valid", "SplitBrain"];
-    status
-        .conditions
-        .iter()
-        .filter(|c| interesting.contains(&c.type_.as_str()))
-        .find(|c| {
-            (c.type_ == "Ready" || c.type_ == "Valid") && c.status != hapair_crds::condition::ConditionStatus::True
-                || (c.type_ == "Degraded" || c.type_ == "SplitBrain")
-                    && c.status == hapair_crds::condition::ConditionStatus::True
-        })
-        .map(|c| format!(" ({})", c.message))
-        .unwrap_or_default()
 }
 
 /// The backing nodes that have not answered a wipe, each with its latest word.

@@ -126,22 +126,3 @@ async fn a_deleted_group_is_released_once_both_nodes_cleaned_up_and_the_confirma
     assert_eq!(*store.released.lock().unwrap_or_else(|p| p.into_inner()), std::slice::from_ref(&key));
     assert!(!controller.cleanup_pending(&key).await);
 }
-
-#[test]
-fn resync_events_mark_start_finish_and_interruption() {
-    let t = |from: Option<&str>, to: Option<&str>| resync_transition(from, to);
-    assert_eq!(
-        t(Some("Disconnected"), Some("Syncing 3%")),
-        Some((EventType::Normal, "ResyncStarted", "resync started (Syncing 3%)".into()))
-    );
-    assert_eq!(t(Some("Syncing 3%"), Some("Syncing 40%")), None);
-    assert_eq!(
-        t(Some("Syncing 99%"), Some("UpToDate")),
-        Some((EventType::Normal, "ResyncFinished", "resync finished; both replicas are up to date".into()))
-    );
-    assert_eq!(
-        t(Some("Syncing 40%"), Some("Disconnected")),
-        Some((EventType::Warning, "ResyncInterrupted", "resync stopped at Syncing 40%: now Disconnected".into()))
-    );
-    assert_eq!(t(None, Some("UpToDate")), None);
-}
