@@ -257,7 +257,7 @@ impl Transport for KubeTransport {
             None => {
                 let mut bytes = [0u8; 6];
                 rand::rng().fill_bytes(&mut bytes);
-                format!("k-{}", crate::desired::revision::hex(&bytes))
+                format!("k-{}", crate::support::hex::encode(&bytes))
             }
         };
         let value = annotations::render(&id, &request.kind);

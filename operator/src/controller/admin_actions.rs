@@ -12,7 +12,7 @@ impl<S: Store> Controller<S> {
             None => {
                 let mut bytes = [0u8; 6];
                 core.rng.fill_bytes(&mut bytes);
-                format!("a-{}", crate::desired::revision::hex(&bytes))
+                format!("a-{}", crate::support::hex::encode(&bytes))
             }
         };
         let target = core

@@ -10,6 +10,7 @@ use hapair_crds::nodeapi::{DesiredConfig, GroupConfig, VolumeWipe};
 use sha2::{Digest, Sha256};
 
 use crate::desired::state::NodeRevision;
+use crate::support::hex;
 
 /// Hash of a node's groups (and wipes, when there are any) as canonical JSON (struct
 /// fields in declaration order, maps sorted), hex. Without wipes the hash covers the groups
@@ -20,7 +21,7 @@ pub fn content_hash(groups: &[GroupConfig], wipes: &[VolumeWipe]) -> String {
     } else {
         serde_json::to_vec(&(groups, wipes)).unwrap_or_default()
     };
-    hex(&Sha256::digest(&json))
+    hex::encode(&Sha256::digest(&json))
 }
 
 /// Wraps `groups` and `wipes` into the node's bundle, bumping its revision when the content differs from
@@ -39,11 +40,6 @@ pub fn assign(
         entry.content_hash = hash;
     }
     (DesiredConfig { node: node.to_string(), revision: entry.revision, groups, wipes }, changed)
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -21,8 +21,8 @@ use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::desired::revision::hex;
 use crate::support::atomic_file::{FileError, write};
+use crate::support::hex;
 
 /// CN of the admin client certificate; the node API gives it the admin API and nothing
 /// else. No node may enroll under this name.
@@ -151,7 +151,7 @@ impl Ca {
         // A unique name per CA, so a certificate from another hapair controller is
         // recognised as foreign by its issuer, not only by its signature.
         let tag: [u8; 4] = rand::random();
-        params.distinguished_name = name(&format!("hapair controller CA {}", hex(&tag)));
+        params.distinguished_name = name(&format!("hapair controller CA {}", hex::encode(&tag)));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -366,7 +366,7 @@ fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
 
 /// SHA-256 of a DER certificate, lowercase hex.
 pub fn fingerprint(der: &[u8]) -> String {
-    hex(&Sha256::digest(der))
+    hex::encode(&Sha256::digest(der))
 }
 
 /// Normalizes a user-typed fingerprint (`AB:CD…`, `sha256:abcd…`) to lowercase hex.

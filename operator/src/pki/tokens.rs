@@ -16,9 +16,9 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::desired::revision::hex;
 use crate::pki::ADMIN_CN;
 use crate::support::atomic_file::{FileError, read_json, write_json};
+use crate::support::hex;
 use crate::support::timestamp::{UnixMillis, age, format_millis};
 
 pub const TOKENS_FILE: &str = "tokens.json";
@@ -73,7 +73,7 @@ pub struct TokenBook {
 }
 
 pub fn hash_token(token: &str) -> String {
-    hex(&Sha256::digest(token.trim().as_bytes()))
+    hex::encode(&Sha256::digest(token.trim().as_bytes()))
 }
 
 /// Checks a name a certificate could be issued for.

@@ -18,10 +18,10 @@ use sha2::{Digest, Sha256};
 
 use crate::controller::store::{Statuses, Store, StoreError};
 use crate::desired::catalog::{Catalog, Incumbents};
-use crate::desired::revision::hex;
 use crate::desired::state::ControllerState;
 use crate::status::events::{EventRing, GroupEvent};
 use crate::support::atomic_file::{read_json, write_json};
+use crate::support::hex;
 
 pub const STATE_FILE: &str = "state.json";
 pub const STATUS_FILE: &str = "status.json";
@@ -93,7 +93,7 @@ impl FileStore {
 }
 
 fn spec_hash<T: Serialize>(spec: &T) -> String {
-    hex(&Sha256::digest(serde_json::to_vec(spec).unwrap_or_default()))
+    hex::encode(&Sha256::digest(serde_json::to_vec(spec).unwrap_or_default()))
 }
 
 /// Gives each object the generation its spec has been seen at, bumping it when the spec

@@ -102,7 +102,7 @@ pub fn directory_fingerprint(dir: &Path) -> Option<String> {
         }
         hash.update([0]);
     }
-    Some(crate::desired::revision::hex(&hash.finalize()))
+    Some(crate::support::hex::encode(&hash.finalize()))
 }
 
 fn certificate_names(config: &StandaloneConfig, bound: SocketAddr) -> Vec<String> {
