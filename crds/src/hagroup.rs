@@ -717,6 +717,23 @@ pub struct FailoverRecord {
     pub reason: String,
     /// From the decision to fail over until the new node was serving.
     pub duration_ms: u64,
+    /// When each phase ended, in order, on the new node's clock. A failover's timeline
+    /// starts at the last heartbeat heard from the old primary; any other change at the
+    /// decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<FailoverPhase>,
+}
+
+/// The end of one phase of a failover or switchover.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverPhase {
+    /// What ended: `link N silent`, `silence detected`, `witness lease requested`,
+    /// `witness lease granted`, `old lease ended`, `term taken`, `volume V promoted`,
+    /// `step S started`, `serving`.
+    pub phase: String,
+    /// Milliseconds from the start of the timeline.
+    pub at_ms: u64,
 }
 
 /// One node as its agent last reported it.

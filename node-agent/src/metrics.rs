@@ -12,8 +12,10 @@ use hapair_crds::nodeapi::StepState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::engine::timeline::PhaseTime;
 use crate::heartbeat::{DropCounts, DropReason};
 
 type Labels = Vec<(&'static str, String)>;
@@ -49,6 +51,11 @@ fn step_state_label(s: StepState) -> &'static str {
     }
 }
 
+/// Buckets for failover phases: tens of milliseconds (aggressive timings) to seconds.
+fn phase_histogram() -> Histogram {
+    Histogram::new([0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0])
+}
+
 /// Every metric family the agent exports.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -63,6 +70,7 @@ pub struct AgentMetrics {
     step_restarts: Family<Labels, Gauge>,
     failovers: Family<Labels, Counter>,
     last_failover_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    failover_phase_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     /// Drop counts already added to the counters, per group: the transport reports totals.
     drops_seen: Mutex<HashMap<String, DropCounts>>,
 }
@@ -87,6 +95,7 @@ impl AgentMetrics {
             step_restarts: Family::default(),
             failovers: Family::default(),
             last_failover_seconds: Family::default(),
+            failover_phase_seconds: Family::new_with_constructor(phase_histogram),
             drops_seen: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -119,6 +128,12 @@ impl AgentMetrics {
             "last_failover_duration_seconds",
             "From the decision to fail over until this node was serving",
             m.last_failover_seconds.clone(),
+        );
+        registry.register(
+            "failover_phase_seconds",
+            "When each phase of a takeover ended, from the start of its timeline (for a failover, the last \
+             heartbeat heard from the old primary)",
+            m.failover_phase_seconds.clone(),
         );
         AgentMetrics { registry, ..m }
     }
@@ -178,10 +193,14 @@ impl AgentMetrics {
         self.step_restarts.get_or_create(&labels).set(i64::from(restarts));
     }
 
-    pub fn record_failover(&self, group: &str, duration: std::time::Duration) {
+    pub fn record_failover(&self, group: &str, duration: std::time::Duration, phases: &[PhaseTime]) {
         let labels = vec![("group", group.to_string())];
         self.failovers.get_or_create(&labels).inc();
         self.last_failover_seconds.get_or_create(&labels).set(duration.as_secs_f64());
+        for p in phases {
+            let labels = vec![("group", group.to_string()), ("phase", p.phase.clone())];
+            self.failover_phase_seconds.get_or_create(&labels).observe(p.after.as_secs_f64());
+        }
     }
 
     /// The Prometheus text exposition (OpenMetrics flavour).
@@ -206,7 +225,11 @@ mod tests {
         m.set_link("db/pg", 1, false, 100);
         m.set_probe("db/pg", "gw", true);
         m.set_step("db/pg", "app", StepState::Running, 2);
-        m.record_failover("db/pg", std::time::Duration::from_millis(1500));
+        let phases = [
+            PhaseTime { phase: "silence detected".into(), after: std::time::Duration::from_millis(600) },
+            PhaseTime { phase: "serving".into(), after: std::time::Duration::from_millis(1100) },
+        ];
+        m.record_failover("db/pg", std::time::Duration::from_millis(1500), &phases);
         let text = m.encode();
         for line in [
             "hapair_agent_role{group=\"db/pg\",node=\"a\",role=\"Primary\"} 1",
@@ -219,6 +242,10 @@ mod tests {
             "hapair_agent_flow_step_restarts{group=\"db/pg\",step=\"app\"} 2",
             "hapair_agent_failovers_total{group=\"db/pg\"} 1",
             "hapair_agent_last_failover_duration_seconds{group=\"db/pg\"} 1.5",
+            "hapair_agent_failover_phase_seconds_count{group=\"db/pg\",phase=\"serving\"} 1",
+            "hapair_agent_failover_phase_seconds_sum{group=\"db/pg\",phase=\"silence detected\"} 0.6",
+            "hapair_agent_failover_phase_seconds_bucket{le=\"1.25\",group=\"db/pg\",phase=\"serving\"} 1",
+            "hapair_agent_failover_phase_seconds_bucket{le=\"1.0\",group=\"db/pg\",phase=\"serving\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -32,6 +32,7 @@ use super::command::Reason;
 use super::heartbeat::Heartbeat;
 use super::role::Role;
 use super::time::Instant;
+use super::timeline::{Timeline, phase};
 use super::{Engine, mutation};
 
 /// Why a node wants to become primary.
@@ -61,6 +62,7 @@ pub struct Promotion {
     pub forced: bool,
     pub action: Option<String>,
     pub since: Instant,
+    pub timeline: Timeline,
 }
 
 impl CandidacyKind {
@@ -93,6 +95,7 @@ pub struct Candidacy {
     pub denied_noted: bool,
     /// The witness was found unreachable during this candidacy (noted once).
     pub unreachable_noted: bool,
+    pub timeline: Timeline,
 }
 
 impl Engine {
@@ -220,6 +223,7 @@ impl Engine {
         deadline: Option<Instant>,
     ) {
         let uses_witness = self.controller_witness() && (forced || kind == CandidacyKind::PeerLost);
+        let timeline = self.candidacy_timeline(now, kind);
         let proposal = self.next_proposal();
         self.floor = proposal;
         self.candidacy = Some(Candidacy {
@@ -232,11 +236,31 @@ impl Engine {
             uses_witness,
             denied_noted: false,
             unreachable_noted: false,
+            timeline,
         });
         self.lease.void();
         self.set_role(Role::Promoting, format!("candidate: {}", kind.describe()));
         let type_ = if kind == CandidacyKind::PeerLost { EventType::Warning } else { EventType::Normal };
         self.notice(type_, Reason::Promoting, format!("becoming primary: {}", kind.describe()));
+    }
+
+    /// A new candidacy's timeline. A failover's starts at the last heartbeat heard from the
+    /// peer, with each link's silence marked where `deadAfter` ran out on it; any other
+    /// promotion starts at the decision.
+    fn candidacy_timeline(&self, now: Instant, kind: CandidacyKind) -> Timeline {
+        if kind != CandidacyKind::PeerLost {
+            let mut timeline = Timeline::new(now);
+            timeline.mark(phase::DECIDED, now);
+            return timeline;
+        }
+        let mut timeline = Timeline::new(self.peer.last_heard().unwrap_or(self.started_at).min(now));
+        for link in 0..self.peer.link_count() {
+            if let Some(heard) = self.peer.link_heard(link) {
+                timeline.mark(phase::link_silent(link), (heard + self.cfg.timing.dead_after).min(now));
+            }
+        }
+        timeline.mark(phase::SILENCE_DETECTED, now);
+        timeline
     }
 
     /// An epoch above everything this node and (as far as it knows) its peer have
@@ -315,14 +339,18 @@ impl Engine {
                 format!("waiting until the lease granted to the peer is over ({})", self.lease.promise_until());
             return;
         }
+        if let Some(c) = &mut self.candidacy {
+            // Over by the clock, or (sooner) by the peer's word that it holds nothing.
+            c.timeline.mark(phase::OLD_LEASE_ENDED, self.lease.promise_until().min(now));
+        }
         if self.lease.peer_left(now) > t.fence_margin {
-            self.start_acting(c.proposal, "peer consent");
+            self.start_acting(now, c.proposal, "peer consent");
             return;
         }
         if self.controller_witness() {
             if (c.forced || silent) && self.lease.witness_left(now) > t.fence_margin {
                 match self.lease.witness_epoch() {
-                    Some(epoch) if epoch > self.epoch => self.start_acting(epoch, "witness grant"),
+                    Some(epoch) if epoch > self.epoch => self.start_acting(now, epoch, "witness grant"),
                     // Granted in an epoch this node has since seen used: ask again, higher.
                     _ => {
                         self.release_witness(now);
@@ -334,7 +362,7 @@ impl Engine {
             if silent && self.mutated(mutation::Mutation::PromoteWithoutWitness) {
                 // The bug: behave as if the witness had granted, without asking it.
                 self.lease.on_witness_grant(now, t.lease_ttl, c.proposal);
-                self.start_acting(c.proposal, "mutation: witness grant assumed");
+                self.start_acting(now, c.proposal, "mutation: witness grant assumed");
                 return;
             }
             if c.uses_witness {
@@ -347,7 +375,7 @@ impl Engine {
             return;
         }
         if silent {
-            self.start_acting(c.proposal, "peer silent, no witness");
+            self.start_acting(now, c.proposal, "peer silent, no witness");
         } else {
             self.role_reason = "waiting for the peer's consent".into();
         }
@@ -382,12 +410,13 @@ impl Engine {
     }
 
     /// Takes epoch `epoch` and starts acting: from here on this node may hold resources.
-    fn start_acting(&mut self, epoch: u64, via: &str) {
+    fn start_acting(&mut self, now: Instant, epoch: u64, via: &str) {
         if epoch <= self.epoch {
             self.repropose();
             return;
         }
-        let Some(c) = self.candidacy.take() else { return };
+        let Some(mut c) = self.candidacy.take() else { return };
+        c.timeline.mark(phase::ACTING, now);
         self.epoch = epoch;
         self.floor = self.floor.max(epoch);
         self.acting = true;
@@ -395,7 +424,8 @@ impl Engine {
         self.handover = None;
         self.failover_wanted = None;
         self.failover_blocked_noted = false;
-        self.promotion = Some(Promotion { kind: c.kind, forced: c.forced, action: c.action, since: c.since });
+        self.promotion =
+            Some(Promotion { kind: c.kind, forced: c.forced, action: c.action, since: c.since, timeline: c.timeline });
         self.set_role(Role::Promoting, format!("acting in epoch {} ({via}); starting the flow", self.epoch));
         // The peer learns the new term at once.
         self.heartbeat_now = true;

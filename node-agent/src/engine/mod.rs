@@ -63,6 +63,7 @@ pub mod role;
 pub mod serving;
 pub mod status;
 pub mod time;
+pub mod timeline;
 pub mod witness_client;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -290,7 +291,7 @@ impl Engine {
             Event::Probe { monitor, healthy, message } => self.on_probe(now, &monitor, healthy, message),
             Event::StepCheck { step, healthy, message } => self.on_step_check(now, step, healthy, message),
             Event::StepDone { step, op, result } => self.on_step_done(now, step, op, result),
-            Event::VolumeDone { volume, op, result } => self.on_volume_done(&volume, op, result),
+            Event::VolumeDone { volume, op, result } => self.on_volume_done(now, &volume, op, result),
             Event::Volume { volume, disk, connection } => {
                 self.volumes.insert(volume, (disk, connection));
                 self.promotion_refused_until = None;

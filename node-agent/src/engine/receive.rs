@@ -22,6 +22,7 @@ use super::peer::{Arrival, PeerTracker};
 use super::role::Role;
 use super::serving::FailoverCause;
 use super::time::Instant;
+use super::timeline::phase;
 use hapair_crds::hagroup::MonitorAction;
 
 impl Engine {
@@ -114,6 +115,7 @@ impl Engine {
                 if let Some(c) = &mut self.candidacy {
                     c.denied_noted = false;
                     c.unreachable_noted = false;
+                    c.timeline.mark(phase::WITNESS_GRANTED, now);
                 }
                 if self.acting {
                     self.feed_watchdog();
@@ -245,13 +247,19 @@ impl Engine {
 
     pub(super) fn on_step_done(&mut self, now: Instant, step: usize, op: StepOp, result: Result<(), String>) {
         let name = self.flow.step(step).map(|(p, _)| p.name.clone()).unwrap_or_default();
+        if let (Some(p), StepOp::Start, Ok(())) = (&mut self.promotion, op, &result) {
+            p.timeline.mark(phase::step_started(&name), now);
+        }
         if let Outcome::Failed(e) = self.flow.on_step_done(step, op, result, now) {
             let reason = if op == StepOp::Stop { Reason::StopFailed } else { Reason::StepFailed };
             self.notice(EventType::Warning, reason, format!("step {name}: {} failed: {e}", op.as_str()));
         }
     }
 
-    pub(super) fn on_volume_done(&mut self, volume: &str, op: VolumeOp, result: Result<(), String>) {
+    pub(super) fn on_volume_done(&mut self, now: Instant, volume: &str, op: VolumeOp, result: Result<(), String>) {
+        if let (Some(p), VolumeOp::Promote, Ok(())) = (&mut self.promotion, op, &result) {
+            p.timeline.mark(phase::volume_promoted(volume), now);
+        }
         if let Outcome::Failed(e) = self.flow.on_volume_done(volume, op, result) {
             let (reason, what) = match op {
                 VolumeOp::Promote => (Reason::StepFailed, "promotion"),

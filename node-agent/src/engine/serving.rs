@@ -29,6 +29,7 @@ use super::flow::Progress;
 use super::role::Role;
 use super::status::FailoverSummary;
 use super::time::Instant;
+use super::timeline::{PhaseTime, Timeline, phase};
 use super::{Engine, mutation};
 
 /// Why a failover is wanted; the wish ends when its cause recovers.
@@ -165,6 +166,9 @@ impl Engine {
         };
         let (request_id, request) = self.witness.request(now, &self.cfg.group, &self.cfg.me, op, epoch, t.lease_ttl);
         self.out.push(Command::Witness { request_id, request });
+        if let Some(c) = &mut self.candidacy {
+            c.timeline.mark(phase::WITNESS_REQUESTED, now);
+        }
     }
 
     /// Gives the witness lease back (the node no longer needs it and holds nothing under it).
@@ -223,9 +227,10 @@ impl Engine {
     fn become_primary(&mut self, now: Instant) {
         let promotion = self.promotion.take();
         self.set_role(Role::Primary, "serving");
-        let (kind, action, since) =
-            promotion.map_or((CandidacyKind::Bootstrap, None, now), |p| (p.kind, p.action, p.since));
+        let (kind, action, since, promotion_timeline) = promotion
+            .map_or((CandidacyKind::Bootstrap, None, now, None), |p| (p.kind, p.action, p.since, Some(p.timeline)));
         let took = now.since(since);
+        let phases = self.promotion_phases(promotion_timeline, now);
         let (reason, what) = match kind {
             CandidacyKind::PeerLost => (Reason::Promoted, "failover"),
             CandidacyKind::Bootstrap => (Reason::Promoted, "bootstrap"),
@@ -237,7 +242,16 @@ impl Engine {
         self.notice(
             EventType::Normal,
             reason,
-            format!("serving in epoch {} ({what}, {} ms after the decision)", self.epoch, took.as_millis()),
+            format!(
+                "serving in epoch {} ({what}, {} ms after the decision; {})",
+                self.epoch,
+                took.as_millis(),
+                phases
+                    .iter()
+                    .map(|p| format!("{} at {} ms", p.phase, p.after.as_millis()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         );
         self.last_failover = Some(FailoverSummary {
             from: Some(self.cfg.peer.clone()),
@@ -245,11 +259,19 @@ impl Engine {
             reason: what.to_string(),
             epoch: self.epoch,
             took,
+            phases,
         });
         if self.takeover.as_ref().is_some_and(|t| t.action == action) {
             self.takeover = None;
         }
         self.action_result(action, ActionOutcome::Succeeded, format!("serving in epoch {}", self.epoch));
+    }
+
+    /// The phases of the promotion that just ended in serving, `now`.
+    fn promotion_phases(&self, timeline: Option<Timeline>, now: Instant) -> Vec<PhaseTime> {
+        let mut timeline = timeline.unwrap_or_else(|| Timeline::new(now));
+        timeline.mark(phase::SERVING, now);
+        timeline.phases()
     }
 
     pub(super) fn step_primary(&mut self, now: Instant) {

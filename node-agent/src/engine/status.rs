@@ -8,6 +8,7 @@ use hapair_crds::nodeapi::{ActionResult, MonitorReport, StepReport};
 use super::Engine;
 use super::role::{Role, report_role};
 use super::time::Instant;
+use super::timeline::PhaseTime;
 
 /// The last change of serving node this engine took part in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub struct FailoverSummary {
     pub epoch: u64,
     /// From the decision to promote until the flow was up.
     pub took: Duration,
+    /// When each phase ended, from the timeline's start (for a failover, the last
+    /// heartbeat heard from the old primary).
+    pub phases: Vec<PhaseTime>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hapair_crds::hagroup::{FailoverRecord, MonitorSpec, NodeRole, NodeSpec};
+use hapair_crds::hagroup::{FailoverPhase, FailoverRecord, MonitorSpec, NodeRole, NodeSpec};
 use hapair_crds::nodeapi::{EventType, GroupConfig, GroupKey, GroupReport, LeaseOp, StepState};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
@@ -782,13 +782,19 @@ impl GroupTask {
         if let Some(f) = &status.last_failover
             && self.last_failover.as_ref().is_none_or(|(epoch, _)| *epoch != f.epoch)
         {
-            m.record_failover(&group, f.took);
+            m.record_failover(&group, f.took, &f.phases);
+            let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             let record = FailoverRecord {
                 time: clock::rfc3339_now(),
                 from: f.from.clone(),
                 to: f.to.clone(),
                 reason: f.reason.clone(),
-                duration_ms: u64::try_from(f.took.as_millis()).unwrap_or(u64::MAX),
+                duration_ms: millis(f.took),
+                phases: f
+                    .phases
+                    .iter()
+                    .map(|p| FailoverPhase { phase: p.phase.clone(), at_ms: millis(p.after) })
+                    .collect(),
             };
             self.last_failover = Some((f.epoch, record));
         }

@@ -161,6 +161,18 @@ pub fn describe(group: &GroupView) -> String {
                 field(&f.reason),
                 f.duration_ms
             );
+            // Where the time went: when each phase ended, and how long after the one before.
+            let mut previous = 0;
+            for p in &f.phases {
+                let _ = writeln!(
+                    out,
+                    "  {:>7} ms  (+{:>5} ms)  {}",
+                    p.at_ms,
+                    p.at_ms.saturating_sub(previous),
+                    field(&p.phase)
+                );
+                previous = p.at_ms;
+            }
         }
         None => {
             let _ = writeln!(out, "Last failover: -");
@@ -352,7 +364,7 @@ mod tests {
     use super::*;
     use crate::controller::views::{NodeActionResult, NodeDetail, VolumeView};
     use crate::status::events::GroupEvent;
-    use hapair_crds::hagroup::{FailoverRecord, GroupPhase, NodeRole, NodeStatus};
+    use hapair_crds::hagroup::{FailoverPhase, FailoverRecord, GroupPhase, NodeRole, NodeStatus};
     use hapair_crds::nodeapi::{ActionOutcome, GroupKey, GroupReport};
     use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 
@@ -373,6 +385,11 @@ mod tests {
                     to: "db1".into(),
                     reason: "peer dead".into(),
                     duration_ms: 1100,
+                    phases: vec![
+                        FailoverPhase { phase: "silence detected".into(), at_ms: 600 },
+                        FailoverPhase { phase: "witness lease granted".into(), at_ms: 640 },
+                        FailoverPhase { phase: "serving".into(), at_ms: 1340 },
+                    ],
                 }),
                 nodes: vec![
                     NodeStatus {
@@ -437,6 +454,9 @@ mod tests {
         let text = describe(&group());
         assert!(text.contains("Active:      db1"), "{text}");
         assert!(text.contains("Last failover: 2025-01-01T10:00:00Z db2 -> db1 (peer dead, 1100 ms)"), "{text}");
+        assert!(text.contains("\n      600 ms  (+  600 ms)  silence detected\n"), "{text}");
+        assert!(text.contains("\n      640 ms  (+   40 ms)  witness lease granted\n"), "{text}");
+        assert!(text.contains("\n     1340 ms  (+  700 ms)  serving\n"), "{text}");
         assert!(text.contains("Node db2:\n  Role:        Standby\n  Health:      Unknown"), "{text}");
         assert!(text.contains("Volume data: Syncing 40%"), "{text}");
         assert!(text.contains("Warning   PhaseChanged   controller   Healthy -> Degraded"), "{text}");

@@ -613,6 +613,7 @@ mod tests {
             to: to.into(),
             reason: "peer dead".into(),
             duration_ms: 900,
+            phases: vec![],
         };
         let (mut a, mut b) = (report("a", NodeRole::Standby, 2), report("b", NodeRole::Primary, 5));
         a.groups[0].last_failover = Some(record("a", "2023-11-14T20:00:00Z"));

@@ -166,6 +166,7 @@ mod tests {
             to: "b".into(),
             reason: "peer lost".into(),
             duration_ms: 900,
+            phases: vec![],
         });
         to.conditions.push(Condition {
             type_: "Degraded".into(),

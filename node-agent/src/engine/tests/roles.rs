@@ -149,6 +149,31 @@ fn failover_needs_silence_the_witness_and_the_promise() {
 }
 
 #[test]
+fn a_failover_records_when_each_phase_ended_from_the_last_heartbeat_heard() {
+    let mut h = failed_over("");
+    h.flow_up(1070, &["event Normal Promoted", "hb #5 Primary e2 f2 holding"]);
+    let failover = h.e.status(at(1073)).last_failover.unwrap_or_else(|| panic!("no failover recorded"));
+    let phases: Vec<(String, u128)> = failover.phases.into_iter().map(|p| (p.phase, p.after.as_millis())).collect();
+    // Last heard at 50 ms; the grant to the old primary (800 ms from that heartbeat,
+    // stretched by the 1 % drift bound) ran out before the silence was noticed.
+    let expected = [
+        ("old lease ended", 808),
+        ("link 0 silent", 1000),
+        ("silence detected", 1000),
+        ("witness lease requested", 1000),
+        ("witness lease granted", 1010),
+        ("term taken", 1010),
+        ("volume data promoted", 1020),
+        ("step data started", 1021),
+        ("step app started", 1022),
+        ("step svc-ip started", 1023),
+        ("serving", 1023),
+    ];
+    let expected: Vec<(String, u128)> = expected.iter().map(|(p, ms)| (p.to_string(), *ms)).collect();
+    assert_eq!(phases, expected);
+}
+
+#[test]
 fn no_candidacy_while_the_primary_is_heard_on_any_link() {
     let mut h = granting("");
     for (i, t) in (150..1550).step_by(100).enumerate() {
