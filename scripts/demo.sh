@@ -235,6 +235,11 @@ step "hapair status after the failover"
 sleep 2
 "$BIN/kubectl-hapair" status | sed 's/^/    /'
 
+step "where the time went, as server $STANDBY recorded it (hapair describe demo/web)"
+# The phases run from the last heartbeat server $STANDBY heard from $ACTIVE, on its own clock.
+"$BIN/kubectl-hapair" describe demo/web | awk '/^Last failover:/ {on = 1; print; next} on && /^  / {print; next} on {exit}' |
+    sed 's/^/    /'
+
 step "summary"
 cat <<SUMMARY
     Two servers (namespaces $NS_A and $NS_B) ran the group demo/web under the standalone

@@ -105,7 +105,8 @@ impl GroupVolumes {
             }
             let (ctx, volume) = (ctx.clone(), volume.clone());
             let span = tracing::info_span!("volume", volume = %volume.name);
-            volumes.tasks.push(tokio::spawn(open_until_done(ctx, volume).instrument(span)));
+            let ping_every = ping_interval(config.spec.heartbeat.interval.as_std());
+            volumes.tasks.push(tokio::spawn(open_until_done(ctx, volume, ping_every).instrument(span)));
         }
         volumes
     }
@@ -237,7 +238,15 @@ impl GroupVolumes {
     }
 }
 
-async fn open_until_done(ctx: VolumeContext, volume: VolumeConfig) {
+/// The replication link pings as often as the group heartbeats (within bounds): a
+/// promotion after the peer's loss closes a link that has been silent for one and a half
+/// ping intervals, so the link must not take longer to read as silent than the heartbeats.
+/// The interval is fixed when the replica opens.
+fn ping_interval(heartbeat: Duration) -> Duration {
+    heartbeat.clamp(Duration::from_millis(20), Duration::from_millis(500))
+}
+
+async fn open_until_done(ctx: VolumeContext, volume: VolumeConfig, ping_every: Duration) {
     let socket = nbd_socket(&ctx.runtime_dir, &ctx.key, &volume.name);
     let mut reported: Option<String> = None;
     loop {
@@ -245,6 +254,7 @@ async fn open_until_done(ctx: VolumeContext, volume: VolumeConfig) {
             Ok(()) => {
                 let mut options = ReplicaOptions::new(&socket);
                 options.tls.clone_from(&ctx.tls);
+                options.timing.ping_interval = ping_every;
                 Replica::open(&volume, &ctx.node, options).await.map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("runtime directory {}: {e}", ctx.runtime_dir.display())),

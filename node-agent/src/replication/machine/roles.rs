@@ -15,7 +15,34 @@ pub(super) struct DemoteRun {
     persisting: bool,
 }
 
+/// A link to a primary peer that a promotion may close: see [`Machine::lost_primary_link`].
+struct LostLink {
+    conn: super::ConnId,
+    reason: String,
+}
+
 impl Machine {
+    /// The link to a peer that still reads as primary but is gone, when a promotion in
+    /// `epoch` comes: the engine takes a newer term than the peer's only once the peer's
+    /// lease is over, and the peer has not been heard here for longer than it pings (a
+    /// live peer sends something every ping interval). A peer still heard keeps its link,
+    /// and the promotion is refused: the heartbeat links may be cut while this one works.
+    fn lost_primary_link(&self, epoch: u64) -> Option<LostLink> {
+        let link = self.link.as_ref()?;
+        if link.peer_role != WireRole::Primary {
+            return None;
+        }
+        let peer_epoch = link.peer.as_ref().map_or(0, |h| h.promoted_epoch);
+        let silent_ms = self.now.saturating_sub(link.last_rx_ms);
+        (epoch > peer_epoch && silent_ms >= self.cfg.ping_interval_ms * 3 / 2).then(|| LostLink {
+            conn: link.conn,
+            reason: format!(
+                "peer {} lost: silent here for {silent_ms} ms, and epoch {epoch} supersedes its {peer_epoch}",
+                self.cfg.peer
+            ),
+        })
+    }
+
     pub(super) fn on_promote(&mut self, req: ReqId, epoch: u64, force: bool, wall_ms: u64) {
         if epoch < self.sb.known_epoch {
             let msg = format!("epoch {epoch} is older than the newest known epoch {}", self.sb.known_epoch);
@@ -26,13 +53,21 @@ impl Machine {
             self.complete(req, Err(refusal(ErrorCode::Busy, "a demotion is in progress")));
             return;
         }
+        if let Some(lost) = self.lost_primary_link(epoch) {
+            // Waiting for this link's own timeout would only delay the takeover.
+            self.close(lost.conn, &lost.reason, RETRY_SOON_MS);
+        }
         if let Some(link) = &self.link {
             if link.phase == Phase::AwaitHello {
                 self.complete(req, Err(refusal(ErrorCode::Busy, "the replication handshake is in progress")));
                 return;
             }
             if link.peer_role == WireRole::Primary {
-                let msg = format!("peer {} is primary", self.cfg.peer);
+                let msg = format!(
+                    "peer {} is primary and was heard on the replication link {} ms ago",
+                    self.cfg.peer,
+                    self.now.saturating_sub(link.last_rx_ms)
+                );
                 self.complete(req, Err(refusal(ErrorCode::NotPermitted, msg)));
                 return;
             }

@@ -179,6 +179,45 @@ fn connect_in_sync(m: &mut Machine, peer: &str, conn: ConnId) {
     assert_eq!(out, vec![Output::Event(ReplicaEvent::Connected { peer: peer.into() })]);
 }
 
+/// A secondary connected to a primary peer (promoted in epoch 1), the link established at 0 ms.
+fn following_a_primary(conn: ConnId) -> Machine {
+    let mut m = uptodate("b", "a");
+    let out = m.handle(0, Input::Connected { conn });
+    assert!(matches!(out.as_slice(), [Output::Send { frame: Frame::Hello(_), .. }]), "{out:?}");
+    let mut hello = m.hello();
+    hello.node = "a".into();
+    hello.role = WireRole::Primary;
+    hello.promoted_epoch = 1;
+    hello.format_id ^= 1;
+    m.handle(0, Input::Frame { conn, env: Envelope { epoch: 1, frame: Frame::Hello(Box::new(hello)) } });
+    assert_eq!(m.link.as_ref().map(|l| l.peer_role), Some(WireRole::Primary));
+    m
+}
+
+#[test]
+fn a_promotion_closes_the_link_to_a_primary_gone_silent_but_not_to_one_still_heard() {
+    // Heard 600 ms ago (pings every 500 ms): alive on this link, so not promoted.
+    let mut m = following_a_primary(1);
+    m.handle(400, Input::Frame { conn: 1, env: Envelope { epoch: 1, frame: Frame::Ping } });
+    let e = refused(&m.handle(1000, Input::Promote { req: 2, epoch: 2, force: false, wall_ms: 0 }));
+    assert!(e.message.contains("peer a is primary and was heard on the replication link 600 ms ago"), "{e}");
+    // Silent for 900 ms, and the engine's epoch 2 is above the peer's 1: the link goes, the
+    // promotion proceeds.
+    let mut m = following_a_primary(1);
+    let out = m.handle(900, Input::Promote { req: 2, epoch: 2, force: false, wall_ms: 0 });
+    let reason = "peer a lost: silent here for 900 ms, and epoch 2 supersedes its 1";
+    assert_eq!(
+        out[0],
+        Output::Send { conn: 1, frame: Frame::Goodbye { reason: reason.into() }, epoch: 1, notify_sent: false }
+    );
+    assert!(out.contains(&Output::Close { conn: 1, reason: reason.into(), retry_after_ms: RETRY_SOON_MS }), "{out:?}");
+    assert!(out.contains(&Output::Event(ReplicaEvent::Promoted { epoch: 2, forced: false })), "{out:?}");
+    // An engine epoch that does not supersede the peer's closes nothing.
+    let mut m = following_a_primary(1);
+    let e = refused(&m.handle(900, Input::Promote { req: 2, epoch: 1, force: false, wall_ms: 0 }));
+    assert!(e.message.contains("peer a is primary"), "{e}");
+}
+
 #[test]
 fn protocol_c_write_completes_after_local_and_peer() {
     let mut m = promoted("a", "b");
