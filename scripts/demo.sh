@@ -182,11 +182,11 @@ done
 [[ -n ${ACTIVE:-} ]] || { echo "no primary with an UpToDate standby after 60 s; agent logs:"; tail -n 30 "$WORK"/{a,b}/agent.log; exit 1; }
 "$BIN/kubectl-hapair" status | sed 's/^/    /'
 
-step "the client (198.18.30.100) connects to $VIP:$PORT every 20 ms"
+step "the client (198.18.30.100) connects to $VIP:$PORT every 20 ms (an unanswered attempt is given up after 50 ms)"
 CLIENT_LOG=$WORK/client.log
 ip netns exec "$NS_C" bash -c "
     while :; do
-        reply=\$(timeout 0.3 socat -T0.3 - TCP:$VIP:$PORT,connect-timeout=0.2 </dev/null 2>/dev/null | head -1)
+        reply=\$(timeout 0.3 socat -T0.3 - TCP:$VIP:$PORT,connect-timeout=0.05 </dev/null 2>/dev/null | head -1)
         echo \"\$(date +%s%3N) \${reply:-no-answer}\"
         sleep 0.02
     done" >"$CLIENT_LOG" 2>/dev/null &
@@ -231,6 +231,15 @@ FIRST_VISIT=$(awk -v t="$KILL_MS" -v new="served-by-$STANDBY" '$2 == new && $1 >
 note "the visit counter on the replicated volume: last answer from $ACTIVE ${LAST_VISIT:-?}, first from $STANDBY ${FIRST_VISIT:-?}"
 [[ ${FIRST_VISIT#visit=} -gt ${LAST_VISIT#visit=} ]] || { echo "server $STANDBY did not continue the counter: data lost"; exit 1; }
 
+# Never active at once, from the records: server $ACTIVE served nothing after the kill (the
+# client's log), and server $STANDBY added the VIP only after it (its own agent log).
+ADDED_AT=$(grep -a 'virtual IP added' "$WORK/$STANDBY/agent.log" | tail -1 | cut -d' ' -f1)
+ADDED_MS=$(( $(date -d "$ADDED_AT" +%s%N) / 1000000 ))
+LATE_OLD=$(awk -v t="$KILL_MS" -v old="served-by-$ACTIVE" '$1 > t && $2 == old' "$CLIENT_LOG" | wc -l)
+OVERLAP_MS=$(( KILL_MS > ADDED_MS ? KILL_MS - ADDED_MS : 0 ))
+note "server $STANDBY added the VIP $(( ADDED_MS - KILL_MS )) ms after the kill; answers from $ACTIVE after the kill: $LATE_OLD; overlap: $OVERLAP_MS ms"
+[[ $OVERLAP_MS -eq 0 && $LATE_OLD -eq 0 ]] || { echo "both servers were active at once"; exit 1; }
+
 step "hapair status after the failover"
 sleep 2
 "$BIN/kubectl-hapair" status | sed 's/^/    /'
@@ -251,7 +260,8 @@ cat <<SUMMARY
     client's first answer from server $STANDBY came ${OUTAGE_MS} ms after the kill, with no
     cache flush on the client, and the visit counter went on from ${LAST_VISIT#visit=} to
     ${FIRST_VISIT#visit=}: no acknowledged write was lost.
-    The two servers were never active at once: $ACTIVE stops acting the moment its lease
-    lapses, and $STANDBY is granted one only after that. Everything created for the demo
-    is now removed.
+    The two servers were never active at once (measured: $STANDBY added the VIP
+    $(( ADDED_MS - KILL_MS )) ms after $ACTIVE died, and no answer came from $ACTIVE after that): an
+    active node stops acting the moment its lease lapses, and the witness grants the other
+    one a lease only after that. Everything created for the demo is now removed.
 SUMMARY
