@@ -9,12 +9,19 @@ use hapair_tests::netns::{Netns, require_root};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_bench-failover");
 
-/// The figures of one table row: p50, p99, max (ms), kills, failures.
-fn row(table: &str, label: &str) -> Option<(f64, f64, f64, usize, usize)> {
+/// The figures of one table row: p50, p99, max (ms), kills, failures, overlap (ms).
+fn row(table: &str, label: &str) -> Option<(f64, f64, f64, usize, usize, f64)> {
     let line = table.lines().find(|l| l.starts_with(label) && l[label.len()..].starts_with("  "))?;
     let cells: Vec<&str> = line[label.len()..].split_whitespace().collect();
-    let [p50, p99, max, n, failures] = cells.as_slice() else { return None };
-    Some((p50.parse().ok()?, p99.parse().ok()?, max.parse().ok()?, n.parse().ok()?, failures.parse().ok()?))
+    let [p50, p99, max, n, failures, overlap] = cells.as_slice() else { return None };
+    Some((
+        p50.parse().ok()?,
+        p99.parse().ok()?,
+        max.parse().ok()?,
+        n.parse().ok()?,
+        failures.parse().ok()?,
+        overlap.parse().ok()?,
+    ))
 }
 
 #[test]
@@ -30,7 +37,7 @@ fn quick_mode_measures_keepalived_next_to_hapair_and_cleans_up() {
     assert!(output.status.success(), "bench-failover --quick failed: {}\n{stdout}\n{stderr}", output.status);
 
     for (label, advert_ms) in [("keepalived advert_int 1s", 1000.0), ("keepalived advert_int 0.1s", 100.0)] {
-        let (p50, p99, max, n, failures) =
+        let (p50, p99, max, n, failures, _) =
             row(&stdout, label).unwrap_or_else(|| panic!("no figures for {label}:\n{stdout}\n{stderr}"));
         assert_eq!((n, failures), (3, 0), "{label}: every kill is measured and answered:\n{stdout}\n{stderr}");
         assert!(p50 <= p99 && p99 <= max, "{label}: percentiles out of order:\n{stdout}");
@@ -40,11 +47,17 @@ fn quick_mode_measures_keepalived_next_to_hapair_and_cleans_up() {
         assert!(p50 >= 2.0 * advert_ms, "{label}: p50 {p50} ms is below two advert intervals:\n{stdout}");
     }
 
-    for label in ["hapair default", "hapair aggressive"] {
-        let (p50, p99, max, n, failures) =
+    for label in ["hapair witness", "hapair no-witness (unsafe)", "hapair no-witness aggressive (unsafe)"] {
+        let (p50, p99, max, n, failures, overlap) =
             row(&stdout, label).unwrap_or_else(|| panic!("no figures for {label}:\n{stdout}\n{stderr}"));
         assert_eq!((n, failures), (3, 0), "{label}: every kill is measured and answered:\n{stdout}\n{stderr}");
         assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{label}: percentiles out of order:\n{stdout}");
+        assert_eq!(overlap, 0.0, "{label}: both servers held the VIP at once:\n{stdout}");
+        // Every kill's takeover was read back with its phases, serving last.
+        let phases = format!("phases of {label} ");
+        let section = stdout.split(&phases).nth(1).unwrap_or_else(|| panic!("no phases for {label}:\n{stdout}"));
+        let serving = section.lines().find(|l| l.trim_start().starts_with("serving ")).unwrap_or_default();
+        assert!(serving.trim_end().ends_with(" 3"), "{label}: serving not recorded for every kill:\n{stdout}");
     }
     assert!(stdout.contains("parameters:"), "{stdout}");
 
@@ -53,7 +66,7 @@ fn quick_mode_measures_keepalived_next_to_hapair_and_cleans_up() {
         .filter_map(|l| l.split_once("testbed namespaces: ").map(|(_, names)| names))
         .flat_map(str::split_whitespace)
         .collect();
-    assert!(namespaces.len() >= 8, "expected two keepalived testbeds in:\n{stderr}");
+    assert!(namespaces.len() >= 20, "expected five testbeds of four namespaces in:\n{stderr}");
     for name in namespaces {
         assert!(!Netns::exists(name), "namespace {name} was left behind");
     }

@@ -4,8 +4,9 @@
 //! For each implementation the primary is killed N times (default 30; `--kills` or
 //! `HAPAIR_BENCH_KILLS`, `--quick` for 3) and the time from the kill to the first TCP
 //! connection to the virtual IP answered by the other server is measured; the table shows
-//! p50, p99 and max per implementation. See `hapair_tests::failover_bench` for what a kill
-//! and a restore are. Needs root; `scripts/bench-failover.sh` installs keepalived, builds
+//! p50, p99 and max per implementation, the time both servers held the VIP at once, and for
+//! hapair the mean and p99 of each phase of the takeover. See `hapair_tests::failover_bench`
+//! for what a kill and a restore are. Needs root; `scripts/bench-failover.sh` installs keepalived, builds
 //! and runs it.
 //!
 //! `bench-failover serve` is the service the pairs keep reachable (internal).
@@ -35,8 +36,8 @@ struct Cli {
     /// Three kills per implementation: checks the harness quickly.
     #[arg(long)]
     quick: bool,
-    /// Only these implementations (comma-separated): hapair-default, hapair-aggressive,
-    /// keepalived-1s, keepalived-0.1s.
+    /// Only these implementations (comma-separated): hapair-witness, hapair-nowitness,
+    /// hapair-nowitness-aggressive, keepalived-1s, keepalived-0.1s.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The hapair-agent binary; defaults to the one next to this program.
@@ -63,7 +64,8 @@ enum Internal {
     },
 }
 
-const IMPLEMENTATIONS: [&str; 4] = ["hapair-default", "hapair-aggressive", "keepalived-1s", "keepalived-0.1s"];
+const IMPLEMENTATIONS: [&str; 5] =
+    ["hapair-witness", "hapair-nowitness", "hapair-nowitness-aggressive", "keepalived-1s", "keepalived-0.1s"];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -127,8 +129,11 @@ fn main() -> anyhow::Result<()> {
             break;
         }
         let mut pair: Box<dyn HaPair> = match id {
-            "hapair-default" => Box::new(Hapair::new("default", DEFAULT_TIMINGS, agent.clone())),
-            "hapair-aggressive" => Box::new(Hapair::new("aggressive", AGGRESSIVE_TIMINGS, agent.clone())),
+            "hapair-witness" => Box::new(Hapair::new("witness", DEFAULT_TIMINGS, true, agent.clone())),
+            "hapair-nowitness" => Box::new(Hapair::new("no-witness (unsafe)", DEFAULT_TIMINGS, false, agent.clone())),
+            "hapair-nowitness-aggressive" => {
+                Box::new(Hapair::new("no-witness aggressive (unsafe)", AGGRESSIVE_TIMINGS, false, agent.clone()))
+            }
             "keepalived-1s" => Box::new(Keepalived::new(keepalived.clone(), Duration::from_secs(1))),
             _ => Box::new(Keepalived::new(keepalived.clone(), Duration::from_millis(100))),
         };

@@ -1,11 +1,17 @@
-//! hapair as the HA implementation: `hapair-agent run --bundle` on each server, with the
-//! bundles the controller's own reconcile builds from an HaGroup manifest.
+//! hapair as the HA implementation, in the two modes users choose between:
 //!
-//! The group heartbeats over both links, runs without a witness (`witness: none`: a bundle
-//! file brings no controller to ask), fails back manually (a restored server stays the
+//! - **witness** (the default, safe mode): the standalone controller runs in the client
+//!   namespace as the pair's witness, each server enrolls its agent against it with a
+//!   one-time token, and the agents take their bundles from it;
+//! - **no witness** (`witness: none`, the two-node mode in which a full partition makes both
+//!   servers active): `hapair-agent run --bundle` on each server, with the bundles the
+//!   controller's own reconcile builds from the same HaGroup manifest.
+//!
+//! The group heartbeats over both links, fails back manually (a restored server stays the
 //! standby), and its flow starts the service with an exec step and then adds the virtual
 //! IP. The pair has settled when the primary's agent reports Primary and the other's
-//! reports Standby with the peer reachable, on their `/v1/status` endpoints.
+//! reports Standby with the peer reachable, on their `/v1/status` endpoints. After each
+//! kill, the survivor's `lastFailover` gives the phases of its takeover.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -14,21 +20,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hapair_agent::endpoints::StatusSnapshot;
-use hapair_crds::hagroup::NodeRole;
+use hapair_crds::hagroup::{FailoverRecord, NodeRole};
 use hapair_crds::nodeapi::DesiredConfig;
 use hapair_operator::desired::catalog::Catalog;
 use hapair_operator::desired::state::ControllerState;
 
 use super::{BenchError, HaPair, Node, PerNode, Result, SERVICE_PORT, Testbed, VIP, VIP_PREFIX_LEN, io_error};
-use crate::netns::ChildGuard;
+use crate::controller::{Controller, enroll};
+use crate::netns::{ChildGuard, wait_for};
 use crate::sim::Timings;
+use crate::topology::C0;
 
 /// Where each agent serves `/v1/status`, inside its own namespace.
 const STATUS_ADDRESS: &str = "127.0.0.1:9464";
 
 /// The HaGroup the benchmark runs, as a manifest (JSON, which is YAML too). `work` is the
 /// testbed's work directory, holding one directory per node name.
-pub fn manifest(timings: &Timings, program: &Path, work: &Path) -> String {
+pub fn manifest(timings: &Timings, witness: bool, program: &Path, work: &Path) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let pid_file = format!("'{}'/\"$HAPAIR_NODE\"/run/service.pid", work.display());
     let start = format!(
@@ -53,7 +61,7 @@ pub fn manifest(timings: &Timings, program: &Path, work: &Path) -> String {
                 "deadAfter": ms(timings.dead_after),
                 "leaseTTL": ms(timings.lease),
             },
-            "witness": {"mode": "none"},
+            "witness": {"mode": if witness { "controller" } else { "none" }},
             "failback": {"mode": "manual"},
             "virtualIPs": [{"name": "service", "address": format!("{VIP}/{VIP_PREFIX_LEN}"), "interface": "eth0"}],
             "flow": [
@@ -93,26 +101,66 @@ pub fn bundles(manifest: &str) -> Result<BTreeMap<String, DesiredConfig>> {
     Ok(reconciled.bundles)
 }
 
-/// The agents of one pair, at one timing setting.
+/// The agents of one pair, at one timing setting, with or without the witness.
 #[derive(Debug)]
 pub struct Hapair {
     name: String,
     timings: Timings,
+    witness: bool,
     agent: PathBuf,
-    /// Written at the first start, once the testbed's paths are known.
+    /// Written at the first start, once the testbed's paths are known (no witness).
     bundles: Option<BTreeMap<String, DesiredConfig>>,
+    /// Started at the first start (witness).
+    controller: Option<Controller>,
     running: PerNode<Option<ChildGuard>>,
+    /// The last takeover whose phases were read, so the next one is told from it.
+    last_failover: Option<FailoverRecord>,
 }
 
 impl Hapair {
-    /// `name` tells the timing setting apart in the table ("default", "aggressive").
-    pub fn new(name: &str, timings: Timings, agent: PathBuf) -> Self {
-        Hapair { name: name.to_string(), timings, agent, bundles: None, running: PerNode::default() }
+    /// `name` tells the setting apart in the table ("witness", "no-witness (unsafe)").
+    pub fn new(name: &str, timings: Timings, witness: bool, agent: PathBuf) -> Self {
+        Hapair {
+            name: name.to_string(),
+            timings,
+            witness,
+            agent,
+            bundles: None,
+            controller: None,
+            running: PerNode::default(),
+            last_failover: None,
+        }
+    }
+
+    /// The controller, started with the benchmark's manifest on the first call.
+    fn controller(&mut self, bed: &Testbed) -> &Controller {
+        let manifest = manifest(&self.timings, true, bed.program(), bed.work_dir());
+        self.controller
+            .get_or_insert_with(|| Controller::start(bed.client(), C0, &bed.work_dir().join("controller"), &manifest))
+    }
+
+    /// The node's agent config, enrolled against the controller the first time.
+    fn enrolled_config(&mut self, bed: &Testbed, node: Node) -> Result<PathBuf> {
+        let home = bed.disk_dir(node).join("etc");
+        let config = home.join("agent.yaml");
+        if config.exists() {
+            return Ok(config);
+        }
+        std::fs::create_dir_all(&home).map_err(io_error(format!("creating {}", home.display())))?;
+        let text = format!(
+            "apiVersion: hapair.dev/v1alpha1\nkind: AgentConfig\nstateDir: {}\nruntimeDir: {}\nendpoints:\n  listen: {STATUS_ADDRESS}\n",
+            bed.disk_dir(node).join("state").display(),
+            bed.run_dir(node).display()
+        );
+        std::fs::write(&config, text).map_err(io_error(format!("writing {}", config.display())))?;
+        let controller = self.controller(bed);
+        enroll(bed.ns(node), controller, node.name(), &home);
+        Ok(config)
     }
 
     fn bundle_file(&mut self, bed: &Testbed, node: Node) -> Result<PathBuf> {
         if self.bundles.is_none() {
-            self.bundles = Some(bundles(&manifest(&self.timings, bed.program(), bed.work_dir()))?);
+            self.bundles = Some(bundles(&manifest(&self.timings, false, bed.program(), bed.work_dir()))?);
         }
         let bundle = self
             .bundles
@@ -143,6 +191,10 @@ impl Hapair {
         })
     }
 
+    fn failover(bed: &Testbed, node: Node) -> Option<FailoverRecord> {
+        Self::status(bed, node)?.groups.first()?.last_failover.clone()
+    }
+
     fn role(bed: &Testbed, node: Node) -> Option<(NodeRole, bool)> {
         let status = Self::status(bed, node)?;
         let group = status.groups.first()?;
@@ -157,9 +209,14 @@ impl HaPair for Hapair {
 
     fn parameters(&self) -> String {
         let t = &self.timings;
+        let witness = if self.witness {
+            "witness: the standalone controller in the client namespace (agents enrolled, bundles from it)"
+        } else {
+            "witness none (two-node: a full partition makes both servers active)"
+        };
         format!(
-            "heartbeat every {} ms on both links, deadAfter {} ms, leaseTTL {} ms, witness none (two-node), \
-             manual failback; flow: exec step starting the service, then the VIP (GARP defaults)",
+            "heartbeat every {} ms on both links, deadAfter {} ms, leaseTTL {} ms, {witness}, manual failback; \
+             no volume; flow: exec step starting the service, then the VIP (GARP defaults)",
             t.interval.as_millis(),
             t.dead_after.as_millis(),
             t.lease.as_millis()
@@ -176,10 +233,17 @@ impl HaPair for Hapair {
     }
 
     fn start_node(&mut self, bed: &Testbed, node: Node) -> Result<()> {
-        let bundle = self.bundle_file(bed, node)?.display().to_string();
         let state_dir = bed.disk_dir(node).join("state");
         std::fs::create_dir_all(&state_dir).map_err(io_error(format!("creating {}", state_dir.display())))?;
-        let (agent, state_dir) = (self.agent.display().to_string(), state_dir.display().to_string());
+        let log = bed.disk_dir(node).join("agent.log");
+        let agent = self.agent.display().to_string();
+        if self.witness {
+            let config = self.enrolled_config(bed, node)?.display().to_string();
+            *self.running.get_mut(node) = Some(bed.spawn(node, &[agent.as_str(), "run", "--config", &config], &log)?);
+            return Ok(());
+        }
+        let bundle = self.bundle_file(bed, node)?.display().to_string();
+        let state_dir = state_dir.display().to_string();
         let args = [
             agent.as_str(),
             "run",
@@ -192,7 +256,7 @@ impl HaPair for Hapair {
             "--listen",
             STATUS_ADDRESS,
         ];
-        *self.running.get_mut(node) = Some(bed.spawn(node, &args, &bed.disk_dir(node).join("agent.log"))?);
+        *self.running.get_mut(node) = Some(bed.spawn(node, &args, &log)?);
         Ok(())
     }
 
@@ -206,6 +270,17 @@ impl HaPair for Hapair {
     fn node_killed(&mut self, node: Node) {
         *self.running.get_mut(node) = None;
     }
+
+    fn failover_phases(&mut self, bed: &Testbed, survivor: Node) -> Option<Vec<(String, Duration)>> {
+        // The survivor publishes its takeover as it starts serving; allow for the report.
+        let previous = self.last_failover.clone();
+        let record = wait_for(Duration::from_secs(2), || {
+            Self::failover(bed, survivor).filter(|f| f.to == survivor.name() && Some(f) != previous.as_ref())
+        })?;
+        let phases = record.phases.iter().map(|p| (p.phase.clone(), Duration::from_millis(p.at_ms))).collect();
+        self.last_failover = Some(record);
+        Some(phases)
+    }
 }
 
 #[cfg(test)]
@@ -216,7 +291,7 @@ mod tests {
     #[test]
     fn the_benchmark_group_builds_valid_bundles_for_both_nodes() {
         for timings in [DEFAULT_TIMINGS, AGGRESSIVE_TIMINGS] {
-            let text = manifest(&timings, Path::new("/opt/bench-failover"), Path::new("/tmp/work"));
+            let text = manifest(&timings, false, Path::new("/opt/bench-failover"), Path::new("/tmp/work"));
             let built = bundles(&text).unwrap_or_else(|e| panic!("{e}"));
             let group = &built["a"].groups[0];
             assert_eq!(group.spec.heartbeat.interval.as_std(), timings.interval);

@@ -16,6 +16,7 @@
 
 pub mod hapair;
 pub mod keepalived;
+pub mod overlap;
 pub mod probe;
 pub mod report;
 pub mod service;
@@ -342,6 +343,12 @@ pub trait HaPair {
     fn settled(&mut self, bed: &Testbed, primary: Node) -> bool;
     /// `node` was killed: release (reap) what was started there.
     fn node_killed(&mut self, node: Node);
+    /// The phases of the takeover `survivor` just completed, as it recorded them: each
+    /// phase's name and when it ended from the start of its timeline. `None` for an
+    /// implementation that records none.
+    fn failover_phases(&mut self, _bed: &Testbed, _survivor: Node) -> Option<Vec<(String, Duration)>> {
+        None
+    }
 }
 
 /// The single holder of the virtual IP, if there is exactly one.
@@ -453,7 +460,22 @@ pub fn restore(pair: &mut dyn HaPair, bed: &Testbed, node: Node) -> Result<Node>
 #[derive(Debug, Default)]
 pub struct Measured {
     pub samples: Samples,
+    /// Per phase, in the order phases were first seen: when it ended, for every kill.
+    pub phases: Vec<(String, Vec<Duration>)>,
+    /// Both servers holding the VIP at once, over the whole run.
+    pub overlap: Option<overlap::Overlap>,
     pub error: Option<String>,
+}
+
+impl Measured {
+    fn add_phases(&mut self, phases: Vec<(String, Duration)>) {
+        for (name, at) in phases {
+            match self.phases.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, times)) => times.push(at),
+                None => self.phases.push((name, vec![at])),
+            }
+        }
+    }
 }
 
 /// Starts the pair, then `kills` times: kill the primary, measure, restore. A restored
@@ -467,9 +489,11 @@ pub fn measure(
     progress: &mut dyn FnMut(&str),
 ) -> Measured {
     let mut measured = Measured::default();
-    if let Err(e) = measure_into(pair, bed, kills, pace, progress, &mut measured.samples) {
+    let watch = overlap::VipWatch::start(bed);
+    if let Err(e) = measure_into(pair, bed, kills, pace, progress, &mut measured) {
         measured.error = Some(e.to_string());
     }
+    measured.overlap = Some(watch.finish());
     measured
 }
 
@@ -479,7 +503,7 @@ fn measure_into(
     kills: usize,
     pace: Pace,
     progress: &mut dyn FnMut(&str),
-    samples: &mut Samples,
+    measured: &mut Measured,
 ) -> Result<()> {
     let mut current = start_pair(pair, bed)?;
     let mut rng = rand::rng();
@@ -489,7 +513,10 @@ fn measure_into(
         let outcome = kill_primary(pair, bed, killed, pace)?;
         match outcome {
             Some(time) => {
-                samples.times.push(time);
+                measured.samples.times.push(time);
+                if let Some(phases) = pair.failover_phases(bed, killed.other()) {
+                    measured.add_phases(phases);
+                }
                 progress(&format!(
                     "{}: kill {i}/{kills} of {}: {} answered after {:.1} ms",
                     pair.label(),
@@ -499,7 +526,7 @@ fn measure_into(
                 ));
             }
             None => {
-                samples.failures += 1;
+                measured.samples.failures += 1;
                 progress(&format!(
                     "{}: kill {i}/{kills} of {}: no answer from {} within {:?}",
                     pair.label(),

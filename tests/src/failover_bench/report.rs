@@ -1,10 +1,13 @@
-//! The benchmark's table: one row per implementation with p50, p99, max, kills and
-//! failures, then the parameters of each and anything that kept a row from being measured.
+//! The benchmark's table: one row per implementation with p50, p99, max, kills, failures
+//! and the time both servers held the VIP at once, then the mean and p99 of each phase
+//! where the implementation records them, the parameters of each and anything that kept a
+//! row from being measured.
 
 use std::fmt::Write;
 use std::time::Duration;
 
 use super::Measured;
+use super::stats::Samples;
 
 #[derive(Debug)]
 pub struct Row {
@@ -23,8 +26,8 @@ pub fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}",
-        "implementation", "p50 ms", "p99 ms", "max ms", "N", "failures"
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}  {:>10}",
+        "implementation", "p50 ms", "p99 ms", "max ms", "N", "failures", "overlap ms"
     );
     let mut notes = Vec::new();
     for row in rows {
@@ -33,15 +36,33 @@ pub fn render(rows: &[Row]) -> String {
             Some(s) => (ms(s.p50), ms(s.p99), ms(s.max)),
             None => ("-".into(), "-".into(), "-".into()),
         };
+        let overlap = m.overlap.map_or_else(|| "-".to_string(), |o| ms(o.both));
         let _ = writeln!(
             out,
-            "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}",
+            "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}  {overlap:>10}",
             row.label,
             m.samples.kills(),
             m.samples.failures
         );
         if let Some(error) = &m.error {
             notes.push(format!("{}: stopped early: {error}", row.label));
+        }
+    }
+    for row in rows.iter().filter(|r| !r.result.phases.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nphases of {} (when each ended, from the last heartbeat heard from the old primary):",
+            row.label
+        );
+        let phase_width = row.result.phases.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        let _ = writeln!(out, "  {:<phase_width$}  {:>9}  {:>9}  {:>4}", "phase", "mean ms", "p99 ms", "N");
+        for (phase, times) in &row.result.phases {
+            let summary = Samples { times: times.clone(), failures: 0 };
+            let (mean, p99) = match (summary.mean(), summary.summary()) {
+                (Some(mean), Some(s)) => (ms(mean), ms(s.p99)),
+                _ => ("-".into(), "-".into()),
+            };
+            let _ = writeln!(out, "  {phase:<phase_width$}  {mean:>9}  {p99:>9}  {:>4}", times.len());
         }
     }
     let _ = writeln!(out, "\nparameters:");
@@ -59,7 +80,6 @@ pub fn render(rows: &[Row]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stats::Samples;
     use super::*;
 
     #[test]
@@ -68,7 +88,11 @@ mod tests {
             Row {
                 label: "hapair default".into(),
                 parameters: "heartbeat 100ms".into(),
-                result: Measured { samples: Samples::default(), error: Some("the pair settling timed out".into()) },
+                result: Measured {
+                    samples: Samples::default(),
+                    error: Some("the pair settling timed out".into()),
+                    ..Measured::default()
+                },
             },
             Row {
                 label: "keepalived advert_int 1s".into(),
@@ -78,14 +102,17 @@ mod tests {
                         times: vec![Duration::from_millis(3600), Duration::from_micros(3_700_200)],
                         failures: 1,
                     },
+                    phases: vec![("serving".into(), vec![Duration::from_millis(1000), Duration::from_millis(1100)])],
+                    overlap: Some(super::super::overlap::Overlap::default()),
                     error: None,
                 },
             },
         ];
         let text = render(&rows);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[1], "hapair default                    -          -          -     0         0");
-        assert_eq!(lines[2], "keepalived advert_int 1s     3600.0     3700.2     3700.2     3         1");
+        assert_eq!(lines[1], "hapair default                    -          -          -     0         0           -");
+        assert_eq!(lines[2], "keepalived advert_int 1s     3600.0     3700.2     3700.2     3         1         0.0");
+        assert!(text.contains("\n  serving     1050.0     1100.0     2\n"), "{text}");
         assert!(text.contains("  hapair default: stopped early: the pair settling timed out"), "{text}");
         assert!(text.contains("  keepalived advert_int 1s  advert_int 1s"), "{text}");
     }

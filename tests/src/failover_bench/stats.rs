@@ -26,6 +26,12 @@ impl Samples {
         self.times.len() + self.failures
     }
 
+    /// The mean of the measured times; `None` when there is none.
+    pub fn mean(&self) -> Option<Duration> {
+        let n = u32::try_from(self.times.len()).ok().filter(|n| *n > 0)?;
+        Some(self.times.iter().sum::<Duration>() / n)
+    }
+
     /// `None` when no kill was answered.
     pub fn summary(&self) -> Option<Summary> {
         let mut sorted = self.times.clone();
