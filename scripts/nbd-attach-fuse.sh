@@ -21,17 +21,18 @@ attach)
     dir=$(mktemp -d "$base/hapair-nbdfuse.XXXXXX")
     mkdir "$dir/mnt"
     setsid nbdfuse -P "$dir/pid" "$dir/mnt/disk" --unix "$HAPAIR_NBD_SOCKET" </dev/null >"$dir/log" 2>&1 &
+    # Polled finely: this wait is part of every takeover (10 s at most).
     i=0
     while [ ! -s "$dir/pid" ]; do
         i=$((i + 1))
-        if [ "$i" -gt 200 ]; then
+        if [ "$i" -gt 1000 ]; then
             echo "nbdfuse did not start:" >&2
             cat "$dir/log" >&2
             fusermount3 -u "$dir/mnt" 2>/dev/null || true
             rm -rf "$dir"
             exit 1
         fi
-        sleep 0.05
+        sleep 0.01
     done
     # Recorded for cleanup after a crash: once the mount namespace holding the FUSE file
     # is gone, the loop device's backing file no longer names this directory, and the

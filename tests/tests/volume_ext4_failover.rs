@@ -174,6 +174,19 @@ fn volume_step_creates_the_filesystem_only_when_asked_and_demotes_after_unmounti
         assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"first use");
         volume_step::deactivate(&replica, active, Duration::from_secs(60)).await.unwrap();
         guard.disarm();
+
+        // Another filesystem type asked for, mkfs allowed: the mount fails, and the probe
+        // after it refuses to format over the ext4 that is there.
+        plan.fs_type = "xfs".into();
+        let err = volume_step::activate(&replica, &plan, 5).await.unwrap_err();
+        assert_eq!(err.stage, Stage::Filesystem, "{err}");
+        assert!(err.message.contains("ext4"), "{err}");
+        plan.fs_type = "ext4".into();
+        let active = volume_step::activate(&replica, &plan, 6).await.unwrap();
+        let guard = FuseAttachGuard::new(&active.device.display().to_string());
+        assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"first use", "nothing was formatted");
+        volume_step::deactivate(&replica, active, Duration::from_secs(60)).await.unwrap();
+        guard.disarm();
         replica.shutdown().await.unwrap();
     });
 }

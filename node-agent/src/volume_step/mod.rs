@@ -101,16 +101,24 @@ pub async fn bring_up(replica: &Replica, plan: &StepPlan) -> Result<ActiveVolume
     let mut active = ActiveVolume { device, mounted: None, created_filesystem: false, attach: plan.attach.clone() };
     let Some(path) = &plan.mount_path else { return Ok(active) };
     let mounted = async {
-        active.created_filesystem = filesystem::ensure(&active.device, &plan.fs_type, plan.mkfs)
+        // Mounting first: on every takeover but the first the filesystem is there, and
+        // probing it beforehand (blkid) costs tens of milliseconds of the outage. A mount
+        // never writes to a device it does not recognise, so only when it fails is the
+        // device probed, to create the filesystem on first use or to say what is there.
+        let mount = || filesystem::mount(&active.device, path, &plan.fs_type, &plan.mount_options);
+        let Err(first) = mount().await else { return Ok(false) };
+        let created = filesystem::ensure(&active.device, &plan.fs_type, plan.mkfs)
             .await
             .map_err(|e| StepError::new(Stage::Filesystem, e))?;
-        filesystem::mount(&active.device, path, &plan.fs_type, &plan.mount_options)
-            .await
-            .map_err(|e| StepError::new(Stage::Mount, e))
+        if !created {
+            return Err(StepError::new(Stage::Mount, first));
+        }
+        mount().await.map_err(|e| StepError::new(Stage::Mount, e)).map(|()| true)
     }
     .await;
     match mounted {
-        Ok(()) => {
+        Ok(created) => {
+            active.created_filesystem = created;
             active.mounted = Some(path.clone());
             Ok(active)
         }
