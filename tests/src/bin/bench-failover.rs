@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use hapair_tests::failover_bench::hapair::Hapair;
+use hapair_tests::failover_bench::hapair::{Hapair, Stack};
 use hapair_tests::failover_bench::keepalived::{self, Keepalived};
 use hapair_tests::failover_bench::probe::{DEFAULT_PACE, Pace};
 use hapair_tests::failover_bench::report::{Row, render};
@@ -36,8 +36,9 @@ struct Cli {
     /// Three kills per implementation: checks the harness quickly.
     #[arg(long)]
     quick: bool,
-    /// Only these implementations (comma-separated): hapair-witness, hapair-nowitness,
-    /// hapair-nowitness-aggressive, keepalived-1s, keepalived-0.1s.
+    /// Only these implementations (comma-separated): hapair-witness, hapair-full,
+    /// hapair-full-aggressive, hapair-nowitness, hapair-nowitness-aggressive,
+    /// keepalived-1s, keepalived-0.1s.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The hapair-agent binary; defaults to the one next to this program.
@@ -61,20 +62,32 @@ enum Internal {
         daemon: bool,
         #[arg(long)]
         pid_file: Option<PathBuf>,
+        /// Increment the number in this file, durably, on every connection, and answer
+        /// with NAME and the new number.
+        #[arg(long)]
+        counter: Option<PathBuf>,
     },
 }
 
-const IMPLEMENTATIONS: [&str; 5] =
-    ["hapair-witness", "hapair-nowitness", "hapair-nowitness-aggressive", "keepalived-1s", "keepalived-0.1s"];
+const IMPLEMENTATIONS: [&str; 7] = [
+    "hapair-witness",
+    "hapair-full",
+    "hapair-full-aggressive",
+    "hapair-nowitness",
+    "hapair-nowitness-aggressive",
+    "keepalived-1s",
+    "keepalived-0.1s",
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Before anything starts a thread: the daemon forks.
-    if let Some(Internal::Serve { name, port, daemon, pid_file }) = &cli.command {
+    if let Some(Internal::Serve { name, port, daemon, pid_file, counter }) = &cli.command {
         let listener = service::bind(*port)?;
+        let counter = counter.as_deref();
         return match pid_file {
-            Some(pid_file) if *daemon => Ok(service::daemonize(&listener, name, pid_file)?),
-            _ => Ok(service::serve(&listener, name)?),
+            Some(pid_file) if *daemon => Ok(service::daemonize(&listener, name, counter, pid_file)?),
+            _ => Ok(service::serve(&listener, name, counter)?),
         };
     }
     if !nix::unistd::geteuid().is_root() {
@@ -129,11 +142,21 @@ fn main() -> anyhow::Result<()> {
             break;
         }
         let mut pair: Box<dyn HaPair> = match id {
-            "hapair-witness" => Box::new(Hapair::new("witness", DEFAULT_TIMINGS, true, agent.clone())),
-            "hapair-nowitness" => Box::new(Hapair::new("no-witness (unsafe)", DEFAULT_TIMINGS, false, agent.clone())),
-            "hapair-nowitness-aggressive" => {
-                Box::new(Hapair::new("no-witness aggressive (unsafe)", AGGRESSIVE_TIMINGS, false, agent.clone()))
+            "hapair-witness" => Box::new(Hapair::new("witness", DEFAULT_TIMINGS, true, Stack::Service, agent.clone())),
+            "hapair-full" => Box::new(Hapair::new("full", DEFAULT_TIMINGS, true, Stack::Volume, agent.clone())),
+            "hapair-full-aggressive" => {
+                Box::new(Hapair::new("full aggressive", AGGRESSIVE_TIMINGS, true, Stack::Volume, agent.clone()))
             }
+            "hapair-nowitness" => {
+                Box::new(Hapair::new("no-witness (unsafe)", DEFAULT_TIMINGS, false, Stack::Service, agent.clone()))
+            }
+            "hapair-nowitness-aggressive" => Box::new(Hapair::new(
+                "no-witness aggressive (unsafe)",
+                AGGRESSIVE_TIMINGS,
+                false,
+                Stack::Service,
+                agent.clone(),
+            )),
             "keepalived-1s" => Box::new(Keepalived::new(keepalived.clone(), Duration::from_secs(1))),
             _ => Box::new(Keepalived::new(keepalived.clone(), Duration::from_millis(100))),
         };

@@ -7,11 +7,24 @@
 //!   servers active): `hapair-agent run --bundle` on each server, with the bundles the
 //!   controller's own reconcile builds from the same HaGroup manifest.
 //!
-//! The group heartbeats over both links, fails back manually (a restored server stays the
-//! standby), and its flow starts the service with an exec step and then adds the virtual
-//! IP. The pair has settled when the primary's agent reports Primary and the other's
-//! reports Standby with the peer reachable, on their `/v1/status` endpoints. After each
-//! kill, the survivor's `lastFailover` gives the phases of its takeover.
+//! and in two stacks:
+//!
+//! - **service**: the flow starts the service with an exec step and then adds the virtual IP;
+//! - **volume** (the demo's stack): first a protocol C `ReplicatedVolume` attached through
+//!   `scripts/nbd-attach-fuse.sh` (nbdfuse and a loop device), with ext4 on it, mounted;
+//!   then the service, which increments a counter on that filesystem, durably, on every
+//!   connection and answers with it, so the client can tell whether the new server lost
+//!   any write the old one acknowledged; then the virtual IP.
+//!
+//! The group heartbeats over both links and fails back manually (a restored server stays
+//! the standby). The pair has settled when the primary's agent reports Primary and the
+//! other's reports Standby with the peer reachable (and, with the volume, its replica
+//! UpToDate and connected), on their `/v1/status` endpoints. After each kill, the
+//! survivor's `lastFailover` gives the phases of its takeover.
+//!
+//! The agents mount inside their own mount namespaces (`ip netns exec` makes one). A killed
+//! node's loop device and nbdfuse directory outlive it; they are torn down once the node is
+//! dead, before it reboots.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -22,25 +35,54 @@ use std::time::Duration;
 use hapair_agent::endpoints::StatusSnapshot;
 use hapair_crds::hagroup::{FailoverRecord, NodeRole};
 use hapair_crds::nodeapi::DesiredConfig;
+use hapair_crds::volume::{ConnectionState, DiskState};
 use hapair_operator::desired::catalog::Catalog;
 use hapair_operator::desired::state::ControllerState;
 
 use super::{BenchError, HaPair, Node, PerNode, Result, SERVICE_PORT, Testbed, VIP, VIP_PREFIX_LEN, io_error};
 use crate::controller::{Controller, enroll};
+use crate::mounts::attach_script;
 use crate::netns::{ChildGuard, wait_for};
 use crate::sim::Timings;
 use crate::topology::C0;
 
 /// Where each agent serves `/v1/status`, inside its own namespace.
 const STATUS_ADDRESS: &str = "127.0.0.1:9464";
+/// The replicated volume of the volume stack.
+const VOLUME: &str = "bench-data";
 
-/// The HaGroup the benchmark runs, as a manifest (JSON, which is YAML too). `work` is the
-/// testbed's work directory, holding one directory per node name.
-pub fn manifest(timings: &Timings, witness: bool, program: &Path, work: &Path) -> String {
+/// What the flow runs besides the virtual IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// The service alone.
+    Service,
+    /// A protocol C volume with ext4 mounted, and the service writing to it.
+    Volume,
+}
+
+/// Where the volume is mounted on either node (each agent in its own mount namespace).
+fn mount_path(work: &Path) -> PathBuf {
+    work.join("mnt")
+}
+
+/// Where `scripts/nbd-attach-fuse.sh` keeps a node's attachments (the agent's
+/// `HAPAIR_ATTACH_DIR`), on its disk so that they can be torn down after a kill.
+fn attach_dir(bed: &Testbed, node: Node) -> PathBuf {
+    bed.disk_dir(node).join("attach")
+}
+
+/// The HaGroup the benchmark runs, and with the volume stack its ReplicatedVolume, as a
+/// manifest (JSON documents, which are YAML too). `work` is the testbed's work directory,
+/// holding one directory per node name.
+pub fn manifest(timings: &Timings, witness: bool, stack: Stack, program: &Path, work: &Path) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let pid_file = format!("'{}'/\"$HAPAIR_NODE\"/run/service.pid", work.display());
+    let counter = match stack {
+        Stack::Service => String::new(),
+        Stack::Volume => format!(" --counter '{}'", mount_path(work).join("visits").display()),
+    };
     let start = format!(
-        "'{}' serve --name \"$HAPAIR_NODE\" --port {SERVICE_PORT} --daemon --pid-file {pid_file} </dev/null >/dev/null 2>&1",
+        "'{}' serve --name \"$HAPAIR_NODE\" --port {SERVICE_PORT}{counter} --daemon --pid-file {pid_file} </dev/null >/dev/null 2>&1",
         program.display()
     );
     let stop = format!("f={pid_file}; if [ -f \"$f\" ]; then kill \"$(cat \"$f\")\"; rm -f \"$f\"; fi");
@@ -50,7 +92,25 @@ pub fn manifest(timings: &Timings, witness: bool, program: &Path, work: &Path) -
             "heartbeatAddresses": [n.heartbeat_address(), n.lan_address()],
         })
     };
-    serde_json::json!({
+    let script = attach_script();
+    let script = script.canonicalize().unwrap_or(script);
+    let mut flow = Vec::new();
+    if stack == Stack::Volume {
+        flow.push(serde_json::json!({
+            "name": "data",
+            "volume": {
+                "volumeRef": VOLUME,
+                "mountPath": mount_path(work),
+                "mkfs": true,
+                "attachCommand": format!("'{}' attach", script.display()),
+                "detachCommand": format!("'{}' detach", script.display()),
+            },
+            "timeout": "60s",
+        }));
+    }
+    flow.push(serde_json::json!({"name": "service", "exec": {"start": start, "stop": stop}}));
+    flow.push(serde_json::json!({"name": "service-ip", "virtualIP": {"name": "service"}}));
+    let group = serde_json::json!({
         "apiVersion": "hapair.dev/v1alpha1",
         "kind": "HaGroup",
         "metadata": {"name": "bench", "namespace": "default"},
@@ -64,13 +124,32 @@ pub fn manifest(timings: &Timings, witness: bool, program: &Path, work: &Path) -
             "witness": {"mode": if witness { "controller" } else { "none" }},
             "failback": {"mode": "manual"},
             "virtualIPs": [{"name": "service", "address": format!("{VIP}/{VIP_PREFIX_LEN}"), "interface": "eth0"}],
-            "flow": [
-                {"name": "service", "exec": {"start": start, "stop": stop}},
-                {"name": "service-ip", "virtualIP": {"name": "service"}},
-            ],
+            "flow": flow,
         },
-    })
-    .to_string()
+    });
+    if stack == Stack::Service {
+        return group.to_string();
+    }
+    let backing = |n: Node| {
+        serde_json::json!({
+            "node": n.name(),
+            "path": work.join(n.name()).join("volume.img"),
+            "address": n.heartbeat_address(),
+        })
+    };
+    let volume = serde_json::json!({
+        "apiVersion": "hapair.dev/v1alpha1",
+        "kind": "ReplicatedVolume",
+        "metadata": {"name": VOLUME, "namespace": "default"},
+        "spec": {
+            "group": "bench",
+            "size": "64Mi",
+            "protocol": "C",
+            "port": 7790,
+            "backing": [backing(Node::A), backing(Node::B)],
+        },
+    });
+    format!("{volume}\n---\n{group}\n")
 }
 
 /// Each node's desired-config bundle, built by the controller's reconcile from `manifest`
@@ -107,6 +186,7 @@ pub struct Hapair {
     name: String,
     timings: Timings,
     witness: bool,
+    stack: Stack,
     agent: PathBuf,
     /// Written at the first start, once the testbed's paths are known (no witness).
     bundles: Option<BTreeMap<String, DesiredConfig>>,
@@ -115,26 +195,30 @@ pub struct Hapair {
     running: PerNode<Option<ChildGuard>>,
     /// The last takeover whose phases were read, so the next one is told from it.
     last_failover: Option<FailoverRecord>,
+    /// Each node's attachment directory once it ran an agent (volume stack).
+    attach_dirs: PerNode<Option<PathBuf>>,
 }
 
 impl Hapair {
     /// `name` tells the setting apart in the table ("witness", "no-witness (unsafe)").
-    pub fn new(name: &str, timings: Timings, witness: bool, agent: PathBuf) -> Self {
+    pub fn new(name: &str, timings: Timings, witness: bool, stack: Stack, agent: PathBuf) -> Self {
         Hapair {
             name: name.to_string(),
             timings,
             witness,
+            stack,
             agent,
             bundles: None,
             controller: None,
             running: PerNode::default(),
             last_failover: None,
+            attach_dirs: PerNode::default(),
         }
     }
 
     /// The controller, started with the benchmark's manifest on the first call.
     fn controller(&mut self, bed: &Testbed) -> &Controller {
-        let manifest = manifest(&self.timings, true, bed.program(), bed.work_dir());
+        let manifest = manifest(&self.timings, true, self.stack, bed.program(), bed.work_dir());
         self.controller
             .get_or_insert_with(|| Controller::start(bed.client(), C0, &bed.work_dir().join("controller"), &manifest))
     }
@@ -160,7 +244,7 @@ impl Hapair {
 
     fn bundle_file(&mut self, bed: &Testbed, node: Node) -> Result<PathBuf> {
         if self.bundles.is_none() {
-            self.bundles = Some(bundles(&manifest(&self.timings, false, bed.program(), bed.work_dir()))?);
+            self.bundles = Some(bundles(&manifest(&self.timings, false, self.stack, bed.program(), bed.work_dir()))?);
         }
         let bundle = self
             .bundles
@@ -200,6 +284,26 @@ impl Hapair {
         let group = status.groups.first()?;
         Some((group.role, group.peer_reachable))
     }
+
+    /// The standby can take over: Standby, hearing the peer, and with the volume stack its
+    /// replica UpToDate and connected (else a kill would find nothing safe to promote).
+    fn ready_standby(&self, bed: &Testbed, node: Node) -> bool {
+        let Some(status) = Self::status(bed, node) else { return false };
+        let Some(group) = status.groups.first() else { return false };
+        let replica_ready = match self.stack {
+            Stack::Service => true,
+            Stack::Volume => group.volumes.iter().any(|v| {
+                v.name == VOLUME && v.disk_state == DiskState::UpToDate && v.connection == ConnectionState::Connected
+            }),
+        };
+        group.role == NodeRole::Standby && group.peer_reachable && replica_ready
+    }
+}
+
+/// Tears down what `scripts/nbd-attach-fuse.sh` left under `dir` after its node died: the
+/// loop device, the FUSE connection and the nbdfuse process.
+fn clean_up_attachments(dir: &Path) {
+    let _ = std::process::Command::new(attach_script()).arg("cleanup").env("HAPAIR_ATTACH_DIR", dir).output();
 }
 
 impl HaPair for Hapair {
@@ -214,9 +318,16 @@ impl HaPair for Hapair {
         } else {
             "witness none (two-node: a full partition makes both servers active)"
         };
+        let stack = match self.stack {
+            Stack::Service => "no volume; flow: exec step starting the service, then the VIP (GARP defaults)",
+            Stack::Volume => {
+                "flow: a 64 MiB protocol C ReplicatedVolume (nbdfuse + loop device, ext4, mounted), then the \
+                 service, which fsyncs a counter on it before answering each connection, then the VIP (GARP \
+                 defaults)"
+            }
+        };
         format!(
-            "heartbeat every {} ms on both links, deadAfter {} ms, leaseTTL {} ms, {witness}, manual failback; \
-             no volume; flow: exec step starting the service, then the VIP (GARP defaults)",
+            "heartbeat every {} ms on both links, deadAfter {} ms, leaseTTL {} ms, {witness}, manual failback; {stack}",
             t.interval.as_millis(),
             t.dead_after.as_millis(),
             t.lease.as_millis()
@@ -237,9 +348,14 @@ impl HaPair for Hapair {
         std::fs::create_dir_all(&state_dir).map_err(io_error(format!("creating {}", state_dir.display())))?;
         let log = bed.disk_dir(node).join("agent.log");
         let agent = self.agent.display().to_string();
+        let attach = attach_dir(bed, node);
+        std::fs::create_dir_all(&attach).map_err(io_error(format!("creating {}", attach.display())))?;
+        *self.attach_dirs.get_mut(node) = Some(attach.clone());
+        let env = [("HAPAIR_ATTACH_DIR", attach.as_path())];
         if self.witness {
             let config = self.enrolled_config(bed, node)?.display().to_string();
-            *self.running.get_mut(node) = Some(bed.spawn(node, &[agent.as_str(), "run", "--config", &config], &log)?);
+            let args = [agent.as_str(), "run", "--config", &config];
+            *self.running.get_mut(node) = Some(bed.spawn_with_env(node, &args, &env, &log)?);
             return Ok(());
         }
         let bundle = self.bundle_file(bed, node)?.display().to_string();
@@ -256,7 +372,7 @@ impl HaPair for Hapair {
             "--listen",
             STATUS_ADDRESS,
         ];
-        *self.running.get_mut(node) = Some(bed.spawn(node, &args, &log)?);
+        *self.running.get_mut(node) = Some(bed.spawn_with_env(node, &args, &env, &log)?);
         Ok(())
     }
 
@@ -264,11 +380,18 @@ impl HaPair for Hapair {
         let alive = Node::BOTH.iter().all(|&n| self.running.get_mut(n).as_mut().is_some_and(|agent| !agent.exited()));
         alive
             && matches!(Self::role(bed, primary), Some((NodeRole::Primary, _)))
-            && matches!(Self::role(bed, primary.other()), Some((NodeRole::Standby, true)))
+            && self.ready_standby(bed, primary.other())
+    }
+
+    fn starts_together(&self) -> bool {
+        self.stack == Stack::Volume
     }
 
     fn node_killed(&mut self, node: Node) {
         *self.running.get_mut(node) = None;
+        if let Some(dir) = self.attach_dirs.get_mut(node).take() {
+            clean_up_attachments(&dir);
+        }
     }
 
     fn failover_phases(&mut self, bed: &Testbed, survivor: Node) -> Option<Vec<(String, Duration)>> {
@@ -291,7 +414,8 @@ mod tests {
     #[test]
     fn the_benchmark_group_builds_valid_bundles_for_both_nodes() {
         for timings in [DEFAULT_TIMINGS, AGGRESSIVE_TIMINGS] {
-            let text = manifest(&timings, false, Path::new("/opt/bench-failover"), Path::new("/tmp/work"));
+            let text =
+                manifest(&timings, false, Stack::Service, Path::new("/opt/bench-failover"), Path::new("/tmp/work"));
             let built = bundles(&text).unwrap_or_else(|e| panic!("{e}"));
             let group = &built["a"].groups[0];
             assert_eq!(group.spec.heartbeat.interval.as_std(), timings.interval);
@@ -302,6 +426,24 @@ mod tests {
             assert!(exec.start.starts_with("'/opt/bench-failover' serve --name \"$HAPAIR_NODE\""), "{}", exec.start);
             assert!(exec.stop.contains("'/tmp/work'/\"$HAPAIR_NODE\"/run/service.pid"), "{}", exec.stop);
             assert_eq!(built["a"].groups[0].heartbeat_key, built["b"].groups[0].heartbeat_key);
+        }
+    }
+
+    #[test]
+    fn the_volume_stack_mounts_a_protocol_c_volume_before_a_service_that_writes_to_it() {
+        let text = manifest(&DEFAULT_TIMINGS, true, Stack::Volume, Path::new("/opt/bench-failover"), Path::new("/w"));
+        let built = bundles(&text).unwrap_or_else(|e| panic!("{e}"));
+        for node in ["a", "b"] {
+            let group = &built[node].groups[0];
+            let steps: Vec<_> = group.spec.flow.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(steps, ["data", "service", "service-ip"]);
+            let volume = group.spec.flow[0].volume.as_ref().unwrap_or_else(|| panic!("no volume step"));
+            assert_eq!((volume.volume_ref.as_str(), volume.mount_path.as_deref()), (VOLUME, Some("/w/mnt")));
+            let exec = group.spec.flow[1].exec.as_ref().unwrap_or_else(|| panic!("no exec step"));
+            assert!(exec.start.contains(" --counter '/w/mnt/visits' "), "{}", exec.start);
+            let replicated = &group.volumes;
+            assert_eq!(replicated.len(), 1, "{replicated:?}");
+            assert_eq!(replicated[0].name, VOLUME);
         }
     }
 }

@@ -221,6 +221,11 @@ impl Testbed {
     /// Starts `args` inside `node`'s namespace in its own process group, output appended to
     /// `log`. The child is also killed if this process dies without running its guards.
     pub fn spawn(&self, node: Node, args: &[&str], log: &Path) -> Result<ChildGuard> {
+        self.spawn_with_env(node, args, &[], log)
+    }
+
+    /// [`Testbed::spawn`] with `env` added to the child's environment.
+    pub fn spawn_with_env(&self, node: Node, args: &[&str], env: &[(&str, &Path)], log: &Path) -> Result<ChildGuard> {
         let out = File::options()
             .create(true)
             .append(true)
@@ -231,6 +236,7 @@ impl Testbed {
         command
             .args(["netns", "exec", self.ns(node).name()])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -276,7 +282,7 @@ impl Testbed {
     }
 
     /// One connection from the client to the virtual IP: who answered, if anyone.
-    pub fn ask(&self) -> Option<String> {
+    pub fn ask(&self) -> Option<probe::Answer> {
         self.client().block_on(|| probe::ask(service_address(), Duration::from_millis(500)))
     }
 
@@ -343,6 +349,12 @@ pub trait HaPair {
     fn settled(&mut self, bed: &Testbed, primary: Node) -> bool;
     /// `node` was killed: release (reap) what was started there.
     fn node_killed(&mut self, node: Node);
+    /// Whether the first start needs both servers at once (a new replicated volume has no
+    /// UpToDate copy until the two replicas have met); else `a` starts first and is the
+    /// primary.
+    fn starts_together(&self) -> bool {
+        false
+    }
     /// The phases of the takeover `survivor` just completed, as it recorded them: each
     /// phase's name and when it ended from the start of its timeline. `None` for an
     /// implementation that records none.
@@ -390,10 +402,14 @@ pub fn wait_settled(pair: &mut dyn HaPair, bed: &Testbed) -> Result<Node> {
     }
 }
 
-/// Starts the pair with `a` first, so that it becomes the primary, then `b`; returns once
-/// the pair has settled.
+/// Starts the pair with `a` first, so that it becomes the primary, then `b` (or both at
+/// once, see [`HaPair::starts_together`]); returns once the pair has settled.
 pub fn start_pair(pair: &mut dyn HaPair, bed: &Testbed) -> Result<Node> {
     pair.start_node(bed, Node::A)?;
+    if pair.starts_together() {
+        pair.start_node(bed, Node::B)?;
+        return wait_settled(pair, bed);
+    }
     let deadline = Instant::now() + SETTLE_BOUND;
     while !bed.holds_vip(Node::A)? {
         if interrupted() {
@@ -411,23 +427,37 @@ pub fn start_pair(pair: &mut dyn HaPair, bed: &Testbed) -> Result<Node> {
     wait_settled(pair, bed)
 }
 
-/// Kills the primary and measures until the client is answered by the other server; the
-/// time is `None` when that took longer than the implementation's bound.
-pub fn kill_primary(pair: &mut dyn HaPair, bed: &Testbed, primary: Node, pace: Pace) -> Result<Option<Duration>> {
+/// How one kill went, when the other server answered within the bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Takeover {
+    /// From the kill to the first answer from the other server.
+    pub time: Duration,
+    /// Writes the killed server acknowledged that the other server does not have (for a
+    /// service that writes).
+    pub lost_writes: Option<u64>,
+}
+
+/// Kills the primary and measures until the client is answered by the other server;
+/// `None` when that took longer than the implementation's bound.
+pub fn kill_primary(pair: &mut dyn HaPair, bed: &Testbed, primary: Node, pace: Pace) -> Result<Option<Takeover>> {
     let survivor = primary.other();
     let answered = crate::netns::wait_for(Duration::from_secs(10), || {
-        (interrupted() || bed.ask().as_deref() == Some(primary.name())).then_some(())
+        if interrupted() {
+            return Some(None);
+        }
+        bed.ask().filter(|a| a.server == primary.name()).map(Some)
     });
     if interrupted() {
         return Err(BenchError::Interrupted);
     }
-    if answered.is_none() {
+    // The last write acknowledged before the kill, should no probe reach the primary after.
+    let Some(Some(acknowledged)) = answered else {
         return Err(BenchError::Setup(format!(
             "{}: the client is not answered by the primary {} before the kill",
             pair.label(),
             primary.name()
         )));
-    }
+    };
     let bound = pair.failover_bound();
     let (killed, answer) = std::thread::scope(|scope| {
         let t0 = Instant::now();
@@ -437,7 +467,13 @@ pub fn kill_primary(pair: &mut dyn HaPair, bed: &Testbed, primary: Node, pace: P
             })
         });
         let killed = bed.kill(primary);
-        let answer = client.join().map(|at| at.map(|at| at.duration_since(t0)));
+        let answer = client.join().map(|first| {
+            first.map(|first| {
+                let acknowledged_before = first.acknowledged_before.max(acknowledged.write);
+                let first = probe::FirstAnswer { acknowledged_before, ..first };
+                Takeover { time: first.at.duration_since(t0), lost_writes: first.lost_writes() }
+            })
+        });
         (killed, answer)
     });
     killed?;
@@ -464,6 +500,9 @@ pub struct Measured {
     pub phases: Vec<(String, Vec<Duration>)>,
     /// Both servers holding the VIP at once, over the whole run.
     pub overlap: Option<overlap::Overlap>,
+    /// Acknowledged writes missing on the new server, summed over the kills (for a service
+    /// that writes).
+    pub lost_writes: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -512,13 +551,17 @@ fn measure_into(
         let killed = current;
         let outcome = kill_primary(pair, bed, killed, pace)?;
         match outcome {
-            Some(time) => {
+            Some(Takeover { time, lost_writes }) => {
                 measured.samples.times.push(time);
+                if let Some(lost) = lost_writes {
+                    *measured.lost_writes.get_or_insert(0) += lost;
+                }
                 if let Some(phases) = pair.failover_phases(bed, killed.other()) {
                     measured.add_phases(phases);
                 }
+                let lost = lost_writes.map_or_else(String::new, |n| format!(", {n} acknowledged writes lost"));
                 progress(&format!(
-                    "{}: kill {i}/{kills} of {}: {} answered after {:.1} ms",
+                    "{}: kill {i}/{kills} of {}: {} answered after {:.1} ms{lost}",
                     pair.label(),
                     killed.name(),
                     killed.other().name(),

@@ -1,5 +1,6 @@
-//! The benchmark's table: one row per implementation with p50, p99, max, kills, failures
-//! and the time both servers held the VIP at once, then the mean and p99 of each phase
+//! The benchmark's table: one row per implementation with p50, p99, max, kills, failures,
+//! the time both servers held the VIP at once and, for a service that writes, the
+//! acknowledged writes lost, then the mean and p99 of each phase
 //! where the implementation records them, the parameters of each and anything that kept a
 //! row from being measured.
 
@@ -26,8 +27,8 @@ pub fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}  {:>10}",
-        "implementation", "p50 ms", "p99 ms", "max ms", "N", "failures", "overlap ms"
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>4}  {:>8}  {:>10}  {:>11}",
+        "implementation", "p50 ms", "p99 ms", "max ms", "N", "failures", "overlap ms", "lost writes"
     );
     let mut notes = Vec::new();
     for row in rows {
@@ -37,9 +38,10 @@ pub fn render(rows: &[Row]) -> String {
             None => ("-".into(), "-".into(), "-".into()),
         };
         let overlap = m.overlap.map_or_else(|| "-".to_string(), |o| ms(o.both));
+        let lost = m.lost_writes.map_or_else(|| "-".to_string(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}  {overlap:>10}",
+            "{:<width$}  {p50:>9}  {p99:>9}  {max:>9}  {:>4}  {:>8}  {overlap:>10}  {lost:>11}",
             row.label,
             m.samples.kills(),
             m.samples.failures
@@ -104,14 +106,21 @@ mod tests {
                     },
                     phases: vec![("serving".into(), vec![Duration::from_millis(1000), Duration::from_millis(1100)])],
                     overlap: Some(super::super::overlap::Overlap::default()),
+                    lost_writes: Some(0),
                     error: None,
                 },
             },
         ];
         let text = render(&rows);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[1], "hapair default                    -          -          -     0         0           -");
-        assert_eq!(lines[2], "keepalived advert_int 1s     3600.0     3700.2     3700.2     3         1         0.0");
+        assert_eq!(
+            lines[1],
+            "hapair default                    -          -          -     0         0           -            -"
+        );
+        assert_eq!(
+            lines[2],
+            "keepalived advert_int 1s     3600.0     3700.2     3700.2     3         1         0.0            0"
+        );
         assert!(text.contains("\n  serving     1050.0     1100.0     2\n"), "{text}");
         assert!(text.contains("  hapair default: stopped early: the pair settling timed out"), "{text}");
         assert!(text.contains("  keepalived advert_int 1s  advert_int 1s"), "{text}");
