@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 
 use hapair_crds::hagroup::NodeRole;
 use hapair_crds::nodeapi::StepState;
+use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::engine::timeline::PhaseTime;
 use crate::heartbeat::{DropCounts, DropReason};
+use crate::replication::status::ReplicaStatus;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -38,6 +40,51 @@ const STEP_STATES: [StepState; 7] = [
     StepState::Stopping,
     StepState::Failed,
 ];
+
+const VOLUME_ROLES: [VolumeRole; 2] = [VolumeRole::Primary, VolumeRole::Secondary];
+
+const CONNECTION_STATES: [ConnectionState; 8] = [
+    ConnectionState::StandAlone,
+    ConnectionState::Connecting,
+    ConnectionState::Connected,
+    ConnectionState::SyncSource,
+    ConnectionState::SyncTarget,
+    ConnectionState::VerifySource,
+    ConnectionState::VerifyTarget,
+    ConnectionState::SplitBrain,
+];
+
+const DISK_STATES: [DiskState; 5] =
+    [DiskState::UpToDate, DiskState::Inconsistent, DiskState::Outdated, DiskState::Diskless, DiskState::Unknown];
+
+/// A replica's running totals that become counters: the replica reports totals since it
+/// was opened, the counters advance by the difference.
+#[derive(Clone, Copy, Debug, Default)]
+struct VolumeTotals {
+    resync_sent: u64,
+    resync_received: u64,
+    wire_sent: u64,
+    wire_received: u64,
+    verify_mismatched: u64,
+}
+
+impl VolumeTotals {
+    fn of(status: &ReplicaStatus) -> Self {
+        VolumeTotals {
+            resync_sent: status.counters.resync_bytes_sent,
+            resync_received: status.counters.resync_bytes_received,
+            wire_sent: status.wire_sent_bytes,
+            wire_received: status.wire_received_bytes,
+            verify_mismatched: status.counters.verify_mismatched_bytes,
+        }
+    }
+}
+
+/// How far a counter advances from total `before` to total `now`. A total that went down
+/// belongs to a replica opened again, counting from zero.
+fn advance(before: u64, now: u64) -> u64 {
+    if now >= before { now - before } else { now }
+}
 
 fn step_state_label(s: StepState) -> &'static str {
     match s {
@@ -71,8 +118,20 @@ pub struct AgentMetrics {
     failovers: Family<Labels, Counter>,
     last_failover_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     failover_phase_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    volume_role: Family<Labels, Gauge>,
+    volume_connection: Family<Labels, Gauge>,
+    volume_disk_state: Family<Labels, Gauge>,
+    volume_out_of_sync: Family<Labels, Gauge>,
+    volume_resync_rate: Family<Labels, Gauge>,
+    volume_resync_eta: Family<Labels, Gauge>,
+    volume_resync_bytes: Family<Labels, Counter>,
+    volume_replication_bytes: Family<Labels, Counter>,
+    volume_verify_mismatched: Family<Labels, Counter>,
+    volume_nbd_clients: Family<Labels, Gauge>,
     /// Drop counts already added to the counters, per group: the transport reports totals.
     drops_seen: Mutex<HashMap<String, DropCounts>>,
+    /// Replica totals already added to the counters, per (group, volume).
+    volume_totals_seen: Mutex<HashMap<(String, String), VolumeTotals>>,
 }
 
 impl Default for AgentMetrics {
@@ -96,7 +155,18 @@ impl AgentMetrics {
             failovers: Family::default(),
             last_failover_seconds: Family::default(),
             failover_phase_seconds: Family::new_with_constructor(phase_histogram),
+            volume_role: Family::default(),
+            volume_connection: Family::default(),
+            volume_disk_state: Family::default(),
+            volume_out_of_sync: Family::default(),
+            volume_resync_rate: Family::default(),
+            volume_resync_eta: Family::default(),
+            volume_resync_bytes: Family::default(),
+            volume_replication_bytes: Family::default(),
+            volume_verify_mismatched: Family::default(),
+            volume_nbd_clients: Family::default(),
             drops_seen: Mutex::new(HashMap::new()),
+            volume_totals_seen: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         registry.register("role", "1 for the node's current role in the group, 0 for the others", m.role.clone());
@@ -135,7 +205,100 @@ impl AgentMetrics {
              heartbeat heard from the old primary)",
             m.failover_phase_seconds.clone(),
         );
+        registry.register(
+            "volume_role",
+            "1 for the replica's current role (Primary, Secondary), 0 for the other",
+            m.volume_role.clone(),
+        );
+        registry.register(
+            "volume_connection",
+            "1 for the replication link's current state, 0 for the others",
+            m.volume_connection.clone(),
+        );
+        registry.register(
+            "volume_disk_state",
+            "1 for the disk state of the local replica and of the peer's as last reported, 0 for the others",
+            m.volume_disk_state.clone(),
+        );
+        registry.register(
+            "volume_out_of_sync_bytes",
+            "Bytes marked out of sync in the replica's bitmap: what a resync would copy",
+            m.volume_out_of_sync.clone(),
+        );
+        registry.register(
+            "volume_resync_bytes_per_second",
+            "Rate of the resync in progress (0 when none is)",
+            m.volume_resync_rate.clone(),
+        );
+        registry.register(
+            "volume_resync_eta_seconds",
+            "Estimated time left for the resync in progress (0 when none is)",
+            m.volume_resync_eta.clone(),
+        );
+        registry.register(
+            "volume_resync_bytes",
+            "Bytes copied by resyncs, by direction (sent as source, received as target)",
+            m.volume_resync_bytes.clone(),
+        );
+        registry.register(
+            "volume_replication_bytes",
+            "Bytes on the replication link, by direction (writes, resync and protocol traffic)",
+            m.volume_replication_bytes.clone(),
+        );
+        registry.register(
+            "volume_verify_mismatched_bytes",
+            "Bytes an online verify found different between the replicas",
+            m.volume_verify_mismatched.clone(),
+        );
+        registry.register(
+            "volume_nbd_clients",
+            "NBD clients connected to the replica's export",
+            m.volume_nbd_clients.clone(),
+        );
         AgentMetrics { registry, ..m }
+    }
+
+    /// A replica's status, as the group task receives it.
+    pub fn set_volume(&self, group: &str, status: &ReplicaStatus) {
+        let base = vec![("group", group.to_string()), ("volume", status.volume.clone())];
+        let with = |name: &'static str, value: String| {
+            let mut labels = base.clone();
+            labels.push((name, value));
+            labels
+        };
+        for role in VOLUME_ROLES {
+            self.volume_role.get_or_create(&with("role", format!("{role:?}"))).set(i64::from(role == status.role));
+        }
+        for state in CONNECTION_STATES {
+            let labels = with("state", format!("{state:?}"));
+            self.volume_connection.get_or_create(&labels).set(i64::from(state == status.connection));
+        }
+        for (replica, disk) in [("local", Some(status.disk)), ("peer", status.peer_disk)] {
+            for state in DISK_STATES {
+                let mut labels = with("replica", replica.to_string());
+                labels.push(("state", state.as_str().to_string()));
+                self.volume_disk_state.get_or_create(&labels).set(i64::from(disk == Some(state)));
+            }
+        }
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.volume_out_of_sync.get_or_create(&base).set(gauge(status.out_of_sync_bytes));
+        let (rate, eta) = status.sync.as_ref().map_or((0, 0), |s| (s.bytes_per_second, s.eta_seconds.unwrap_or(0)));
+        self.volume_resync_rate.get_or_create(&base).set(gauge(rate));
+        self.volume_resync_eta.get_or_create(&base).set(gauge(eta));
+        self.volume_nbd_clients.get_or_create(&base).set(gauge(status.nbd_clients as u64));
+
+        let now = VolumeTotals::of(status);
+        let Ok(mut seen) = self.volume_totals_seen.lock() else { return };
+        let before = seen.insert((group.to_string(), status.volume.clone()), now).unwrap_or_default();
+        let sent = with("direction", "sent".into());
+        let received = with("direction", "received".into());
+        self.volume_resync_bytes.get_or_create(&sent).inc_by(advance(before.resync_sent, now.resync_sent));
+        self.volume_resync_bytes.get_or_create(&received).inc_by(advance(before.resync_received, now.resync_received));
+        self.volume_replication_bytes.get_or_create(&sent).inc_by(advance(before.wire_sent, now.wire_sent));
+        self.volume_replication_bytes.get_or_create(&received).inc_by(advance(before.wire_received, now.wire_received));
+        self.volume_verify_mismatched
+            .get_or_create(&base)
+            .inc_by(advance(before.verify_mismatched, now.verify_mismatched));
     }
 
     pub fn set_role(&self, group: &str, node: &str, role: NodeRole) {
@@ -249,6 +412,80 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+    }
+
+    fn replica_status(connection: ConnectionState, resync_sent: u64, wire_sent: u64) -> ReplicaStatus {
+        let snapshot = crate::replication::machine::Snapshot {
+            role: VolumeRole::Primary,
+            disk: DiskState::UpToDate,
+            connection,
+            peer_disk: Some(DiskState::Inconsistent),
+            peer_role: Some(VolumeRole::Secondary),
+            out_of_sync_bytes: 48 << 20,
+            sync: Some(hapair_crds::volume::SyncProgress {
+                done_bytes: 16 << 20,
+                total_bytes: 64 << 20,
+                bytes_per_second: 8 << 20,
+                eta_seconds: Some(6),
+            }),
+            verify: None,
+            epoch: 3,
+            fenced: false,
+            split_brain: None,
+            refused: None,
+            crashed_primary: false,
+            generations: Default::default(),
+            last_discard: None,
+            last_verify_mismatches: None,
+            counters: crate::replication::machine::Counters { resync_bytes_sent: resync_sent, ..Default::default() },
+            writes_allowed: true,
+            reads_allowed: true,
+        };
+        let mut status = ReplicaStatus::new("data", "a", "b", snapshot);
+        status.wire_sent_bytes = wire_sent;
+        status.nbd_clients = 1;
+        status
+    }
+
+    #[test]
+    fn a_volume_shows_its_states_progress_and_traffic() {
+        let m = AgentMetrics::new();
+        m.set_volume("db/pg", &replica_status(ConnectionState::SyncSource, 16 << 20, 17 << 20));
+        let text = m.encode();
+        for line in [
+            "hapair_agent_volume_role{group=\"db/pg\",volume=\"data\",role=\"Primary\"} 1",
+            "hapair_agent_volume_role{group=\"db/pg\",volume=\"data\",role=\"Secondary\"} 0",
+            "hapair_agent_volume_connection{group=\"db/pg\",volume=\"data\",state=\"SyncSource\"} 1",
+            "hapair_agent_volume_connection{group=\"db/pg\",volume=\"data\",state=\"Connected\"} 0",
+            "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"local\",state=\"UpToDate\"} 1",
+            "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"peer\",state=\"Inconsistent\"} 1",
+            "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"peer\",state=\"UpToDate\"} 0",
+            "hapair_agent_volume_out_of_sync_bytes{group=\"db/pg\",volume=\"data\"} 50331648",
+            "hapair_agent_volume_resync_bytes_per_second{group=\"db/pg\",volume=\"data\"} 8388608",
+            "hapair_agent_volume_resync_eta_seconds{group=\"db/pg\",volume=\"data\"} 6",
+            "hapair_agent_volume_resync_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 16777216",
+            "hapair_agent_volume_replication_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 17825792",
+            "hapair_agent_volume_nbd_clients{group=\"db/pg\",volume=\"data\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn volume_counters_add_what_the_replica_added_and_survive_its_reopening() {
+        let m = AgentMetrics::new();
+        m.set_volume("g", &replica_status(ConnectionState::SyncSource, 100, 1000));
+        m.set_volume("g", &replica_status(ConnectionState::SyncSource, 250, 1500));
+        // Reopened: the replica counts from zero again; nothing is subtracted.
+        m.set_volume("g", &replica_status(ConnectionState::Connected, 40, 300));
+        let text = m.encode();
+        let sent = "{group=\"g\",volume=\"data\",direction=\"sent\"}";
+        assert!(text.contains(&format!("hapair_agent_volume_resync_bytes_total{sent} 290\n")), "{text}");
+        assert!(text.contains(&format!("hapair_agent_volume_replication_bytes_total{sent} 1800\n")), "{text}");
+        assert!(
+            text.contains("hapair_agent_volume_connection{group=\"g\",volume=\"data\",state=\"SyncSource\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hapair_tests::agents::{Agent, BundleSpec, GROUP, bundle, group, status, wait_role, write_file};
+use hapair_tests::agents::{Agent, BundleSpec, GROUP, bundle, group, metric, status, wait_role, write_file};
 use hapair_tests::mounts::{AttachDirCleanup, attach_script};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::TwoServersAndClient;
@@ -108,6 +108,28 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
     let p = volume_report(ns_of(primary)).unwrap();
     assert_eq!((p["role"].as_str(), p["diskState"].as_str()), (Some("Primary"), Some("UpToDate")), "{p}");
     assert_eq!(p["outOfSyncBytes"], 0, "{p}");
+    // The same, on /metrics: the states of both replicas, and the written files replicated.
+    let series = |labels: &str| format!("group=\"{GROUP}\",volume=\"data\",{labels}");
+    let expected = [
+        (primary, "hapair_agent_volume_role", series("role=\"Primary\"")),
+        (standby, "hapair_agent_volume_role", series("role=\"Secondary\"")),
+        (primary, "hapair_agent_volume_connection", series("state=\"Connected\"")),
+        (standby, "hapair_agent_volume_disk_state", series("replica=\"local\",state=\"UpToDate\"")),
+        (primary, "hapair_agent_volume_disk_state", series("replica=\"peer\",state=\"UpToDate\"")),
+    ];
+    for (node, name, labels) in &expected {
+        let one = wait_for(Duration::from_secs(2), || (metric(ns_of(node), name, labels)? == 1.0).then_some(()));
+        assert!(one.is_some(), "{node}: {name}{{{labels}}} is {:?}, not 1", metric(ns_of(node), name, labels));
+    }
+    let base = series("").trim_end_matches(',').to_string();
+    assert_eq!(metric(ns_of(primary), "hapair_agent_volume_out_of_sync_bytes", &base), Some(0.0));
+    // nbdfuse opens several connections to the export.
+    let clients = metric(ns_of(primary), "hapair_agent_volume_nbd_clients", &base);
+    assert!(clients.is_some_and(|n| n >= 1.0), "NBD clients of the mounted export: {clients:?}");
+    let replicated =
+        metric(ns_of(primary), "hapair_agent_volume_replication_bytes_total", &series("direction=\"sent\""));
+    let written = (FILES * 300_000) as f64;
+    assert!(replicated.is_some_and(|b| b >= written), "{replicated:?} bytes replicated for {written} written");
 
     // The primary's agent dies; the standby promotes, mounts, and finds every file.
     let (primary_index, standby_index) = if primary == "a" { (0, 1) } else { (1, 0) };

@@ -456,6 +456,7 @@ impl GroupTask {
                 self.volumes.opened(&self.volume_ctx, volume, *replica);
             }
             Input::VolumeStatus { volume, status } => {
+                self.ctx.metrics.set_volume(&self.group(), &status);
                 let change = self.volumes.status_changed(volume, *status);
                 if let Some((volume, disk, connection)) = change.engine {
                     tracing::info!(volume, disk = disk.as_str(), ?connection, "volume state");
