@@ -4,8 +4,8 @@
 //! encodes them for `/metrics`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use hapair_crds::hagroup::NodeRole;
 use hapair_crds::nodeapi::StepState;
@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::engine::timeline::PhaseTime;
 use crate::heartbeat::{DropCounts, DropReason};
+use crate::replication::observer::{IoKind, IoObserver};
 use crate::replication::status::ReplicaStatus;
 
 type Labels = Vec<(&'static str, String)>;
@@ -103,6 +104,46 @@ fn phase_histogram() -> Histogram {
     Histogram::new([0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0])
 }
 
+/// Buckets for export requests: tens of microseconds (a write to page cache) to a second
+/// (a flush waiting for a slow disk on both nodes).
+fn io_histogram() -> Histogram {
+    Histogram::new([0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+}
+
+/// One volume's export requests, as the replica reports them: a histogram per kind, the
+/// requests in flight and the failed ones.
+#[derive(Debug)]
+pub struct VolumeIo {
+    seconds: [Histogram; 4],
+    failed: [Counter; 4],
+    in_flight: Gauge,
+}
+
+impl VolumeIo {
+    fn index(kind: IoKind) -> usize {
+        match kind {
+            IoKind::Read => 0,
+            IoKind::Write => 1,
+            IoKind::Flush => 2,
+            IoKind::Zero => 3,
+        }
+    }
+}
+
+impl IoObserver for VolumeIo {
+    fn started(&self, _kind: IoKind) {
+        self.in_flight.inc();
+    }
+
+    fn finished(&self, kind: IoKind, took: std::time::Duration, ok: bool) {
+        self.in_flight.dec();
+        self.seconds[Self::index(kind)].observe(took.as_secs_f64());
+        if !ok {
+            self.failed[Self::index(kind)].inc();
+        }
+    }
+}
+
 /// Every metric family the agent exports.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -128,6 +169,9 @@ pub struct AgentMetrics {
     volume_replication_bytes: Family<Labels, Counter>,
     volume_verify_mismatched: Family<Labels, Counter>,
     volume_nbd_clients: Family<Labels, Gauge>,
+    volume_io_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    volume_io_failed: Family<Labels, Counter>,
+    volume_io_in_flight: Family<Labels, Gauge>,
     /// Drop counts already added to the counters, per group: the transport reports totals.
     drops_seen: Mutex<HashMap<String, DropCounts>>,
     /// Replica totals already added to the counters, per (group, volume).
@@ -165,6 +209,9 @@ impl AgentMetrics {
             volume_replication_bytes: Family::default(),
             volume_verify_mismatched: Family::default(),
             volume_nbd_clients: Family::default(),
+            volume_io_seconds: Family::new_with_constructor(io_histogram),
+            volume_io_failed: Family::default(),
+            volume_io_in_flight: Family::default(),
             drops_seen: Mutex::new(HashMap::new()),
             volume_totals_seen: Mutex::new(HashMap::new()),
             registry: Registry::default(),
@@ -255,7 +302,30 @@ impl AgentMetrics {
             "NBD clients connected to the replica's export",
             m.volume_nbd_clients.clone(),
         );
+        registry.register(
+            "volume_io_seconds",
+            "Export requests by kind (read, write, flush, zero), from arrival to completion as the NBD client \
+             sees it: for protocol C, a write or flush includes the peer's acknowledgement",
+            m.volume_io_seconds.clone(),
+        );
+        registry.register("volume_io_failed", "Export requests that failed, by kind", m.volume_io_failed.clone());
+        registry.register("volume_io_in_flight", "Export requests in progress", m.volume_io_in_flight.clone());
         AgentMetrics { registry, ..m }
+    }
+
+    /// The handles a replica of `volume` in `group` reports its export requests to.
+    pub fn volume_io(&self, group: &str, volume: &str) -> Arc<VolumeIo> {
+        let base = vec![("group", group.to_string()), ("volume", volume.to_string())];
+        let of = |kind: IoKind| {
+            let mut labels = base.clone();
+            labels.push(("op", kind.as_str().to_string()));
+            labels
+        };
+        Arc::new(VolumeIo {
+            seconds: IoKind::ALL.map(|k| self.volume_io_seconds.get_or_create(&of(k)).clone()),
+            failed: IoKind::ALL.map(|k| self.volume_io_failed.get_or_create(&of(k)).clone()),
+            in_flight: self.volume_io_in_flight.get_or_create(&base).clone(),
+        })
     }
 
     /// A replica's status, as the group task receives it.
@@ -486,6 +556,29 @@ mod tests {
             text.contains("hapair_agent_volume_connection{group=\"g\",volume=\"data\",state=\"SyncSource\"} 0\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn export_requests_are_timed_by_kind_and_counted_while_in_flight() {
+        let m = AgentMetrics::new();
+        let io = m.volume_io("db/pg", "data");
+        io.started(IoKind::Write);
+        io.started(IoKind::Flush);
+        io.finished(IoKind::Write, std::time::Duration::from_micros(300), true);
+        let again = m.volume_io("db/pg", "data");
+        again.started(IoKind::Write);
+        again.finished(IoKind::Write, std::time::Duration::from_millis(20), false);
+        let text = m.encode();
+        for line in [
+            "hapair_agent_volume_io_in_flight{group=\"db/pg\",volume=\"data\"} 1",
+            "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
+            "hapair_agent_volume_io_seconds_bucket{le=\"0.0005\",group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
+            "hapair_agent_volume_io_seconds_bucket{le=\"0.025\",group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
+            "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"flush\"} 0",
+            "hapair_agent_volume_io_failed_total{group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
     }
 
     #[test]

@@ -130,6 +130,10 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
         metric(ns_of(primary), "hapair_agent_volume_replication_bytes_total", &series("direction=\"sent\""));
     let written = (FILES * 300_000) as f64;
     assert!(replicated.is_some_and(|b| b >= written), "{replicated:?} bytes replicated for {written} written");
+    for op in ["write", "flush"] {
+        let timed = metric(ns_of(primary), "hapair_agent_volume_io_seconds_count", &series(&format!("op=\"{op}\"")));
+        assert!(timed.is_some_and(|n| n > 0.0), "{op} requests timed on the primary's export: {timed:?}");
+    }
 
     // The primary's agent dies; the standby promotes, mounts, and finds every file.
     let (primary_index, standby_index) = if primary == "a" { (0, 1) } else { (1, 0) };

@@ -35,6 +35,7 @@ use super::geometry::EXTENT_SIZE;
 use super::link::{self, BoxStream, DialState, LinkEvent, LinkHandle, WireCounters};
 use super::machine::{ConnId, ErrorCode, Input, Machine, MachineConfig, Output, Refusal, ReplicaEvent, ReqId};
 use super::metadata::Layout;
+use super::observer::{IoKind, IoObserver};
 use super::resync::ResyncLimits;
 use super::status::ReplicaStatus;
 use super::store::{self, BackingFiles, BackingPlan, MetaLocation, MetadataError};
@@ -89,6 +90,8 @@ pub struct ReplicaOptions {
     pub timing: Timing,
     /// Seed for generation identifiers; random when absent.
     pub seed: Option<u64>,
+    /// Told of every request to the export (the agent's metrics).
+    pub observer: Option<Arc<dyn IoObserver>>,
 }
 
 impl ReplicaOptions {
@@ -104,6 +107,7 @@ impl ReplicaOptions {
             initialize_blank: true,
             timing: Timing::default(),
             seed: None,
+            observer: None,
         }
     }
 }
@@ -168,6 +172,7 @@ struct Shared {
     readable: AtomicBool,
     nbd_clients: AtomicUsize,
     nbd_socket: PathBuf,
+    observer: Option<Arc<dyn IoObserver>>,
 }
 
 impl Shared {
@@ -366,6 +371,7 @@ impl Replica {
             readable: AtomicBool::new(false),
             nbd_clients: AtomicUsize::new(0),
             nbd_socket: opts.nbd_socket.clone(),
+            observer: opts.observer.clone(),
         });
 
         let (stream_tx, stream_rx) = mpsc::channel::<BoxStream>(4);
@@ -736,6 +742,22 @@ fn log_event(e: &ReplicaEvent, epoch: u64) {
 /// The replica as the NBD server sees it.
 struct ReplicaExport(Arc<Shared>);
 
+impl ReplicaExport {
+    /// Runs `request`, telling the observer (if any) when it started and how long it took.
+    async fn timed<T>(
+        &self,
+        kind: IoKind,
+        request: impl std::future::Future<Output = Result<T, ExportError>>,
+    ) -> Result<T, ExportError> {
+        let Some(observer) = &self.0.observer else { return request.await };
+        let started = Instant::now();
+        observer.started(kind);
+        let result = request.await;
+        observer.finished(kind, started.elapsed(), result.is_ok());
+        result
+    }
+}
+
 fn export_err(r: Refusal) -> ExportError {
     let errno = match r.code {
         ErrorCode::NotPermitted => Errno::Perm,
@@ -774,6 +796,32 @@ impl BlockExport for ReplicaExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
+        self.timed(IoKind::Read, self.read_now(offset, len)).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        self.timed(IoKind::Write, self.write_now(offset, data, fua)).await
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        self.timed(IoKind::Flush, async { self.0.request(|req| Input::Flush { req }).await.map_err(export_err) }).await
+    }
+
+    async fn zero(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), ExportError> {
+        self.timed(IoKind::Zero, self.zero_now(offset, len, may_trim, fua)).await
+    }
+
+    fn client_attached(&self) {
+        self.0.nbd_clients.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn client_detached(&self) {
+        self.0.nbd_clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl ReplicaExport {
+    async fn read_now(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         if !self.0.readable.load(Ordering::SeqCst) {
             return Err(ExportError::new(Errno::Io, "this replica's data is inconsistent (resync in progress)"));
         }
@@ -789,7 +837,7 @@ impl BlockExport for ReplicaExport {
         .map_err(|e| ExportError::new(crate::nbd::server::errno_of(&e), e.to_string()))
     }
 
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+    async fn write_now(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
         let pieces = extent_pieces(offset, data.len() as u64);
         let futs = pieces.into_iter().map(|(o, l)| {
             let d = data.slice((o - offset) as usize..(o - offset + l) as usize);
@@ -801,11 +849,7 @@ impl BlockExport for ReplicaExport {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), ExportError> {
-        self.0.request(|req| Input::Flush { req }).await.map_err(export_err)
-    }
-
-    async fn zero(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), ExportError> {
+    async fn zero_now(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), ExportError> {
         let futs = extent_pieces(offset, len)
             .into_iter()
             .map(|(o, l)| self.0.request(move |req| Input::Zero { req, offset: o, len: l, fua, punch: may_trim }));
@@ -813,14 +857,6 @@ impl BlockExport for ReplicaExport {
             r.map_err(export_err)?;
         }
         Ok(())
-    }
-
-    fn client_attached(&self) {
-        self.0.nbd_clients.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn client_detached(&self) {
-        self.0.nbd_clients.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

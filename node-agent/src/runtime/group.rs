@@ -305,6 +305,7 @@ async fn run(
         tls: ctx.volume_tls.clone(),
         board: Arc::clone(&ctx.board),
         inbox: tx.clone(),
+        metrics: Arc::clone(&ctx.metrics),
     };
     let volumes = GroupVolumes::open(&volume_ctx, &config);
     let mut keep = Vec::new();

@@ -27,6 +27,7 @@ use tracing::Instrument;
 use super::inbox::Input;
 use super::report::{Board, record};
 use crate::engine::VolumeOp;
+use crate::metrics::AgentMetrics;
 use crate::probe::replication::VolumeStates;
 use crate::replication::replica::{Replica, ReplicaOptions};
 use crate::replication::status::ReplicaStatus;
@@ -55,6 +56,7 @@ pub struct VolumeContext {
     pub tls: Option<TlsMaterial>,
     pub board: Arc<Board>,
     pub inbox: UnboundedSender<Input>,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// What a new replica status changes, as [`GroupVolumes::status_changed`] sees it.
@@ -255,6 +257,7 @@ async fn open_until_done(ctx: VolumeContext, volume: VolumeConfig, ping_every: D
                 let mut options = ReplicaOptions::new(&socket);
                 options.tls.clone_from(&ctx.tls);
                 options.timing.ping_interval = ping_every;
+                options.observer = Some(ctx.metrics.volume_io(&ctx.key.to_string(), &volume.name));
                 Replica::open(&volume, &ctx.node, options).await.map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("runtime directory {}: {e}", ctx.runtime_dir.display())),
