@@ -498,18 +498,11 @@ mod tests {
                 bytes_per_second: 8 << 20,
                 eta_seconds: Some(6),
             }),
-            verify: None,
             epoch: 3,
-            fenced: false,
-            split_brain: None,
-            refused: None,
-            crashed_primary: false,
-            generations: Default::default(),
-            last_discard: None,
-            last_verify_mismatches: None,
             counters: crate::replication::machine::Counters { resync_bytes_sent: resync_sent, ..Default::default() },
             writes_allowed: true,
             reads_allowed: true,
+            ..crate::replication::status::tests::snapshot()
         };
         let mut status = ReplicaStatus::new("data", "a", "b", snapshot);
         status.wire_sent_bytes = wire_sent;

@@ -128,11 +128,12 @@ impl ReplicaEvent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::replication::machine::Snapshot;
 
-    fn snapshot() -> Snapshot {
+    /// A sync target a quarter through its resync; other tests adjust the fields they need.
+    pub(crate) fn snapshot() -> Snapshot {
         Snapshot {
             role: VolumeRole::Secondary,
             disk: DiskState::Inconsistent,

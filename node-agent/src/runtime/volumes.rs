@@ -330,25 +330,14 @@ mod tests {
 
     fn status(disk: DiskState, connection: ConnectionState, out_of_sync: u64) -> ReplicaStatus {
         let snapshot = crate::replication::machine::Snapshot {
-            role: hapair_crds::volume::VolumeRole::Secondary,
             disk,
             connection,
             peer_disk: None,
             peer_role: None,
             out_of_sync_bytes: out_of_sync,
             sync: None,
-            verify: None,
             epoch: 1,
-            fenced: false,
-            split_brain: None,
-            refused: None,
-            crashed_primary: false,
-            generations: Default::default(),
-            last_discard: None,
-            last_verify_mismatches: None,
-            counters: Default::default(),
-            writes_allowed: false,
-            reads_allowed: false,
+            ..crate::replication::status::tests::snapshot()
         };
         ReplicaStatus::new("data", "b", "a", snapshot)
     }

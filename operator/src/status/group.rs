@@ -339,6 +339,8 @@ mod tests {
     use hapair_crds::volume::SyncProgress;
     use hapair_crds::volume::{DiskState, VolumeRole};
 
+    use crate::status::volume::tests::volume;
+
     const NOW: UnixMillis = 1_700_000_100_000;
 
     fn key() -> GroupKey {
@@ -363,18 +365,6 @@ mod tests {
             error: None,
             deleting: false,
             observed_generation: Some(4),
-        }
-    }
-
-    fn volume(state: DiskState, connection: ConnectionState, role: VolumeRole) -> VolumeReport {
-        VolumeReport {
-            name: "data".into(),
-            disk_state: state,
-            role,
-            connection,
-            out_of_sync_bytes: 0,
-            sync: None,
-            peer_disk_state: None,
         }
     }
 

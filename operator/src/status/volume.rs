@@ -146,13 +146,13 @@ pub fn set_volume_validity(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use hapair_crds::condition::find;
 
     const NOW: UnixMillis = 1_700_000_100_000;
 
-    fn volume(state: DiskState, connection: ConnectionState, role: VolumeRole) -> VolumeReport {
+    pub(in crate::status) fn volume(state: DiskState, connection: ConnectionState, role: VolumeRole) -> VolumeReport {
         VolumeReport {
             name: "data".into(),
             disk_state: state,

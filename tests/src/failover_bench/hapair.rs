@@ -41,7 +41,7 @@ use hapair_operator::desired::state::ControllerState;
 
 use super::{BenchError, HaPair, Node, PerNode, Result, SERVICE_PORT, Testbed, VIP, VIP_PREFIX_LEN, io_error};
 use crate::controller::{Controller, enroll};
-use crate::mounts::attach_script;
+use crate::mounts::{AttachDirCleanup, attach_script};
 use crate::netns::{ChildGuard, wait_for};
 use crate::sim::Timings;
 use crate::topology::C0;
@@ -300,12 +300,6 @@ impl Hapair {
     }
 }
 
-/// Tears down what `scripts/nbd-attach-fuse.sh` left under `dir` after its node died: the
-/// loop device, the FUSE connection and the nbdfuse process.
-fn clean_up_attachments(dir: &Path) {
-    let _ = std::process::Command::new(attach_script()).arg("cleanup").env("HAPAIR_ATTACH_DIR", dir).output();
-}
-
 impl HaPair for Hapair {
     fn label(&self) -> String {
         format!("hapair {}", self.name)
@@ -389,9 +383,8 @@ impl HaPair for Hapair {
 
     fn node_killed(&mut self, node: Node) {
         *self.running.get_mut(node) = None;
-        if let Some(dir) = self.attach_dirs.get_mut(node).take() {
-            clean_up_attachments(&dir);
-        }
+        // What the attach helper left after the node died: loop device, FUSE, nbdfuse.
+        drop(self.attach_dirs.get_mut(node).take().map(AttachDirCleanup));
     }
 
     fn failover_phases(&mut self, bed: &Testbed, survivor: Node) -> Option<Vec<(String, Duration)>> {
