@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
-ensure_debian_packages iproute2 qemu-utils systemd iputils-ping procps libnbd-bin nbdkit fuse3 e2fsprogs mount util-linux keepalived
+ensure_debian_packages iproute2 qemu-utils systemd iputils-ping procps libnbd-bin nbdkit fuse3 e2fsprogs mount util-linux keepalived fio
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

@@ -205,10 +205,35 @@ pub fn write_stream(
     depth: usize,
 ) -> Result<StreamTiming, NbdError> {
     let mut client = NbdClient::connect(socket, true)?;
+    let acked = pipelined(&mut client, CMD_WRITE, offset, total, chunk, depth)?;
+    let start = std::time::Instant::now();
+    client.flush()?;
+    Ok(StreamTiming { acked, flushed: acked + start.elapsed() })
+}
+
+/// Reads `total` bytes sequentially from `offset` in `chunk`-byte reads, keeping `depth`
+/// requests in flight on one connection; returns how long that took.
+pub fn read_stream(socket: &Path, offset: u64, total: u64, chunk: u32, depth: usize) -> Result<Duration, NbdError> {
+    let mut client = NbdClient::connect(socket, true)?;
+    pipelined(&mut client, CMD_READ, offset, total, chunk, depth)
+}
+
+/// Sends `kind` requests covering `[offset, offset + total)` with `depth` in flight while a
+/// second thread takes the replies, so the server always has work queued.
+fn pipelined(
+    client: &mut NbdClient,
+    kind: u16,
+    offset: u64,
+    total: u64,
+    chunk: u32,
+    depth: usize,
+) -> Result<Duration, NbdError> {
     let mut reader = client.stream.try_clone()?;
     let count = total.div_ceil(u64::from(chunk));
+    let first = client.next;
     let (slots, freed) = std::sync::mpsc::sync_channel::<()>(depth);
     let replies = std::thread::spawn(move || -> Result<(), NbdError> {
+        let mut data = vec![0u8; chunk as usize];
         for _ in 0..count {
             let mut r = [0u8; 16];
             reader.read_exact(&mut r)?;
@@ -216,29 +241,30 @@ pub fn write_stream(
             if errno != 0 {
                 return Err(NbdError::Errno(errno));
             }
+            if kind == CMD_READ {
+                reader.read_exact(&mut data)?;
+            }
             let _ = freed.recv();
         }
         Ok(())
     });
-    let data = vec![0xa5u8; chunk as usize];
+    let payload = if kind == CMD_WRITE { vec![0xa5u8; chunk as usize] } else { Vec::new() };
     let start = std::time::Instant::now();
     for i in 0..count {
         if slots.send(()).is_err() {
             break;
         }
-        let mut h = Vec::with_capacity(28 + data.len());
+        let mut h = Vec::with_capacity(28 + payload.len());
         h.extend(0x2560_9513u32.to_be_bytes());
         h.extend(0u16.to_be_bytes());
-        h.extend(CMD_WRITE.to_be_bytes());
-        h.extend((i + 1).to_be_bytes());
+        h.extend(kind.to_be_bytes());
+        h.extend((first + i).to_be_bytes());
         h.extend((offset + i * u64::from(chunk)).to_be_bytes());
         h.extend(chunk.to_be_bytes());
-        h.extend_from_slice(&data);
+        h.extend_from_slice(&payload);
         client.stream.write_all(&h)?;
     }
     replies.join().map_err(|_| NbdError::Protocol("reply reader panicked".into()))??;
-    let acked = start.elapsed();
-    client.next = count + 1;
-    client.flush()?;
-    Ok(StreamTiming { acked, flushed: start.elapsed() })
+    client.next = first + count;
+    Ok(start.elapsed())
 }

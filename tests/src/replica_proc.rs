@@ -216,6 +216,13 @@ impl ReplicaProc {
         }
     }
 
+    /// The replica process's peak resident set so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Kills the process (SIGKILL): the node crashes.
     pub fn kill(&mut self) {
         self.stdin = None;

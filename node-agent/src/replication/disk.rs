@@ -124,10 +124,9 @@ fn run_meta(files: &BackingFiles, steps: Vec<MetaStep>) -> Result<(), String> {
     let meta = files.meta_path.display();
     for step in steps {
         match step {
-            MetaStep::Write { offset, bytes } => {
-                files.write_meta(offset, &bytes).map_err(|e| format!("write metadata {meta} at {offset}: {e}"))?
-            }
-            MetaStep::SyncMeta => files.sync_meta().map_err(|e| format!("fdatasync {meta}: {e}"))?,
+            MetaStep::Write { offset, bytes } => files
+                .write_meta_durable(offset, &bytes)
+                .map_err(|e| format!("write metadata {meta} at {offset}: {e}"))?,
             MetaStep::SyncData => {
                 files.sync_data().map_err(|e| format!("fdatasync {}: {e}", files.data_path.display()))?
             }

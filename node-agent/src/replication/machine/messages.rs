@@ -59,11 +59,13 @@ pub enum MetaPurpose {
     ActivityLog,
 }
 
-/// One step of a metadata update; steps run in order.
+/// One step of a metadata update; steps run in order, each finished before the next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaStep {
+    /// A metadata write, durable when the step finishes: nothing written after it (data or
+    /// metadata) can reach the disk before it.
     Write { offset: u64, bytes: Vec<u8> },
-    SyncMeta,
+    /// Every data write issued before this step is durable.
     SyncData,
 }
 

@@ -23,25 +23,18 @@ impl Machine {
         self.sb.seq += 1;
         self.sb_dirty = false;
         let slot = (self.sb.seq % 2) as usize;
-        vec![
-            MetaStep::Write { offset: self.cfg.layout.superblock_offset(slot), bytes: self.sb.encode() },
-            MetaStep::SyncMeta,
-        ]
+        vec![MetaStep::Write { offset: self.cfg.layout.superblock_offset(slot), bytes: self.sb.encode() }]
     }
 
     pub(super) fn bitmap_steps(&mut self) -> Vec<MetaStep> {
         let pages = self.bitmap.take_dirty_pages();
-        let mut steps: Vec<MetaStep> = pages
+        pages
             .into_iter()
             .map(|p| MetaStep::Write {
                 offset: self.cfg.layout.bitmap_page_offset(p),
                 bytes: encode_bitmap_page(&self.bitmap, p, self.sb.format_id),
             })
-            .collect();
-        if !steps.is_empty() {
-            steps.push(MetaStep::SyncMeta);
-        }
-        steps
+            .collect()
     }
 
     /// Persists the superblock, after the changed bitmap pages when `with_bitmap`.

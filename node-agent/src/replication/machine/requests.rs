@@ -129,7 +129,6 @@ impl Machine {
                     steps.extend(self.bitmap_steps());
                 }
                 steps.push(MetaStep::Write { offset: self.cfg.layout.al_block_offset(tx.ring_index), bytes: tx.block });
-                steps.push(MetaStep::SyncMeta);
                 self.io(IoOp::Meta { tag: Some(IoTag::Meta(MetaPurpose::ActivityLog)), steps });
                 self.al_unsynced += 1;
             }

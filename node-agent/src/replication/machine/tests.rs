@@ -111,10 +111,7 @@ fn promotion_is_durable_before_it_completes() {
     assert_eq!(
         out,
         vec![
-            Output::Io(IoOp::Meta {
-                tag: Some(IoTag::Meta(MetaPurpose::Promote(1))),
-                steps: vec![sb_write(&m, 2), MetaStep::SyncMeta],
-            }),
+            Output::Io(IoOp::Meta { tag: Some(IoTag::Meta(MetaPurpose::Promote(1))), steps: vec![sb_write(&m, 2)] }),
             Output::Event(ReplicaEvent::Promoted { epoch: 3, forced: false }),
         ]
     );
@@ -150,10 +147,8 @@ fn degraded_write_covers_its_extent_rotates_generations_then_writes() {
     else {
         panic!("unexpected outputs {out:?}")
     };
-    assert!(
-        matches!(al.as_slice(), [MetaStep::Write { offset, .. }, MetaStep::SyncMeta] if *offset == m.cfg.layout.al_block_offset(1))
-    );
-    assert_eq!(sb, &vec![sb_write(&m, m.sb.seq), MetaStep::SyncMeta]);
+    assert!(matches!(al.as_slice(), [MetaStep::Write { offset, .. }] if *offset == m.cfg.layout.al_block_offset(1)));
+    assert_eq!(sb, &vec![sb_write(&m, m.sb.seq)]);
     assert_eq!(m.sb.gens.bitmap, 0x1000, "tracking since the peer's last generation");
     assert_ne!(m.sb.gens.current, 0x1000);
     assert_eq!(write, &IoOp::Write { tag: IoTag::App(5), offset: 8192, data, fua: true });
