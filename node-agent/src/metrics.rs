@@ -430,6 +430,11 @@ impl AgentMetrics {
         let labels = vec![("group", group.to_string())];
         self.failovers.get_or_create(&labels).inc();
         self.last_failover_seconds.get_or_create(&labels).set(duration.as_secs_f64());
+        self.record_phases(group, phases);
+    }
+
+    /// Phases of a failover already recorded, which ended after it was serving.
+    pub fn record_phases(&self, group: &str, phases: &[PhaseTime]) {
         for p in phases {
             let labels = vec![("group", group.to_string()), ("phase", p.phase.clone())];
             self.failover_phase_seconds.get_or_create(&labels).observe(p.after.as_secs_f64());

@@ -398,6 +398,29 @@ impl Flow {
         false
     }
 
+    /// Whether a health check of step `i` counts now: the step has a check and is up, with
+    /// no start or stop of it in flight.
+    pub fn check_counts(&self, i: usize) -> bool {
+        match (self.plan.steps.get(i), self.steps.get(i)) {
+            (Some(plan), Some(run)) => {
+                plan.check_threshold.is_some()
+                    && run.in_flight.is_none()
+                    && matches!(run.phase, StepPhase::Running | StepPhase::Stabilizing(_))
+            }
+            _ => false,
+        }
+    }
+
+    /// The steps that have a health check: index and name.
+    pub fn checked_steps(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.plan
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.check_threshold.is_some())
+            .map(|(i, p)| (i, p.name.as_str()))
+    }
+
     pub fn reports(&self) -> Vec<StepReport> {
         self.plan
             .steps

@@ -235,6 +235,9 @@ impl Engine {
     }
 
     pub(super) fn on_step_check(&mut self, now: Instant, step: usize, healthy: bool, message: Option<String>) {
+        if healthy && self.flow.check_counts(step) {
+            self.first_healthy(now, step);
+        }
         if self.flow.on_check(now, step, healthy, message.clone()) {
             let name = self.flow.step(step).map(|(p, _)| p.name.clone()).unwrap_or_default();
             self.notice(

@@ -21,6 +21,8 @@
 //! a partition where both nodes still reach the witness, the primary therefore holds the
 //! witness lease long before the standby (which waits `deadAfter > L`) asks for it.
 
+use std::collections::BTreeSet;
+
 use hapair_crds::nodeapi::{ActionOutcome, EventType, LeaseOp};
 
 use super::candidacy::CandidacyKind;
@@ -29,7 +31,7 @@ use super::flow::Progress;
 use super::role::Role;
 use super::status::FailoverSummary;
 use super::time::Instant;
-use super::timeline::{PhaseTime, Timeline, phase};
+use super::timeline::{Settling, Timeline, phase};
 use super::{Engine, mutation};
 
 /// Why a failover is wanted; the wish ends when its cause recovers.
@@ -230,7 +232,16 @@ impl Engine {
         let (kind, action, since, promotion_timeline) = promotion
             .map_or((CandidacyKind::Bootstrap, None, now, None), |p| (p.kind, p.action, p.since, Some(p.timeline)));
         let took = now.since(since);
-        let phases = self.promotion_phases(promotion_timeline, now);
+        let mut timeline = promotion_timeline.unwrap_or_else(|| Timeline::new(now));
+        timeline.mark(phase::SERVING, now);
+        let phases = timeline.phases();
+        let pending: BTreeSet<usize> = self
+            .flow
+            .checked_steps()
+            .filter(|(_, name)| !timeline.has(&phase::step_healthy(name)))
+            .map(|(i, _)| i)
+            .collect();
+        self.settling = (!pending.is_empty()).then_some(Settling { epoch: self.epoch, timeline, pending });
         let (reason, what) = match kind {
             CandidacyKind::PeerLost => (Reason::Promoted, "failover"),
             CandidacyKind::Bootstrap => (Reason::Promoted, "bootstrap"),
@@ -267,11 +278,26 @@ impl Engine {
         self.action_result(action, ActionOutcome::Succeeded, format!("serving in epoch {}", self.epoch));
     }
 
-    /// The phases of the promotion that just ended in serving, `now`.
-    fn promotion_phases(&self, timeline: Option<Timeline>, now: Instant) -> Vec<PhaseTime> {
-        let mut timeline = timeline.unwrap_or_else(|| Timeline::new(now));
-        timeline.mark(phase::SERVING, now);
-        timeline.phases()
+    /// Step `step` passed a health check at `now`: the first one after a promotion is a
+    /// phase of that promotion, marked on its timeline while it runs, or added to the
+    /// summary of the failover that is already serving.
+    pub(super) fn first_healthy(&mut self, now: Instant, step: usize) {
+        let Some(name) = self.flow.step(step).map(|(p, _)| phase::step_healthy(&p.name)) else { return };
+        if let Some(p) = &mut self.promotion {
+            p.timeline.mark(name, now);
+            return;
+        }
+        let Some(s) = self.settling.as_mut().filter(|s| s.epoch == self.epoch) else { return };
+        if !s.pending.remove(&step) {
+            return;
+        }
+        s.timeline.mark(name, now);
+        if let Some(f) = self.last_failover.as_mut().filter(|f| f.epoch == s.epoch) {
+            f.phases = s.timeline.phases();
+        }
+        if s.pending.is_empty() {
+            self.settling = None;
+        }
     }
 
     pub(super) fn step_primary(&mut self, now: Instant) {

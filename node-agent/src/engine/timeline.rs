@@ -7,7 +7,9 @@
 //! decision, the witness lease asked for and granted, the old lease known to be over,
 //! the term taken, each volume promoted, each flow step started (a volume step's start
 //! includes the mount and its journal replay; a VIP step's, the address and the first
-//! gratuitous ARP or unsolicited NA), and serving.
+//! gratuitous ARP or unsolicited NA), serving, and each health-checked step's first
+//! passing check, which may come after serving: the timeline stays open for those
+//! ([`Settling`]) and the failover's summary grows when they arrive.
 
 use std::time::Duration;
 
@@ -34,6 +36,10 @@ pub mod phase {
     pub fn step_started(step: &str) -> String {
         format!("step {step} started")
     }
+
+    pub fn step_healthy(step: &str) -> String {
+        format!("step {step} first healthy")
+    }
 }
 
 /// One phase's end, as an offset from the timeline's start.
@@ -41,6 +47,16 @@ pub mod phase {
 pub struct PhaseTime {
     pub phase: String,
     pub after: Duration,
+}
+
+/// A promotion that is serving while some health-checked steps have not passed a check
+/// yet; their first healthy check still belongs on the timeline of `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settling {
+    pub epoch: u64,
+    pub timeline: Timeline,
+    /// Steps (by index) still waiting for their first passing check.
+    pub pending: std::collections::BTreeSet<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +77,10 @@ impl Timeline {
         if !self.marks.iter().any(|(p, _)| *p == phase) {
             self.marks.push((phase, at.max(self.start)));
         }
+    }
+
+    pub fn has(&self, phase: &str) -> bool {
+        self.marks.iter().any(|(p, _)| p == phase)
     }
 
     /// The phases in the order they ended.

@@ -532,12 +532,14 @@ impl GroupTask {
     }
 
     fn schedule_check(&mut self, step: usize) {
-        if let Some((_, _, check)) = self.steps.check_of(step) {
+        if self.steps.check_of(step).is_some() {
             self.generation += 1;
             self.checks.insert(
                 step,
                 CheckRun {
-                    next_due: std::time::Instant::now() + check.interval.as_std(),
+                    // The first check runs at once: its pass is a phase of a failover
+                    // (first healthy), and waiting an interval would only delay it.
+                    next_due: std::time::Instant::now(),
                     in_flight: false,
                     generation: self.generation,
                 },
@@ -781,24 +783,34 @@ impl GroupTask {
         for step in &status.steps {
             m.set_step(&group, &step.name, step.state, step.restarts);
         }
-        if let Some(f) = &status.last_failover
-            && self.last_failover.as_ref().is_none_or(|(epoch, _)| *epoch != f.epoch)
-        {
-            m.record_failover(&group, f.took, &f.phases);
-            let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-            let record = FailoverRecord {
-                time: clock::rfc3339_now(),
-                from: f.from.clone(),
-                to: f.to.clone(),
-                reason: f.reason.clone(),
-                duration_ms: millis(f.took),
-                phases: f
-                    .phases
-                    .iter()
-                    .map(|p| FailoverPhase { phase: p.phase.clone(), at_ms: millis(p.after) })
-                    .collect(),
-            };
-            self.last_failover = Some((f.epoch, record));
+        if let Some(f) = &status.last_failover {
+            // The same failover gains phases after serving (first healthy checks): only
+            // those are new to the histogram, and the record keeps its time.
+            let known = self.last_failover.as_ref().filter(|(epoch, _)| *epoch == f.epoch).map(|(_, r)| r);
+            if known.is_none_or(|r| r.phases.len() != f.phases.len()) {
+                let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                match known {
+                    None => m.record_failover(&group, f.took, &f.phases),
+                    Some(r) => {
+                        let new: Vec<_> =
+                            f.phases.iter().filter(|p| !r.phases.iter().any(|k| k.phase == p.phase)).cloned().collect();
+                        m.record_phases(&group, &new);
+                    }
+                }
+                let record = FailoverRecord {
+                    time: known.map_or_else(clock::rfc3339_now, |r| r.time.clone()),
+                    from: f.from.clone(),
+                    to: f.to.clone(),
+                    reason: f.reason.clone(),
+                    duration_ms: millis(f.took),
+                    phases: f
+                        .phases
+                        .iter()
+                        .map(|p| FailoverPhase { phase: p.phase.clone(), at_ms: millis(p.after) })
+                        .collect(),
+                };
+                self.last_failover = Some((f.epoch, record));
+            }
         }
         let unix = clock::unix_millis();
         let heartbeat = self

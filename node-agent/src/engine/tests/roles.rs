@@ -174,6 +174,27 @@ fn a_failover_records_when_each_phase_ended_from_the_last_heartbeat_heard() {
 }
 
 #[test]
+fn a_checked_steps_first_passing_check_after_serving_joins_the_failovers_phases() {
+    let mut h = failed_over("");
+    h.flow_up(1070, &["event Normal Promoted", "hb #5 Primary e2 f2 holding"]);
+    let check = |healthy| Event::StepCheck { step: 1, healthy, message: None };
+    let phases = |h: &H| -> Vec<(String, u128)> {
+        let f = h.e.status(at(1200)).last_failover.unwrap_or_else(|| panic!("no failover recorded"));
+        f.phases.into_iter().map(|p| (p.phase, p.after.as_millis())).collect()
+    };
+    let before = phases(&h);
+    assert_eq!(before.last().map(|(p, _)| p.as_str()), Some("serving"));
+    // The threshold is 1, so a failed check fails the step; only a pass is a phase.
+    h.step(1100, check(true));
+    h.step(1150, check(true));
+    let after = phases(&h);
+    assert_eq!(after.len(), before.len() + 1, "{after:?}");
+    // Last heartbeat at 50 ms: the first pass, at 1100 ms, ended 1050 ms into the failover.
+    assert_eq!(after.last(), Some(&("step app first healthy".to_string(), 1050)));
+    assert_eq!(after[..before.len()], before[..]);
+}
+
+#[test]
 fn no_candidacy_while_the_primary_is_heard_on_any_link() {
     let mut h = granting("");
     for (i, t) in (150..1550).step_by(100).enumerate() {
