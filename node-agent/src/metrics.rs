@@ -67,6 +67,7 @@ struct VolumeTotals {
     wire_sent: u64,
     wire_received: u64,
     verify_mismatched: u64,
+    al_transactions: u64,
 }
 
 impl VolumeTotals {
@@ -77,6 +78,7 @@ impl VolumeTotals {
             wire_sent: status.wire_sent_bytes,
             wire_received: status.wire_received_bytes,
             verify_mismatched: status.counters.verify_mismatched_bytes,
+            al_transactions: status.counters.al_transactions,
         }
     }
 }
@@ -168,6 +170,7 @@ pub struct AgentMetrics {
     volume_resync_bytes: Family<Labels, Counter>,
     volume_replication_bytes: Family<Labels, Counter>,
     volume_verify_mismatched: Family<Labels, Counter>,
+    volume_al_transactions: Family<Labels, Counter>,
     volume_nbd_clients: Family<Labels, Gauge>,
     volume_io_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     volume_io_failed: Family<Labels, Counter>,
@@ -208,6 +211,7 @@ impl AgentMetrics {
             volume_resync_bytes: Family::default(),
             volume_replication_bytes: Family::default(),
             volume_verify_mismatched: Family::default(),
+            volume_al_transactions: Family::default(),
             volume_nbd_clients: Family::default(),
             volume_io_seconds: Family::new_with_constructor(io_histogram),
             volume_io_failed: Family::default(),
@@ -298,6 +302,11 @@ impl AgentMetrics {
             m.volume_verify_mismatched.clone(),
         );
         registry.register(
+            "volume_activity_log_transactions",
+            "Activity-log transactions written (one per write to an extent not already active)",
+            m.volume_al_transactions.clone(),
+        );
+        registry.register(
             "volume_nbd_clients",
             "NBD clients connected to the replica's export",
             m.volume_nbd_clients.clone(),
@@ -311,6 +320,53 @@ impl AgentMetrics {
         registry.register("volume_io_failed", "Export requests that failed, by kind", m.volume_io_failed.clone());
         registry.register("volume_io_in_flight", "Export requests in progress", m.volume_io_in_flight.clone());
         AgentMetrics { registry, ..m }
+    }
+
+    /// Removes every series of `volume` in `group`: its replica is closed for good.
+    pub fn forget_volume(&self, group: &str, volume: &str) {
+        let base = vec![("group", group.to_string()), ("volume", volume.to_string())];
+        let with = |pairs: &[(&'static str, String)]| {
+            let mut labels = base.clone();
+            labels.extend(pairs.iter().cloned());
+            labels
+        };
+        for role in VOLUME_ROLES {
+            self.volume_role.remove(&with(&[("role", format!("{role:?}"))]));
+        }
+        for state in CONNECTION_STATES {
+            self.volume_connection.remove(&with(&[("state", format!("{state:?}"))]));
+        }
+        for replica in ["local", "peer"] {
+            for state in DISK_STATES {
+                let labels = with(&[("replica", replica.to_string()), ("state", state.as_str().to_string())]);
+                self.volume_disk_state.remove(&labels);
+            }
+        }
+        for gauge in [
+            &self.volume_out_of_sync,
+            &self.volume_resync_rate,
+            &self.volume_resync_eta,
+            &self.volume_nbd_clients,
+            &self.volume_io_in_flight,
+        ] {
+            gauge.remove(&base);
+        }
+        for counter in [&self.volume_verify_mismatched, &self.volume_al_transactions] {
+            counter.remove(&base);
+        }
+        for direction in ["sent", "received"] {
+            let labels = with(&[("direction", direction.to_string())]);
+            self.volume_resync_bytes.remove(&labels);
+            self.volume_replication_bytes.remove(&labels);
+        }
+        for kind in IoKind::ALL {
+            let labels = with(&[("op", kind.as_str().to_string())]);
+            self.volume_io_seconds.remove(&labels);
+            self.volume_io_failed.remove(&labels);
+        }
+        if let Ok(mut seen) = self.volume_totals_seen.lock() {
+            seen.remove(&(group.to_string(), volume.to_string()));
+        }
     }
 
     /// The handles a replica of `volume` in `group` reports its export requests to.
@@ -369,6 +425,7 @@ impl AgentMetrics {
         self.volume_verify_mismatched
             .get_or_create(&base)
             .inc_by(advance(before.verify_mismatched, now.verify_mismatched));
+        self.volume_al_transactions.get_or_create(&base).inc_by(advance(before.al_transactions, now.al_transactions));
     }
 
     pub fn set_role(&self, group: &str, node: &str, role: NodeRole) {
@@ -504,7 +561,11 @@ mod tests {
                 eta_seconds: Some(6),
             }),
             epoch: 3,
-            counters: crate::replication::machine::Counters { resync_bytes_sent: resync_sent, ..Default::default() },
+            counters: crate::replication::machine::Counters {
+                resync_bytes_sent: resync_sent,
+                al_transactions: 3,
+                ..Default::default()
+            },
             writes_allowed: true,
             reads_allowed: true,
             ..crate::replication::status::tests::snapshot()
@@ -534,9 +595,25 @@ mod tests {
             "hapair_agent_volume_resync_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 16777216",
             "hapair_agent_volume_replication_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 17825792",
             "hapair_agent_volume_nbd_clients{group=\"db/pg\",volume=\"data\"} 1",
+            "hapair_agent_volume_activity_log_transactions_total{group=\"db/pg\",volume=\"data\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_forgotten_volume_leaves_no_series_while_others_stay() {
+        let m = AgentMetrics::new();
+        m.set_volume("db/pg", &replica_status(ConnectionState::Connected, 1, 2));
+        m.set_volume("other", &replica_status(ConnectionState::Connected, 1, 2));
+        let io = m.volume_io("db/pg", "data");
+        io.started(IoKind::Read);
+        io.finished(IoKind::Read, std::time::Duration::from_micros(100), true);
+        m.forget_volume("db/pg", "data");
+        let text = m.encode();
+        let gone: Vec<&str> = text.lines().filter(|l| l.contains("group=\"db/pg\"")).collect();
+        assert!(gone.is_empty(), "series left behind: {gone:?}");
+        assert!(text.contains("hapair_agent_volume_out_of_sync_bytes{group=\"other\",volume=\"data\"} "), "{text}");
     }
 
     #[test]

@@ -341,6 +341,10 @@ async fn run(
     task.ctx.watchdog.disarm(&key.to_string());
     task.publish(true);
     task.volumes.shutdown().await;
+    // A group that is gone leaves no volume series behind to alert on.
+    for volume in &task.config.volumes {
+        task.ctx.metrics.forget_volume(&task.group(), &volume.name);
+    }
     task.ctx.board.finished(&key);
 }
 

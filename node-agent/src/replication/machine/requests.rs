@@ -131,6 +131,7 @@ impl Machine {
                 steps.push(MetaStep::Write { offset: self.cfg.layout.al_block_offset(tx.ring_index), bytes: tx.block });
                 self.io(IoOp::Meta { tag: Some(IoTag::Meta(MetaPurpose::ActivityLog)), steps });
                 self.al_unsynced += 1;
+                self.counters.al_transactions += 1;
             }
         }
         let replicate = self.link.as_ref().filter(|l| l.replicating()).map(|l| l.conn);

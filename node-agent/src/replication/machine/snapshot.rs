@@ -24,6 +24,9 @@ pub struct Counters {
     pub syncs_completed: u64,
     pub verify_mismatched_bytes: u64,
     pub verifies_completed: u64,
+    /// Activity-log transactions written: one per write to a cold extent. A rate that
+    /// stays high means the working set is larger than `alExtents` covers.
+    pub al_transactions: u64,
 }
 
 /// A point-in-time view of the replica, cheap to clone.
