@@ -160,8 +160,18 @@ fn ignore_promise(engine: &mut Engine) {
     engine.set_mutation(Mutation::IgnorePromise);
 }
 
-/// Runs `schedules` schedules against a mutated engine; the checker must catch it.
+fn forget_first_healthy(engine: &mut Engine) {
+    engine.set_mutation(Mutation::ForgetFirstHealthy);
+}
+
+/// Runs `schedules` schedules against a mutated engine; the checker must catch it as a
+/// broken safety invariant.
 fn assert_caught(hook: fn(&mut Engine), what: &str, schedules: u64) {
+    assert_caught_as(hook, what, schedules, "SAFETY");
+}
+
+/// Runs `schedules` schedules against a mutated engine; some failure must say `kind`.
+fn assert_caught_as(hook: fn(&mut Engine), what: &str, schedules: u64, kind: &str) {
     let options = Options { engine_hook: Some(hook), ..Options::default() };
     let (failures, _, _) = run_many(DEFAULT_BASE_SEED, schedules, &options);
     let Some(first) = failures.first() else {
@@ -169,10 +179,15 @@ fn assert_caught(hook: fn(&mut Engine), what: &str, schedules: u64) {
     };
     println!("mutation {what:?} caught by {} of {schedules} schedules; first: {first}", failures.len());
     assert!(
-        failures.iter().any(|f| f.what.contains("SAFETY")),
-        "mutation {what:?} must break the two-primaries invariant; failures: {:?}",
+        failures.iter().any(|f| f.what.contains(kind)),
+        "mutation {what:?} must break the {kind:?} invariant; failures: {:?}",
         failures.iter().map(|f| f.what.lines().next().unwrap_or("").to_string()).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn checker_catches_a_first_healthy_check_missing_from_the_timeline() {
+    assert_caught_as(forget_first_healthy, "forget the first healthy check", 200, "timeline");
 }
 
 #[test]

@@ -17,4 +17,6 @@ pub enum Mutation {
     NoSelfFence,
     /// A candidate does not wait out the lease it granted the peer.
     IgnorePromise,
+    /// A step's first passing health check never reaches the failover's timeline.
+    ForgetFirstHealthy,
 }

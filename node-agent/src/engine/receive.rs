@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use hapair_crds::nodeapi::{EventType, GroupConfig, LeaseResponse};
 
-use super::Engine;
 use super::command::Reason;
 use super::config::EngineConfig;
 use super::event::{StepOp, VolumeOp, WitnessAnswer};
@@ -23,6 +22,7 @@ use super::role::Role;
 use super::serving::FailoverCause;
 use super::time::Instant;
 use super::timeline::phase;
+use super::{Engine, mutation};
 use hapair_crds::hagroup::MonitorAction;
 
 impl Engine {
@@ -235,7 +235,7 @@ impl Engine {
     }
 
     pub(super) fn on_step_check(&mut self, now: Instant, step: usize, healthy: bool, message: Option<String>) {
-        if healthy && self.flow.check_counts(step) {
+        if healthy && self.flow.check_counts(step) && !self.mutated(mutation::Mutation::ForgetFirstHealthy) {
             self.first_healthy(now, step);
         }
         if self.flow.on_check(now, step, healthy, message.clone()) {

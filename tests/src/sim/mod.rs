@@ -20,8 +20,10 @@
 //! - **contract**: the engine never has two operations outstanding on one step;
 //!
 //! and, after the chaos, **liveness** (everything healed: exactly one primary within a
-//! bounded time) and **bounded failover** (the primary crashes, the standby serves within
-//! [`params::Params::failover_bound`]).
+//! bounded time), **bounded failover** (the primary crashes, the standby serves within
+//! [`params::Params::failover_bound`]) and, in schedules whose checked step passes its
+//! first health check right after each start, the failover's **timeline** (that pass is
+//! on it, no earlier than the step's start, and every phase is in order).
 //!
 //! A failing schedule is reproduced exactly by its seed: [`run_seed`] with tracing on
 //! prints everything that happened.

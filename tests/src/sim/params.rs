@@ -103,6 +103,11 @@ pub struct Params {
     /// witness: without one there is no watchdog to reset a node stuck that way.
     pub stop_failure: f64,
     pub latencies: Latencies,
+    /// The agent runs a step's first health check as soon as the step has started; with
+    /// this, each start of the checked step is followed by a passing check, which after a
+    /// failover must join its timeline (`step app first healthy`), at or after the step's
+    /// start, in order with every other phase.
+    pub first_checks: bool,
 }
 
 impl Params {
@@ -131,6 +136,7 @@ impl Params {
             fault_gap: d / rng.random_range(1..=4),
             stop_failure: if witness == WitnessMode::Controller && rng.random_bool(0.3) { 0.03 } else { 0.0 },
             latencies: LATENCIES,
+            first_checks: rng.random_bool(0.5),
         }
     }
 
@@ -148,6 +154,7 @@ impl Params {
             fault_gap: timings.dead_after,
             stop_failure: 0.0,
             latencies: LATENCIES,
+            first_checks: true,
         }
     }
 

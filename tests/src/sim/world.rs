@@ -37,7 +37,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::clock::SimClock;
-use super::params::{MONITOR, NODES, Params, VOLUME};
+use super::params::{APP_STEP, MONITOR, NODES, Params, VOLUME};
 
 /// Records a trace line, formatting it only when tracing.
 macro_rules! trace {
@@ -138,23 +138,77 @@ enum Admin {
 
 #[derive(Clone, Debug)]
 enum Ev {
-    Tick { node: usize },
-    Deliver { node: usize, link: usize, bytes: Vec<u8> },
-    WitnessArrive { from: usize, agent: u64, id: u64, request: LeaseRequest },
-    WitnessReply { node: usize, agent: u64, id: u64, response: LeaseResponse },
-    HttpTimeout { node: usize, agent: u64, id: u64 },
-    OpDone { node: usize, machine: u64, agent: u64, op: Op, ok: bool },
-    Watchdog { node: usize, generation: u64 },
-    Resume { node: usize, generation: u64 },
-    Restart { node: usize, generation: u64 },
-    WitnessRestart { generation: u64 },
-    AdminArrive { era: u64, node: usize, action: AdminAction },
+    Tick {
+        node: usize,
+    },
+    Deliver {
+        node: usize,
+        link: usize,
+        bytes: Vec<u8>,
+    },
+    WitnessArrive {
+        from: usize,
+        agent: u64,
+        id: u64,
+        request: LeaseRequest,
+    },
+    WitnessReply {
+        node: usize,
+        agent: u64,
+        id: u64,
+        response: LeaseResponse,
+    },
+    HttpTimeout {
+        node: usize,
+        agent: u64,
+        id: u64,
+    },
+    OpDone {
+        node: usize,
+        machine: u64,
+        agent: u64,
+        op: Op,
+        ok: bool,
+    },
+    Watchdog {
+        node: usize,
+        generation: u64,
+    },
+    Resume {
+        node: usize,
+        generation: u64,
+    },
+    Restart {
+        node: usize,
+        generation: u64,
+    },
+    WitnessRestart {
+        generation: u64,
+    },
+    AdminArrive {
+        era: u64,
+        node: usize,
+        action: AdminAction,
+    },
     Fault,
-    Heal { era: u64, heal: Heal },
+    Heal {
+        era: u64,
+        heal: Heal,
+    },
     ChaosEnd,
     Check,
     Crash,
     GiveUp,
+    /// The checked step's first health check passes (see [`Params::first_checks`]).
+    CheckPasses {
+        node: usize,
+        machine: u64,
+        agent: u64,
+    },
+    /// The failover's late phases have had time to arrive: check its timeline.
+    Timeline {
+        node: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -256,8 +310,16 @@ struct WitnessSim {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Chaos,
-    Converging { since: u64, stable_since: Option<u64> },
-    Failover { crashed: usize, at: u64 },
+    Converging {
+        since: u64,
+        stable_since: Option<u64>,
+    },
+    Failover {
+        crashed: usize,
+        at: u64,
+    },
+    /// Serving after the crash; waiting for the first health check to join the timeline.
+    Settling,
     Done,
 }
 
@@ -556,6 +618,13 @@ impl World {
             Ev::ChaosEnd => self.heal_all()?,
             Ev::Check => self.check_convergence()?,
             Ev::Crash => self.crash_primary()?,
+            Ev::CheckPasses { node, machine, agent } => {
+                let n = &self.nodes[node];
+                if n.machine == machine && n.agent == agent {
+                    self.deliver(node, Event::StepCheck { step: APP_STEP, healthy: true, message: None })?;
+                }
+            }
+            Ev::Timeline { node } => self.check_timeline(node)?,
             Ev::GiveUp => {
                 if let Phase::Failover { crashed, at } = self.phase {
                     let bound = self.outcome.bound_ns;
@@ -633,7 +702,12 @@ impl World {
         {
             let took = self.now - at;
             self.outcome.failover_ns = Some(took);
-            self.phase = Phase::Done;
+            self.phase = if self.p.first_checks {
+                self.push(self.now + 2 * self.p.latencies.step.max, 9, Ev::Timeline { node });
+                Phase::Settling
+            } else {
+                Phase::Done
+            };
             if took > self.outcome.bound_ns {
                 let bound = self.outcome.bound_ns;
                 return Err(self.fail(format!(
@@ -852,7 +926,12 @@ impl World {
             Op::Volume(op) => Event::VolumeDone { volume: VOLUME.into(), op, result },
             Op::Step(step, op) => Event::StepDone { step, op, result },
         };
-        self.deliver(node, event)
+        self.deliver(node, event)?;
+        if self.p.first_checks && ok && matches!(op, Op::Step(APP_STEP, StepOp::Start | StepOp::Restart)) {
+            let at = self.now + self.p.latencies.step.sample(&mut self.rng);
+            self.push(at, 3, Ev::CheckPasses { node, machine, agent });
+        }
+        Ok(())
     }
 
     fn send_heartbeat(&mut self, from: usize, hb: &Heartbeat) -> Result<(), Failure> {

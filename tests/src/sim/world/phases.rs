@@ -81,4 +81,31 @@ impl World {
         self.push(give_up, 9, Ev::GiveUp);
         Ok(())
     }
+
+    /// After a failover in a schedule that delivers first health checks: the new
+    /// primary's timeline names the checked step's first pass, no earlier than that
+    /// step's start, and lists every phase in the order it ended.
+    pub(super) fn check_timeline(&mut self, node: usize) -> Result<(), Failure> {
+        if self.phase != Phase::Settling {
+            return Ok(());
+        }
+        self.phase = Phase::Done;
+        let n = &self.nodes[node];
+        let Some(engine) = n.engine.as_ref() else { return Ok(()) };
+        let Some(f) = engine.status(n.local(self.now)).last_failover else {
+            return Err(self.fail(format!("timeline: {} serves after the crash but recorded no failover", NODES[node])));
+        };
+        let shown: Vec<String> = f.phases.iter().map(|p| format!("{} at {:?}", p.phase, p.after)).collect();
+        let at = |name: &str| f.phases.iter().find(|p| p.phase == name).map(|p| p.after);
+        let (started, healthy) = (at("step app started"), at("step app first healthy"));
+        if healthy.is_none() || healthy < started {
+            return Err(self.fail(format!(
+                "timeline: the first passing check of step app is missing or before its start: {shown:?}"
+            )));
+        }
+        if !f.phases.windows(2).all(|w| w[0].after <= w[1].after) {
+            return Err(self.fail(format!("timeline: phases out of order: {shown:?}")));
+        }
+        Ok(())
+    }
 }
