@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::engine::timeline::PhaseTime;
 use crate::heartbeat::{DropCounts, DropReason};
-use crate::replication::observer::{IoKind, IoObserver};
+use crate::replication::observer::{IoKind, IoObserver, IoStage};
 use crate::replication::status::ReplicaStatus;
 
 type Labels = Vec<(&'static str, String)>;
@@ -119,6 +119,7 @@ pub struct VolumeIo {
     seconds: [Histogram; 4],
     failed: [Counter; 4],
     in_flight: Gauge,
+    stages: [Histogram; 2],
 }
 
 impl VolumeIo {
@@ -143,6 +144,14 @@ impl IoObserver for VolumeIo {
         if !ok {
             self.failed[Self::index(kind)].inc();
         }
+    }
+
+    fn stage(&self, stage: IoStage, took: std::time::Duration) {
+        let i = match stage {
+            IoStage::Local => 0,
+            IoStage::Peer => 1,
+        };
+        self.stages[i].observe(took.as_secs_f64());
     }
 }
 
@@ -173,6 +182,7 @@ pub struct AgentMetrics {
     volume_al_transactions: Family<Labels, Counter>,
     volume_nbd_clients: Family<Labels, Gauge>,
     volume_io_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    volume_io_stage_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     volume_io_failed: Family<Labels, Counter>,
     volume_io_in_flight: Family<Labels, Gauge>,
     /// Drop counts already added to the counters, per group: the transport reports totals.
@@ -214,6 +224,7 @@ impl AgentMetrics {
             volume_al_transactions: Family::default(),
             volume_nbd_clients: Family::default(),
             volume_io_seconds: Family::new_with_constructor(io_histogram),
+            volume_io_stage_seconds: Family::new_with_constructor(io_histogram),
             volume_io_failed: Family::default(),
             volume_io_in_flight: Family::default(),
             drops_seen: Mutex::new(HashMap::new()),
@@ -317,6 +328,11 @@ impl AgentMetrics {
              sees it: for protocol C, a write or flush includes the peer's acknowledgement",
             m.volume_io_seconds.clone(),
         );
+        registry.register(
+            "volume_io_stage_seconds",
+            "The halves of application writes, zeroes and flushes: local disk (queueing included) and peer acknowledgement",
+            m.volume_io_stage_seconds.clone(),
+        );
         registry.register("volume_io_failed", "Export requests that failed, by kind", m.volume_io_failed.clone());
         registry.register("volume_io_in_flight", "Export requests in progress", m.volume_io_in_flight.clone());
         AgentMetrics { registry, ..m }
@@ -364,6 +380,9 @@ impl AgentMetrics {
             self.volume_io_seconds.remove(&labels);
             self.volume_io_failed.remove(&labels);
         }
+        for stage in IoStage::ALL {
+            self.volume_io_stage_seconds.remove(&with(&[("stage", stage.as_str().to_string())]));
+        }
         if let Ok(mut seen) = self.volume_totals_seen.lock() {
             seen.remove(&(group.to_string(), volume.to_string()));
         }
@@ -381,6 +400,11 @@ impl AgentMetrics {
             seconds: IoKind::ALL.map(|k| self.volume_io_seconds.get_or_create(&of(k)).clone()),
             failed: IoKind::ALL.map(|k| self.volume_io_failed.get_or_create(&of(k)).clone()),
             in_flight: self.volume_io_in_flight.get_or_create(&base).clone(),
+            stages: IoStage::ALL.map(|s| {
+                let mut labels = base.clone();
+                labels.push(("stage", s.as_str().to_string()));
+                self.volume_io_stage_seconds.get_or_create(&labels).clone()
+            }),
         })
     }
 
@@ -643,6 +667,8 @@ mod tests {
         let again = m.volume_io("db/pg", "data");
         again.started(IoKind::Write);
         again.finished(IoKind::Write, std::time::Duration::from_millis(20), false);
+        io.stage(IoStage::Local, std::time::Duration::from_micros(80));
+        io.stage(IoStage::Peer, std::time::Duration::from_micros(700));
         let text = m.encode();
         for line in [
             "hapair_agent_volume_io_in_flight{group=\"db/pg\",volume=\"data\"} 1",
@@ -651,6 +677,9 @@ mod tests {
             "hapair_agent_volume_io_seconds_bucket{le=\"0.025\",group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
             "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"flush\"} 0",
             "hapair_agent_volume_io_failed_total{group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
+            "hapair_agent_volume_io_stage_seconds_bucket{le=\"0.0001\",group=\"db/pg\",volume=\"data\",stage=\"local\"} 1",
+            "hapair_agent_volume_io_stage_seconds_bucket{le=\"0.0005\",group=\"db/pg\",volume=\"data\",stage=\"peer\"} 0",
+            "hapair_agent_volume_io_stage_seconds_count{group=\"db/pg\",volume=\"data\",stage=\"peer\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

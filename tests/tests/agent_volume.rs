@@ -134,6 +134,12 @@ fn the_standby_promotes_the_replicated_volume_and_every_fsynced_file_survives_th
         let timed = metric(ns_of(primary), "hapair_agent_volume_io_seconds_count", &series(&format!("op=\"{op}\"")));
         assert!(timed.is_some_and(|n| n > 0.0), "{op} requests timed on the primary's export: {timed:?}");
     }
+    // Each half of the replicated writes is timed apart: the local disk and the peer.
+    for stage in ["local", "peer"] {
+        let name = "hapair_agent_volume_io_stage_seconds_count";
+        let timed = metric(ns_of(primary), name, &series(&format!("stage=\"{stage}\"")));
+        assert!(timed.is_some_and(|n| n > 0.0), "{stage} halves timed on the primary: {timed:?}");
+    }
 
     // The primary's agent dies; the standby promotes, mounts, and finds every file.
     let (primary_index, standby_index) = if primary == "a" { (0, 1) } else { (1, 0) };

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use nix::errno::Errno;
@@ -18,30 +19,56 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::machine::{IoOp, IoOutput, IoTag, MetaStep};
+use super::observer::{IoObserver, IoStage};
 use super::store::BackingFiles;
 use super::verify::block_digests;
 
 pub type Completion = (IoTag, Result<IoOutput, String>);
 
+/// An operation with the moment it was submitted, so the application's share of the
+/// disk's time can be measured from the queue's back, not from when its turn came.
+type Queued<T> = (T, Instant);
+
+/// Where completions go: the replica core, and the observer for application I/O.
+#[derive(Clone, Debug)]
+struct Done {
+    tx: UnboundedSender<Completion>,
+    observer: Option<Arc<dyn IoObserver>>,
+}
+
+impl Done {
+    fn send(&self, tag: IoTag, submitted: Instant, result: Result<IoOutput, String>) {
+        if let (Some(o), IoTag::App(_) | IoTag::AppFlush(_)) = (&self.observer, &tag) {
+            o.stage(IoStage::Local, submitted.elapsed());
+        }
+        let _ = self.tx.send((tag, result));
+    }
+}
+
 /// Handle to the disk worker threads; dropping it stops them once queued work is done.
 #[derive(Debug)]
 pub struct DiskWorker {
-    tx: mpsc::Sender<IoOp>,
+    tx: mpsc::Sender<Queued<IoOp>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl DiskWorker {
-    pub fn spawn(files: Arc<BackingFiles>, done: UnboundedSender<Completion>) -> std::io::Result<DiskWorker> {
-        let (tx, rx) = mpsc::channel::<IoOp>();
-        let (sync_tx, sync_rx) = mpsc::channel::<IoTag>();
+    pub fn spawn(
+        files: Arc<BackingFiles>,
+        done: UnboundedSender<Completion>,
+        observer: Option<Arc<dyn IoObserver>>,
+    ) -> std::io::Result<DiskWorker> {
+        let done = Done { tx: done, observer };
+        let (tx, rx) = mpsc::channel::<Queued<IoOp>>();
+        let (sync_tx, sync_rx) = mpsc::channel::<Queued<IoTag>>();
         let sync_files = files.clone();
         let sync_done = done.clone();
         let sync = std::thread::Builder::new()
             .name("replica-sync".into())
             .spawn(move || sync_loop(&sync_files, &sync_rx, &sync_done))?;
         let disk = std::thread::Builder::new().name("replica-disk".into()).spawn(move || {
-            while let Ok(op) = rx.recv() {
-                execute(&files, op, &sync_tx, &done);
+            while let Ok((op, submitted)) = rx.recv() {
+                execute(&files, op, submitted, &sync_tx, &done);
             }
         })?;
         Ok(DiskWorker { tx, threads: vec![disk, sync] })
@@ -57,31 +84,31 @@ impl DiskWorker {
 
     /// Queues an operation; false once the worker has stopped.
     pub fn submit(&self, op: IoOp) -> bool {
-        self.tx.send(op).is_ok()
+        self.tx.send((op, Instant::now())).is_ok()
     }
 }
 
-fn sync_loop(files: &BackingFiles, rx: &mpsc::Receiver<IoTag>, done: &UnboundedSender<Completion>) {
+fn sync_loop(files: &BackingFiles, rx: &mpsc::Receiver<Queued<IoTag>>, done: &Done) {
     while let Ok(first) = rx.recv() {
         let mut tags = vec![first];
         tags.extend(rx.try_iter());
         let result = files.sync_data().map_err(|e| format!("fdatasync {}: {e}", files.data_path.display()));
-        for tag in tags {
-            let _ = done.send((tag, result.clone().map(|()| IoOutput::Done)));
+        for (tag, submitted) in tags {
+            done.send(tag, submitted, result.clone().map(|()| IoOutput::Done));
         }
     }
 }
 
-fn execute(files: &BackingFiles, op: IoOp, sync: &mpsc::Sender<IoTag>, done: &UnboundedSender<Completion>) {
+fn execute(files: &BackingFiles, op: IoOp, submitted: Instant, sync: &mpsc::Sender<Queued<IoTag>>, done: &Done) {
     let path = files.data_path.display();
     let finish = |tag: IoTag, result: Result<IoOutput, String>, fua: bool| {
         if fua && result.is_ok() {
             // Durable before the completion: the sync thread reports it.
-            if sync.send(tag.clone()).is_ok() {
+            if sync.send((tag.clone(), submitted)).is_ok() {
                 return;
             }
         }
-        let _ = done.send((tag, result));
+        done.send(tag, submitted, result);
     };
     match op {
         IoOp::Write { tag, offset, data, fua } => {
@@ -103,14 +130,14 @@ fn execute(files: &BackingFiles, op: IoOp, sync: &mpsc::Sender<IoTag>, done: &Un
             finish(tag, r.map(|()| IoOutput::Digests(block_digests(&buf))), false);
         }
         IoOp::Flush { tag } => {
-            if sync.send(tag.clone()).is_err() {
-                let _ = done.send((tag, Err("the sync thread has stopped".into())));
+            if sync.send((tag.clone(), submitted)).is_err() {
+                done.send(tag, submitted, Err("the sync thread has stopped".into()));
             }
         }
         IoOp::Meta { tag, steps } => {
             let r = run_meta(files, steps);
             if let Some(tag) = tag {
-                let _ = done.send((tag, r.map(|()| IoOutput::Done)));
+                done.send(tag, submitted, r.map(|()| IoOutput::Done));
             } else if let Err(e) = r {
                 // Untagged updates (activity log, tracking) have no caller to tell; the
                 // failure surfaces through the next tagged update or write.

@@ -2,12 +2,13 @@
 //! and one reader and one writer task per connection, which turn the byte stream into
 //! frames for the replica core and back.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -19,6 +20,7 @@ use tokio_util::codec::FramedRead;
 use tracing::{debug, warn};
 
 use super::machine::ConnId;
+use super::observer::{IoObserver, IoStage};
 use super::tls::{LinkTls, certificate_names};
 use super::wire::{Envelope, Frame, FrameCodec};
 
@@ -89,19 +91,48 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     }
 }
 
+/// When each application write, zero or flush left for the peer, until its
+/// acknowledgement comes back: the peer's half of the request's time.
+#[derive(Debug)]
+struct PeerTimer {
+    observer: Arc<dyn IoObserver>,
+    sent: Mutex<HashMap<u64, Instant>>,
+}
+
+impl PeerTimer {
+    fn sent(&self, frame: &Frame) {
+        if let Frame::Data { seq, .. } | Frame::Zero { seq, .. } | Frame::Flush { seq } = frame
+            && let Ok(mut sent) = self.sent.lock()
+        {
+            sent.insert(*seq, Instant::now());
+        }
+    }
+
+    fn received(&self, frame: &Frame) {
+        if let Frame::Ack { seq, .. } | Frame::FlushAck { seq, .. } = frame
+            && let Some(at) = self.sent.lock().ok().and_then(|mut s| s.remove(seq))
+        {
+            self.observer.stage(IoStage::Peer, at.elapsed());
+        }
+    }
+}
+
 pub fn spawn_link(
     conn: ConnId,
     stream: BoxStream,
     events: mpsc::Sender<LinkEvent>,
     counters: Arc<WireCounters>,
+    observer: Option<Arc<dyn IoObserver>>,
 ) -> LinkHandle {
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     counters.connections.fetch_add(1, Ordering::Relaxed);
+    let timer = observer.map(|observer| Arc::new(PeerTimer { observer, sent: Mutex::new(HashMap::new()) }));
     let ev = events.clone();
     let c = counters.clone();
+    let write_timer = timer.clone();
     tokio::spawn(async move {
-        let reason = write_frames(wr, rx, &ev, conn, &c).await;
+        let reason = write_frames(wr, rx, &ev, conn, &c, write_timer.as_deref()).await;
         if let Err(reason) = reason {
             let _ = ev.send(LinkEvent::Closed(conn, reason)).await;
         }
@@ -111,6 +142,9 @@ pub fn spawn_link(
         let reason = loop {
             match frames.next().await {
                 Some(Ok(env)) => {
+                    if let Some(t) = &timer {
+                        t.received(&env.frame);
+                    }
                     if events.send(LinkEvent::Frame(conn, env)).await.is_err() {
                         return;
                     }
@@ -130,6 +164,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     events: &mpsc::Sender<LinkEvent>,
     conn: ConnId,
     counters: &WireCounters,
+    timer: Option<&PeerTimer>,
 ) -> Result<(), String> {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     let mut head = BytesMut::with_capacity(4096);
@@ -138,6 +173,10 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         let mut next = Some(first);
         while let Some(out) = next.take() {
             head.clear();
+            // Before the write: the acknowledgement cannot come back before it is known.
+            if let Some(t) = timer {
+                t.sent(&out.frame);
+            }
             let bulk = out.frame.encode_head(out.epoch, &mut head);
             let mut n = head.len();
             w.write_all(&head).await.map_err(|e| format!("writing to the peer: {e}"))?;

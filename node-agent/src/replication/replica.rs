@@ -350,7 +350,7 @@ impl Replica {
         let files = Arc::new(opened.files);
         let machine = Machine::new(cfg, opened.sb, opened.bitmap, opened.al, 0, seed);
         let (io_tx, io_rx) = mpsc::unbounded_channel::<Completion>();
-        let disk = DiskWorker::spawn(files.clone(), io_tx).map_err(|e| ReplicaError::Io {
+        let disk = DiskWorker::spawn(files.clone(), io_tx, opts.observer.clone()).map_err(|e| ReplicaError::Io {
             volume: name.clone(),
             message: format!("starting the disk worker: {e}"),
         })?;
@@ -595,7 +595,7 @@ impl Core {
                 Some(stream) = streams.recv() => {
                     let conn = self.next_conn;
                     self.next_conn += 1;
-                    let handle = link::spawn_link(conn, stream, self.link_tx.clone(), self.wire.clone());
+                    let handle = link::spawn_link(conn, stream, self.link_tx.clone(), self.wire.clone(), self.shared.observer.clone());
                     self.links.insert(conn, handle);
                     self.set_dial(0);
                     self.feed(Input::Connected { conn });
