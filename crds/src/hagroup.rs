@@ -730,8 +730,9 @@ pub struct FailoverRecord {
 pub struct FailoverPhase {
     /// What ended: `link N silent`, `silence detected`, `witness lease requested`,
     /// `witness lease granted`, `old lease ended`, `term taken`, `volume V promoted`,
-    /// `step S started`, `serving`, `step S first healthy` (a checked step's first passing
-    /// health check, which may come after `serving`).
+    /// `step S started` (for a volume step `step S attached and mounted`, for a VIP step
+    /// `step S VIP added, first ARP/NA sent`), `serving`, `step S first healthy` (a checked
+    /// step's first passing health check, which may come after `serving`).
     pub phase: String,
     /// Milliseconds from the start of the timeline.
     pub at_ms: u64,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hapair_crds::nodeapi::{EventType, GroupConfig, LeaseResponse};
 
 use super::command::Reason;
-use super::config::EngineConfig;
+use super::config::{EngineConfig, PlannedKind};
 use super::event::{StepOp, VolumeOp, WitnessAnswer};
 use super::flow::Outcome;
 use super::heartbeat::Heartbeat;
@@ -250,8 +250,13 @@ impl Engine {
 
     pub(super) fn on_step_done(&mut self, now: Instant, step: usize, op: StepOp, result: Result<(), String>) {
         let name = self.flow.step(step).map(|(p, _)| p.name.clone()).unwrap_or_default();
+        let phase = match self.flow.step(step).map(|(p, _)| &p.kind) {
+            Some(PlannedKind::VirtualIp { .. }) => phase::vip_announced(&name),
+            Some(PlannedKind::Volume { .. }) => phase::volume_mounted(&name),
+            _ => phase::step_started(&name),
+        };
         if let (Some(p), StepOp::Start, Ok(())) = (&mut self.promotion, op, &result) {
-            p.timeline.mark(phase::step_started(&name), now);
+            p.timeline.mark(phase, now);
         }
         if let Outcome::Failed(e) = self.flow.on_step_done(step, op, result, now) {
             let reason = if op == StepOp::Stop { Reason::StopFailed } else { Reason::StepFailed };

@@ -37,6 +37,19 @@ pub mod phase {
         format!("step {step} started")
     }
 
+    /// A volume step is up once the promoted replica is attached and its filesystem
+    /// mounted, journal replay included.
+    pub fn volume_mounted(step: &str) -> String {
+        format!("step {step} attached and mounted")
+    }
+
+    /// A VIP step is up once its address is on the interface and the first gratuitous
+    /// ARP (IPv4) or unsolicited neighbour advertisement (IPv6) has gone out; the phase
+    /// says so instead of a bare "started".
+    pub fn vip_announced(step: &str) -> String {
+        format!("step {step} VIP added, first ARP/NA sent")
+    }
+
     pub fn step_healthy(step: &str) -> String {
         format!("step {step} first healthy")
     }

@@ -164,9 +164,9 @@ fn a_failover_records_when_each_phase_ended_from_the_last_heartbeat_heard() {
         ("witness lease granted", 1010),
         ("term taken", 1010),
         ("volume data promoted", 1020),
-        ("step data started", 1021),
+        ("step data attached and mounted", 1021),
         ("step app started", 1022),
-        ("step svc-ip started", 1023),
+        ("step svc-ip VIP added, first ARP/NA sent", 1023),
         ("serving", 1023),
     ];
     let expected: Vec<(String, u128)> = expected.iter().map(|(p, ms)| (p.to_string(), *ms)).collect();
