@@ -388,7 +388,9 @@ pub struct CheckSpec {
     /// Healthy while an HTTP GET answers below `maxStatus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCheck>,
-    /// Time between two runs of the check.
+    /// Time between two runs of the check. A run is also made as soon as the step has
+    /// started; it can only report the step healthy early, and a failure of that run is
+    /// not counted toward `failureThreshold`.
     #[serde(default = "defaults::check_interval")]
     pub interval: Duration,
     /// A run that takes longer counts as failed.

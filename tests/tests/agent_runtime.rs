@@ -421,6 +421,34 @@ fn a_failing_check_restarts_the_step_then_the_flow_moves_stopping_in_reverse() {
     assert!(reasons.contains(&"StepRestarted".to_string()), "{reasons:?}");
 }
 
+/// A check that fails right after the start, while the service comes up, is not held
+/// against the step: the run made at the start can only report it healthy early, and
+/// `failureThreshold: 1` counts from the run one interval later, which passes.
+#[test]
+fn a_check_failing_only_while_the_service_comes_up_is_not_counted() {
+    let flow_log = tempfile::NamedTempFile::new().unwrap();
+    let up = flow_log.path().with_extension("up");
+    let runs = flow_log.path().with_extension("runs");
+    let check = format!(
+        "          check: {{exec: {{command: 'echo run >> {runs}; test $(( $(date +%s) - $(stat -c %Y {up}) )) -ge 1'}}, interval: 2s, timeout: 2s, failureThreshold: 1}}\n",
+        runs = runs.display(),
+        up = up.display()
+    );
+    let flow = format!(
+        "      flow:\n{}",
+        traced_step("svc", flow_log.path(), &format!("; touch {}", up.display()), "", &check)
+    );
+    let pair = Pair::start_nodes(&BundleSpec { spec_extra: flow, ..BundleSpec::default() }, &["a"]);
+    let a = &pair.topo.a;
+    assert!(wait_role(a, GROUP, "Primary", UP), "a alone did not take the service: {:?}", status(a));
+    let two_runs =
+        wait_for(Duration::from_secs(10), || (std::fs::read_to_string(&runs).ok()?.lines().count() >= 2).then_some(()));
+    assert!(two_runs.is_some(), "the check did not run at the start and one interval later");
+    assert_eq!(actions_of(flow_log.path(), "a"), ["stop svc", "start svc"], "the step was restarted");
+    let reasons = events(a);
+    assert!(!reasons.iter().any(|r| r == "StepRestarted" || r == "StepFailed"), "{reasons:?}");
+}
+
 /// The group leaves the bundle: the VIP goes first, then the steps in reverse order; the
 /// last step's stop hangs (with a child in its process group) and is killed after its
 /// timeout, and the stop carries on with the first step.

@@ -133,6 +133,11 @@ struct CheckRun {
     next_due: std::time::Instant,
     in_flight: bool,
     generation: u64,
+    /// The run made the moment the step started, before its first interval: a pass is
+    /// reported at once (the failover's "first healthy"), but a failure is not, because a
+    /// service may need a moment to come up and `failureThreshold` counts from the run one
+    /// interval after the start, as it always has.
+    early: bool,
 }
 
 struct GroupTask {
@@ -487,6 +492,10 @@ impl GroupTask {
             Input::Checked { step, generation, healthy, message } => {
                 let Some(run) = self.checks.get_mut(&step).filter(|c| c.generation == generation) else { return };
                 run.in_flight = false;
+                if std::mem::take(&mut run.early) && !healthy {
+                    tracing::debug!(step, ?message, "the check right after the start failed; not counted");
+                    return;
+                }
                 self.feed(Event::StepCheck { step, healthy, message }).await;
             }
         }
@@ -546,6 +555,7 @@ impl GroupTask {
                     next_due: std::time::Instant::now(),
                     in_flight: false,
                     generation: self.generation,
+                    early: true,
                 },
             );
         }
@@ -594,6 +604,7 @@ impl GroupTask {
             let running =
                 states.get(*step).is_some_and(|s| matches!(s.state, StepState::Running | StepState::Stabilizing));
             if !running {
+                run.early = false;
                 continue;
             }
             run.in_flight = true;
