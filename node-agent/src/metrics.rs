@@ -83,6 +83,14 @@ impl VolumeTotals {
     }
 }
 
+/// The labels of one volume's series: group, volume, then `extra`. Creating, updating and
+/// forgetting a volume's series all build them here, so they name the same series.
+fn volume_labels(group: &str, volume: &str, extra: &[(&'static str, &str)]) -> Labels {
+    let mut labels = vec![("group", group.to_string()), ("volume", volume.to_string())];
+    labels.extend(extra.iter().map(|&(name, value)| (name, value.to_string())));
+    labels
+}
+
 /// How far a counter advances from total `before` to total `now`. A total that went down
 /// belongs to a replica opened again, counting from zero.
 fn advance(before: u64, now: u64) -> u64 {
@@ -340,22 +348,17 @@ impl AgentMetrics {
 
     /// Removes every series of `volume` in `group`: its replica is closed for good.
     pub fn forget_volume(&self, group: &str, volume: &str) {
-        let base = vec![("group", group.to_string()), ("volume", volume.to_string())];
-        let with = |pairs: &[(&'static str, String)]| {
-            let mut labels = base.clone();
-            labels.extend(pairs.iter().cloned());
-            labels
-        };
+        let with = |extra: &[(&'static str, &str)]| volume_labels(group, volume, extra);
+        let base = with(&[]);
         for role in VOLUME_ROLES {
-            self.volume_role.remove(&with(&[("role", format!("{role:?}"))]));
+            self.volume_role.remove(&with(&[("role", &format!("{role:?}"))]));
         }
         for state in CONNECTION_STATES {
-            self.volume_connection.remove(&with(&[("state", format!("{state:?}"))]));
+            self.volume_connection.remove(&with(&[("state", &format!("{state:?}"))]));
         }
         for replica in ["local", "peer"] {
             for state in DISK_STATES {
-                let labels = with(&[("replica", replica.to_string()), ("state", state.as_str().to_string())]);
-                self.volume_disk_state.remove(&labels);
+                self.volume_disk_state.remove(&with(&[("replica", replica), ("state", state.as_str())]));
             }
         }
         for gauge in [
@@ -371,17 +374,17 @@ impl AgentMetrics {
             counter.remove(&base);
         }
         for direction in ["sent", "received"] {
-            let labels = with(&[("direction", direction.to_string())]);
+            let labels = with(&[("direction", direction)]);
             self.volume_resync_bytes.remove(&labels);
             self.volume_replication_bytes.remove(&labels);
         }
         for kind in IoKind::ALL {
-            let labels = with(&[("op", kind.as_str().to_string())]);
+            let labels = with(&[("op", kind.as_str())]);
             self.volume_io_seconds.remove(&labels);
             self.volume_io_failed.remove(&labels);
         }
         for stage in IoStage::ALL {
-            self.volume_io_stage_seconds.remove(&with(&[("stage", stage.as_str().to_string())]));
+            self.volume_io_stage_seconds.remove(&with(&[("stage", stage.as_str())]));
         }
         if let Ok(mut seen) = self.volume_totals_seen.lock() {
             seen.remove(&(group.to_string(), volume.to_string()));
@@ -390,19 +393,13 @@ impl AgentMetrics {
 
     /// The handles a replica of `volume` in `group` reports its export requests to.
     pub fn volume_io(&self, group: &str, volume: &str) -> Arc<VolumeIo> {
-        let base = vec![("group", group.to_string()), ("volume", volume.to_string())];
-        let of = |kind: IoKind| {
-            let mut labels = base.clone();
-            labels.push(("op", kind.as_str().to_string()));
-            labels
-        };
+        let of = |kind: IoKind| volume_labels(group, volume, &[("op", kind.as_str())]);
         Arc::new(VolumeIo {
             seconds: IoKind::ALL.map(|k| self.volume_io_seconds.get_or_create(&of(k)).clone()),
             failed: IoKind::ALL.map(|k| self.volume_io_failed.get_or_create(&of(k)).clone()),
-            in_flight: self.volume_io_in_flight.get_or_create(&base).clone(),
+            in_flight: self.volume_io_in_flight.get_or_create(&volume_labels(group, volume, &[])).clone(),
             stages: IoStage::ALL.map(|s| {
-                let mut labels = base.clone();
-                labels.push(("stage", s.as_str().to_string()));
+                let labels = volume_labels(group, volume, &[("stage", s.as_str())]);
                 self.volume_io_stage_seconds.get_or_create(&labels).clone()
             }),
         })
@@ -410,23 +407,19 @@ impl AgentMetrics {
 
     /// A replica's status, as the group task receives it.
     pub fn set_volume(&self, group: &str, status: &ReplicaStatus) {
-        let base = vec![("group", group.to_string()), ("volume", status.volume.clone())];
-        let with = |name: &'static str, value: String| {
-            let mut labels = base.clone();
-            labels.push((name, value));
-            labels
-        };
+        let with = |extra: &[(&'static str, &str)]| volume_labels(group, &status.volume, extra);
+        let base = with(&[]);
         for role in VOLUME_ROLES {
-            self.volume_role.get_or_create(&with("role", format!("{role:?}"))).set(i64::from(role == status.role));
+            let labels = with(&[("role", &format!("{role:?}"))]);
+            self.volume_role.get_or_create(&labels).set(i64::from(role == status.role));
         }
         for state in CONNECTION_STATES {
-            let labels = with("state", format!("{state:?}"));
+            let labels = with(&[("state", &format!("{state:?}"))]);
             self.volume_connection.get_or_create(&labels).set(i64::from(state == status.connection));
         }
         for (replica, disk) in [("local", Some(status.disk)), ("peer", status.peer_disk)] {
             for state in DISK_STATES {
-                let mut labels = with("replica", replica.to_string());
-                labels.push(("state", state.as_str().to_string()));
+                let labels = with(&[("replica", replica), ("state", state.as_str())]);
                 self.volume_disk_state.get_or_create(&labels).set(i64::from(disk == Some(state)));
             }
         }
@@ -440,8 +433,8 @@ impl AgentMetrics {
         let now = VolumeTotals::of(status);
         let Ok(mut seen) = self.volume_totals_seen.lock() else { return };
         let before = seen.insert((group.to_string(), status.volume.clone()), now).unwrap_or_default();
-        let sent = with("direction", "sent".into());
-        let received = with("direction", "received".into());
+        let sent = with(&[("direction", "sent")]);
+        let received = with(&[("direction", "received")]);
         self.volume_resync_bytes.get_or_create(&sent).inc_by(advance(before.resync_sent, now.resync_sent));
         self.volume_resync_bytes.get_or_create(&received).inc_by(advance(before.resync_received, now.resync_received));
         self.volume_replication_bytes.get_or_create(&sent).inc_by(advance(before.wire_sent, now.wire_sent));
@@ -536,6 +529,13 @@ impl AgentMetrics {
 mod tests {
     use super::*;
 
+    /// Every one of `lines` is a whole line of the exposition `text`.
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "missing {line:?} in\n{text}");
+        }
+    }
+
     #[test]
     fn families_are_named_and_labelled() {
         let m = AgentMetrics::new();
@@ -550,24 +550,25 @@ mod tests {
         ];
         m.record_failover("db/pg", std::time::Duration::from_millis(1500), &phases);
         let text = m.encode();
-        for line in [
-            "hapair_agent_role{group=\"db/pg\",node=\"a\",role=\"Primary\"} 1",
-            "hapair_agent_role{group=\"db/pg\",node=\"a\",role=\"Standby\"} 0",
-            "hapair_agent_epoch{group=\"db/pg\"} 4",
-            "hapair_agent_heartbeat_link_up{group=\"db/pg\",link=\"1\"} 0",
-            "hapair_agent_heartbeat_loss_percent{group=\"db/pg\",link=\"1\"} 100",
-            "hapair_agent_probe_healthy{group=\"db/pg\",monitor=\"gw\"} 1",
-            "hapair_agent_flow_step_state{group=\"db/pg\",step=\"app\",state=\"Running\"} 1",
-            "hapair_agent_flow_step_restarts{group=\"db/pg\",step=\"app\"} 2",
-            "hapair_agent_failovers_total{group=\"db/pg\"} 1",
-            "hapair_agent_last_failover_duration_seconds{group=\"db/pg\"} 1.5",
-            "hapair_agent_failover_phase_seconds_count{group=\"db/pg\",phase=\"serving\"} 1",
-            "hapair_agent_failover_phase_seconds_sum{group=\"db/pg\",phase=\"silence detected\"} 0.6",
-            "hapair_agent_failover_phase_seconds_bucket{le=\"1.25\",group=\"db/pg\",phase=\"serving\"} 1",
-            "hapair_agent_failover_phase_seconds_bucket{le=\"1.0\",group=\"db/pg\",phase=\"serving\"} 0",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
-        }
+        assert_lines(
+            &text,
+            &[
+                "hapair_agent_role{group=\"db/pg\",node=\"a\",role=\"Primary\"} 1",
+                "hapair_agent_role{group=\"db/pg\",node=\"a\",role=\"Standby\"} 0",
+                "hapair_agent_epoch{group=\"db/pg\"} 4",
+                "hapair_agent_heartbeat_link_up{group=\"db/pg\",link=\"1\"} 0",
+                "hapair_agent_heartbeat_loss_percent{group=\"db/pg\",link=\"1\"} 100",
+                "hapair_agent_probe_healthy{group=\"db/pg\",monitor=\"gw\"} 1",
+                "hapair_agent_flow_step_state{group=\"db/pg\",step=\"app\",state=\"Running\"} 1",
+                "hapair_agent_flow_step_restarts{group=\"db/pg\",step=\"app\"} 2",
+                "hapair_agent_failovers_total{group=\"db/pg\"} 1",
+                "hapair_agent_last_failover_duration_seconds{group=\"db/pg\"} 1.5",
+                "hapair_agent_failover_phase_seconds_count{group=\"db/pg\",phase=\"serving\"} 1",
+                "hapair_agent_failover_phase_seconds_sum{group=\"db/pg\",phase=\"silence detected\"} 0.6",
+                "hapair_agent_failover_phase_seconds_bucket{le=\"1.25\",group=\"db/pg\",phase=\"serving\"} 1",
+                "hapair_agent_failover_phase_seconds_bucket{le=\"1.0\",group=\"db/pg\",phase=\"serving\"} 0",
+            ],
+        );
     }
 
     fn replica_status(connection: ConnectionState, resync_sent: u64, wire_sent: u64) -> ReplicaStatus {
@@ -605,24 +606,25 @@ mod tests {
         let m = AgentMetrics::new();
         m.set_volume("db/pg", &replica_status(ConnectionState::SyncSource, 16 << 20, 17 << 20));
         let text = m.encode();
-        for line in [
-            "hapair_agent_volume_role{group=\"db/pg\",volume=\"data\",role=\"Primary\"} 1",
-            "hapair_agent_volume_role{group=\"db/pg\",volume=\"data\",role=\"Secondary\"} 0",
-            "hapair_agent_volume_connection{group=\"db/pg\",volume=\"data\",state=\"SyncSource\"} 1",
-            "hapair_agent_volume_connection{group=\"db/pg\",volume=\"data\",state=\"Connected\"} 0",
-            "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"local\",state=\"UpToDate\"} 1",
-            "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"peer\",state=\"Inconsistent\"} 1",
-            "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"peer\",state=\"UpToDate\"} 0",
-            "hapair_agent_volume_out_of_sync_bytes{group=\"db/pg\",volume=\"data\"} 50331648",
-            "hapair_agent_volume_resync_bytes_per_second{group=\"db/pg\",volume=\"data\"} 8388608",
-            "hapair_agent_volume_resync_eta_seconds{group=\"db/pg\",volume=\"data\"} 6",
-            "hapair_agent_volume_resync_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 16777216",
-            "hapair_agent_volume_replication_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 17825792",
-            "hapair_agent_volume_nbd_clients{group=\"db/pg\",volume=\"data\"} 1",
-            "hapair_agent_volume_activity_log_transactions_total{group=\"db/pg\",volume=\"data\"} 3",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
-        }
+        assert_lines(
+            &text,
+            &[
+                "hapair_agent_volume_role{group=\"db/pg\",volume=\"data\",role=\"Primary\"} 1",
+                "hapair_agent_volume_role{group=\"db/pg\",volume=\"data\",role=\"Secondary\"} 0",
+                "hapair_agent_volume_connection{group=\"db/pg\",volume=\"data\",state=\"SyncSource\"} 1",
+                "hapair_agent_volume_connection{group=\"db/pg\",volume=\"data\",state=\"Connected\"} 0",
+                "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"local\",state=\"UpToDate\"} 1",
+                "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"peer\",state=\"Inconsistent\"} 1",
+                "hapair_agent_volume_disk_state{group=\"db/pg\",volume=\"data\",replica=\"peer\",state=\"UpToDate\"} 0",
+                "hapair_agent_volume_out_of_sync_bytes{group=\"db/pg\",volume=\"data\"} 50331648",
+                "hapair_agent_volume_resync_bytes_per_second{group=\"db/pg\",volume=\"data\"} 8388608",
+                "hapair_agent_volume_resync_eta_seconds{group=\"db/pg\",volume=\"data\"} 6",
+                "hapair_agent_volume_resync_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 16777216",
+                "hapair_agent_volume_replication_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 17825792",
+                "hapair_agent_volume_nbd_clients{group=\"db/pg\",volume=\"data\"} 1",
+                "hapair_agent_volume_activity_log_transactions_total{group=\"db/pg\",volume=\"data\"} 3",
+            ],
+        );
     }
 
     #[test]
@@ -670,19 +672,20 @@ mod tests {
         io.stage(IoStage::Local, std::time::Duration::from_micros(80));
         io.stage(IoStage::Peer, std::time::Duration::from_micros(700));
         let text = m.encode();
-        for line in [
-            "hapair_agent_volume_io_in_flight{group=\"db/pg\",volume=\"data\"} 1",
-            "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
-            "hapair_agent_volume_io_seconds_bucket{le=\"0.0005\",group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
-            "hapair_agent_volume_io_seconds_bucket{le=\"0.025\",group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
-            "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"flush\"} 0",
-            "hapair_agent_volume_io_failed_total{group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
-            "hapair_agent_volume_io_stage_seconds_bucket{le=\"0.0001\",group=\"db/pg\",volume=\"data\",stage=\"local\"} 1",
-            "hapair_agent_volume_io_stage_seconds_bucket{le=\"0.0005\",group=\"db/pg\",volume=\"data\",stage=\"peer\"} 0",
-            "hapair_agent_volume_io_stage_seconds_count{group=\"db/pg\",volume=\"data\",stage=\"peer\"} 1",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
-        }
+        assert_lines(
+            &text,
+            &[
+                "hapair_agent_volume_io_in_flight{group=\"db/pg\",volume=\"data\"} 1",
+                "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
+                "hapair_agent_volume_io_seconds_bucket{le=\"0.0005\",group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
+                "hapair_agent_volume_io_seconds_bucket{le=\"0.025\",group=\"db/pg\",volume=\"data\",op=\"write\"} 2",
+                "hapair_agent_volume_io_seconds_count{group=\"db/pg\",volume=\"data\",op=\"flush\"} 0",
+                "hapair_agent_volume_io_failed_total{group=\"db/pg\",volume=\"data\",op=\"write\"} 1",
+                "hapair_agent_volume_io_stage_seconds_bucket{le=\"0.0001\",group=\"db/pg\",volume=\"data\",stage=\"local\"} 1",
+                "hapair_agent_volume_io_stage_seconds_bucket{le=\"0.0005\",group=\"db/pg\",volume=\"data\",stage=\"peer\"} 0",
+                "hapair_agent_volume_io_stage_seconds_count{group=\"db/pg\",volume=\"data\",stage=\"peer\"} 1",
+            ],
+        );
     }
 
     #[test]

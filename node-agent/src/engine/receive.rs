@@ -250,12 +250,12 @@ impl Engine {
 
     pub(super) fn on_step_done(&mut self, now: Instant, step: usize, op: StepOp, result: Result<(), String>) {
         let name = self.flow.step(step).map(|(p, _)| p.name.clone()).unwrap_or_default();
-        let phase = match self.flow.step(step).map(|(p, _)| &p.kind) {
-            Some(PlannedKind::VirtualIp { .. }) => phase::vip_announced(&name),
-            Some(PlannedKind::Volume { .. }) => phase::volume_mounted(&name),
-            _ => phase::step_started(&name),
-        };
         if let (Some(p), StepOp::Start, Ok(())) = (&mut self.promotion, op, &result) {
+            let phase = match self.flow.step(step).map(|(s, _)| &s.kind) {
+                Some(PlannedKind::VirtualIp { .. }) => phase::vip_announced(&name),
+                Some(PlannedKind::Volume { .. }) => phase::volume_mounted(&name),
+                _ => phase::step_started(&name),
+            };
             p.timeline.mark(phase, now);
         }
         if let Outcome::Failed(e) = self.flow.on_step_done(step, op, result, now) {
