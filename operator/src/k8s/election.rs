@@ -281,6 +281,10 @@ impl LeaseAuthority for FencedAuthority {
     fn restore_epoch(&mut self, group: &hapair_crds::nodeapi::GroupKey, epoch: u64) {
         self.inner.restore_epoch(group, epoch);
     }
+
+    fn record(&self, group: &hapair_crds::nodeapi::GroupKey) -> Option<crate::witness::LeaseRecord> {
+        self.inner.record(group)
+    }
 }
 
 /// Campaigns for (and keeps) the Lease until `stop` turns true, then hands it over.

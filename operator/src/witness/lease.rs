@@ -28,6 +28,12 @@ pub trait LeaseAuthority: Send {
     /// Raises a group's highest epoch after a restart, from its persisted status, so a
     /// restarted authority never grants an epoch that already served.
     fn restore_epoch(&mut self, _group: &hapair_crds::GroupKey, _epoch: u64) {}
+
+    /// What a successor must know of `group` after a decision (see
+    /// [`crate::witness::LeaseRecord`]); `None` when the authority keeps nothing for it.
+    fn record(&self, _group: &hapair_crds::GroupKey) -> Option<crate::witness::LeaseRecord> {
+        None
+    }
 }
 
 impl LeaseAuthority for crate::witness::Witness {
@@ -37,6 +43,10 @@ impl LeaseAuthority for crate::witness::Witness {
 
     fn restore_epoch(&mut self, group: &hapair_crds::GroupKey, epoch: u64) {
         crate::witness::Witness::restore_epoch(self, group, epoch)
+    }
+
+    fn record(&self, group: &hapair_crds::GroupKey) -> Option<crate::witness::LeaseRecord> {
+        crate::witness::Witness::record(self, group)
     }
 }
 

@@ -23,6 +23,12 @@
 //!   the holder's grant epoch.
 //! - **Restart.** A witness that (re)starts may have forgotten a holder: it grants nothing
 //!   until `ttl·(1+δ)` has passed since it started.
+//! - **Takeover.** A witness whose predecessor wrote a [`LeaseRecord`] durably before each
+//!   answer that granted or released (the etcd-backed controllers do) forgets nothing, so it
+//!   [resumes](Witness::resume) instead: it holds each recorded holder's lease for that
+//!   grant's stretched ttl from the takeover, and grants free groups at once. The wait-out
+//!   is thereby kept per group: the predecessor answered before the takeover, so its holder's
+//!   lease ends before the successor's copy of it does.
 //! - **No absurd epochs.** A request whose epoch is more than [`MAX_EPOCH_LEAP`] above the
 //!   highest epoch the witness has seen for the group is refused and changes nothing.
 //!
@@ -39,6 +45,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use hapair_crds::nodeapi::{GroupKey, LeaseOp, LeaseRequest, LeaseResponse};
+use serde::{Deserialize, Serialize};
 
 /// How far above the highest epoch the witness has seen for a group a request may name.
 ///
@@ -72,11 +79,33 @@ impl LeaseParams {
     }
 }
 
+/// What a successor must know of one group's lease to honour it. It is written durably
+/// after every decision that grants or releases, before the answer is sent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRecord {
+    /// The node holding the lease; `None` once released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// Highest epoch granted to `holder`.
+    #[serde(default)]
+    pub holder_epoch: u64,
+    /// Highest epoch granted or renewed for the group.
+    #[serde(default)]
+    pub epoch: u64,
+    /// How long the holder's longest live grant is held on the witness's clock (its ttl
+    /// stretched for drift), in milliseconds: a successor holds it that long from takeover.
+    #[serde(default)]
+    pub held_ms: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct GroupLease {
     holder: Option<String>,
     /// Witness time until which `holder` holds the lease.
     expires: Duration,
+    /// The longest stretched ttl among the holder's grants since it last became holder.
+    held: Duration,
     /// Highest epoch granted to the current holder (a release must name at least this).
     holder_epoch: u64,
     /// Highest epoch granted or renewed.
@@ -85,7 +114,9 @@ struct GroupLease {
 
 #[derive(Debug)]
 pub struct Witness {
-    started: Duration,
+    /// When the witness (re)started and must wait out forgotten holders; `None` when it
+    /// resumed from durable records and forgot nothing.
+    started: Option<Duration>,
     groups: HashMap<GroupKey, GroupLease>,
 }
 
@@ -96,7 +127,39 @@ fn millis(d: Duration) -> u64 {
 impl Witness {
     /// A witness that just (re)started at `now` and must wait out L·(1+drift) before granting.
     pub fn new(now: std::time::Duration) -> Self {
-        Witness { started: now, groups: HashMap::new() }
+        Witness { started: Some(now), groups: HashMap::new() }
+    }
+
+    /// A witness taking over at `now` from a predecessor that recorded every grant and
+    /// release durably before answering: each recorded holder keeps the lease for its
+    /// grant's stretched ttl from `now`, every other group may be granted at once.
+    pub fn resume(now: Duration, records: impl IntoIterator<Item = (GroupKey, LeaseRecord)>) -> Self {
+        let groups = records
+            .into_iter()
+            .map(|(group, record)| {
+                let held = Duration::from_millis(record.held_ms);
+                let expires = if record.holder.is_some() { now + held } else { now };
+                let lease = GroupLease {
+                    holder: record.holder,
+                    expires,
+                    held,
+                    holder_epoch: record.holder_epoch,
+                    epoch: record.epoch,
+                };
+                (group, lease)
+            })
+            .collect();
+        Witness { started: None, groups }
+    }
+
+    /// What must be recorded of `group` after a decision, for a successor to honour it.
+    pub fn record(&self, group: &GroupKey) -> Option<LeaseRecord> {
+        self.groups.get(group).map(|g| LeaseRecord {
+            holder: g.holder.clone(),
+            holder_epoch: g.holder_epoch,
+            epoch: g.epoch,
+            held_ms: if g.holder.is_some() { millis(g.held) } else { 0 },
+        })
     }
 
     /// Raises the group's highest epoch to at least `epoch` (after a restart, from the
@@ -155,14 +218,17 @@ impl Witness {
             {
                 entry.holder = None;
                 entry.expires = now;
+                entry.held = Duration::ZERO;
             }
             return LeaseResponse::Released;
         }
         if request.ttl_ms == 0 {
             return deny(None, params.ttl, "ttlMs: must be greater than zero".into());
         }
-        let quiet_until = self.started + params.stretch(params.ttl);
-        if now < quiet_until {
+        if let Some(started) = self.started
+            && let quiet_until = started + params.stretch(params.ttl)
+            && now < quiet_until
+        {
             return deny(
                 None,
                 quiet_until - now,
@@ -185,6 +251,7 @@ impl Witness {
         };
         let still_held = entry.holder.as_deref() == Some(request.node.as_str()) && now < entry.expires;
         entry.holder_epoch = if still_held { entry.holder_epoch.max(epoch) } else { epoch };
+        entry.held = if still_held { entry.held.max(params.stretch(ttl)) } else { params.stretch(ttl) };
         entry.holder = Some(request.node.clone());
         entry.expires = entry.expires.max(held_until);
         entry.epoch = entry.epoch.max(epoch);
@@ -388,6 +455,53 @@ mod tests {
         let g = GroupKey::new("ns", "g");
         w.restore_epoch(&g, u64::MAX - 1);
         assert_eq!(w.handle(ms(T0 + 900), &req("a", LeaseOp::Acquire, u64::MAX), PARAMS), granted("a", u64::MAX));
+    }
+
+    #[test]
+    fn a_successor_honours_recorded_holders_and_grants_free_groups_at_once() {
+        let mut old = ready();
+        let held = GroupKey::new("ns", "g");
+        let free = GroupKey::new("ns", "free");
+        assert_eq!(old.handle(ms(T0), &req("a", LeaseOp::Acquire, 4), PARAMS), granted("a", 4));
+        let mut other = req("b", LeaseOp::Acquire, 6);
+        other.group = free.clone();
+        assert_eq!(old.handle(ms(T0), &other, PARAMS), granted("b", 6));
+        other.op = LeaseOp::Release;
+        assert_eq!(old.handle(ms(T0 + 1), &other, PARAMS), LeaseResponse::Released);
+        let records = [held.clone(), free.clone()].map(|g| (g.clone(), old.record(&g).unwrap_or_default()));
+        assert_eq!(records[0].1, LeaseRecord { holder: Some("a".into()), holder_epoch: 4, epoch: 4, held_ms: 808 });
+        assert_eq!(records[1].1, LeaseRecord { holder: None, holder_epoch: 6, epoch: 6, held_ms: 0 });
+
+        // The successor takes over on its own clock, which started at zero.
+        let takeover = ms(50);
+        let mut new = Witness::resume(takeover, records);
+        let mut to_free = req("c", LeaseOp::Acquire, 1);
+        to_free.group = free.clone();
+        assert_eq!(new.handle(takeover, &to_free, PARAMS), granted("c", 7), "a free group waits for nothing");
+        match new.handle(takeover + ms(807), &req("b", LeaseOp::Acquire, 5), PARAMS) {
+            LeaseResponse::Denied { holder, retry_after_ms: 1, .. } => assert_eq!(holder.as_deref(), Some("a")),
+            other => panic!("the recorded holder's lease must be honoured: {other:?}"),
+        }
+        // The holder itself renews at once, in its epoch.
+        assert_eq!(new.handle(takeover + ms(1), &req("a", LeaseOp::Renew, 4), PARAMS), granted("a", 4));
+        assert_eq!(new.handle(takeover + ms(1), &req("a", LeaseOp::Release, 4), PARAMS), LeaseResponse::Released);
+        assert_eq!(new.handle(takeover + ms(2), &req("b", LeaseOp::Acquire, 5), PARAMS), granted("b", 5));
+    }
+
+    #[test]
+    fn records_carry_the_longest_live_grant_and_reset_on_release() {
+        let mut w = ready();
+        let g = GroupKey::new("ns", "g");
+        let mut short = req("a", LeaseOp::Acquire, 1);
+        short.ttl_ms = 100;
+        w.handle(ms(T0), &req("a", LeaseOp::Acquire, 1), PARAMS);
+        w.handle(ms(T0 + 1), &LeaseRequest { op: LeaseOp::Renew, ..short.clone() }, PARAMS);
+        assert_eq!(w.record(&g).map(|r| r.held_ms), Some(808), "a shorter renew does not shorten what is held");
+        w.handle(ms(T0 + 2), &req("a", LeaseOp::Release, 1), PARAMS);
+        assert_eq!(w.record(&g).map(|r| (r.holder, r.held_ms)), Some((None, 0)));
+        w.handle(ms(T0 + 3), &short, PARAMS);
+        assert_eq!(w.record(&g).map(|r| r.held_ms), Some(101));
+        assert_eq!(w.record(&GroupKey::new("ns", "unknown")), None);
     }
 
     #[test]
