@@ -38,6 +38,11 @@ pub mod paths {
     }
 }
 
+/// Header a controller that is not the leader adds to its 503 answers when it knows who
+/// leads: the leader's base URL. Agents follow it only to a controller they were
+/// configured with, so a hint can never send them somewhere new.
+pub const LEADER_HEADER: &str = "x-hapair-leader";
+
 /// A group's identity across namespaces, written `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupKey {
@@ -449,6 +454,10 @@ pub struct EnrollRequest {
 pub struct EnrollResponse {
     pub certificate_pem: String,
     pub ca_pem: String,
+    /// Every controller endpoint (base URL) the agent should use, the one enrolled through
+    /// included; empty from a controller that does not say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
 }
 
 /// Body of every non-2xx node API answer.

@@ -17,6 +17,8 @@
 //!   fail, and [`witness::lease`], the seam through which the server reaches it;
 //! - [`pki`]: the controller's CA, certificates and one-time enrollment tokens;
 //! - [`standalone`]: `hapair-operator standalone`, a manifest directory and a file store;
+//! - [`etcd`]: `hapair-operator standalone --etcd`, several standalone controllers sharing
+//!   etcd, one leading, with fenced writes and a witness its successor honours;
 //! - [`k8s`]: `hapair-operator run`, the Kubernetes operator: the same core with the API
 //!   server as its store, kube-runtime controllers, leader election and the fenced witness;
 //! - [`cli`]: `kubectl-hapair` / `hapair`;
@@ -25,6 +27,7 @@
 pub mod cli;
 pub mod controller;
 pub mod desired;
+pub mod etcd;
 pub mod k8s;
 pub mod pki;
 pub mod server;

@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hapair_operator::controller::views::{AdminConfig, CLI_CONFIG_FILE};
 use hapair_operator::desired::catalog::Catalog;
+use hapair_operator::etcd::run::{ReplicatedConfig, default_name};
+use hapair_operator::etcd::{EtcdConfig, EtcdTls};
 use hapair_operator::k8s::election::ElectionTiming;
 use hapair_operator::k8s::run::{RUNTIME_FILE, RunConfig, RuntimeInfo, secret_names};
 use hapair_operator::k8s::term::TermConfig;
@@ -35,6 +37,56 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// How to reach etcd (everything but the endpoints).
+#[derive(Args, Debug, Clone)]
+struct EtcdArgs {
+    /// Prefix of every key hapair keeps in etcd.
+    #[arg(long, default_value = hapair_operator::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members, for https:// endpoints.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that require one.
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn config(&self, endpoints: Vec<String>) -> EtcdConfig {
+        let mut config = EtcdConfig::new(endpoints);
+        config.prefix = self.etcd_prefix.clone();
+        config.tls =
+            self.etcd_ca.clone().map(|ca| EtcdTls { ca, cert: self.etcd_cert.clone(), key: self.etcd_key.clone() });
+        config
+    }
+}
+
+/// Several standalone controllers sharing etcd.
+#[derive(Args, Debug, Clone)]
+struct ReplicatedArgs {
+    /// Keep the controller's state in etcd (client URLs, comma-separated or repeated) and
+    /// run as one of a set of controllers, one leading; without it, the state directory
+    /// holds everything and this is the only controller.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_args: EtcdArgs,
+    /// This controller's name in the leader key [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// The leader's etcd lease, whole seconds: how long the set is without a leader after
+    /// the leader dies without resigning.
+    #[arg(long, default_value_t = 5)]
+    leader_ttl: u64,
+    /// Base URL of every controller of the set (comma-separated or repeated), this one
+    /// included; agents learn them when they enroll and fail over between them.
+    #[arg(long, value_delimiter = ',')]
+    controllers: Vec<String>,
 }
 
 /// The Kubernetes operator's settings (also accepted without the `run` subcommand).
@@ -118,6 +170,20 @@ enum Command {
         max_connections_per_client: usize,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        #[command(flatten)]
+        replicated: ReplicatedArgs,
+    },
+    /// Move a standalone controller's state directory into etcd, for controllers started
+    /// with `standalone --etcd` to take over from it (stop the single controller first).
+    Migrate {
+        /// The state directory of the single controller.
+        #[arg(long)]
+        state: PathBuf,
+        /// Client URLs of the etcd members (comma-separated or repeated).
+        #[arg(long = "to-etcd", value_delimiter = ',', required = true)]
+        to_etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
     /// Manage one-time enrollment tokens.
     Token {
@@ -152,6 +218,11 @@ enum TokenCommand {
         /// operator].
         #[arg(long)]
         pki_secret: Option<String>,
+        /// Controllers on etcd: the etcd client URLs (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "state")]
+        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd_args: EtcdArgs,
     },
 }
 
@@ -183,6 +254,51 @@ async fn standalone(config: StandaloneConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn replicated_config(standalone: StandaloneConfig, args: &ReplicatedArgs) -> anyhow::Result<ReplicatedConfig> {
+    let etcd = args.etcd_args.config(args.etcd.clone());
+    hapair_operator::etcd::validate(&etcd)?;
+    let name = match args.name.clone().or_else(default_name) {
+        Some(name) => name,
+        None => anyhow::bail!("--name: no host name to default to; name this controller"),
+    };
+    let election = hapair_operator::etcd::election::ElectionTiming::from_ttl(args.leader_ttl)?;
+    Ok(ReplicatedConfig { standalone, etcd, name, election })
+}
+
+async fn standalone_replicated(config: ReplicatedConfig) -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    hapair_operator::etcd::run::run(config, shutdown).await.context("running the controller on etcd")?;
+    Ok(())
+}
+
+async fn migrate(state: PathBuf, etcd: EtcdConfig) -> anyhow::Result<()> {
+    let client = hapair_operator::etcd::connect(&etcd).await?;
+    let keys = hapair_operator::etcd::Keys::new(&etcd.prefix);
+    let moved = hapair_operator::etcd::migrate::migrate(&state, &client, &keys).await?;
+    println!(
+        "migrated {} into etcd under {}: {} group statuses, {} volume statuses, {} event lists, the token book and the CA ({})",
+        state.display(),
+        etcd.prefix,
+        moved.groups,
+        moved.volumes,
+        moved.event_lists,
+        moved.ca_fingerprint
+    );
+    println!(
+        "next: start the controllers with `hapair-operator standalone --etcd {} ...`; keep {} as a backup",
+        etcd.endpoints.join(","),
+        state.display()
+    );
+    Ok(())
+}
+
 fn token_create_file(state: PathBuf, node: String, ttl: hapair_crds::Duration) -> anyhow::Result<()> {
     let ca_path = state.join(CA_CERT_FILE);
     let ca_pem = std::fs::read(&ca_path).with_context(|| {
@@ -200,6 +316,28 @@ fn token_create_file(state: PathBuf, node: String, ttl: hapair_crds::Duration) -
         .unwrap_or_else(|| "https://CONTROLLER:7443".into());
     let expires = format_millis(now.saturating_add(ttl_ms));
     print!("{}", enroll_instructions(&token, &node, &expires, &fingerprint(&ca), &controller));
+    Ok(())
+}
+
+/// `token create --etcd`: into the token book the controllers on etcd share.
+async fn token_create_etcd(node: String, ttl: hapair_crds::Duration, etcd: EtcdConfig) -> anyhow::Result<()> {
+    use hapair_operator::etcd::{Keys, connect, election::LeaderRecord, get_json, shared};
+    let client = connect(&etcd).await?;
+    let keys = Keys::new(&etcd.prefix);
+    let ca = shared::load_ca(&client, &keys)
+        .await?
+        .with_context(|| format!("no CA in etcd under {}: has a controller started with --etcd?", etcd.prefix))?;
+    let now = now_millis();
+    let token = shared::EtcdTokens::new(client.clone(), &keys).issue(&node, ttl.as_std(), now).await?;
+    let controller = get_json::<LeaderRecord>(&client, &keys.leader())
+        .await
+        .ok()
+        .flatten()
+        .map(|leader| leader.url)
+        .unwrap_or_else(|| "https://CONTROLLER:7443".into());
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires = format_millis(now.saturating_add(ttl_ms));
+    print!("{}", enroll_instructions(&token, &node, &expires, &ca.fingerprint(), &controller));
     Ok(())
 }
 
@@ -309,6 +447,7 @@ fn main() -> ExitCode {
             max_connections,
             max_connections_per_client,
             log_format,
+            replicated,
         } => {
             init_logging(log_format);
             let mut config = StandaloneConfig::new(&manifests, &state, listen);
@@ -316,14 +455,26 @@ fn main() -> ExitCode {
             config.advertise = advertise;
             config.api.max_connections = max_connections;
             config.api.max_connections_per_client = max_connections_per_client;
-            match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime.block_on(standalone(config)),
-                Err(e) => Err(e.into()),
+            config.api.controllers =
+                replicated.controllers.iter().map(|c| c.trim_end_matches('/').to_string()).collect();
+            if replicated.etcd.is_empty() {
+                runtime().and_then(|rt| rt.block_on(standalone(config)))
+            } else {
+                replicated_config(config, &replicated)
+                    .and_then(|config| runtime().and_then(|rt| rt.block_on(standalone_replicated(config))))
             }
         }
-        Command::Token { command: TokenCommand::Create { state, node, ttl, namespace, tokens_secret, pki_secret } } => {
+        Command::Migrate { state, to_etcd, etcd } => {
+            init_logging(LogFormat::Text);
+            runtime().and_then(|rt| rt.block_on(migrate(state, etcd.config(to_etcd))))
+        }
+        Command::Token {
+            command: TokenCommand::Create { state, node, ttl, namespace, tokens_secret, pki_secret, etcd, etcd_args },
+        } => {
             if ttl.is_zero() {
                 Err(anyhow::anyhow!("--ttl must be greater than zero"))
+            } else if !etcd.is_empty() {
+                runtime().and_then(|rt| rt.block_on(token_create_etcd(node, ttl, etcd_args.config(etcd))))
             } else if let Some(state) = state {
                 token_create_file(state, node, ttl)
             } else {

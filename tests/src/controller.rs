@@ -45,6 +45,7 @@ impl Controller {
             log: dir.join("controller.log"),
             admin: AdminConfig {
                 controller: String::new(),
+                controllers: Vec::new(),
                 ca_pem: String::new(),
                 cert_pem: String::new(),
                 key_pem: String::new(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hapair_crds::nodeapi::{ApiError, GroupKey, paths};
+use hapair_crds::nodeapi::{ApiError, GroupKey, LEADER_HEADER, paths};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
@@ -99,8 +99,14 @@ impl ConnectionFlags {
             (None, Some(pem)) => Ok(pem.clone()),
             (None, None) => Err(missing(what)),
         };
+        // Flags name one controller; the config's list applies only to the config's own.
+        let controllers = match (&self.controller, &base) {
+            (None, Some(b)) => b.controllers.iter().map(|c| c.trim_end_matches('/').to_string()).collect(),
+            _ => Vec::new(),
+        };
         Ok(AdminConfig {
             controller: controller.trim_end_matches('/').to_string(),
+            controllers,
             ca_pem: pick(&self.ca, base.as_ref().map(|b| &b.ca_pem), "CA certificate")?,
             cert_pem: pick(&self.cert, base.as_ref().map(|b| &b.cert_pem), "client certificate")?,
             key_pem: pick(&self.key, base.as_ref().map(|b| &b.key_pem), "client key")?,
@@ -111,7 +117,8 @@ impl ConnectionFlags {
 /// The admin API over HTTPS with the admin client certificate.
 #[derive(Debug, Clone)]
 pub struct HttpsTransport {
-    base: String,
+    /// The configured controller first, then the others of its set.
+    bases: Vec<String>,
     client: reqwest::Client,
 }
 
@@ -137,23 +144,61 @@ impl HttpsTransport {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| bad("HTTP client", &e))?;
-        Ok(HttpsTransport { base: config.controller.clone(), client })
+        let mut bases = vec![config.controller.clone()];
+        for other in &config.controllers {
+            if !bases.contains(other) {
+                bases.push(other.clone());
+            }
+        }
+        Ok(HttpsTransport { bases, client })
     }
 
-    async fn answer<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, CliError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| CliError::Unreachable { url: self.base.clone(), message: error_chain(&e) })?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| CliError::Decode(e.to_string()))?;
-        if !status.is_success() {
+    /// Sends the request `build` makes for a controller's base URL, to the configured
+    /// controller first. A controller that cannot be connected to, or that does not lead
+    /// (503), hands the request to the leader it names, if that is one of the set, or to
+    /// the next controller; each is tried once. Nothing is retried once a controller may
+    /// have acted on it.
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<T, CliError> {
+        let mut tried: Vec<&str> = Vec::new();
+        let mut next = self.bases.first().map(String::as_str);
+        let mut failure = None;
+        while let Some(base) = next {
+            tried.push(base);
+            let untried = self.bases.iter().map(String::as_str).find(|b| !tried.contains(b));
+            let response = match build(base).send().await {
+                Ok(response) => response,
+                Err(e) if e.is_connect() => {
+                    failure = Some(CliError::Unreachable { url: base.to_string(), message: error_chain(&e) });
+                    next = untried;
+                    continue;
+                }
+                Err(e) => return Err(CliError::Unreachable { url: base.to_string(), message: error_chain(&e) }),
+            };
+            let status = response.status();
+            let hint = response
+                .headers()
+                .get(LEADER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim_end_matches('/').to_string());
+            let bytes = response.bytes().await.map_err(|e| CliError::Decode(e.to_string()))?;
+            if status.is_success() {
+                return serde_json::from_slice(&bytes).map_err(|e| CliError::Decode(e.to_string()));
+            }
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(CliError::Api { status: status.as_u16(), message });
+            let error = CliError::Api { status: status.as_u16(), message };
+            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                return Err(error);
+            }
+            failure = Some(error);
+            let leader = hint.as_deref().and_then(|h| self.bases.iter().map(String::as_str).find(|b| *b == h));
+            next = leader.filter(|l| !tried.contains(l)).or(untried);
         }
-        serde_json::from_slice(&bytes).map_err(|e| CliError::Decode(e.to_string()))
+        Err(failure.unwrap_or_else(|| CliError::Config("no controller configured".into())))
     }
 }
 
@@ -172,16 +217,16 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 impl Transport for HttpsTransport {
     async fn groups(&self) -> Result<GroupsOverview, CliError> {
-        self.answer(self.client.get(format!("{}{}", self.base, paths::GROUPS))).await
+        self.answer(|base| self.client.get(format!("{base}{}", paths::GROUPS))).await
     }
 
     async fn submit(&self, key: &GroupKey, request: &ActionRequest) -> Result<ActionView, CliError> {
-        let url = format!("{}{}", self.base, paths::actions(&key.namespace, &key.name));
-        self.answer(self.client.post(url).json(request)).await
+        let path = paths::actions(&key.namespace, &key.name);
+        self.answer(|base| self.client.post(format!("{base}{path}")).json(request)).await
     }
 
     async fn action(&self, key: &GroupKey, id: &str) -> Result<ActionView, CliError> {
-        let url = format!("{}{}", self.base, action_path(&key.namespace, &key.name, id));
-        self.answer(self.client.get(url)).await
+        let path = action_path(&key.namespace, &key.name, id);
+        self.answer(|base| self.client.get(format!("{base}{path}"))).await
     }
 }

@@ -127,6 +127,10 @@ pub struct NodeActionResult {
 pub struct AdminConfig {
     /// Base URL of the node API, e.g. `https://ctl.example:7443`.
     pub controller: String,
+    /// Every controller of a replicated set (`controller` among them), tried in turn and
+    /// followed to the leader; empty for a single controller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// PEM of the controller CA.
     pub ca_pem: String,
     /// PEM of the admin client certificate (CN `hapair-admin`).

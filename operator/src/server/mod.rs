@@ -43,7 +43,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hapair_crds::nodeapi::{EnrollRequest, EnrollResponse, GroupKey, LeaseRequest, LeaseResponse, NodeReport, paths};
+use hapair_crds::nodeapi::{
+    EnrollRequest, EnrollResponse, GroupKey, LEADER_HEADER, LeaseRequest, LeaseResponse, NodeReport, paths,
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -59,7 +61,7 @@ use crate::controller::{Controller, ReportRefusal};
 use crate::desired::actions::Refusal;
 use crate::pki::Ca;
 use crate::pki::tokens::{RedeemError, TokenError, TokenRedeemer, check_node_name};
-use crate::witness::lease::{LeaseAuthority, LeaseRefusal};
+use crate::witness::lease::{LeaseAuthority, LeaseJournal, LeaseRefusal};
 use body::{ApiFailure, ApiJson};
 use identity::{ClientAuth, PeerIdentity};
 use limits::{ClockedIo, ConnectionClock, ConnectionLimiter, TimedBody};
@@ -93,6 +95,9 @@ pub struct ApiSettings {
     pub max_connections: usize,
     /// Open connections at most from one IP address; 0 for no limit.
     pub max_connections_per_client: usize,
+    /// Base URLs of every controller of the set (replicated controllers on etcd), told to
+    /// agents when they enroll; empty for a single controller.
+    pub controllers: Vec<String>,
 }
 
 impl ApiSettings {
@@ -132,6 +137,7 @@ impl Default for ApiSettings {
             body_timeout: ApiSettings::DEFAULT_BODY_TIMEOUT,
             max_connections: ApiSettings::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: ApiSettings::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            controllers: Vec::new(),
         }
     }
 }
@@ -142,6 +148,11 @@ pub struct NodeApi<S: Store> {
     ca: Arc<Ca>,
     tokens: Arc<dyn TokenRedeemer>,
     authority: Option<Mutex<Box<dyn LeaseAuthority>>>,
+    /// Where each grant and release is recorded before it is answered, when a successor
+    /// must honour it (controllers on etcd).
+    journal: Option<Arc<dyn LeaseJournal>>,
+    /// Keeps journal writes in decision order: decide, record, answer, one at a time.
+    lease_order: tokio::sync::Mutex<()>,
     started: Instant,
     limiter: RateLimiter,
     settings: ApiSettings,
@@ -168,10 +179,19 @@ impl<S: Store> NodeApi<S> {
             ca,
             tokens: Arc::new(tokens),
             authority: authority.map(Mutex::new),
+            journal: None,
+            lease_order: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             limiter: RateLimiter::new(settings.rate),
             settings,
         }
+    }
+
+    /// Records every grant and release in `journal` before answering it; an answer whose
+    /// record cannot be written becomes a denial.
+    pub fn with_journal(mut self, journal: Arc<dyn LeaseJournal>) -> Self {
+        self.journal = Some(journal);
+        self
     }
 }
 
@@ -341,11 +361,30 @@ async fn lease<S: Store>(
     let Some(authority) = &api.authority else {
         return Err(ApiFailure::new(StatusCode::SERVICE_UNAVAILABLE, "this controller has no witness configured"));
     };
-    let now = api.started.elapsed();
-    let answer = {
-        let mut authority = authority.lock().unwrap_or_else(|p| p.into_inner());
-        authority.handle(now, &lease, params)
+    let _in_order = match &api.journal {
+        Some(_) => Some(api.lease_order.lock().await),
+        None => None,
     };
+    let now = api.started.elapsed();
+    let (mut answer, record) = {
+        let mut authority = authority.lock().unwrap_or_else(|p| p.into_inner());
+        let answer = authority.handle(now, &lease, params);
+        (answer, authority.record(&lease.group))
+    };
+    if let (Some(journal), Some(record)) = (&api.journal, record)
+        && !matches!(answer, LeaseResponse::Denied { .. })
+        && let Err(e) = journal.write(&lease.group, &record).await
+    {
+        // Unrecorded, the grant must not be used: a successor would not honour it. The
+        // authority may believe it granted, which only delays others until it expires.
+        api.controller.metrics().error("witness-journal");
+        warn!(group = %lease.group, error = %e, "witness: the decision could not be recorded; answering with a denial");
+        answer = LeaseResponse::Denied {
+            holder: None,
+            retry_after_ms: u64::try_from(params.ttl.as_millis()).unwrap_or(u64::MAX).max(1),
+            reason: format!("the witness could not record its decision ({e}); not granted"),
+        };
+    }
     let decision = match &answer {
         LeaseResponse::Granted { .. } => "granted",
         LeaseResponse::Denied { .. } => "denied",
@@ -378,7 +417,7 @@ async fn enroll_inner<S: Store>(api: &NodeApi<S>, request: EnrollRequest) -> Res
     match api.tokens.redeem(&request.token, &request.node, now).await {
         Ok(()) => {
             info!(node = %request.node, "enrolled node");
-            Ok(EnrollResponse { certificate_pem, ca_pem: api.ca.cert_pem().to_string() })
+            Ok(EnrollResponse { certificate_pem, ca_pem: api.ca.cert_pem().to_string(), controllers: Vec::new() })
         }
         Err(RedeemError::Token(e @ TokenError::WrongNode { .. })) => Err(ApiFailure::forbidden(e.to_string())),
         Err(RedeemError::Token(e @ (TokenError::InvalidNode(_) | TokenError::ReservedNode))) => {
@@ -445,14 +484,29 @@ use axum::extract::FromRequest;
 /// `Retry-After`, so agents (and the CLI) retry and reach the leader on another attempt.
 /// Its state may be out of date and it must never grant a lease, so it serves nothing else.
 pub fn standby_router(retry_after: Duration) -> Router {
+    standby_router_naming(retry_after, None)
+}
+
+/// [`standby_router`] that also names the leader's base URL, when it is known, in the
+/// `x-hapair-leader` header and the message, so clients go there next.
+pub fn standby_router_naming(retry_after: Duration, leader: Option<String>) -> Router {
     let seconds = retry_after.as_secs().max(1);
-    Router::new().route("/healthz", get(|| async { "ok\n" })).fallback(move || async move {
-        let mut failure = ApiFailure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this hapair-operator replica is not the leader; retry (another replica serves the node API)",
-        );
-        failure.retry_after = Some(seconds);
-        failure
+    Router::new().route("/healthz", get(|| async { "ok\n" })).fallback(move || {
+        let leader = leader.clone();
+        async move {
+            let message = match &leader {
+                Some(url) => format!("this hapair controller is not the leader; the leader is {url}"),
+                None => "this hapair-operator replica is not the leader; retry (another replica serves the node API)"
+                    .to_string(),
+            };
+            let mut failure = ApiFailure::new(StatusCode::SERVICE_UNAVAILABLE, message);
+            failure.retry_after = Some(seconds);
+            let mut response = failure.into_response();
+            if let Some(value) = leader.and_then(|url| axum::http::HeaderValue::from_str(&url).ok()) {
+                response.headers_mut().insert(LEADER_HEADER, value);
+            }
+            response
+        }
     })
 }
 

@@ -30,7 +30,7 @@ pub const GENERATIONS_FILE: &str = "generations.json";
 
 /// `metadata.generation` bookkeeping: the hash of each object's spec and its generation.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-struct Generations {
+pub struct Generations {
     #[serde(default)]
     groups: BTreeMap<GroupKey, (String, i64)>,
     #[serde(default)]
@@ -113,33 +113,44 @@ fn next_generation(book: &mut BTreeMap<GroupKey, (String, i64)>, key: &GroupKey,
     }
 }
 
+/// Sets `metadata.generation` on every object of `catalog` from `book` (bumping it where
+/// the spec changed) and records which file holds each object; whether `book` changed.
+pub(crate) fn assign_generations(book: &mut Generations, catalog: &mut Catalog) -> bool {
+    let mut changed = false;
+    let next = book.incumbents.after(catalog);
+    if next != book.incumbents {
+        book.incumbents = next;
+        changed = true;
+    }
+    for (key, (group, _)) in catalog.groups.iter_mut() {
+        let (generation, bumped) = next_generation(&mut book.groups, key, spec_hash(&group.spec));
+        group.metadata.generation = Some(generation);
+        changed |= bumped;
+    }
+    for (key, (volume, _)) in catalog.volumes.iter_mut() {
+        let (generation, bumped) = next_generation(&mut book.volumes, key, spec_hash(&volume.spec));
+        volume.metadata.generation = Some(generation);
+        changed |= bumped;
+    }
+    changed
+}
+
+impl Generations {
+    /// Which file holds each object.
+    pub fn incumbents(&self) -> &Incumbents {
+        &self.incumbents
+    }
+}
+
 impl Store for FileStore {
     async fn snapshot(&self) -> Result<Catalog, StoreError> {
         let incumbents = self.lock().generations.incumbents.clone();
         let mut catalog = Catalog::load_dir(&self.manifests, &incumbents)?;
-        let mut changed = false;
-        let generations = {
+        let changed = {
             let mut buffered = self.lock();
-            let next = buffered.generations.incumbents.after(&catalog);
-            if next != buffered.generations.incumbents {
-                buffered.generations.incumbents = next;
-                changed = true;
-            }
-            for (key, (group, _)) in catalog.groups.iter_mut() {
-                let (generation, bumped) =
-                    next_generation(&mut buffered.generations.groups, key, spec_hash(&group.spec));
-                group.metadata.generation = Some(generation);
-                changed |= bumped;
-            }
-            for (key, (volume, _)) in catalog.volumes.iter_mut() {
-                let (generation, bumped) =
-                    next_generation(&mut buffered.generations.volumes, key, spec_hash(&volume.spec));
-                volume.metadata.generation = Some(generation);
-                changed |= bumped;
-            }
-            buffered.generations.clone()
+            assign_generations(&mut buffered.generations, &mut catalog).then(|| buffered.generations.clone())
         };
-        if changed {
+        if let Some(generations) = changed {
             write_json(&self.state_dir.join(GENERATIONS_FILE), &generations, 0o644)?;
         }
         Ok(catalog)

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::controller::metrics::Metrics;
-use crate::controller::store::StoreError;
+use crate::controller::store::{Store, StoreError};
 use crate::controller::views::{AdminConfig, CLI_CONFIG_FILE};
 use crate::controller::{Controller, Settings};
 use crate::pki::tokens::TokenFile;
@@ -105,7 +105,7 @@ pub fn directory_fingerprint(dir: &Path) -> Option<String> {
     Some(crate::support::hex::encode(&hash.finalize()))
 }
 
-fn certificate_names(config: &StandaloneConfig, bound: SocketAddr) -> Vec<String> {
+pub(crate) fn certificate_names(config: &StandaloneConfig, bound: SocketAddr) -> Vec<String> {
     let mut names = config.server_names.clone();
     names.push("localhost".into());
     names.push("127.0.0.1".into());
@@ -117,7 +117,7 @@ fn certificate_names(config: &StandaloneConfig, bound: SocketAddr) -> Vec<String
     names
 }
 
-fn advertised_url(config: &StandaloneConfig, bound: SocketAddr) -> String {
+pub(crate) fn advertised_url(config: &StandaloneConfig, bound: SocketAddr) -> String {
     if let Some(url) = &config.advertise {
         return url.trim_end_matches('/').to_string();
     }
@@ -129,6 +129,47 @@ fn advertised_url(config: &StandaloneConfig, bound: SocketAddr) -> String {
     match host.parse::<IpAddr>() {
         Ok(IpAddr::V6(v6)) => format!("https://[{v6}]:{}", bound.port()),
         _ => format!("https://{host}:{}", bound.port()),
+    }
+}
+
+/// Reconciles whenever the manifest directory changes (and every [`RESYNC_EVERY`]
+/// anyway), re-evaluates time-dependent state and writes out status, until `stopped`;
+/// `fingerprint` is the directory's as of the last reconcile.
+pub(crate) async fn watch_manifests<S: Store>(
+    controller: Arc<Controller<S>>,
+    manifests: PathBuf,
+    mut fingerprint: Option<String>,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    let mut last_full = std::time::Instant::now();
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = ticker.tick() => {}
+        }
+        let current = directory_fingerprint(&manifests);
+        // Besides changes, reconcile now and then anyway: a read that failed earlier
+        // (or at start) is retried even when the directory looks unchanged.
+        let resync = last_full.elapsed() >= RESYNC_EVERY;
+        if current != fingerprint || resync {
+            if current != fingerprint {
+                info!(manifests = %manifests.display(), "manifest directory changed; reconciling");
+            }
+            last_full = std::time::Instant::now();
+            match controller.reconcile().await {
+                Ok(()) => fingerprint = current,
+                Err(e) => warn!(error = %e, "reconcile failed; the last good configs stay in force"),
+            }
+        }
+        if let Err(e) = controller.tick().await {
+            warn!(error = %e, "cannot persist status");
+        }
+    }
+    if let Err(e) = controller.flush().await {
+        warn!(error = %e, "cannot persist status at shutdown");
     }
 }
 
@@ -167,13 +208,14 @@ impl Standalone {
         let url = advertised_url(&config, bound);
         let cli = AdminConfig {
             controller: url.clone(),
+            controllers: Vec::new(),
             ca_pem: ca.cert_pem().to_string(),
             cert_pem: admin.cert_pem,
             key_pem: admin.key_pem,
         };
         write_json(&dir.join(CLI_CONFIG_FILE), &cli, 0o600)?;
 
-        let mut fingerprint = directory_fingerprint(&config.manifests);
+        let fingerprint = directory_fingerprint(&config.manifests);
         let store = FileStore::open(&config.manifests, dir)?;
         let metrics = Arc::new(Metrics::new());
         let controller = Arc::new(Controller::start(store, config.controller.clone(), metrics).await?);
@@ -196,41 +238,14 @@ impl Standalone {
             .map_err(|source| StandaloneError::Listen { addr: config.listen, source })?;
         info!(listen = %bound, url = %url, manifests = %config.manifests.display(), ca_fingerprint = %ca.fingerprint(), "standalone controller serving");
 
-        let (stop, mut stopped) = watch::channel(false);
-        let watched = controller.clone();
-        let manifests = config.manifests.clone();
-        let interval = config.poll_interval;
-        let watcher = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            let mut last_full = std::time::Instant::now();
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stopped.changed() => break,
-                    _ = ticker.tick() => {}
-                }
-                let current = directory_fingerprint(&manifests);
-                // Besides changes, reconcile now and then anyway: a read that failed earlier
-                // (or at start) is retried even when the directory looks unchanged.
-                let resync = last_full.elapsed() >= RESYNC_EVERY;
-                if current != fingerprint || resync {
-                    if current != fingerprint {
-                        info!(manifests = %manifests.display(), "manifest directory changed; reconciling");
-                    }
-                    last_full = std::time::Instant::now();
-                    match watched.reconcile().await {
-                        Ok(()) => fingerprint = current,
-                        Err(e) => warn!(error = %e, "reconcile failed; the last good configs stay in force"),
-                    }
-                }
-                if let Err(e) = watched.tick().await {
-                    warn!(error = %e, "cannot persist status");
-                }
-            }
-            if let Err(e) = watched.flush().await {
-                warn!(error = %e, "cannot persist status at shutdown");
-            }
-        });
+        let (stop, stopped) = watch::channel(false);
+        let watcher = tokio::spawn(watch_manifests(
+            controller.clone(),
+            config.manifests.clone(),
+            fingerprint,
+            config.poll_interval,
+            stopped,
+        ));
         Ok(Standalone { server, controller, watcher, stop, ca_fingerprint: ca.fingerprint(), url })
     }
 

@@ -50,6 +50,18 @@ impl LeaseAuthority for crate::witness::Witness {
     }
 }
 
+/// Where the node API records each grant and release before answering it, so that a
+/// successor controller honours it ([`crate::witness::Witness::resume`]).
+pub trait LeaseJournal: Send + Sync {
+    /// Durably records `record` as `group`'s lease, or fails (this controller may no
+    /// longer lead); the answer waits for it.
+    fn write<'a>(
+        &'a self,
+        group: &'a hapair_crds::GroupKey,
+        record: &'a crate::witness::LeaseRecord,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+}
+
 /// Why a lease request is not handed to the authority at all.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseRefusal {
