@@ -9,6 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
 ensure_debian_packages iproute2 keepalived libnbd-bin fuse3 e2fsprogs util-linux
+ensure_build_packages
 
 # The dev profile already optimizes hapair-agent and hapair-tests (opt-level 2, see the root
 # Cargo.toml); the figures are governed by heartbeat and advertisement timers of hundreds of

@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
 ensure_debian_packages iproute2 nbdkit libnbd-bin qemu-utils rsync util-linux fio
+ensure_build_packages
 
 cargo build --release -p hapair-tests --bin bench-volume --bin replica-harness
 exec ./target/release/bench-volume "$@"

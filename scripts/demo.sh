@@ -19,6 +19,7 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
 
 ensure_debian_packages iproute2 procps socat coreutils libnbd-bin fuse3 e2fsprogs util-linux
+ensure_build_packages
 # HAPAIR_DEMO_BIN runs already built binaries (the test suite runs the demo on its debug build).
 if [[ -n ${HAPAIR_DEMO_BIN:-} ]]; then
     BIN=$(realpath "$HAPAIR_DEMO_BIN")

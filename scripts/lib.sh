@@ -19,6 +19,12 @@ ensure_debian_packages() {
     fi
 }
 
+# What building the workspace needs besides Rust: protoc, which etcd-client's build script
+# runs to generate etcd's gRPC API.
+ensure_build_packages() {
+    ensure_debian_packages protobuf-compiler
+}
+
 # Installs the PyPI packages named in "$@" (name==version) that are not installed at that
 # version yet (a bare name accepts any installed version).
 ensure_pip_packages() {

@@ -8,6 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
 ensure_debian_packages util-linux iproute2 curl
+ensure_build_packages
 
 echo "==> building the binaries the check runs"
 cargo build --locked -p hapair-operator -p hapair-agent
