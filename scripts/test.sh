@@ -26,6 +26,7 @@ cargo test --workspace --locked --no-fail-fast
 
 bash scripts/test-chart.sh
 bash scripts/test-install.sh
+bash scripts/test-image.sh
 bash scripts/test-docs.sh
 bash scripts/test-dashboard.sh
 
