@@ -1,13 +1,13 @@
 //! The agent's own configuration file, `/etc/hapair/agent.yaml` (`kind: AgentConfig`).
 //!
-//! It says who this node is and where its desired config comes from: the controller
-//! (`controller` + `tls`, written by `hapair-agent enroll`) or a local desired-config
-//! bundle file (`bundleFile`). Everything else has working defaults (see
+//! It says who this node is and where its desired config comes from: the controllers
+//! (`controller`, `controllers` + `tls`, written by `hapair-agent enroll`) or a local
+//! desired-config bundle file (`bundleFile`). Everything else has working defaults (see
 //! `packaging/agent.yaml`). Unknown keys are errors naming the key, so a typo is reported
 //! rather than silently ignored. Relative paths are relative to the file's directory.
 //!
-//! Enrollment edits the file in place ([`write_enrollment`]): it sets `node`, `controller`
-//! and the `tls` paths and keeps every other key and the comments, or creates the file
+//! Enrollment edits the file in place ([`write_enrollment`]): it sets `node`, `controller`,
+//! `controllers` and the `tls` paths and keeps every other key and the comments, or creates the file
 //! when it does not exist.
 
 use std::io::Write;
@@ -42,9 +42,14 @@ pub struct AgentConfig {
     /// This server's name in the HaGroups' `spec.nodes`; empty until enrolled.
     #[serde(default)]
     pub node: String,
-    /// Base URL of the controller's node API; empty until enrolled.
+    /// Base URL of the controller's node API; empty until enrolled. With `controllers`, the
+    /// preferred one: the agent tries it first.
     #[serde(default)]
     pub controller: String,
+    /// Every controller's base URL (replicated controllers; `controller` may be among them).
+    /// Empty: `controller` is the only one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     #[serde(default)]
     pub tls: TlsFiles,
     /// A desired-config bundle file to run instead of a controller's.
@@ -169,6 +174,7 @@ impl Default for AgentConfig {
             kind: kind(),
             node: String::new(),
             controller: String::new(),
+            controllers: Vec::new(),
             tls: TlsFiles::default(),
             bundle_file: None,
             state_dir: state_dir(),
@@ -183,8 +189,9 @@ impl Default for AgentConfig {
 /// Where the desired config comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// The controller's node API.
-    Controller { url: String, node: String },
+    /// The controllers' node API: `url` is tried first, `controllers` is every endpoint
+    /// (`url` first).
+    Controller { url: String, node: String, controllers: Vec<String> },
     /// A local bundle file; `node` may be empty (then the bundle's own node is used).
     BundleFile { path: PathBuf, node: String },
     /// Neither: waiting for `hapair-agent enroll`.
@@ -220,6 +227,15 @@ impl AgentConfig {
         }
         if !config.controller.is_empty() && !config.controller.starts_with("https://") {
             return Err(invalid("controller", format!("{:?} must be an https:// URL", config.controller)));
+        }
+        for (i, url) in config.controllers.iter().enumerate() {
+            let field = format!("controllers[{i}]");
+            if !url.starts_with("https://") {
+                return Err(invalid(&field, format!("{url:?} must be an https:// URL")));
+            }
+            if config.controllers[..i].iter().any(|u| base_url(u) == base_url(url)) {
+                return Err(invalid(&field, format!("{url:?} is listed twice")));
+            }
         }
         config.listen_addr().map_err(|message| invalid("endpoints.listen", message))?;
         tracing_subscriber::EnvFilter::try_new(&config.log.level)
@@ -258,16 +274,41 @@ impl AgentConfig {
         self.endpoints.listen.parse().map_err(|_| format!("{:?} is not an address:port", self.endpoints.listen))
     }
 
+    /// Every controller endpoint, without trailing '/': `controller` first, then the
+    /// `controllers` it is not (the first of those when `controller` is empty).
+    pub fn controller_urls(&self) -> Vec<String> {
+        merge_urls(std::iter::once(self.controller.as_str()).chain(self.controllers.iter().map(String::as_str)))
+    }
+
     /// Where the desired config comes from: a bundle file wins over the controller.
     pub fn source(&self) -> Source {
         if let Some(path) = &self.bundle_file {
             return Source::BundleFile { path: path.clone(), node: self.node.clone() };
         }
-        if self.node.is_empty() || self.controller.is_empty() {
-            return Source::NotEnrolled;
+        let controllers = self.controller_urls();
+        match controllers.first() {
+            Some(url) if !self.node.is_empty() => {
+                Source::Controller { url: url.clone(), node: self.node.clone(), controllers: controllers.clone() }
+            }
+            _ => Source::NotEnrolled,
         }
-        Source::Controller { url: self.controller.trim_end_matches('/').to_string(), node: self.node.clone() }
     }
+}
+
+/// A controller URL as compared and used: without trailing '/'.
+pub fn base_url(url: &str) -> &str {
+    url.trim().trim_end_matches('/')
+}
+
+/// `urls` as base URLs, in order, each once, empty ones left out.
+pub fn merge_urls<'a>(urls: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for url in urls.into_iter().map(base_url) {
+        if !url.is_empty() && !out.iter().any(|u| u == url) {
+            out.push(url.to_string());
+        }
+    }
+    out
 }
 
 /// What enrollment writes into `agent.yaml`.
@@ -275,10 +316,22 @@ impl AgentConfig {
 pub struct Enrollment {
     pub node: String,
     pub controller: String,
+    /// Every controller, `controller` included. Written as `controllers:` only when there is
+    /// more than one; otherwise the key is removed, since `controller` says it all.
+    pub controllers: Vec<String>,
     pub tls: TlsFiles,
 }
 
-/// Sets `node`, `controller` and the `tls` paths in the configuration file at `path`,
+impl Enrollment {
+    /// The `controllers:` list to write: empty when `controller` is the only one.
+    fn controllers_key(&self) -> Vec<String> {
+        let all =
+            merge_urls(std::iter::once(self.controller.as_str()).chain(self.controllers.iter().map(String::as_str)));
+        if all.len() > 1 { all } else { Vec::new() }
+    }
+}
+
+/// Sets `node`, `controller`, `controllers` and the `tls` paths in the configuration file at `path`,
 /// keeping every other key (and, where the layout allows, the comments); creates the file
 /// (mode 0640) when it does not exist. A file that does not parse is left alone.
 pub fn write_enrollment(path: &Path, enrollment: &Enrollment) -> Result<(), AgentConfigError> {
@@ -295,6 +348,7 @@ pub fn write_enrollment(path: &Path, enrollment: &Enrollment) -> Result<(), Agen
             let mut wanted = before.clone();
             wanted.node.clone_from(&enrollment.node);
             wanted.controller.clone_from(&enrollment.controller);
+            wanted.controllers = enrollment.controllers_key();
             wanted.tls = enrollment.tls.clone();
             let edited = edit_in_place(&text, enrollment);
             match AgentConfig::parse(&edited, path) {
@@ -325,11 +379,21 @@ fn yaml_path(path: &Path) -> String {
     yaml_scalar(&path.display().to_string())
 }
 
+/// The `controllers:` block (key and items), or nothing.
+fn controllers_lines(e: &Enrollment) -> Vec<String> {
+    let list = e.controllers_key();
+    if list.is_empty() {
+        return Vec::new();
+    }
+    std::iter::once("controllers:".to_string()).chain(list.iter().map(|u| format!("  - {}", yaml_scalar(u)))).collect()
+}
+
 fn fresh_file(e: &Enrollment) -> String {
+    let controllers: String = controllers_lines(e).iter().map(|l| format!("{l}\n")).collect();
     format!(
         "# hapair-agent configuration, written by `hapair-agent enroll` (see packaging/agent.yaml\n\
          # for every key). Unknown keys are errors.\n\
-         apiVersion: {API_VERSION}\nkind: {KIND}\nnode: {}\ncontroller: {}\ntls:\n  caFile: {}\n  certFile: {}\n  keyFile: {}\n",
+         apiVersion: {API_VERSION}\nkind: {KIND}\nnode: {}\ncontroller: {}\n{controllers}tls:\n  caFile: {}\n  certFile: {}\n  keyFile: {}\n",
         yaml_scalar(&e.node),
         yaml_scalar(&e.controller),
         yaml_path(&e.tls.ca_file),
@@ -338,8 +402,9 @@ fn fresh_file(e: &Enrollment) -> String {
     )
 }
 
-/// Replaces the top-level `node:`/`controller:` lines and the `tls:` block's keys, adding
-/// whatever is missing; comments and every other line stay as they are.
+/// Replaces the top-level `node:`/`controller:` lines, the `controllers:` list and the
+/// `tls:` block's keys, adding whatever is missing; comments and every other line stay as
+/// they are.
 fn edit_in_place(text: &str, e: &Enrollment) -> String {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let top = |line: &str, key: &str| line.strip_prefix(key).is_some_and(|rest| rest.starts_with(':'));
@@ -348,6 +413,28 @@ fn edit_in_place(text: &str, e: &Enrollment) -> String {
             Some(i) => lines[i] = format!("{key}: {value}"),
             None => lines.push(format!("{key}: {value}")),
         }
+    }
+    // The old list goes (its items, not the comments among them); the new one takes its
+    // place, or follows `controller:` when there was none.
+    let at = match lines.iter().position(|l| top(l, "controllers")) {
+        Some(start) => {
+            let end = lines[start + 1..]
+                .iter()
+                .position(|l| !l.trim().is_empty() && !l.starts_with([' ', '-']) && !l.trim_start().starts_with('#'))
+                .map_or(lines.len(), |n| start + 1 + n);
+            let mut i = 0;
+            lines.retain(|l| {
+                let keep = !(start..end).contains(&i)
+                    || (i > start && (l.trim().is_empty() || l.trim_start().starts_with('#')));
+                i += 1;
+                keep
+            });
+            start
+        }
+        None => lines.iter().position(|l| top(l, "controller")).map_or(lines.len(), |i| i + 1),
+    };
+    for (n, line) in controllers_lines(e).into_iter().enumerate() {
+        lines.insert(at + n, line);
     }
     let tls = [
         ("caFile", yaml_path(&e.tls.ca_file)),
@@ -398,6 +485,10 @@ fn rewrite(text: &str, e: &Enrollment, path: &Path) -> Result<String, AgentConfi
     let map = value.as_mapping_mut().ok_or_else(|| invalid("the document is not a mapping".into()))?;
     map.insert("node".into(), e.node.clone().into());
     map.insert("controller".into(), e.controller.clone().into());
+    match e.controllers_key() {
+        list if list.is_empty() => map.remove("controllers"),
+        list => map.insert("controllers".into(), list.into()),
+    };
     let tls = serde_yaml::to_value(&e.tls).map_err(|err| invalid(err.to_string()))?;
     map.insert("tls".into(), tls);
     serde_yaml::to_string(&value).map_err(|err| invalid(err.to_string()))
@@ -417,6 +508,7 @@ mod tests {
         Enrollment {
             node: "db1".into(),
             controller: "https://ctl.example:7443".into(),
+            controllers: vec!["https://ctl.example:7443".into()],
             tls: TlsFiles {
                 ca_file: "/etc/hapair/ca.crt".into(),
                 cert_file: "/etc/hapair/node.crt".into(),
@@ -441,6 +533,9 @@ mod tests {
             ("endpoints:\n  listen: nowhere\n", "endpoints.listen"),
             ("kind: HaGroup\n", "kind"),
             ("controller: http://ctl\n", "controller"),
+            ("controllers: [https://a, http://b]\n", "controllers[1]"),
+            ("controllers: [https://a, https://b, https://a/]\n", "controllers[2]"),
+            ("controllers: https://a\n", "controllers"),
             ("node: DB_1\n", "node"),
             ("log:\n  format: xml\n", "log.format"),
             ("watchdog:\n  dev: /dev/watchdog\n", "watchdog.dev"),
@@ -461,7 +556,14 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/srv/agent/state"));
         assert_eq!(config.watchdog.device, Some(PathBuf::from("/dev/watchdog")));
         let config = AgentConfig { bundle_file: None, ..config };
-        assert_eq!(config.source(), Source::Controller { url: "https://ctl:7443".into(), node: "a".into() });
+        assert_eq!(
+            config.source(),
+            Source::Controller {
+                url: "https://ctl:7443".into(),
+                node: "a".into(),
+                controllers: vec!["https://ctl:7443".into()]
+            }
+        );
     }
 
     #[test]
@@ -495,7 +597,12 @@ mod tests {
         let file = dir.path().join("agent.yaml");
         write_enrollment(&file, &enrollment())?;
         let config = AgentConfig::parse(&std::fs::read_to_string(&file)?, &file)?;
-        assert_eq!(config.source(), Source::Controller { url: "https://ctl.example:7443".into(), node: "db1".into() });
+        let url = "https://ctl.example:7443".to_string();
+        assert_eq!(
+            config.source(),
+            Source::Controller { url: url.clone(), node: "db1".into(), controllers: vec![url] }
+        );
+        assert!(!std::fs::read_to_string(&file)?.contains("controllers"), "one controller needs no list");
         assert_eq!(config.tls, enrollment().tls);
         assert_eq!(std::fs::metadata(&file)?.permissions().mode() & 0o777, 0o640);
 
@@ -509,6 +616,85 @@ mod tests {
         std::fs::write(&file, "nodes: [\n")?;
         assert!(write_enrollment(&file, &enrollment()).is_err());
         assert_eq!(std::fs::read_to_string(&file)?, "nodes: [\n");
+        Ok(())
+    }
+
+    #[test]
+    fn controllers_list_every_endpoint_with_controller_first() {
+        let text = "node: a\ncontroller: https://c2:7443/\ncontrollers:\n  - https://c1:7443\n  - https://c2:7443\n  - https://c3:7443/\n";
+        let config = AgentConfig::parse(text, &path()).unwrap_or_else(|e| panic!("{e}"));
+        let all: Vec<String> = ["https://c2:7443", "https://c1:7443", "https://c3:7443"].map(String::from).into();
+        assert_eq!(config.controller_urls(), all);
+        assert_eq!(
+            config.source(),
+            Source::Controller { url: all[0].clone(), node: "a".into(), controllers: all.clone() }
+        );
+        // Without `controller`, the list's first is the preferred one.
+        let config = AgentConfig::parse("node: a\ncontrollers: [https://c1, https://c2]\n", &path())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(config.source(), Source::Controller { url, .. } if url == "https://c1"));
+        // Messages say what is wrong with which entry.
+        let err = AgentConfig::parse("controllers: [https://a, http://b]\n", &path()).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("/etc/hapair/agent.yaml: controllers[1]: \"http://b\" must be an https:// URL")
+        );
+        let err = AgentConfig::parse("controllers: [https://a, https://a/]\n", &path()).err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("/etc/hapair/agent.yaml: controllers[1]: \"https://a/\" is listed twice"));
+    }
+
+    #[test]
+    fn enrollment_writes_the_controllers_list_in_place() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("agent.yaml");
+        std::fs::write(&file, PACKAGED)?;
+        let mut three = enrollment();
+        three.controllers = ["https://ctl.example:7443", "https://ctl2.example:7443", "https://ctl3.example:7443"]
+            .map(String::from)
+            .into();
+        write_enrollment(&file, &three)?;
+        let text = std::fs::read_to_string(&file)?;
+        let config = AgentConfig::parse(&text, &file)?;
+        assert_eq!(config.controllers, three.controllers);
+        assert_eq!(config.controller, "https://ctl.example:7443");
+        assert!(
+            text.contains("controller: https://ctl.example:7443\ncontrollers:\n  - https://ctl.example:7443\n"),
+            "{text}"
+        );
+        assert!(text.contains("# This server's name"), "{text}");
+
+        // Enrolling again replaces the list (a comment among its items stays), other keys stay.
+        let edited =
+            text.replace("  - https://ctl2.example:7443\n", "  # the second site\n  - https://ctl2.example:7443\n");
+        std::fs::write(&file, edited.replace("level: info", "level: debug"))?;
+        let mut two = enrollment();
+        two.controllers = vec!["https://ctl.example:7443".into(), "https://ctl4.example:7443".into()];
+        write_enrollment(&file, &two)?;
+        let text = std::fs::read_to_string(&file)?;
+        let config = AgentConfig::parse(&text, &file)?;
+        assert_eq!((config.controllers, config.log.level.as_str()), (two.controllers.clone(), "debug"));
+        assert!(text.contains("# the second site") && !text.contains("ctl2"), "{text}");
+
+        // Down to one controller: the list goes, `controller` says it all.
+        write_enrollment(&file, &enrollment())?;
+        let text = std::fs::read_to_string(&file)?;
+        assert!(!text.contains("controllers") && !text.contains("ctl4"), "{text}");
+        assert_eq!(AgentConfig::parse(&text, &file)?.controller_urls(), vec!["https://ctl.example:7443".to_string()]);
+
+        // A flow-style list, and a file the line editor cannot handle, are rewritten too.
+        std::fs::write(&file, "controllers: [https://old1, https://old2]\nstateDir: /srv/state\n")?;
+        write_enrollment(&file, &two)?;
+        let config = AgentConfig::parse(&std::fs::read_to_string(&file)?, &file)?;
+        assert_eq!((config.controllers, config.state_dir), (two.controllers.clone(), PathBuf::from("/srv/state")));
+        std::fs::write(&file, "{controllers: [https://old1], stateDir: /srv/state}\n")?;
+        write_enrollment(&file, &two)?;
+        let config = AgentConfig::parse(&std::fs::read_to_string(&file)?, &file)?;
+        assert_eq!((config.controllers, config.state_dir), (two.controllers.clone(), PathBuf::from("/srv/state")));
+
+        // A fresh file gets the list as well.
+        std::fs::remove_file(&file)?;
+        write_enrollment(&file, &two)?;
+        assert_eq!(AgentConfig::parse(&std::fs::read_to_string(&file)?, &file)?.controllers, two.controllers);
         Ok(())
     }
 }

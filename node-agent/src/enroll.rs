@@ -2,9 +2,15 @@
 //!
 //! The agent makes a key pair and a CSR (CN = node name), posts them with the token to the
 //! controller's `POST /v1/enroll`, and writes what it got into its directory: `node.key`
-//! (mode 0600), `node.crt`, `ca.crt`, and sets `node`, `controller` and the `tls` paths in
-//! `agent.yaml` next to them (creating it when missing, keeping its other keys), which is
-//! all the agent needs to reach the node API afterwards.
+//! (mode 0600), `node.crt`, `ca.crt`, and sets `node`, `controller`, `controllers` and the
+//! `tls` paths in `agent.yaml` next to them (creating it when missing, keeping its other
+//! keys), which is all the agent needs to reach the node API afterwards.
+//!
+//! With several controllers (replicated, one leading), the given URLs are tried in order
+//! until one takes the enrollment: one that cannot be reached or answers 503 (not the
+//! leader) passes the turn to the leader it names in `x-hapair-leader`, or to the next URL.
+//! The controllers `agent.yaml` lists are the given ones plus those the controller's
+//! answer names.
 //!
 //! The first contact must not trust whoever answers: the controller is authenticated either
 //! by a CA file obtained out of band or by the CA's SHA-256 fingerprint that
@@ -17,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hapair_crds::nodeapi::{ApiError, EnrollRequest, EnrollResponse, paths};
+use hapair_crds::nodeapi::{ApiError, EnrollRequest, EnrollResponse, LEADER_HEADER, paths};
 use hapair_crds::validation::is_valid_name;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls::DigitallySignedStruct;
@@ -29,7 +35,7 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::agent_config::{AgentConfig, Enrollment, TlsFiles, write_enrollment};
+use crate::agent_config::{AgentConfig, Enrollment, TlsFiles, base_url, merge_urls, write_enrollment};
 
 pub const KEY_FILE: &str = "node.key";
 pub const CERT_FILE: &str = "node.crt";
@@ -40,8 +46,11 @@ pub const CONFIG_FILE: &str = "agent.yaml";
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ControllerConfig {
-    /// Base URL of the node API, e.g. `https://ctl.example:7443`.
+    /// Base URL of the node API, e.g. `https://ctl.example:7443`: the preferred controller.
     pub controller: String,
+    /// Every controller's base URL, `controller` first; empty: `controller` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// This node's name (the CN of its certificate).
     pub node: String,
     pub ca: PathBuf,
@@ -62,16 +71,24 @@ impl ControllerConfig {
 
     /// The controller connection of an enrolled agent.
     pub fn from_agent_config(config: &AgentConfig) -> Option<ControllerConfig> {
-        if config.node.is_empty() || config.controller.is_empty() {
+        let controllers = config.controller_urls();
+        let controller = controllers.first()?.clone();
+        if config.node.is_empty() {
             return None;
         }
         Some(ControllerConfig {
-            controller: config.controller.trim_end_matches('/').to_string(),
+            controller,
+            controllers,
             node: config.node.clone(),
             ca: config.tls.ca_file.clone(),
             cert: config.tls.cert_file.clone(),
             key: config.tls.key_file.clone(),
         })
+    }
+
+    /// Every controller endpoint, without trailing '/', `controller` first.
+    pub fn endpoints(&self) -> Vec<String> {
+        merge_urls(std::iter::once(self.controller.as_str()).chain(self.controllers.iter().map(String::as_str)))
     }
 
     /// The mutual-TLS client configuration for the node API.
@@ -92,8 +109,9 @@ pub enum Trust {
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnrollOptions {
-    /// Base URL of the controller, `https://…`.
-    pub controller: String,
+    /// Base URLs of the controllers, `https://…`, in the order to try them; the first is the
+    /// preferred one afterwards.
+    pub controllers: Vec<String>,
     pub token: String,
     pub node: String,
     pub dir: PathBuf,
@@ -105,7 +123,7 @@ pub struct EnrollOptions {
 impl fmt::Debug for EnrollOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EnrollOptions")
-            .field("controller", &self.controller)
+            .field("controllers", &self.controllers)
             .field("token", &"<redacted>")
             .field("node", &self.node)
             .field("dir", &self.dir)
@@ -129,6 +147,10 @@ pub enum EnrollError {
     Unreachable { url: String, message: String },
     #[error("the controller refused the enrollment ({status}): {message}")]
     Refused { status: u16, message: String },
+    /// Every controller was unreachable or not the leader; one entry per attempt, each
+    /// naming its URL.
+    #[error("no controller took the enrollment: {}", .0.join("; "))]
+    NoController(Vec<String>),
     #[error("the controller's answer is not acceptable: {0}")]
     BadAnswer(String),
 }
@@ -296,8 +318,11 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
             options.node
         )));
     }
-    let base = options.controller.trim_end_matches('/');
-    if !base.starts_with("https://") {
+    let given = merge_urls(options.controllers.iter().map(String::as_str));
+    if given.is_empty() {
+        return Err(EnrollError::Usage("--controller: give at least one controller URL".into()));
+    }
+    if let Some(base) = given.iter().find(|u| !u.starts_with("https://")) {
         return Err(EnrollError::Usage(format!("--controller {base:?} must be an https:// URL")));
     }
     if options.dir.join(CERT_FILE).exists() && !options.force {
@@ -322,25 +347,12 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(first_contact_tls(&options.trust)?)
         .timeout(Duration::from_secs(30))
+        // A host that drops packets must not hold up the next controller for long.
+        .connect_timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| EnrollError::Tls(e.to_string()))?;
     let request = EnrollRequest { node: options.node.clone(), token: options.token.trim().to_string(), csr_pem: csr };
-    let url = format!("{base}{}", paths::ENROLL);
-    let response = client
-        .post(&url)
-        .json(&request)
-        .send()
-        .await
-        .map_err(|e| EnrollError::Unreachable { url: url.clone(), message: error_chain(&e) })?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
-    if !status.is_success() {
-        let message = serde_json::from_slice::<ApiError>(&bytes)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(EnrollError::Refused { status: status.as_u16(), message });
-    }
-    let answer: EnrollResponse = serde_json::from_slice(&bytes).map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+    let (answered, answer) = post_enrollment(&client, &request, &given).await?;
 
     // The CA handed back must be the one the connection was authenticated with.
     let ca_der = CertificateDer::from_pem_slice(answer.ca_pem.as_bytes())
@@ -366,14 +378,93 @@ pub async fn enroll(options: &EnrollOptions) -> Result<PathBuf, EnrollError> {
     write_file(&options.dir.join(CA_FILE), answer.ca_pem.as_bytes(), 0o644)?;
     let dir =
         std::path::absolute(&options.dir).map_err(|e| EnrollError::Io(format!("{}: {e}", options.dir.display())))?;
+    let controllers = merged_controllers(&given, &answered, &answer.controllers);
     let enrollment = Enrollment {
         node: options.node.clone(),
-        controller: base.to_string(),
+        controller: given[0].clone(),
+        controllers,
         tls: TlsFiles { ca_file: dir.join(CA_FILE), cert_file: dir.join(CERT_FILE), key_file: dir.join(KEY_FILE) },
     };
     let config_path = options.dir.join(CONFIG_FILE);
     write_enrollment(&config_path, &enrollment).map_err(|e| EnrollError::Io(e.to_string()))?;
     Ok(config_path)
+}
+
+/// The controllers `agent.yaml` lists: the given ones in their order, the one that took the
+/// enrollment (it may have been a leader's hint), then those the answer names. An entry of
+/// the answer that is not an https:// URL is left out: the token is spent by now, so a
+/// controller's bad list must not cost the enrollment.
+fn merged_controllers(given: &[String], answered: &str, listed: &[String]) -> Vec<String> {
+    let usable = listed.iter().filter(|u| {
+        let ok = base_url(u).starts_with("https://");
+        if !ok {
+            tracing::warn!(url = %u, "the controller lists a controller that is not an https:// URL; left out");
+        }
+        ok
+    });
+    merge_urls(given.iter().map(String::as_str).chain([answered]).chain(usable.map(String::as_str)))
+}
+
+/// Posts the enrollment to the controllers in turn until one takes it (or refuses it for a
+/// reason another controller would share); returns that controller's URL and its answer.
+async fn post_enrollment(
+    client: &reqwest::Client,
+    request: &EnrollRequest,
+    given: &[String],
+) -> Result<(String, EnrollResponse), EnrollError> {
+    let mut queue: std::collections::VecDeque<String> = given.iter().cloned().collect();
+    let mut tried: Vec<String> = Vec::new();
+    let mut failures: Vec<(String, EnrollError)> = Vec::new();
+    while let Some(base) = queue.pop_front() {
+        if tried.contains(&base) {
+            continue;
+        }
+        tried.push(base.clone());
+        let url = format!("{base}{}", paths::ENROLL);
+        let response = match client.post(&url).json(request).send().await {
+            Ok(response) => response,
+            Err(e) => {
+                failures.push((url.clone(), EnrollError::Unreachable { url, message: error_chain(&e) }));
+                continue;
+            }
+        };
+        let status = response.status();
+        let hint = response.headers().get(LEADER_HEADER).and_then(|v| v.to_str().ok()).map(|v| base_url(v).to_string());
+        let bytes = response.bytes().await.map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+        if status.is_success() {
+            let answer = serde_json::from_slice(&bytes).map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+            return Ok((base, answer));
+        }
+        let message = serde_json::from_slice::<ApiError>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        let refused = EnrollError::Refused { status: status.as_u16(), message };
+        if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            // A spent token or a wrong node is refused by every controller alike.
+            return Err(refused);
+        }
+        // The hint came over a connection authenticated with the trusted CA: whoever it
+        // names must present a certificate of that CA too, so following it is safe even to
+        // a URL not given.
+        if let Some(leader) = hint.filter(|h| h.starts_with("https://") && !tried.contains(h)) {
+            queue.push_front(leader);
+        }
+        failures.push((url, refused));
+    }
+    if failures.len() == 1
+        && let Some((_, only)) = failures.pop()
+    {
+        return Err(only);
+    }
+    Err(EnrollError::NoController(
+        failures
+            .into_iter()
+            .map(|(url, e)| match e {
+                EnrollError::Unreachable { .. } => e.to_string(),
+                _ => format!("{url}: {e}"),
+            })
+            .collect(),
+    ))
 }
 
 #[cfg(test)]
@@ -394,7 +485,7 @@ mod tests {
     async fn refuses_bad_input_before_touching_the_network_or_disk() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let options = |controller: &str, node: &str| EnrollOptions {
-            controller: controller.into(),
+            controllers: vec![controller.into()],
             token: "t".into(),
             node: node.into(),
             dir: dir.path().join("agent"),
@@ -436,7 +527,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let options = EnrollOptions {
             // Nothing listens there: enroll fails after making the directory.
-            controller: "https://127.0.0.1:1".into(),
+            controllers: vec!["https://127.0.0.1:1".into()],
             token: "t".into(),
             node: "db1".into(),
             dir: dir.path().join("etc/hapair"),
@@ -465,5 +556,86 @@ mod tests {
         std::fs::write(&path, "controller: https://ctl:7443\n")?;
         assert!(matches!(ControllerConfig::load(&path), Err(EnrollError::Usage(_))));
         Ok(())
+    }
+
+    mod failover {
+        use super::*;
+        use crate::runtime::node_api::fake::{Behaviour, FakeController, NODE, Pki, enrolled, refused_url};
+
+        fn options(pki: &Pki, controllers: &[&str], dir: &Path) -> EnrollOptions {
+            EnrollOptions {
+                controllers: controllers.iter().map(|c| c.to_string()).collect(),
+                token: "t".into(),
+                node: NODE.into(),
+                dir: dir.to_path_buf(),
+                trust: Trust::CaPem(pki.ca_pem.clone()),
+                force: false,
+            }
+        }
+
+        #[tokio::test]
+        async fn enrollment_reaches_the_leader_and_lists_every_controller() -> Result<(), Box<dyn std::error::Error>> {
+            let pki = Pki::new();
+            let far = "https://ctl-far.example:7443".to_string();
+            let leader = FakeController::start(
+                &pki,
+                Behaviour::Leader {
+                    lease_delay: Duration::ZERO,
+                    controllers: vec![far.clone(), "http://not-tls.example".into()],
+                },
+            )
+            .await;
+            // The leader was not given: the follower's hint leads there.
+            let follower = FakeController::start(&pki, Behaviour::NotLeader { hint: Some(leader.url.clone()) }).await;
+            let down = refused_url().await;
+            let dir = tempfile::tempdir()?;
+            let written = enroll(&options(&pki, &[&down, &follower.url], dir.path())).await?;
+            assert!(enrolled(dir.path()));
+            assert_eq!((follower.hit_count(), leader.hit_count()), (1, 1));
+            let config = AgentConfig::parse(&std::fs::read_to_string(&written)?, &written)?;
+            // Given first (in their order), then the one that took it, then those it named;
+            // an entry that is not https:// is left out.
+            assert_eq!(config.controller, down);
+            assert_eq!(config.controllers, vec![down.clone(), follower.url.clone(), leader.url.clone(), far]);
+            let settings = ControllerConfig::load(&written)?;
+            assert_eq!(settings.endpoints(), config.controllers);
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn enrollment_fails_naming_every_controller_it_tried() -> Result<(), Box<dyn std::error::Error>> {
+            let pki = Pki::new();
+            let follower = FakeController::start(&pki, Behaviour::NotLeader { hint: None }).await;
+            let down = refused_url().await;
+            let dir = tempfile::tempdir()?;
+            let err = enroll(&options(&pki, &[&follower.url, &down], dir.path())).await.err();
+            let Some(EnrollError::NoController(attempts)) = &err else { panic!("{err:?}") };
+            assert_eq!(attempts.len(), 2, "{attempts:?}");
+            assert!(attempts[0].starts_with(&format!("{}/v1/enroll: ", follower.url)), "{attempts:?}");
+            assert!(attempts[0].contains("(503)"), "{attempts:?}");
+            assert!(
+                attempts[1].contains(&format!("cannot reach the controller at {down}/v1/enroll: ")),
+                "{attempts:?}"
+            );
+            assert!(!dir.path().join(KEY_FILE).exists());
+
+            // One controller alone fails as before: its own error.
+            let err = enroll(&options(&pki, &[&follower.url], dir.path())).await.err();
+            assert!(matches!(err, Some(EnrollError::Refused { status: 503, .. })), "{err:?}");
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn one_controller_writes_no_list() -> Result<(), Box<dyn std::error::Error>> {
+            let pki = Pki::new();
+            let leader = FakeController::start(&pki, Behaviour::leader()).await;
+            let dir = tempfile::tempdir()?;
+            // The URL as typed, with a trailing '/', and a controller that lists only itself.
+            let written = enroll(&options(&pki, &[&format!("{}/", leader.url)], dir.path())).await?;
+            let text = std::fs::read_to_string(&written)?;
+            assert!(!text.contains("controllers"), "{text}");
+            assert_eq!(AgentConfig::parse(&text, &written)?.controller, leader.url);
+            Ok(())
+        }
     }
 }

@@ -54,9 +54,11 @@ enum Command {
     /// Enroll this node with a controller: trade a one-time token (from
     /// `hapair-operator token create`) for a client certificate.
     Enroll {
-        /// Controller base URL, e.g. https://ctl.example:7443.
-        #[arg(long)]
-        controller: String,
+        /// Controller base URL, e.g. https://ctl.example:7443. Replicated controllers: all of
+        /// them, comma-separated or the flag repeated, the preferred first; they are tried in
+        /// order until one (the leader) takes the enrollment.
+        #[arg(long, required = true, value_delimiter = ',', value_name = "URL[,URL...]")]
+        controller: Vec<String>,
         /// The one-time token.
         #[arg(long, env = "HAPAIR_ENROLL_TOKEN", hide_env_values = true)]
         token: String,
@@ -187,7 +189,13 @@ fn command(cli: Cli) -> anyhow::Result<()> {
                 }
                 (Some(pin), None) => Trust::Fingerprint(pin),
             };
-            let options = EnrollOptions { controller, token, node: node.clone(), dir, trust, force };
+            let options = EnrollOptions { controllers: controller, token, node: node.clone(), dir, trust, force };
+            // Warnings only (a controller list entry left out); the outcome is printed below.
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+                .without_time()
+                .try_init();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let config = runtime.block_on(enroll(&options))?;
             println!("enrolled node {node}; controller settings in {}", config.display());

@@ -38,7 +38,7 @@ async fn an_agent_enrolls_by_fingerprint_and_then_reads_its_config() {
     };
     let agent_dir = tempfile::tempdir().unwrap();
     let options = |node: &str, trust: Trust, dir: &std::path::Path| EnrollOptions {
-        controller: url.clone(),
+        controllers: vec![url.clone()],
         token: token(node),
         node: node.into(),
         dir: dir.to_path_buf(),
@@ -86,5 +86,42 @@ async fn an_agent_enrolls_by_fingerprint_and_then_reads_its_config() {
     let err = enroll(&b).await.err().unwrap();
     assert!(matches!(err, EnrollError::Refused { status: 401, .. }), "{err}");
     assert!(err.to_string().contains("already used"), "{err}");
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_given_a_dead_controller_first_enrolls_with_the_live_one_and_uses_it() {
+    let manifests = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(manifests.path().join("g.yaml"), GROUP).unwrap();
+    let config = StandaloneConfig::new(manifests.path(), state.path(), "127.0.0.1:0".parse().unwrap());
+    let controller = Standalone::start(config, None).await.unwrap();
+    let live = format!("https://127.0.0.1:{}", controller.local_addr().port());
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port())
+    };
+    let token = TokenFile::new(state.path())
+        .create("a", Duration::from_secs(300), hapair_operator::support::timestamp::now_millis())
+        .unwrap();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let options = EnrollOptions {
+        controllers: vec![dead.clone(), live.clone()],
+        token,
+        node: "a".into(),
+        dir: agent_dir.path().to_path_buf(),
+        trust: Trust::Fingerprint(controller.ca_fingerprint().to_string()),
+        force: false,
+    };
+    let written = enroll(&options).await.unwrap();
+    let settings = ControllerConfig::load(&written).unwrap();
+    // The dead one stays the preferred (first) one: it was given first.
+    assert_eq!(settings.controller, dead);
+    assert!(settings.endpoints().starts_with(&[dead.clone(), live.clone()]), "{:?}", settings.endpoints());
+
+    // The running agent's client fails over from the dead controller and sticks to the live one.
+    let client = hapair_agent::runtime::node_api::NodeApiClient::new(&settings).unwrap();
+    let bundle = client.poll_config(None, Duration::from_secs(1)).await.unwrap().unwrap();
+    assert_eq!((bundle.node.as_str(), client.base()), ("a", live.as_str()));
     controller.shutdown().await;
 }

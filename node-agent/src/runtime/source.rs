@@ -58,7 +58,10 @@ pub struct ControllerSource {
 
 impl ConfigSource for ControllerSource {
     fn describe(&self) -> String {
-        format!("controller {}", self.client.base())
+        match self.client.endpoints() {
+            [one] => format!("controller {one}"),
+            all => format!("controllers {}", all.join(", ")),
+        }
     }
 
     fn run(self: Box<Self>, tx: UnboundedSender<SourceEvent>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
