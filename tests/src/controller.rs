@@ -28,12 +28,43 @@ pub struct Controller {
     pub log: PathBuf,
     pub admin: AdminConfig,
     ns_name: String,
+    /// On etcd: the endpoints, and the flags after `--listen` that make it one of a set.
+    etcd: Option<String>,
+    extra_args: Vec<String>,
 }
 
 impl Controller {
     /// Starts the controller in `ns` listening on `address`, with `manifest` as the only
     /// file of its manifest directory `dir/manifests` (as `web.yaml`).
     pub fn start(ns: &Netns, address: &str, dir: &Path, manifest: &str) -> Controller {
+        Controller::start_with(ns, address, dir, manifest, None, Vec::new())
+    }
+
+    /// Starts one controller of a set sharing the etcd cluster at `etcd` (client URLs,
+    /// comma-separated), named `name`, knowing `controllers` (every base URL of the set),
+    /// with its own directories under `dir/name`, a leader lease of 2 s.
+    pub fn start_on_etcd(
+        ns: &Netns,
+        address: &str,
+        dir: &Path,
+        manifest: &str,
+        etcd: &str,
+        name: &str,
+        controllers: &[String],
+    ) -> Controller {
+        let args = ["--etcd", etcd, "--name", name, "--leader-ttl", "2", "--controllers", &controllers.join(",")];
+        let home = dir.join(name);
+        Controller::start_with(ns, address, &home, manifest, Some(etcd.to_string()), args.map(String::from).to_vec())
+    }
+
+    fn start_with(
+        ns: &Netns,
+        address: &str,
+        dir: &Path,
+        manifest: &str,
+        etcd: Option<String>,
+        extra_args: Vec<String>,
+    ) -> Controller {
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests).unwrap_or_else(|e| panic!("creating {}: {e}", manifests.display()));
         std::fs::write(manifests.join("web.yaml"), manifest).unwrap_or_else(|e| panic!("writing the manifest: {e}"));
@@ -51,6 +82,8 @@ impl Controller {
                 key_pem: String::new(),
             },
             ns_name: ns.name().to_string(),
+            etcd,
+            extra_args,
         };
         controller.restart(ns);
         controller
@@ -63,7 +96,7 @@ impl Controller {
         let exe = binary("hapair-operator").display().to_string();
         let listen = format!("{}:{PORT}", self.address);
         let (manifests, state) = (self.manifests.display().to_string(), self.state.display().to_string());
-        let args = [
+        let mut args = vec![
             exe.as_str(),
             "standalone",
             "--manifests",
@@ -75,6 +108,7 @@ impl Controller {
             "--server-name",
             &self.address,
         ];
+        args.extend(self.extra_args.iter().map(String::as_str));
         self.process =
             Some(spawn_logged(ns, &args, &self.log).unwrap_or_else(|e| panic!("starting the controller: {e}")));
         let admin = wait_for(START, || {
@@ -92,10 +126,19 @@ impl Controller {
     /// `hapair-operator token create`: (token, CA fingerprint).
     pub fn token(&self, node: &str) -> (String, String) {
         let state = self.state.display().to_string();
-        let out = std::process::Command::new(binary("hapair-operator"))
-            .args(["token", "create", "--state", &state, "--node", node, "--ttl", "10m"])
-            .output()
-            .unwrap_or_else(|e| panic!("token create: {e}"));
+        let exe = binary("hapair-operator");
+        let out = match &self.etcd {
+            // etcd is reachable only from inside the test network.
+            Some(etcd) => std::process::Command::new("ip")
+                .args(["netns", "exec", &self.ns_name])
+                .arg(&exe)
+                .args(["token", "create", "--etcd", etcd, "--node", node, "--ttl", "10m"])
+                .output(),
+            None => std::process::Command::new(&exe)
+                .args(["token", "create", "--state", &state, "--node", node, "--ttl", "10m"])
+                .output(),
+        }
+        .unwrap_or_else(|e| panic!("token create: {e}"));
         assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let field = |name: &str| {
@@ -122,6 +165,11 @@ impl Controller {
                 .build()
                 .ok()?;
             let response = client.get(url).send().await.ok()?;
+            // A controller that does not lead answers 503 with an error body, which would
+            // otherwise decode as an empty overview.
+            if !response.status().is_success() {
+                return None;
+            }
             response.json::<GroupsOverview>().await.ok()
         })
     }
@@ -134,6 +182,22 @@ impl Controller {
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("running kubectl-hapair {}: {e}", args.join(" ")))
+    }
+
+    /// The base URL agents and the CLI use.
+    pub fn url(&self) -> String {
+        format!("https://{}:{PORT}", self.address)
+    }
+
+    /// `SIGTERM`, and waits for the process to end (a controller on etcd resigns).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            if p.wait(Duration::from_secs(10)).is_none() {
+                p.kill();
+            }
+        }
     }
 
     /// `kill -9`: the witness is gone.
@@ -172,9 +236,15 @@ pub fn unenrolled_config(home: &Path) -> String {
 /// `hapair-agent enroll` of `node` (home directory `home`, holding its `agent.yaml`)
 /// against `controller`, run inside the node's namespace.
 pub fn enroll(ns: &Netns, controller: &Controller, node: &str, home: &Path) {
+    enroll_with(ns, controller, &[controller.url()], node, home);
+}
+
+/// [`enroll`] with a token from `controller`, given `urls` (tried in order) as the
+/// controllers to enroll through.
+pub fn enroll_with(ns: &Netns, controller: &Controller, urls: &[String], node: &str, home: &Path) {
     let (token, fingerprint) = controller.token(node);
     let exe = binary("hapair-agent").display().to_string();
-    let url = format!("https://{}:{PORT}", controller.address);
+    let url = urls.join(",");
     let dir = home.display().to_string();
     let args = [
         exe.as_str(),

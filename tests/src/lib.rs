@@ -13,6 +13,8 @@
 //!   bundles, `/v1/status` and `/metrics` read from inside the namespace).
 //! - [`controller`]: the standalone controller (and witness) as a real process, agents
 //!   enrolled against it, and its admin API and `kubectl-hapair` driven as a user would.
+//! - [`etcd`]: a real etcd cluster, one member per namespace, for the controllers that
+//!   share it (`standalone --etcd`).
 //! - [`mounts`]: guards for mounts, loop devices and nbdfuse attachments.
 //! - [`sim`]: the deterministic simulation of two failover engines and the witness on a
 //!   faulty network and drifting clocks, with its safety, liveness and bounded-failover
@@ -27,6 +29,7 @@
 
 pub mod agents;
 pub mod controller;
+pub mod etcd;
 pub mod failover_bench;
 pub mod fake_kube;
 pub mod mounts;

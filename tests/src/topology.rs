@@ -27,6 +27,8 @@ pub struct TwoServersAndClient {
     pub b: Netns,
     pub client: Netns,
     pub switch: Netns,
+    /// Hosts added on link 0 with [`TwoServersAndClient::add_host`].
+    pub extra: Vec<Netns>,
 }
 
 /// Link 0 address of a host, IPv4.
@@ -62,12 +64,38 @@ impl TwoServersAndClient {
         }
         addresses.push(Address::new(&a, "eth1", &format!("{A1}/24"))?);
         addresses.push(Address::new(&b, "eth1", &format!("{B1}/24"))?);
-        Ok(TwoServersAndClient { _addresses: addresses, _veths: veths, _bridges: bridges, a, b, client, switch })
+        Ok(TwoServersAndClient {
+            _addresses: addresses,
+            _veths: veths,
+            _bridges: bridges,
+            a,
+            b,
+            client,
+            switch,
+            extra: Vec::new(),
+        })
+    }
+
+    /// One more host on link 0 (its `eth0`) at `v4` (a 198.18.0.0/24 address), e.g. a
+    /// controller or an etcd member; returns its index in [`Self::extra`].
+    pub fn add_host(&mut self, tag: &str, v4: &str) -> Result<usize> {
+        let host = Netns::new(tag)?;
+        let port = unique_name("x");
+        self._veths.push(Veth::new(&host, "eth0", &self.switch, &port)?);
+        self._bridges[0].attach(&port)?;
+        self._addresses.push(Address::new(&host, "eth0", &format!("{v4}/24"))?);
+        host.ip(&["link", "set", "lo", "up"])?;
+        self.extra.push(host);
+        Ok(self.extra.len() - 1)
     }
 
     /// The namespace names, for checking cleanup.
     pub fn namespace_names(&self) -> Vec<String> {
-        [&self.a, &self.b, &self.client, &self.switch].iter().map(|n| n.name().to_string()).collect()
+        [&self.a, &self.b, &self.client, &self.switch]
+            .into_iter()
+            .chain(&self.extra)
+            .map(|n| n.name().to_string())
+            .collect()
     }
 }
 

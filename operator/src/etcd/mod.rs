@@ -128,7 +128,9 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, EtcdError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.request_timeout)
         .with_timeout(config.request_timeout)
-        .with_keep_alive(Duration::from_secs(2), config.request_timeout);
+        // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time) by closing
+        // the connection, which would break every watch.
+        .with_keep_alive(Duration::from_secs(10), config.request_timeout);
     if let Some(tls) = &config.tls {
         let mut tls_options = etcd_client::TlsOptions::new()
             .ca_certificate(etcd_client::Certificate::from_pem(read_pem(&tls.ca, "--etcd-ca")?));
