@@ -7,7 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
-ensure_debian_packages util-linux iproute2 curl openssl jq systemd
+ensure_debian_packages util-linux iproute2 curl openssl jq systemd etcd-server etcd-client
 ensure_build_packages
 
 echo "==> building the binaries the docs use"

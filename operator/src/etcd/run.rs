@@ -36,7 +36,7 @@ use crate::pki::{Ca, PkiError};
 use crate::server::identity::{TlsSetupError, server_config};
 use crate::server::{NodeApi, Server, router, standby_router_naming};
 use crate::standalone::{StandaloneConfig, advertised_url, certificate_names, directory_fingerprint, watch_manifests};
-use crate::support::atomic_file::{FileError, write_json};
+use crate::support::atomic_file::{FileError, write, write_json};
 use crate::witness::Witness;
 use crate::witness::lease::LeaseAuthority;
 
@@ -202,6 +202,9 @@ pub async fn run(config: ReplicatedConfig, shutdown: impl Future<Output = ()>) -
         .local_addr()
         .map_err(|source| RunError::Io { what: format!("listening on {}", standalone.listen), source })?;
     let url = advertised_url(standalone, bound);
+    // The CA certificate (never its key, which stays in etcd) beside the CLI config, for
+    // tools that check the controller's certificate, as in a single controller's directory.
+    write(&dir.join(crate::pki::CA_CERT_FILE), ca.cert_pem().as_bytes(), 0o644)?;
     let serving = ca.ensure_server_cert(dir, &certificate_names(standalone, bound))?;
     let admin = ca.ensure_admin_cert(dir)?;
     let mut controllers = standalone.api.controllers.clone();
