@@ -252,3 +252,88 @@ fn a_controller_cut_off_from_etcd_or_without_quorum_grants_nothing() {
     });
     assert!(promoted.is_some(), "not promoted after the quorum came back: {:?}", status(&s.topo.a));
 }
+
+#[test]
+fn a_single_controllers_state_moves_into_etcd() {
+    require_root();
+    let mut topo = TwoServersAndClient::build().unwrap();
+    topo.add_host("e0", ETCD[0]).unwrap();
+    topo.add_host("k0", CONTROLLERS[0]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let etcd = EtcdCluster::start(&[(&topo.extra[0], ETCD[0])], dir);
+    let manifest = group_manifest("controller", "");
+    let mut single = Controller::start(&topo.client, hapair_tests::topology::C0, dir, &manifest);
+    let listed = wait_for(UP, || {
+        let overview = single.overview(&topo.client)?;
+        overview.groups.into_iter().find(|g| g.key.to_string() == GROUP && g.status.phase.is_some())
+    });
+    let before = listed.expect("the single controller does not list the group with a status");
+    // Issued by the single controller, redeemed after the move.
+    let (token, fingerprint) = single.token("a");
+    single.stop();
+
+    let migrate = |prefix_args: &[&str]| {
+        let state = single.state.display().to_string();
+        let endpoints = etcd.endpoints();
+        let mut args = vec![hapair_tests::agents::binary("hapair-operator").display().to_string(), "migrate".into()];
+        args.extend(["--state", &state, "--to-etcd", &endpoints].map(String::from));
+        args.extend(prefix_args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        topo.extra[1].exec(&args).unwrap()
+    };
+    let moved = migrate(&[]);
+    let said = String::from_utf8_lossy(&moved.stdout).into_owned();
+    assert!(moved.status.success(), "migrate failed: {}", String::from_utf8_lossy(&moved.stderr));
+    assert!(said.contains("migrated") && said.contains(&fingerprint), "{said}");
+    let again = migrate(&[]);
+    let refusal = String::from_utf8_lossy(&again.stderr).into_owned();
+    assert!(!again.status.success() && refusal.contains("refusing to overwrite"), "a second migration: {refusal}");
+
+    let url = format!("https://{}:7443", CONTROLLERS[0]);
+    let on_etcd = Controller::start_on_etcd(
+        &topo.extra[1],
+        CONTROLLERS[0],
+        dir,
+        &manifest,
+        &etcd.endpoints(),
+        "c0",
+        std::slice::from_ref(&url),
+    );
+    assert_eq!(on_etcd.admin.ca_pem, single.admin.ca_pem, "the CA did not move");
+    let after = wait_for(UP, || {
+        let overview = on_etcd.overview(&topo.extra[1])?;
+        overview.groups.into_iter().find(|g| g.key.to_string() == GROUP)
+    })
+    .expect("the controller on etcd does not list the group");
+    assert_eq!((after.status.epoch, &after.status.phase), (before.status.epoch, &before.status.phase));
+    for event in &before.events {
+        assert!(after.events.contains(event), "event lost in the move: {event:?}");
+    }
+
+    let home = dir.join("a");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("agent.yaml"), unenrolled_config(&home)).unwrap();
+    let exe = hapair_tests::agents::binary("hapair-agent").display().to_string();
+    let home_arg = home.display().to_string();
+    let args = [
+        exe.as_str(),
+        "enroll",
+        "--controller",
+        &url,
+        "--node",
+        "a",
+        "--token",
+        &token,
+        "--ca-fingerprint",
+        &fingerprint,
+        "--dir",
+        &home_arg,
+    ];
+    let enrolled = topo.a.exec(&args).unwrap();
+    assert!(
+        enrolled.status.success(),
+        "the migrated token was not accepted: {}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+}
