@@ -568,3 +568,83 @@ async fn server_lets_a_long_poll_outlast_the_request_deadlines() {
     }
     f.shutdown().await;
 }
+
+/// Records what it is given, or fails while `failing` is set (etcd refusing a deposed
+/// leader's write).
+#[derive(Default)]
+struct TestJournal {
+    failing: std::sync::atomic::AtomicBool,
+    written: Mutex<Vec<(GroupKey, crate::witness::LeaseRecord)>>,
+}
+
+impl LeaseJournal for TestJournal {
+    fn write<'a>(
+        &'a self,
+        group: &'a GroupKey,
+        record: &'a crate::witness::LeaseRecord,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("refused, this controller no longer leads".into());
+            }
+            self.written.lock().unwrap().push((group.clone(), record.clone()));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn grants_are_recorded_before_they_are_answered_and_unrecorded_ones_are_denied() {
+    use crate::standalone::file_store::FileStore;
+    let manifests = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(
+        manifests.path().join("g.yaml"),
+        "apiVersion: hapair.dev/v1alpha1\nkind: HaGroup\nmetadata: {name: g}\nspec:\n  nodes:\n    - {name: a, heartbeatAddresses: [198.18.1.1]}\n    - {name: b, heartbeatAddresses: [198.18.1.2]}\n  heartbeat: {leaseTTL: 600ms, maxClockDriftPpm: 500}\n",
+    )
+    .unwrap();
+    let store = FileStore::open(manifests.path(), state.path()).unwrap();
+    let controller = Arc::new(
+        Controller::start(store, crate::controller::Settings::default(), Arc::new(Metrics::new())).await.unwrap(),
+    );
+    controller.reconcile().await.unwrap();
+    let journal = Arc::new(TestJournal::default());
+    let witness = crate::witness::Witness::resume(Duration::ZERO, []);
+    let api = NodeApi::new(
+        controller,
+        Arc::new(Ca::generate().unwrap().0),
+        crate::pki::tokens::TokenFile::new(state.path()),
+        Some(Box::new(witness)),
+        ApiSettings::default(),
+    )
+    .with_journal(journal.clone());
+    let app = router(Arc::new(api));
+    let ask = |op: &str| {
+        let app = app.clone();
+        let body = format!(r#"{{"group":"default/g","node":"a","op":"{op}","epoch":3,"ttlMs":600}}"#);
+        async move {
+            let mut request = axum::http::Request::post(paths::LEASE)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let addr: SocketAddr = "198.18.1.1:40000".parse().unwrap();
+            request.extensions_mut().insert(Peer { identity: PeerIdentity::Node("a".into()), addr });
+            let response = app.oneshot(request).await.unwrap();
+            let bytes = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+            serde_json::from_slice::<LeaseResponse>(&bytes).unwrap()
+        }
+    };
+    assert_eq!(ask("acquire").await, LeaseResponse::Granted { holder: "a".into(), ttl_ms: 600, epoch: 3 });
+    let written = journal.written.lock().unwrap().clone();
+    let record = crate::witness::LeaseRecord { holder: Some("a".into()), holder_epoch: 3, epoch: 3, held_ms: 601 };
+    assert_eq!(written, vec![(GroupKey::new("default", "g"), record)]);
+
+    journal.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    match ask("renew").await {
+        LeaseResponse::Denied { holder: None, reason, .. } => {
+            assert!(reason.starts_with("the witness could not record its decision (refused"), "{reason}")
+        }
+        other => panic!("an unrecorded grant must not be answered: {other:?}"),
+    }
+    assert_eq!(journal.written.lock().unwrap().len(), 1);
+}

@@ -158,7 +158,8 @@ impl Witness {
             holder: g.holder.clone(),
             holder_epoch: g.holder_epoch,
             epoch: g.epoch,
-            held_ms: if g.holder.is_some() { millis(g.held) } else { 0 },
+            // Rounded up: a successor must hold the lease no shorter than this witness would.
+            held_ms: if g.holder.is_some() { millis(g.held + Duration::from_nanos(999_999)) } else { 0 },
         })
     }
 
