@@ -1,18 +1,20 @@
 //! The seeded failover simulation: 10,000 random schedules, a replay of one seed, and
-//! proof that the checker catches a broken engine.
+//! proof that the checker catches a broken engine and a broken controller takeover.
 //!
 //! - `cargo test -p hapair-tests --test simulation` runs everything;
 //! - `HAPAIR_SIM_SEED=<seed> cargo test -p hapair-tests --test simulation replay -- --nocapture`
 //!   reruns one schedule exactly and prints its trace;
 //! - `HAPAIR_SIM_SCHEDULES=<n>` and `HAPAIR_SIM_BASE_SEED=<seed>` change how many schedules
-//!   run and which (the default base is fixed, so CI runs the same schedules every time).
+//!   run and which (the default base is fixed, so CI runs the same schedules every time);
+//! - `HAPAIR_SIM_MUTATION` and `HAPAIR_SIM_TAKEOVER_MUTATION` replay a seed of a mutation
+//!   test with its mutation (the test prints the whole command).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hapair_agent::engine::Engine;
 use hapair_agent::engine::mutation::Mutation;
-use hapair_tests::sim::{self, Failure, Options, Stats};
+use hapair_tests::sim::{self, Failure, Options, Stats, TakeoverMutation};
 
 const DEFAULT_SCHEDULES: u64 = 10_000;
 const DEFAULT_BASE_SEED: u64 = 0x4841_5041_4952; // "HAPAIR"
@@ -29,6 +31,13 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// Runs `count` schedules from `base` on every core; returns the failures and the totals.
 fn run_many(base: u64, count: u64, options: &Options) -> (Vec<Failure>, Stats, Vec<u64>) {
+    let seeds: Vec<u64> = (0..count).map(|i| base.wrapping_add(i)).collect();
+    run_seeds(&seeds, options)
+}
+
+/// Runs the schedules of `seeds` on every core; returns the failures and the totals.
+fn run_seeds(seeds: &[u64], options: &Options) -> (Vec<Failure>, Stats, Vec<u64>) {
+    let count = seeds.len() as u64;
     let next = AtomicU64::new(0);
     let failures = Mutex::new(Vec::new());
     let totals = Mutex::new(Stats::default());
@@ -44,7 +53,7 @@ fn run_many(base: u64, count: u64, options: &Options) -> (Vec<Failure>, Stats, V
                     if i >= count {
                         break;
                     }
-                    let seed = base.wrapping_add(i);
+                    let seed = seeds[i as usize];
                     match sim::run_seed(seed, options.clone()) {
                         Ok(outcome) => {
                             stats.add(&outcome.stats);
@@ -76,7 +85,7 @@ fn random_schedules_keep_every_invariant() {
     println!(
         "{count} schedules from seed {base} in {:.1} s: {} events, {} faults, {} terms, {} self-fencings, \
          {} watchdog resets, {} witness denials, {} admin actions, {} local restarts, {} failed stops, \
-         {} exempt overlaps (witness mode none), {} failovers measured",
+         {} exempt overlaps (witness mode none), {} leader changes, {} not-leader denials, {} failovers measured",
         started.elapsed().as_secs_f64(),
         stats.events,
         stats.faults,
@@ -88,6 +97,8 @@ fn random_schedules_keep_every_invariant() {
         stats.local_restarts,
         stats.failed_stops,
         stats.exempt_overlaps,
+        stats.leader_changes,
+        stats.not_leader_denials,
         failovers.len()
     );
     for failure in failures.iter().take(env_u64("HAPAIR_SIM_SHOW").unwrap_or(5) as usize) {
@@ -107,7 +118,9 @@ fn random_schedules_keep_every_invariant() {
             && stats.watchdog_resets > 0
             && stats.witness_denials > 0
             && stats.local_restarts > 0
-            && stats.failed_stops > 0,
+            && stats.failed_stops > 0
+            && stats.leader_changes > 0
+            && stats.not_leader_denials > 0,
         "{stats:?}"
     );
 }
@@ -124,12 +137,31 @@ fn mutation_hook() -> Option<fn(&mut Engine)> {
     }
 }
 
+/// The takeover mutation named by `HAPAIR_SIM_TAKEOVER_MUTATION`.
+fn takeover_mutation() -> Option<TakeoverMutation> {
+    match std::env::var("HAPAIR_SIM_TAKEOVER_MUTATION").ok()?.as_str() {
+        "forget-recorded-holders" => Some(TakeoverMutation::ForgetRecordedHolders),
+        "deposed-leader-answers" => Some(TakeoverMutation::DeposedLeaderAnswers),
+        other => {
+            panic!("HAPAIR_SIM_TAKEOVER_MUTATION={other:?}: expected forget-recorded-holders or deposed-leader-answers")
+        }
+    }
+}
+
+fn takeover_mutation_name(mutation: TakeoverMutation) -> &'static str {
+    match mutation {
+        TakeoverMutation::ForgetRecordedHolders => "forget-recorded-holders",
+        TakeoverMutation::DeposedLeaderAnswers => "deposed-leader-answers",
+    }
+}
+
 /// Reruns `HAPAIR_SIM_SEED` (or the first default schedule) with its trace.
 #[test]
 fn replay() {
     let seed = env_u64("HAPAIR_SIM_SEED").unwrap_or(DEFAULT_BASE_SEED);
     println!("schedule {seed}: {:?}", sim::schedule(seed));
-    match sim::run_seed(seed, Options { trace: true, engine_hook: mutation_hook() }) {
+    let options = Options { trace: true, engine_hook: mutation_hook(), takeover_mutation: takeover_mutation() };
+    match sim::run_seed(seed, options) {
         Ok(outcome) => {
             for line in &outcome.trace {
                 println!("{line}");
@@ -182,6 +214,57 @@ fn assert_caught_as(hook: fn(&mut Engine), what: &str, schedules: u64, kind: &st
         failures.iter().any(|f| f.what.contains(kind)),
         "mutation {what:?} must break the {kind:?} invariant; failures: {:?}",
         failures.iter().map(|f| f.what.lines().next().unwrap_or("").to_string()).collect::<Vec<_>>()
+    );
+}
+
+/// Runs the first `schedules` default schedules that have replicated controllers (the
+/// others never take over) with a broken takeover; some failure must name one of `kinds`.
+/// Prints the command that replays the first one with the mutation.
+fn assert_takeover_caught(mutation: TakeoverMutation, what: &str, schedules: usize, kinds: &[&str]) {
+    let seeds: Vec<u64> = (0..)
+        .map(|i| DEFAULT_BASE_SEED.wrapping_add(i))
+        .filter(|&seed| sim::schedule(seed).leaders.is_some())
+        .take(schedules)
+        .collect();
+    let options = Options { takeover_mutation: Some(mutation), ..Options::default() };
+    let (failures, _, _) = run_seeds(&seeds, &options);
+    let Some(first) = failures.iter().find(|f| kinds.iter().any(|k| f.what.contains(k))) else {
+        let seen: Vec<String> = failures.iter().map(|f| f.what.lines().next().unwrap_or("").to_string()).collect();
+        panic!("the checker did not catch {what:?} as any of {kinds:?} in {schedules} schedules; failures: {seen:?}");
+    };
+    let rerun = format!(
+        "HAPAIR_SIM_TAKEOVER_MUTATION={} {}",
+        takeover_mutation_name(mutation),
+        sim::replay_command(first.seed)
+    );
+    println!(
+        "takeover mutation {what:?} caught by {} of {schedules} schedules; first: {first}\n  rerun: {rerun}",
+        failures.len()
+    );
+}
+
+#[test]
+fn checker_catches_a_successor_that_forgets_recorded_holders() {
+    // The successor grants the peer while the recorded holder still serves on its lease.
+    assert_takeover_caught(
+        TakeoverMutation::ForgetRecordedHolders,
+        "the successor resumes from records without their holders",
+        200,
+        &["SAFETY"],
+    );
+}
+
+#[test]
+fn checker_catches_a_deposed_leader_that_still_grants() {
+    // The successor never learns of the unrecorded grant: it grants the same epoch again
+    // (caught as soon as that term starts), or, more rarely, the peer while the first
+    // grantee still serves. Both need the deposed leader to decide a grant before it
+    // notices, which is rarer than a recorded holder at a takeover, so more schedules.
+    assert_takeover_caught(
+        TakeoverMutation::DeposedLeaderAnswers,
+        "a deposed leader answers the grants etcd refused to record",
+        600,
+        &["SAFETY", "epochs"],
     );
 }
 

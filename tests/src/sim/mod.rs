@@ -6,7 +6,7 @@
 //! clock rates, and the faults injected during its chaos phase (crashes and restarts,
 //! long stalls, partitions of each link and of the witness path, loss, duplication,
 //! delay and reordering, witness crashes, resyncing replicas, failing monitors, admin
-//! actions).
+//! actions, and, on replicated controllers, moves of the witness's leadership).
 //!
 //! Checked at every step, against true simulated time:
 //!
@@ -21,9 +21,11 @@
 //!
 //! and, after the chaos, **liveness** (everything healed: exactly one primary within a
 //! bounded time), **bounded failover** (the primary crashes, the standby serves within
-//! [`params::Params::failover_bound`]) and, in schedules whose checked step passes its
-//! first health check right after each start, the failover's **timeline** (that pass is
-//! on it, no earlier than the step's start, and every phase is in order).
+//! [`params::Params::failover_bound`], plus [`params::Params::takeover_extension`] when the
+//! witness's leadership moves at the crash or during the failover) and, in schedules whose
+//! checked step passes its first health check right after each start, the failover's
+//! **timeline** (that pass is on it, no earlier than the step's start, and every phase is
+//! in order).
 //!
 //! A failing schedule is reproduced exactly by its seed: [`run_seed`] with tracing on
 //! prints everything that happened.
@@ -35,8 +37,8 @@ pub mod world;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-pub use params::{AGGRESSIVE_TIMINGS, DEFAULT_TIMINGS, Params, Timings};
-pub use world::{Failure, Options, Outcome, Stats, World};
+pub use params::{AGGRESSIVE_TIMINGS, DEFAULT_TIMINGS, FailoverChange, Leaders, Params, Timings};
+pub use world::{Failure, Options, Outcome, Stats, TakeoverMutation, World};
 
 /// The parameters of schedule `seed`.
 pub fn schedule(seed: u64) -> Params {

@@ -1,5 +1,6 @@
 //! What one simulated schedule looks like: timing, links, witness mode, clock rates,
-//! latencies and how much chaos, all drawn from the schedule's seed.
+//! latencies, how much chaos and whether the witness runs on replicated controllers whose
+//! leadership moves, all drawn from the schedule's seed.
 
 use std::time::Duration;
 
@@ -108,6 +109,66 @@ pub struct Params {
     /// failover must join its timeline (`step app first healthy`), at or after the step's
     /// start, in order with every other phase.
     pub first_checks: bool,
+    /// The witness runs on replicated controllers (on etcd) whose leadership moves, or, when
+    /// `None`, on one standalone controller (whose restarts forget holders and wait out).
+    pub leaders: Option<Leaders>,
+}
+
+/// How the replicated controllers behind the witness behave: agents broadcast each witness
+/// request to every controller and take the first answer that is not a 503; the leader
+/// records every grant and release in a fenced etcd write before answering; leadership moves
+/// during the chaos (as a fault), and in some schedules at or after the primary's crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaders {
+    /// Controllers the agents know (one leads at a time).
+    pub controllers: usize,
+    /// From a change of leadership until the successor answers, true nanoseconds: each
+    /// change draws zero a quarter of the time, else from this span.
+    pub takeover: Span,
+    /// A fenced etcd write, from the leader's decision until it committed (or was refused).
+    pub write: Span,
+    /// Whether the leadership also moves during the bounded-failover phase, and when.
+    pub at_failover: Option<FailoverChange>,
+}
+
+/// When the leadership moves in the failover phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailoverChange {
+    /// At the very instant the primary crashes.
+    AtCrash,
+    /// At a random moment within the failover bound after the crash.
+    During,
+}
+
+/// A fenced etcd transaction: one Raft round on a local network.
+pub const ETCD_WRITE: Span = Span::micros(200, 3_000);
+
+impl Leaders {
+    fn random(rng: &mut ChaCha8Rng, dead_after: Duration) -> Leaders {
+        let d = u64::try_from(dead_after.as_nanos()).unwrap_or(u64::MAX);
+        let longest = match rng.random_range(0..4) {
+            0 => 0,
+            1 => d / 4,
+            2 => d,
+            _ => 2 * d,
+        };
+        let at_failover = match rng.random_range(0..5) {
+            0 | 1 => Some(FailoverChange::AtCrash),
+            2 | 3 => Some(FailoverChange::During),
+            _ => None,
+        };
+        Leaders {
+            controllers: rng.random_range(2..=3),
+            takeover: Span { min: 0, max: longest },
+            write: ETCD_WRITE,
+            at_failover,
+        }
+    }
+
+    /// One change's takeover delay.
+    pub fn takeover_delay(&self, rng: &mut ChaCha8Rng) -> u64 {
+        if rng.random_bool(0.25) { 0 } else { self.takeover.sample(rng) }
+    }
 }
 
 impl Params {
@@ -137,6 +198,13 @@ impl Params {
             stop_failure: if witness == WitnessMode::Controller && rng.random_bool(0.3) { 0.03 } else { 0.0 },
             latencies: LATENCIES,
             first_checks: rng.random_bool(0.5),
+            // Drawn last, so that the schedules without replicated controllers stay exactly
+            // the ones they were before these existed.
+            leaders: if witness == WitnessMode::Controller && rng.random_bool(0.25) {
+                Some(Leaders::random(rng, d))
+            } else {
+                None
+            },
         }
     }
 
@@ -155,6 +223,7 @@ impl Params {
             stop_failure: 0.0,
             latencies: LATENCIES,
             first_checks: true,
+            leaders: None,
         }
     }
 
@@ -239,10 +308,35 @@ monitors:
     /// silence `deadAfter` later on its clock (its promise, `L·(1+δ)` after that
     /// heartbeat, ends no later when `L·(1+δ) ≤ deadAfter`); the witness answers within
     /// one round trip; then the flow starts. With every default this is below
-    /// `deadAfter + witness RTT + leaseTTL`.
+    /// `deadAfter + witness RTT + leaseTTL`. On replicated controllers the round trip also
+    /// holds the leader's etcd write, which comes before its answer.
     pub fn failover_bound(&self) -> u64 {
         let slowest = self.rates.iter().copied().min().unwrap_or(super::clock::PPB);
-        bound(&self.timings, &self.latencies, self.witness, slowest)
+        let write = self.leaders.map_or(0, |l| l.write.max);
+        bound(&self.timings, &self.latencies, self.witness, slowest) + write
+    }
+
+    /// What a change of leadership during the failover, with takeover delay `delay`, adds to
+    /// [`Params::failover_bound`], in true nanoseconds:
+    ///
+    /// `delay + max(RTT + write + leaseTTL, L·(1+δ) + interval) (slowest clock) + RTT + write`
+    ///
+    /// and the flow start once more. Say the change comes just before the standby's grant
+    /// would have been recorded. Until the successor is ready (`delay`), the deposed leader
+    /// may still decide; its refused write turns the grant into a denial that tells the
+    /// engine to retry after the ttl (the engine waits at most `leaseTTL`), while every
+    /// other controller answers 503. Once ready, the successor honours the lease its
+    /// records name: if the crashed primary's last grant was never released, that is the
+    /// grant's stretched ttl `L·(1+δ)` from the takeover, and the engine asks again within an
+    /// interval of its end. Then one round trip with the successor's write grants the lease
+    /// and the flow starts. None of this applies to schedules whose leadership stays put.
+    pub fn takeover_extension(&self, delay: u64) -> u64 {
+        let Some(leaders) = self.leaders else { return 0 };
+        let l = &self.latencies;
+        let rtt = 2 * l.witness.max + leaders.write.max;
+        let retry = rtt + self.true_max(self.timings.lease);
+        let held = self.true_max(self.timings.lease_wait() + self.timings.interval);
+        delay + retry.max(held) + rtt + l.volume.max + 2 * l.step.max + l.vip.max
     }
 
     /// [`Params::failover_bound`] for the slowest clock the drift bound allows: the bound

@@ -20,7 +20,8 @@
 //! - **Clocks drift** within the configured bound (see `clock`).
 //! - **The witness** is the real `hapair_operator::witness::Witness`, on its own clock; it
 //!   can crash and restart (forgetting holders, keeping epochs the way the operator
-//!   persists them).
+//!   persists them). In some schedules it runs on replicated controllers whose leadership
+//!   moves, the successor resuming from the records etcd holds (see `leaders`).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
@@ -50,7 +51,10 @@ macro_rules! trace {
 }
 
 mod faults;
+mod leaders;
 mod phases;
+
+pub use leaders::TakeoverMutation;
 
 /// How a run is observed.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +63,8 @@ pub struct Options {
     pub trace: bool,
     /// Called on every engine right after it is created (e.g. to install a mutation).
     pub engine_hook: Option<fn(&mut Engine)>,
+    /// Breaks the controllers' takeover (to prove the checker catches it).
+    pub takeover_mutation: Option<TakeoverMutation>,
 }
 
 /// What a successful run measured.
@@ -85,6 +91,9 @@ pub struct Stats {
     pub exempt_overlaps: u64,
     pub local_restarts: u64,
     pub failed_stops: u64,
+    pub leader_changes: u64,
+    /// Grants and releases a deposed leader decided, denied because etcd refused the write.
+    pub not_leader_denials: u64,
 }
 
 impl Stats {
@@ -99,6 +108,8 @@ impl Stats {
         self.exempt_overlaps += other.exempt_overlaps;
         self.local_restarts += other.local_restarts;
         self.failed_stops += other.failed_stops;
+        self.leader_changes += other.leader_changes;
+        self.not_leader_denials += other.not_leader_denials;
     }
 }
 
@@ -185,6 +196,7 @@ enum Ev {
     WitnessRestart {
         generation: u64,
     },
+    Leaders(leaders::LeaderEv),
     AdminArrive {
         era: u64,
         node: usize,
@@ -334,6 +346,8 @@ pub struct World {
     queue: BinaryHeap<Reverse<Queued>>,
     nodes: Vec<Node>,
     witness: WitnessSim,
+    /// The replicated controllers, in schedules with [`Params::leaders`].
+    leaders: Option<leaders::Controllers>,
     /// Active partitions per link and direction (0: node 0 → 1, 1: node 1 → 0).
     link_cuts: Vec<[u32; 2]>,
     witness_cuts: [u32; 2],
@@ -395,8 +409,10 @@ impl World {
             forced_until: 0,
         };
         let nodes = vec![node(p.rates[0]), node(p.rates[1])];
+        let first =
+            if p.leaders.is_some() { leaders::Controllers::first_witness() } else { Witness::new(Duration::ZERO) };
         let witness = WitnessSim {
-            witness: Some(Witness::new(Duration::ZERO)),
+            witness: Some(first),
             clock: SimClock::new(0, 0, p.rates[2]),
             generation: 0,
             durable_epoch: 0,
@@ -413,6 +429,7 @@ impl World {
             queue: BinaryHeap::new(),
             nodes,
             witness,
+            leaders: p.leaders.map(leaders::Controllers::new),
             witness_cuts: [0, 0],
             loss: 0.0,
             loss_gen: 0,
@@ -527,6 +544,7 @@ impl World {
             ));
         }
         parts.push(format!("witness: {}", if self.witness.witness.is_some() { "up" } else { "down" }));
+        parts.extend(self.leaders.as_ref().map(|c| c.describe()));
         parts.push(format!("params: {:?}", self.p));
         parts.join("; ")
     }
@@ -597,6 +615,7 @@ impl World {
                     self.restart_witness();
                 }
             }
+            Ev::Leaders(ev) => self.leader_event(ev)?,
             Ev::AdminArrive { era, node, action } => {
                 if era == self.era && !self.nodes[node].down {
                     trace!(self, "{} <- admin {:?}", NODES[node], action);
@@ -972,6 +991,10 @@ impl World {
             self.push(self.now + timeout, 5, Ev::HttpTimeout { node, agent, id });
         }
         if self.witness_cuts[node] > 0 {
+            return;
+        }
+        if self.leaders.is_some() {
+            self.broadcast(node, agent, id, &request);
             return;
         }
         let copies = if self.rng.random_bool(self.dup) { 2 } else { 1 };

@@ -3,7 +3,10 @@
 //! Every fault has a random duration (0.2 to 6 `deadAfter`) and heals on its own; at the
 //! end of the chaos phase everything heals at once: partitions close, bursts stop,
 //! crashed agents and the witness restart, stalled agents resume, replicas resync,
-//! monitors recover and maintenance is switched off.
+//! monitors recover and maintenance is switched off. On replicated controllers the
+//! leadership moves too (a fault of its own, heard of by the deposed leader only later),
+//! and a crashed witness is a crashed leader; at the end a leader answers, and no deposed
+//! one does.
 
 use hapair_crds::volume::DiskState;
 use rand::Rng;
@@ -13,6 +16,9 @@ use super::{Admin, Ev, Failure, Heal, Phase, World, nanos};
 use hapair_agent::engine::Event;
 use hapair_crds::volume::ConnectionState;
 
+/// The share of faults that move the leadership, in schedules with replicated controllers.
+const LEADER_CHANGES: f64 = 0.08;
+
 impl World {
     pub(super) fn inject_fault(&mut self) -> Result<(), Failure> {
         self.outcome.stats.faults += 1;
@@ -21,6 +27,14 @@ impl World {
         let until = self.now + duration;
         let era = self.era;
         let node = self.rng.random_range(0..2);
+        if let Some(leaders) = self.p.leaders
+            && self.rng.random_bool(LEADER_CHANGES)
+        {
+            let delay = leaders.takeover_delay(&mut self.rng);
+            trace!(self, "FAULT leadership moves");
+            self.change_leader(delay);
+            return Ok(());
+        }
         match self.rng.random_range(0..17) {
             0 | 1 => {
                 let link = self.rng.random_range(0..self.p.links);
@@ -49,6 +63,7 @@ impl World {
                 self.push(until, 2, Ev::Heal { era, heal: Heal::WitnessPath { node } });
                 trace!(self, "FAULT witness path of {} cut for {:.0} ms", NODES[node], duration as f64 / 1e6);
             }
+            5 if self.leaders.is_some() => self.crash_leader(),
             5 => {
                 if self.witness.witness.take().is_some() {
                     self.witness.generation += 1;
@@ -185,7 +200,9 @@ impl World {
         self.loss = 0.0;
         self.dup = 0.0;
         self.extra_delay = 0;
-        if self.witness.witness.is_none() {
+        if self.leaders.is_some() {
+            self.heal_leaders();
+        } else if self.witness.witness.is_none() {
             self.restart_witness();
         }
         for node in 0..2 {

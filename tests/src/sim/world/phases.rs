@@ -1,5 +1,8 @@
 //! After the chaos: liveness (exactly one primary once everything healed) and bounded
-//! failover (crash the primary, the standby must serve within the bound).
+//! failover (crash the primary, the standby must serve within the bound). On replicated
+//! controllers the leadership may move at the crash or during the failover: that failover's
+//! bound grows by what the takeover costs (`Params::takeover_extension`); every other
+//! schedule keeps the plain bound.
 
 use hapair_agent::engine::Role;
 use hapair_crds::nodeapi::GroupKey;
@@ -77,6 +80,7 @@ impl World {
         trace!(self, "CRASH primary {}", NODES[primary]);
         self.reset_machine(primary);
         self.phase = Phase::Failover { crashed: primary, at: self.now };
+        self.outcome.bound_ns += self.failover_change();
         let give_up = self.now + 3 * self.outcome.bound_ns;
         self.push(give_up, 9, Ev::GiveUp);
         Ok(())
