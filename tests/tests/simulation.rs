@@ -98,7 +98,7 @@ fn random_schedules_keep_every_invariant() {
         stats.failed_stops,
         stats.exempt_overlaps,
         stats.leader_changes,
-        stats.not_leader_denials,
+        stats.refused_writes,
         failovers.len()
     );
     for failure in failures.iter().take(env_u64("HAPAIR_SIM_SHOW").unwrap_or(5) as usize) {
@@ -120,7 +120,7 @@ fn random_schedules_keep_every_invariant() {
             && stats.local_restarts > 0
             && stats.failed_stops > 0
             && stats.leader_changes > 0
-            && stats.not_leader_denials > 0,
+            && stats.refused_writes > 0,
         "{stats:?}"
     );
 }

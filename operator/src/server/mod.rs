@@ -366,7 +366,7 @@ async fn lease<S: Store>(
         None => None,
     };
     let now = api.started.elapsed();
-    let (mut answer, record) = {
+    let (answer, record) = {
         let mut authority = authority.lock().unwrap_or_else(|p| p.into_inner());
         let answer = authority.handle(now, &lease, params);
         (answer, authority.record(&lease.group))
@@ -375,15 +375,19 @@ async fn lease<S: Store>(
         && !matches!(answer, LeaseResponse::Denied { .. })
         && let Err(e) = journal.write(&lease.group, &record).await
     {
-        // Unrecorded, the grant must not be used: a successor would not honour it. The
+        // Unrecorded, the decision must not be used: a successor would not honour it. The
         // authority may believe it granted, which only delays others until it expires.
+        // Answered as a controller that does not lead, so the agents' broadcast takes
+        // another controller's answer instead of waiting out a denial.
         api.controller.metrics().error("witness-journal");
-        warn!(group = %lease.group, error = %e, "witness: the decision could not be recorded; answering with a denial");
-        answer = LeaseResponse::Denied {
-            holder: None,
-            retry_after_ms: u64::try_from(params.ttl.as_millis()).unwrap_or(u64::MAX).max(1),
-            reason: format!("the witness could not record its decision ({e}); not granted"),
-        };
+        api.controller.metrics().witness_decision("unrecorded");
+        warn!(group = %lease.group, error = %e, "witness: the decision could not be recorded; answering 503");
+        let mut failure = ApiFailure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this controller could not record its witness decision ({e}); not granted, ask the leader"),
+        );
+        failure.retry_after = Some(1);
+        return Err(failure);
     }
     let decision = match &answer {
         LeaseResponse::Granted { .. } => "granted",

@@ -323,9 +323,9 @@ monitors:
     ///
     /// and the flow start once more. Say the change comes just before the standby's grant
     /// would have been recorded. Until the successor is ready (`delay`), the deposed leader
-    /// may still decide; its refused write turns the grant into a denial that tells the
-    /// engine to retry after the ttl (the engine waits at most `leaseTTL`), while every
-    /// other controller answers 503. Once ready, the successor honours the lease its
+    /// may still decide; its refused write is answered 503, as every other controller
+    /// answers, and the engine asks again (the `leaseTTL` term is kept as a margin: it
+    /// covered the denial such a write was answered with before). Once ready, the successor honours the lease its
     /// records name: if the crashed primary's last grant was never released, that is the
     /// grant's stretched ttl `L·(1+δ)` from the takeover, and the engine asks again within an
     /// interval of its end. Then one round trip with the successor's write grants the lease

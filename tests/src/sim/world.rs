@@ -93,7 +93,7 @@ pub struct Stats {
     pub failed_stops: u64,
     pub leader_changes: u64,
     /// Grants and releases a deposed leader decided, denied because etcd refused the write.
-    pub not_leader_denials: u64,
+    pub refused_writes: u64,
 }
 
 impl Stats {
@@ -109,7 +109,7 @@ impl Stats {
         self.local_restarts += other.local_restarts;
         self.failed_stops += other.failed_stops;
         self.leader_changes += other.leader_changes;
-        self.not_leader_denials += other.not_leader_denials;
+        self.refused_writes += other.refused_writes;
     }
 }
 

@@ -11,7 +11,7 @@
 //!   leader writes the group's `LeaseRecord` to etcd in a transaction fenced by its
 //!   leadership, its writes one after the other; the answer goes out once the write
 //!   committed. A write that commits after the leadership moved is refused, and its answer
-//!   becomes a denial ("not leader"), as the node API turns a failed journal write into one.
+//!   is answered 503 ("not leader"), as the node API answers a failed journal write.
 //!   Denials write nothing and go out at once.
 //! - **Leadership moves at any moment** (never relying on the etcd lease's expiry to leave
 //!   a gap): requests in flight may be decided by the old leader before the change (their
@@ -321,7 +321,6 @@ impl World {
     fn commit(&mut self, term: u64, instance: u64, call: Call, record: LeaseRecord, response: LeaseResponse) {
         let Call { controller, node: from, id, .. } = call;
         let answers_anyway = self.opts.takeover_mutation == Some(TakeoverMutation::DeposedLeaderAnswers);
-        let lease_ms = u64::try_from(self.p.timings.lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let Some(c) = self.leaders.as_mut() else { return };
         let alive = c.instance == Some(instance) || c.deposed.iter().any(|d| d.instance == instance);
         let answer = if term == c.term {
@@ -330,20 +329,17 @@ impl World {
                 self.witness.durable_epoch = self.witness.durable_epoch.max(*epoch);
             }
             trace!(self, "etcd: controller {controller} recorded #{id} of {}", NODES[from]);
-            response
+            Some(response)
         } else if answers_anyway {
-            response
+            Some(response)
         } else {
-            self.outcome.stats.not_leader_denials += 1;
+            // The node API answers a decision it could not record with 503, as a controller
+            // that does not lead: the agent's broadcast then takes the successor's answer.
+            self.outcome.stats.refused_writes += 1;
             trace!(self, "etcd: refused the write of controller {controller} for #{id} (term {term} is over)");
-            LeaseResponse::Denied {
-                holder: None,
-                retry_after_ms: lease_ms,
-                reason: "not leader: the witness could not record its decision (etcd refused the write); not granted"
-                    .into(),
-            }
+            None
         };
-        self.controller_reply(call, alive.then_some(answer));
+        self.controller_reply(call, answer.filter(|_| alive));
     }
 
     /// One controller's answer (`None`: a 503 or a refused connection) on its way back.
