@@ -85,7 +85,7 @@ fn random_schedules_keep_every_invariant() {
     println!(
         "{count} schedules from seed {base} in {:.1} s: {} events, {} faults, {} terms, {} self-fencings, \
          {} watchdog resets, {} witness denials, {} admin actions, {} local restarts, {} failed stops, \
-         {} exempt overlaps (witness mode none), {} leader changes, {} not-leader denials, {} failovers measured",
+         {} exempt overlaps (witness mode none), {} leader changes, {} writes refused by etcd, {} failovers measured",
         started.elapsed().as_secs_f64(),
         stats.events,
         stats.faults,
