@@ -84,6 +84,10 @@ impl Engine {
             }
             WitnessAnswer::Failed(why) => {
                 self.witness_unreachable(request_id, why);
+                // A refusal comes back within a round trip (no controller leads, connection
+                // refused): asking again at once would send hundreds of requests while the
+                // controllers elect a leader. One per heartbeat interval costs at most that.
+                self.witness.set_retry_at(now + self.cfg.timing.interval);
                 return;
             }
         };

@@ -255,7 +255,7 @@ fn a_witness_denial_is_retried_after_the_delay_it_asks_for() {
 }
 
 #[test]
-fn a_witness_timeout_or_failure_is_retried_at_once() {
+fn a_witness_timeout_is_retried_at_once_and_a_failure_after_an_interval() {
     let mut h = granting("");
     h.step(1050, tick());
     // The first failure is an event and the reason the node is not serving...
@@ -265,15 +265,18 @@ fn a_witness_timeout_or_failure_is_retried_at_once() {
         &["event Warning WitnessUnreachable", "witness #2 Acquire e2 800ms"],
     );
     assert_eq!(h.e.status(at(1100)).role_reason, "waiting for witness: witness unreachable: no answer in time");
-    // ...noted once per candidacy, the reason kept current.
+    // ...noted once per candidacy, the reason kept current. A refusal is quick, so the
+    // next request waits one heartbeat interval (100 ms).
     h.expect(
         1150,
         Event::Witness { request_id: 2, answer: WitnessAnswer::Failed("connection refused".into()) },
-        &["witness #3 Acquire e2 800ms", "hb #4 Promoting e1 f2"],
+        &["hb #4 Promoting e1 f2"],
     );
     assert_eq!(h.e.status(at(1150)).role_reason, "waiting for witness: witness unreachable: connection refused");
+    h.expect(1249, tick(), &[]);
+    h.expect(1250, tick(), &["witness #3 Acquire e2 800ms", "hb #5 Promoting e1 f2"]);
     // Without any answer, the engine gives up on a request after L/2 and asks again.
-    h.expect(1550, tick(), &["witness #4 Acquire e2 800ms", "hb #5 Promoting e1 f2"]);
+    h.expect(1650, tick(), &["witness #4 Acquire e2 800ms", "hb #6 Promoting e1 f2"]);
 }
 
 #[test]
