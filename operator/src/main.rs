@@ -237,18 +237,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM, the ways every mode of the controller is stopped.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
 async fn standalone(config: StandaloneConfig) -> anyhow::Result<()> {
     // The witness's clock starts with the node API: `NodeApi` measures `now` from its own
     // creation, so a fresh witness waits out L·(1+drift) after every controller start.
     let witness = hapair_operator::witness::Witness::new(std::time::Duration::ZERO);
     let controller =
         Standalone::start(config, Some(Box::new(witness))).await.context("starting the standalone controller")?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    shutdown_signal()?.await;
     tracing::info!("shutting down");
     controller.shutdown().await;
     Ok(())
@@ -266,14 +273,7 @@ fn replicated_config(standalone: StandaloneConfig, args: &ReplicatedArgs) -> any
 }
 
 async fn standalone_replicated(config: ReplicatedConfig) -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    };
+    let shutdown = shutdown_signal()?;
     hapair_operator::etcd::run::run(config, shutdown).await.context("running the controller on etcd")?;
     Ok(())
 }
@@ -402,14 +402,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         term,
         runtime_file: Some(PathBuf::from(RUNTIME_FILE)),
     };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    };
+    let shutdown = shutdown_signal()?;
     // A fresh witness for every term: `NodeApi` measures `now` from its own creation (at the
     // start of the term), so the witness waits out L·(1+drift) after every takeover.
     let witness: run::AuthorityFactory =

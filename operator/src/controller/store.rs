@@ -42,6 +42,25 @@ pub struct Statuses {
     pub volumes: BTreeMap<GroupKey, ReplicatedVolumeStatus>,
 }
 
+impl Statuses {
+    /// Sets (or with `None` removes) a group's status; whether anything changed.
+    pub fn set_group(&mut self, key: &GroupKey, status: Option<&HaGroupStatus>) -> bool {
+        replace(&mut self.groups, key, status)
+    }
+
+    /// Sets (or with `None` removes) a volume's status; whether anything changed.
+    pub fn set_volume(&mut self, key: &GroupKey, status: Option<&ReplicatedVolumeStatus>) -> bool {
+        replace(&mut self.volumes, key, status)
+    }
+}
+
+fn replace<T: Clone + PartialEq>(map: &mut BTreeMap<GroupKey, T>, key: &GroupKey, value: Option<&T>) -> bool {
+    match value {
+        Some(v) => map.insert(key.clone(), v.clone()).as_ref() != Some(v),
+        None => map.remove(key).is_some(),
+    }
+}
+
 /// The controller's view of the outside world. Methods take `&self`: implementations do
 /// their own locking so the node API can serve while a reconcile runs.
 pub trait Store: Send + Sync + 'static {

@@ -193,10 +193,7 @@ impl Store for EtcdStore {
 
     async fn write_group_status(&self, key: &GroupKey, status: Option<&HaGroupStatus>) -> Result<(), StoreError> {
         let mut buffered = self.lock();
-        let changed = match status {
-            Some(s) => buffered.statuses.groups.insert(key.clone(), s.clone()).as_ref() != Some(s),
-            None => buffered.statuses.groups.remove(key).is_some(),
-        };
+        let changed = buffered.statuses.set_group(key, status);
         if changed {
             buffered.dirty_groups.insert(key.clone());
         }
@@ -212,10 +209,7 @@ impl Store for EtcdStore {
         status: Option<&ReplicatedVolumeStatus>,
     ) -> Result<(), StoreError> {
         let mut buffered = self.lock();
-        let changed = match status {
-            Some(s) => buffered.statuses.volumes.insert(key.clone(), s.clone()).as_ref() != Some(s),
-            None => buffered.statuses.volumes.remove(key).is_some(),
-        };
+        let changed = buffered.statuses.set_volume(key, status);
         if changed {
             buffered.dirty_volumes.insert(key.clone());
         }

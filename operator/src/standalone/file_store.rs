@@ -170,10 +170,7 @@ impl Store for FileStore {
 
     async fn write_group_status(&self, key: &GroupKey, status: Option<&HaGroupStatus>) -> Result<(), StoreError> {
         let mut buffered = self.lock();
-        let changed = match status {
-            Some(s) => buffered.statuses.groups.insert(key.clone(), s.clone()).as_ref() != Some(s),
-            None => buffered.statuses.groups.remove(key).is_some(),
-        };
+        let changed = buffered.statuses.set_group(key, status);
         buffered.statuses_dirty |= changed;
         if status.is_none() && buffered.events.forget(key) {
             buffered.events_dirty = true;
@@ -187,10 +184,7 @@ impl Store for FileStore {
         status: Option<&ReplicatedVolumeStatus>,
     ) -> Result<(), StoreError> {
         let mut buffered = self.lock();
-        let changed = match status {
-            Some(s) => buffered.statuses.volumes.insert(key.clone(), s.clone()).as_ref() != Some(s),
-            None => buffered.statuses.volumes.remove(key).is_some(),
-        };
+        let changed = buffered.statuses.set_volume(key, status);
         buffered.statuses_dirty |= changed;
         Ok(())
     }
