@@ -386,7 +386,10 @@ async fn volume_op(
         && let Some(was) = take_active(active, step)
     {
         let device = was.device.display().to_string();
-        volume_step::take_down(was, plan.timeout).await.map_err(|e| format!("volume {}: {e}", spec.volume_ref))?;
+        let fenced = replica.as_ref().is_some_and(|r| r.status().fenced);
+        volume_step::take_down(was, plan.timeout, fenced)
+            .await
+            .map_err(|e| format!("volume {}: {e}", spec.volume_ref))?;
         tracing::info!(volume = %spec.volume_ref, device, "volume step stopped: unmounted, flushed, detached");
     }
     if op == StepOp::Stop {

@@ -123,7 +123,7 @@ pub async fn bring_up(replica: &Replica, plan: &StepPlan) -> Result<ActiveVolume
             Ok(active)
         }
         Err(e) => {
-            if let Err(undo) = take_down(active, plan.timeout).await {
+            if let Err(undo) = take_down(active, plan.timeout, replica.status().fenced).await {
                 tracing::warn!(error = %undo, "undoing a failed attach failed too");
             }
             Err(e)
@@ -132,11 +132,27 @@ pub async fn bring_up(replica: &Replica, plan: &StepPlan) -> Result<ActiveVolume
 }
 
 /// Unmounts, flushes and detaches; the replica's role is left alone.
-pub async fn take_down(active: ActiveVolume, timeout: Duration) -> Result<(), StepError> {
+///
+/// `fenced`: the replica was fenced by a newer epoch (the peer serves), so it refuses every
+/// write and flush. A failed flush then loses nothing anyone was promised: every write
+/// acknowledged before the fence is already on the peer (protocol C), and every later one
+/// was refused to its writer. Stopping anyway is what lets this node stand by; on a
+/// replica that is not fenced, a failed flush may hide lost data and stops the stop.
+pub async fn take_down(active: ActiveVolume, timeout: Duration, fenced: bool) -> Result<(), StepError> {
     if let Some(path) = &active.mounted {
         filesystem::unmount(path, timeout).await.map_err(|e| StepError::new(Stage::Unmount, e))?;
     }
-    filesystem::flush(&active.device).await.map_err(|e| StepError::new(Stage::Flush, e))?;
+    match filesystem::flush(&active.device).await {
+        Ok(()) => {}
+        Err(e) if fenced => {
+            tracing::warn!(
+                device = %active.device.display(),
+                error = %e,
+                "flush refused by the fenced replica (a newer epoch serves); writes made after the fence are discarded"
+            );
+        }
+        Err(e) => return Err(StepError::new(Stage::Flush, e)),
+    }
     attach::detach(&active.attach, &active.device, timeout).await.map_err(|e| StepError::new(Stage::Detach, e))
 }
 
@@ -158,6 +174,39 @@ pub async fn demote(replica: &Replica, timeout: Duration) -> Result<(), StepErro
 /// Unmounts, flushes, detaches and only then demotes, so nothing written through the
 /// mount can reach the volume after it is secondary.
 pub async fn deactivate(replica: &Replica, active: ActiveVolume, timeout: Duration) -> Result<(), StepError> {
-    take_down(active, timeout).await?;
+    take_down(active, timeout, replica.status().fenced).await?;
     demote(replica, timeout).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A device whose flush fails (it does not exist), detached by a command that leaves
+    /// a mark.
+    fn failing_device(dir: &std::path::Path) -> ActiveVolume {
+        let detach = format!("touch {}", dir.join("detached").display());
+        ActiveVolume {
+            device: dir.join("no-such-device"),
+            mounted: None,
+            created_filesystem: false,
+            attach: AttachMethod::Command { attach: "false".into(), detach: Some(detach) },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_stops_the_stop_of_a_replica_that_is_not_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = take_down(failing_device(dir.path()), Duration::from_secs(5), false).await.unwrap_err();
+        assert!(err.to_string().contains("fsync"), "{err}");
+        assert!(!dir.path().join("detached").exists(), "detached after a failed flush");
+    }
+
+    #[tokio::test]
+    async fn a_fenced_replica_is_detached_even_though_it_refuses_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        take_down(failing_device(dir.path()), Duration::from_secs(5), true).await.unwrap();
+        assert!(dir.path().join("detached").exists(), "the fenced replica's device was not detached");
+    }
 }
