@@ -13,6 +13,8 @@
 //!   bundles, `/v1/status` and `/metrics` read from inside the namespace).
 //! - [`controller`]: the standalone controller (and witness) as a real process, agents
 //!   enrolled against it, and its admin API and `kubectl-hapair` driven as a user would.
+//! - [`enrolled_pair`]: a pair as an operator runs it (controller, enrolled agents, a
+//!   service behind a VIP, optionally a replicated volume), driven with `kubectl-hapair`.
 //! - [`etcd`]: a real etcd cluster, one member per namespace, for the controllers that
 //!   share it (`standalone --etcd`).
 //! - [`mounts`]: guards for mounts, loop devices and nbdfuse attachments.
@@ -29,6 +31,7 @@
 
 pub mod agents;
 pub mod controller;
+pub mod enrolled_pair;
 pub mod etcd;
 pub mod failover_bench;
 pub mod fake_kube;

@@ -11,13 +11,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv6Addr, TcpListener};
 use std::path::Path;
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("binding 0.0.0.0:{port}: {source}")]
+    #[error("binding [::]:{port}: {source}")]
     Bind { port: u16, source: std::io::Error },
     #[error("accepting a connection: {0}")]
     Accept(std::io::Error),
@@ -27,10 +27,10 @@ pub enum ServiceError {
     PidFile { path: String, source: std::io::Error },
 }
 
-/// Binds the service port on every address of the namespace, the virtual IP included
-/// whenever it arrives.
+/// Binds the service port on every address of the namespace, IPv4 and IPv6 (a dual-stack
+/// socket: Linux's default `bindv6only=0`), the virtual IP included whenever it arrives.
 pub fn bind(port: u16) -> Result<TcpListener, ServiceError> {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(|source| ServiceError::Bind { port, source })
+    TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).map_err(|source| ServiceError::Bind { port, source })
 }
 
 /// Answers every connection with `name` and a newline, forever; with a `counter`, with

@@ -1,0 +1,278 @@
+//! The paths an operator takes in an emergency, end to end: `kubectl-hapair` talks to a
+//! real standalone controller, which relays the action to two real enrolled agents in
+//! network namespaces, which act on a real protocol C volume, a real service and a real
+//! virtual IP. Also the monitors whose action is not an alert (a gateway monitor that
+//! fails the service over, a process monitor that restarts its step in place), and a whole
+//! failover on an IPv6 virtual IP.
+//!
+//! Heartbeats run at 100 ms with deadAfter 1.5 s; every wait is bounded by
+//! [`hapair_tests::enrolled_pair::UP`] and is a condition, never a timed assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use hapair_tests::agents::GROUP;
+use hapair_tests::enrolled_pair::{EnrolledPair, GATEWAY, PairOptions, UP};
+use hapair_tests::nbd_client::NbdClient;
+use hapair_tests::netns::{require_root, wait_for};
+
+const BLOCK: u64 = 4096;
+
+/// Writes `fill` into each of `blocks` through `node`'s export, then flushes: acknowledged
+/// and durable on every replica connected at the time.
+fn write_blocks(p: &EnrolledPair, node: &str, blocks: &[u64], fill: u8) {
+    let mut c = NbdClient::connect(&p.nbd_socket(node), true)
+        .unwrap_or_else(|e| panic!("connecting to {node}'s export: {e}\n{}", p.describe()));
+    for &b in blocks {
+        c.write(b * BLOCK, &[fill; BLOCK as usize], false)
+            .unwrap_or_else(|e| panic!("writing block {b} on {node}: {e}"));
+    }
+    c.flush().unwrap_or_else(|e| panic!("flushing {node}'s export: {e}"));
+    c.disconnect();
+}
+
+/// Block `b` as `node`'s export serves it.
+fn read_block(p: &EnrolledPair, node: &str, b: u64) -> Vec<u8> {
+    let mut c = NbdClient::connect(&p.nbd_socket(node), true).unwrap();
+    let data = c.read(b * BLOCK, BLOCK as u32).unwrap();
+    c.disconnect();
+    data
+}
+
+/// Block `b` as it lies in `node`'s backing file (the data area starts at offset 0).
+fn backing_block(p: &EnrolledPair, node: &str, b: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(p.backing(node)).unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    f.read_exact_at(&mut buf, b * BLOCK).unwrap();
+    buf
+}
+
+fn with_volume(witness: &'static str) -> PairOptions {
+    PairOptions { witness, volume: true, ..PairOptions::default() }
+}
+
+/// Holds for `hold`, failing if `node` ever serves or takes the VIP meanwhile.
+fn stays_out(p: &EnrolledPair, node: &str, hold: Duration, why: &str) {
+    let end = Instant::now() + hold;
+    while Instant::now() < end {
+        assert_ne!(p.role(node).as_deref(), Some("Primary"), "{node} promoted {why}:\n{}", p.describe());
+        assert!(!p.has_vip(node), "{node} took the VIP {why}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_split_brain_resolved_from_the_cli_keeps_the_winners_data_and_records_the_losers() {
+    require_root();
+    let p = EnrolledPair::start(with_volume("none"));
+    let before = [0u64, 1, 2, 3];
+    write_blocks(&p, "a", &before, 0x11);
+
+    // A full partition in two-node mode: b promotes on heartbeat loss alone, and both
+    // sides write to their own replica.
+    p.cut_heartbeats(true);
+    let both = wait_for(UP, || {
+        (p.role("b")? == "Primary" && p.volume("b")?["role"] == "Primary" && p.role("a")? == "Primary").then_some(())
+    });
+    assert!(both.is_some(), "the partition did not make both primary:\n{}", p.describe());
+    let (a_blocks, b_blocks) = ([1u64, 10, 11, 12], [2u64, 20, 21, 22, 23]);
+    write_blocks(&p, "a", &a_blocks, 0xa0);
+    write_blocks(&p, "b", &b_blocks, 0xb0);
+    p.cut_heartbeats(false);
+
+    // On reconnection the replicas find two histories and, under `manual`, wait.
+    let detected = wait_for(UP, || {
+        (p.volume("a")?["connection"] == "SplitBrain" && p.volume("b")?["connection"] == "SplitBrain").then_some(())
+    });
+    assert!(detected.is_some(), "the split brain was not detected:\n{}", p.describe());
+    let shown = wait_for(UP, || {
+        let status = p.hapair(&["status"]);
+        status.contains("SplitBrain").then_some(status)
+    });
+    let shown = shown.unwrap_or_else(|| panic!("`status` does not show the split brain: {}", p.hapair(&["status"])));
+    println!("split brain detected; kubectl-hapair status:\n{shown}");
+    let refused = p.hapair_output(&["resolve-split-brain", GROUP, "--winner", "a"]);
+    assert!(!refused.status.success(), "resolve-split-brain without --yes went ahead");
+
+    let out = p.hapair(&["resolve-split-brain", GROUP, "--winner", "a", "--yes", "--timeout", "60s"]);
+    println!("resolve-split-brain: {}", out.trim());
+    p.wait_pair("a");
+    let synced = wait_for(UP, || {
+        let (va, vb) = (p.volume("a")?, p.volume("b")?);
+        (va["outOfSyncBytes"] == 0 && vb["diskState"] == "UpToDate" && vb["connection"] == "Connected").then_some(())
+    });
+    assert!(synced.is_some(), "the pair is not in sync after the resolution:\n{}", p.describe());
+
+    // The winner's data everywhere; the loser's divergent blocks are gone from both.
+    let zero = vec![0u8; BLOCK as usize];
+    for b in before.iter().chain(&a_blocks).chain(&b_blocks) {
+        let want = if a_blocks.contains(b) {
+            vec![0xa0; BLOCK as usize]
+        } else if before.contains(b) {
+            vec![0x11; BLOCK as usize]
+        } else {
+            zero.clone()
+        };
+        assert_eq!(read_block(&p, "a", *b), want, "block {b} on the winner's export");
+        assert_eq!(backing_block(&p, "b", *b), want, "block {b} on the loser's disk after the resync");
+    }
+    // The loser recorded what it discarded, as an event and in its log.
+    let events = p.events("b");
+    assert!(events.contains("SplitBrainDiscarded"), "b's events do not record the discard: {events}");
+    let log = std::fs::read_to_string(p.agents[1].log_path()).unwrap();
+    assert!(log.contains("split brain resolved") && log.contains("ranges"), "b's log does not record the discard");
+}
+
+#[test]
+fn force_active_hands_the_service_over_by_peer_consent_while_the_witness_is_down() {
+    require_root();
+    // A slow service shutdown keeps the handover going long after the action arrived, so
+    // the witness is provably gone before b may act.
+    let mut p = EnrolledPair::start(PairOptions { stop_delay: Duration::from_secs(3), ..with_volume("controller") });
+    let blocks = [5u64, 6, 7];
+    write_blocks(&p, "a", &blocks, 0x5a);
+    let epoch = p.epoch("a").unwrap();
+
+    let config = p.controller.admin_config_path();
+    let exe = hapair_tests::agents::binary("kubectl-hapair");
+    let cli = std::thread::spawn({
+        let mut cmd = p.topo.client.command(exe);
+        cmd.args(["force-active", GROUP, "b", "--yes", "--timeout", "60s"]).env("HAPAIR_CONFIG", config);
+        move || cmd.output().unwrap()
+    });
+    let demoting = wait_for(UP, || (p.role("a")? != "Primary").then_some(()));
+    assert!(demoting.is_some(), "a did not start handing over:\n{}", p.describe());
+    p.controller.kill();
+    assert_ne!(p.role("b").as_deref(), Some("Primary"), "b served before the witness went down");
+    let _ = cli.join();
+
+    p.wait_pair("b");
+    assert!(p.epoch("b").unwrap() > epoch);
+    let events = p.events("b");
+    assert!(events.contains("ForceActive"), "b's events do not say it was forced: {events}");
+    assert!(events.contains("peer consent"), "b did not act on the peer's consent: {events}");
+    for b in blocks {
+        assert_eq!(read_block(&p, "b", b), vec![0x5a; BLOCK as usize], "block {b} on the new primary");
+    }
+    // The witness returns to a pair that does not need it.
+    p.controller.restart(&p.topo.client);
+    std::thread::sleep(Duration::from_secs(1));
+    p.wait_pair("b");
+}
+
+#[test]
+fn maintenance_on_freezes_failover_and_off_lets_the_standby_take_over() {
+    require_root();
+    let mut p = EnrolledPair::start(PairOptions::default());
+    p.hapair(&["maintenance", GROUP, "on"]);
+    let frozen = wait_for(UP, || {
+        let d = p.hapair(&["describe", GROUP]);
+        d.lines().any(|l| l.trim_start().starts_with("Maintenance ") && l.contains("True")).then_some(d)
+    });
+    assert!(frozen.is_some(), "describe does not show maintenance: {}", p.hapair(&["describe", GROUP]));
+    let noted = wait_for(UP, || p.events("b").contains("maintenance on").then_some(()));
+    assert!(noted.is_some(), "b did not hear of the maintenance: {}", p.events("b"));
+
+    p.power_off("a");
+    let why = wait_for(UP, || {
+        let g = p.report("b")?;
+        (g["peerReachable"] == false && g["roleReason"].as_str()?.contains("maintenance")).then_some(())
+    });
+    assert!(why.is_some(), "b does not say maintenance holds it back:\n{}", p.describe());
+    let (_, dead_after, _) = p.options.timing;
+    stays_out(&p, "b", dead_after * 3, "during maintenance");
+
+    p.hapair(&["maintenance", GROUP, "off"]);
+    p.wait_serving("b");
+    let d = p.hapair(&["describe", GROUP]);
+    assert!(
+        d.lines().any(|l| l.trim_start().starts_with("Maintenance ") && l.contains("False")),
+        "maintenance still shown after off: {d}"
+    );
+}
+
+#[test]
+fn a_gateway_monitor_with_action_failover_moves_the_service_off_a_node_that_lost_its_gateway() {
+    require_root();
+    let monitors = serde_json::json!([{
+        "name": "gw",
+        "gateway": {"address": GATEWAY, "timeout": "300ms"},
+        "action": "failover",
+        "interval": "200ms",
+        "failureThreshold": 3,
+    }]);
+    let p = EnrolledPair::start(PairOptions { gateway: true, monitors, ..PairOptions::default() });
+    let healthy = wait_for(UP, || {
+        let m = p.report("a")?["monitors"].as_array()?.iter().find(|m| m["name"] == "gw").cloned()?;
+        (m["healthy"] == true).then_some(())
+    });
+    assert!(healthy.is_some(), "the gateway monitor is not healthy on a:\n{}", p.describe());
+    let epoch = p.epoch("a").unwrap();
+
+    // a alone loses its gateway; everything else (the peer, the controller) stays reachable.
+    let route = format!("{GATEWAY}/32");
+    p.ns("a").ip(&["route", "add", "blackhole", &route]).unwrap();
+    let started = Instant::now();
+    p.wait_serving("b");
+    println!("gateway lost on a: b serves {:.0} ms later", started.elapsed().as_secs_f64() * 1e3);
+    assert!(p.epoch("b").unwrap() > epoch);
+    let events = p.events("a");
+    assert!(events.contains("monitor gw failed"), "a's events do not name the monitor: {events}");
+    p.ns("a").ip(&["route", "del", "blackhole", &route]).unwrap();
+    p.wait_pair("b");
+}
+
+#[test]
+fn a_process_monitor_with_action_restart_restarts_the_step_in_place() {
+    require_root();
+    // Only one node runs the service at a time and both see every process (the namespaces
+    // share one pid namespace), so a's pid file is what the monitor watches on both.
+    let monitors = serde_json::json!([{
+        "name": "svc",
+        "process": {"pidFile": "{dir}/a-service.pid"},
+        "action": "restart",
+        "restartStep": "service",
+        "interval": "200ms",
+        "failureThreshold": 2,
+    }]);
+    let p = EnrolledPair::start(PairOptions { monitors, ..PairOptions::default() });
+    let watching = wait_for(UP, || {
+        let m = p.report("a")?["monitors"].as_array()?.iter().find(|m| m["name"] == "svc").cloned()?;
+        (m["healthy"] == true).then_some(())
+    });
+    assert!(watching.is_some(), "the process monitor does not run on a:\n{}", p.describe());
+    let (epoch, old) = (p.epoch("a").unwrap(), p.service_pid("a").unwrap());
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let restarted = wait_for(UP, || p.service_pid("a").filter(|pid| *pid != old));
+    assert!(restarted.is_some(), "the service was not restarted on a:\n{}", p.describe());
+    p.wait_serving("a");
+    assert_eq!(p.epoch("a"), Some(epoch), "a restart in place is not a failover");
+    assert_eq!(p.role("b").as_deref(), Some("Standby"));
+    let recorded = wait_for(UP, || {
+        let events = p.events("a");
+        (events.contains("StepRestarted") && events.contains("monitor svc")).then_some(())
+    });
+    assert!(recorded.is_some(), "a's events do not record the restart: {}", p.events("a"));
+}
+
+#[test]
+fn a_full_failover_on_an_ipv6_virtual_ip() {
+    require_root();
+    let mut p = EnrolledPair::start(PairOptions { ipv6: true, ..PairOptions::default() });
+    assert!(p.options.vip().is_ipv6());
+    let epoch = p.epoch("b").unwrap();
+    // kill -9 of everything on a; its links stay up, so its stale VIP stays on the wire
+    // and the client must follow b's unsolicited neighbour advertisements.
+    let started = Instant::now();
+    let left = p.ns("a").kill_processes(Duration::from_secs(5)).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    p.agent("a").kill();
+    p.wait_serving("b");
+    println!("IPv6 VIP: b answers the client {:.0} ms after a was killed", started.elapsed().as_secs_f64() * 1e3);
+    assert!(p.epoch("b").unwrap() > epoch);
+    // a comes back as the standby and clears the address it left behind.
+    p.agents[0].start(&p.topo.a);
+    p.wait_pair("b");
+}
