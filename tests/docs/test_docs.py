@@ -74,9 +74,9 @@ EXERCISED = {
     "hapair-agent run": ("tests/tests/e2e.rs", "agent.yaml"),
     "bash scripts/demo.sh": ("scripts/test.sh", "scripts/demo.sh"),
     "hapair switchover": ("tests/tests/e2e.rs", '"switchover"'),
-    "hapair maintenance": ("operator/tests/cli.rs", '"maintenance"'),
-    "hapair force-active": ("operator/tests/cli.rs", '"force-active"'),
-    "hapair resolve-split-brain": ("operator/tests/cli.rs", '"resolve-split-brain"'),
+    "hapair maintenance": ("tests/tests/admin_e2e.rs", '"maintenance"'),
+    "hapair force-active": ("tests/tests/admin_e2e.rs", '"force-active"'),
+    "hapair resolve-split-brain": ("tests/tests/admin_e2e.rs", '"resolve-split-brain"'),
 }
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
@@ -549,7 +549,7 @@ class Extraction(unittest.TestCase):
                 "```\nls\n```\n": "without a language",
                 "<!-- not-runnable: x -->\n```sh\nls\n```\n": "needs a reason",
                 "<!-- exercised-by: tests/tests/e2e.rs -->\n```sh\nrm -rf /\n```\n": "is not run by",
-                "<!-- exercised-by: operator/tests/cli.rs -->\n```sh\nhapair switchover pg --to b\n```\n":
+                "<!-- exercised-by: tests/tests/admin_e2e.rs -->\n```sh\nhapair switchover pg --to b\n```\n":
                     "is not run by",
                 "<!-- exercised-by: nowhere.rs -->\n```sh\nhapair switchover pg --to b\n```\n": "runs none of",
                 "<!-- not-runable: typo in the marker -->\n```sh\nls\n```\n": "unknown marker",
