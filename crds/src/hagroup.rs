@@ -618,8 +618,9 @@ pub enum GatewayMethod {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadMonitor {
-    /// Use, in percent of the whole machine, above which the clock starts.
-    #[schemars(range(min = 1, max = 100))]
+    /// Use, in percent of the whole machine, above which the clock starts. At most 99: use
+    /// never exceeds 100 %.
+    #[schemars(range(min = 1, max = 99))]
     pub threshold_percent: u32,
     /// How long the use must stay above the threshold before the monitor fires.
     #[serde(default = "defaults::load_sustained")]

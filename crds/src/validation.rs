@@ -526,8 +526,17 @@ fn check_monitor_kind(kind: &MonitorKind<'_>, path: &str, c: &mut Collector) {
         }
         MonitorKind::Cpu(l) | MonitorKind::Memory(l) => {
             let field = if matches!(kind, MonitorKind::Cpu(_)) { "cpu" } else { "memory" };
-            if l.threshold_percent == 0 || l.threshold_percent > 100 {
-                c.push(format!("{path}.{field}.thresholdPercent"), "must be between 1 and 100");
+            // Use is measured in whole percent and never exceeds 100, so a threshold of 100
+            // would accept a monitor that can never fire: a silent non-protection.
+            match l.threshold_percent {
+                1..=99 => {}
+                100 => c.push(
+                    format!("{path}.{field}.thresholdPercent"),
+                    "must be between 1 and 99: 100 % can never be exceeded",
+                ),
+                other => {
+                    c.push(format!("{path}.{field}.thresholdPercent"), format!("must be between 1 and 99, not {other}"))
+                }
             }
         }
         MonitorKind::Mount(m) => {
@@ -652,4 +661,45 @@ pub fn validate_volume_group(
         }
     }
     c.finish()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn group_with_monitor(monitor: &str) -> HaGroupSpec {
+        let text = format!(
+            "nodes:\n  - name: a\n    heartbeatAddresses: [198.18.1.1]\n  - name: b\n    heartbeatAddresses: [198.18.1.2]\n\
+             monitors:\n  - name: load\n    action: alert\n    {monitor}\n"
+        );
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn a_load_threshold_that_can_never_fire_is_refused() {
+        for kind in ["cpu", "memory"] {
+            let accepted = [1, 50, 99];
+            for percent in accepted {
+                let spec = group_with_monitor(&format!("{kind}: {{thresholdPercent: {percent}}}"));
+                assert!(validate_group(&spec).is_ok(), "{kind} {percent}: {:?}", validate_group(&spec));
+            }
+            let spec = group_with_monitor(&format!("{kind}: {{thresholdPercent: 100}}"));
+            let errors = validate_group(&spec).err().map(|e| e.to_string()).unwrap_or_default();
+            assert_eq!(
+                errors,
+                format!(
+                    "spec.monitors[0].{kind}.thresholdPercent: must be between 1 and 99: 100 % can never be exceeded"
+                )
+            );
+            for percent in [0, 101] {
+                let spec = group_with_monitor(&format!("{kind}: {{thresholdPercent: {percent}}}"));
+                let errors = validate_group(&spec).err().map(|e| e.to_string()).unwrap_or_default();
+                assert_eq!(
+                    errors,
+                    format!("spec.monitors[0].{kind}.thresholdPercent: must be between 1 and 99, not {percent}")
+                );
+            }
+        }
+    }
 }
