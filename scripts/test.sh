@@ -5,6 +5,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(repo_root)"
 
+# With it set, the engine tests print what the engine emits instead of checking it (for
+# writing new tests); a full run must check, so refuse rather than report a run that did not.
+if [[ -n "${ENGINE_TEST_RECORD+set}" ]]; then
+    echo "scripts/test.sh: ENGINE_TEST_RECORD is set, which turns the engine tests' assertions into recordings; unset it (unset ENGINE_TEST_RECORD) and run again" >&2
+    exit 2
+fi
+
 ensure_debian_packages iproute2 qemu-utils systemd iputils-ping procps libnbd-bin nbdkit fuse3 e2fsprogs mount util-linux keepalived fio etcd-server
 ensure_build_packages
 

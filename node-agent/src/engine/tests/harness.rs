@@ -119,7 +119,7 @@ impl Setup {
         let (e, startup) =
             Engine::new(identity, &self.config(), self.state, Instant::ZERO).unwrap_or_else(|e| panic!("{e}"));
         let sent = last_heartbeat(&startup).unwrap_or(0);
-        H { e, startup: render(&startup), sent }
+        H { e, startup: render(&startup), sent, recorded: 0 }
     }
 
     /// A fresh engine that has finished its startup cleanup (at 4 ms) and learnt its
@@ -144,6 +144,19 @@ pub struct H {
     pub startup: Vec<String>,
     /// Sequence number of the last heartbeat `a` sent.
     pub sent: u64,
+    /// Expectations printed instead of checked (`ENGINE_TEST_RECORD`).
+    pub recorded: usize,
+}
+
+/// A test that recorded instead of asserting checked nothing, so it must not pass: left set
+/// by accident (in CI or a shell), `ENGINE_TEST_RECORD` would otherwise turn every engine
+/// test green whatever the engine does.
+impl Drop for H {
+    fn drop(&mut self) {
+        if self.recorded > 0 && !std::thread::panicking() {
+            panic!("ENGINE_TEST_RECORD is set: recorded {} expectations, assertions were not checked", self.recorded);
+        }
+    }
 }
 
 impl H {
@@ -164,7 +177,8 @@ impl H {
     }
 
     /// Handles `event` at `ms` and asserts the exact commands. With `ENGINE_TEST_RECORD`
-    /// set, prints what was emitted instead (for writing new tests).
+    /// set, prints what was emitted instead (for writing new tests); the test then fails
+    /// when `H` is dropped, so a recording run is never mistaken for a passing one.
     #[track_caller]
     pub fn expect(&mut self, ms: u64, event: Event, expected: &[&str]) {
         let what = format!("{event:?}");
@@ -172,6 +186,7 @@ impl H {
         if std::env::var_os("ENGINE_TEST_RECORD").is_some() {
             let line = std::panic::Location::caller().line();
             println!("RECORD line {line} at {ms}: {got:?}{}", if got == expected { "" } else { "   <-- differs" });
+            self.recorded += 1;
             return;
         }
         assert_eq!(got, expected, "at {ms} ms after {what}");

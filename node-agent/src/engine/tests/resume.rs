@@ -29,7 +29,7 @@ fn start(config: &GroupConfig, state: Option<PersistedState>, incarnation: u64, 
     let identity = Identity { node: "a".into(), incarnation };
     let (e, startup) = Engine::new(identity, config, state, at(ms)).unwrap_or_else(|e| panic!("{e}"));
     let rendered = render(&startup);
-    (H { e, startup: rendered, sent: 0 }, startup)
+    (H { e, startup: rendered, sent: 0, recorded: 0 }, startup)
 }
 
 fn last_persisted(commands: &[Command]) -> Option<PersistedState> {
