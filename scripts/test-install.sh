@@ -73,7 +73,7 @@ expected = {
     "tls": {"caFile": "/etc/hapair/ca.crt", "certFile": "/etc/hapair/node.crt", "keyFile": "/etc/hapair/node.key"},
     "stateDir": "/var/lib/hapair",
     "runtimeDir": "/run/hapair",
-    "endpoints": {"listen": "0.0.0.0:9464"},
+    "endpoints": {"listen": "127.0.0.1:9464"},
     "log": {"format": "text", "level": "info"},
 }
 if config != expected:

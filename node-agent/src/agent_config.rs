@@ -142,8 +142,13 @@ fn cert_file() -> PathBuf {
 fn key_file() -> PathBuf {
     PathBuf::from("/etc/hapair/node.key")
 }
+/// Loopback: the endpoints are unauthenticated, and a node's status (groups, roles, links)
+/// should not be readable from the network unless the operator of the server chooses so
+/// (`endpoints.listen: 0.0.0.0:9464` behind a firewall, for Prometheus).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
 fn listen() -> String {
-    "0.0.0.0:9464".into()
+    DEFAULT_LISTEN.into()
 }
 fn log_level() -> String {
     "info".into()
@@ -522,7 +527,10 @@ mod tests {
         let config = AgentConfig::parse(PACKAGED, &path()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config, AgentConfig::default());
         assert_eq!(config.source(), Source::NotEnrolled);
-        assert_eq!(config.listen_addr().ok(), "0.0.0.0:9464".parse().ok());
+        // Loopback only unless configured otherwise: the endpoints are unauthenticated.
+        assert_eq!(config.listen_addr().ok(), "127.0.0.1:9464".parse().ok());
+        assert!(config.listen_addr().is_ok_and(|a| a.ip().is_loopback()));
+        assert_eq!(AgentConfig::parse("{}", &path()).map(|c| c.endpoints.listen).ok().as_deref(), Some(DEFAULT_LISTEN));
     }
 
     #[test]
@@ -571,7 +579,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("agent.yaml");
         let custom =
-            PACKAGED.replace("level: info", "level: debug").replace("listen: 0.0.0.0:9464", "listen: 127.0.0.1:9999");
+            PACKAGED.replace("level: info", "level: debug").replace("listen: 127.0.0.1:9464", "listen: 0.0.0.0:9999");
         std::fs::write(&file, &custom)?;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640))?;
         write_enrollment(&file, &enrollment())?;
@@ -579,7 +587,7 @@ mod tests {
         assert!(text.contains("# This server's name, exactly as in the HaGroup's spec.nodes[].name."), "{text}");
         let config = AgentConfig::parse(&text, &file)?;
         assert_eq!((config.node.as_str(), config.controller.as_str()), ("db1", "https://ctl.example:7443"));
-        assert_eq!((config.log.level.as_str(), config.endpoints.listen.as_str()), ("debug", "127.0.0.1:9999"));
+        assert_eq!((config.log.level.as_str(), config.endpoints.listen.as_str()), ("debug", "0.0.0.0:9999"));
         assert_eq!(std::fs::metadata(&file)?.permissions().mode() & 0o777, 0o640);
         // Enrolling again (--force) replaces the values, still in place.
         let mut again = enrollment();

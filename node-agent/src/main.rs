@@ -32,8 +32,10 @@ enum Command {
         /// State directory (with --bundle).
         #[arg(long, requires = "bundle")]
         state_dir: Option<PathBuf>,
-        /// Address of /healthz, /metrics and /v1/status (with --bundle; default 127.0.0.1:9464).
-        #[arg(long, requires = "bundle")]
+        /// Address of /healthz, /metrics and /v1/status, in place of endpoints.listen of
+        /// --config (the Kubernetes DaemonSet sets it from the chart's values); default
+        /// 127.0.0.1:9464.
+        #[arg(long)]
         listen: Option<String>,
         /// Watchdog device, e.g. /dev/watchdog (with --bundle).
         #[arg(long, requires = "bundle")]
@@ -140,7 +142,9 @@ fn command(cli: Cli) -> anyhow::Result<()> {
                 node: node.unwrap_or_default(),
                 bundle_file: Some(std::path::absolute(&bundle).unwrap_or(bundle)),
                 state_dir: state_dir.unwrap_or_else(|| config.with_file_name("state")),
-                endpoints: Endpoints { listen: listen.unwrap_or_else(|| "127.0.0.1:9464".into()) },
+                endpoints: Endpoints {
+                    listen: listen.unwrap_or_else(|| hapair_agent::agent_config::DEFAULT_LISTEN.into()),
+                },
                 watchdog: WatchdogSettings { device: watchdog },
                 runtime_dir: runtime_dir
                     .map_or_else(|| AgentConfig::default().runtime_dir, |d| std::path::absolute(&d).unwrap_or(d)),
@@ -151,10 +155,18 @@ fn command(cli: Cli) -> anyhow::Result<()> {
             }
             run(hapair_agent::runtime::RunOptions { config, config_path: None })
         }
-        Command::Run { config: path, .. } => {
-            let (config, found) = hapair_agent::agent_config::AgentConfig::load(&path)?;
+        Command::Run { config: path, listen, .. } => {
+            let (mut config, found) = hapair_agent::agent_config::AgentConfig::load(&path)?;
             if !found {
                 eprintln!("hapair-agent: {} does not exist yet; waiting for `hapair-agent enroll`", path.display());
+            }
+            // The endpoints are bound once, at start, from this config: re-reading the file
+            // later (while waiting for enrollment) never moves them.
+            if let Some(listen) = listen {
+                config.endpoints.listen = listen;
+                if let Err(e) = config.listen_addr() {
+                    anyhow::bail!("--listen {e}");
+                }
             }
             run(hapair_agent::runtime::RunOptions { config, config_path: Some(path) })
         }

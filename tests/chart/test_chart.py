@@ -503,7 +503,8 @@ class Agent(unittest.TestCase):
         return RENDERS[label].one("DaemonSet", f"{FULLNAME}-agent")
 
     def test_daemonset_follows_the_agent_contract(self) -> None:
-        for label, extra_caps in (("monitoring-values.yaml", []), ("agents-values.yaml", ["SYS_ADMIN"])):
+        for label, extra_caps, host in (("monitoring-values.yaml", [], "0.0.0.0"),
+                                        ("agents-values.yaml", ["SYS_ADMIN"], "127.0.0.1")):
             spec = pod_spec(self.daemonset(label))
             self.assertIs(spec["hostNetwork"], True, label)
             self.assertEqual(spec["dnsPolicy"], "ClusterFirstWithHostNet", label)
@@ -511,7 +512,8 @@ class Agent(unittest.TestCase):
             self.assertIs(spec["automountServiceAccountToken"], False, label)
             self.assertFalse(spec.get("hostPID", False), label)
             container = spec["containers"][0]
-            self.assertEqual(container["args"], ["run", "--config", "/etc/hapair/agent.yaml"], label)
+            self.assertEqual(container["args"],
+                             ["run", "--config", "/etc/hapair/agent.yaml", "--listen", f"{host}:9464"], label)
             sc = container["securityContext"]
             self.assertEqual(sc["capabilities"], {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW", *extra_caps]}, label)
             self.assertIs(sc["privileged"], False, label)
@@ -519,7 +521,11 @@ class Agent(unittest.TestCase):
             # No privilege escalation, except that SYS_ADMIN makes the setting meaningless.
             self.assertIs(sc["allowPrivilegeEscalation"], bool(extra_caps), label)
             self.assertEqual({p["name"]: p["containerPort"] for p in container["ports"]}, {"endpoints": 9464})
-            self.assertEqual(container["livenessProbe"]["httpGet"], {"path": "/healthz", "port": "endpoints"})
+            # Loopback-only endpoints (the default) are probed on loopback: the kubelet shares
+            # the host network with the pod. Otherwise on the pod's (the node's) address.
+            probe = {"path": "/healthz", "port": "endpoints", **({"host": host} if host == "127.0.0.1" else {})}
+            self.assertEqual(container["livenessProbe"]["httpGet"], probe, label)
+            self.assertEqual(container["readinessProbe"]["httpGet"], probe, label)
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for v in spec["volumes"]}
             self.assertEqual(volumes[mounts["/etc/hapair"]]["hostPath"]["path"], "/etc/hapair")
