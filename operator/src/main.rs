@@ -120,6 +120,12 @@ struct RunArgs {
     /// The operator's namespace (Lease and Secrets) [default: the kubeconfig's namespace].
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
+    /// Another namespace whose Secrets HaGroups may name as heartbeat keys (repeatable or
+    /// comma-separated; the operator's own namespace always counts). Secrets are read in
+    /// these namespaces only, never cluster-wide; the chart sets it from
+    /// rbac.secretNamespaces, next to the Roles that allow it.
+    #[arg(long = "secret-namespace", value_delimiter = ',', value_name = "NAMESPACE")]
+    secret_namespaces: Vec<String>,
     /// This replica's identity in the Lease and in Events [default: the host name].
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -386,12 +392,13 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             .context("no --identity (POD_NAME) and no host name")?,
     };
     let (default_tokens, default_state) = secret_names(&args.pki_secret);
-    let term = TermConfig::new(
+    let mut term = TermConfig::new(
         &namespace,
         &identity,
         &args.state_secret_prefix.clone().unwrap_or(default_state),
         &args.tokens_secret.clone().unwrap_or(default_tokens),
     );
+    term.secret_namespaces = args.secret_namespaces.iter().filter(|n| !n.is_empty()).cloned().collect();
     let config = RunConfig {
         node_api_listen: args.node_api_listen,
         metrics_listen: args.metrics_listen,

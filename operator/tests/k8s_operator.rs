@@ -25,7 +25,7 @@ use hapair_operator::desired::state::ControllerState;
 use hapair_operator::k8s::annotations;
 use hapair_operator::k8s::reconciler::{Context, reconcile_group, reconcile_volume};
 use hapair_operator::k8s::state_secrets::StateSecrets;
-use hapair_operator::k8s::store::{Caches, KubeStore};
+use hapair_operator::k8s::store::{Caches, KubeStore, NamespaceSecrets, SecretCaches};
 use hapair_operator::k8s::writer::Writer;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Secret;
@@ -308,10 +308,12 @@ impl Harness {
         groups.apply_watcher_event(&watcher::Event::InitDone);
         volumes.apply_watcher_event(&watcher::Event::InitDone);
         secrets.apply_watcher_event(&watcher::Event::InitDone);
+        let mut secret_caches = SecretCaches::default();
+        secret_caches.insert(OPERATOR_NS, NamespaceSecrets { cache: secrets_cache, denied: Default::default() });
         let caches = Caches {
             groups: groups_cache,
             volumes: volumes_cache,
-            secrets: secrets_cache,
+            secrets: secret_caches,
             synced: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         };
         let state =

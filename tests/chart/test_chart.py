@@ -52,9 +52,9 @@ EXPECTED_RBAC = {
       for res in ("hagroups/status", "replicatedvolumes/status")
       for verb in ("get", "patch")),
     ("ClusterRole", "events.k8s.io", "events", "create", None),
-    ("ClusterRole", "", "secrets", "get", None),
-    ("ClusterRole", "", "secrets", "list", None),
-    ("ClusterRole", "", "secrets", "watch", None),
+    ("Role", "", "secrets", "get", None),
+    ("Role", "", "secrets", "list", None),
+    ("Role", "", "secrets", "watch", None),
     ("Role", "", "secrets", "create", None),
     ("Role", "", "secrets", "update", None),
     ("Role", "coordination.k8s.io", "leases", "create", None),
@@ -279,10 +279,16 @@ class Rbac(unittest.TestCase):
     def rbac_objects(self, render: Render) -> list[tuple[dict[str, Any], str]]:
         return [(o, t) for o, t in render.objects if o["kind"] in ("Role", "ClusterRole")]
 
+    def secret_namespaces_render(self) -> Render:
+        # The release namespace listed too: it already has its Role, and gets no second one.
+        return Render("secret-namespaces", {"rbac": {"secretNamespaces": ["databases", NAMESPACE, "web"]}})
+
     def test_no_wildcards_and_every_verb_justified(self) -> None:
-        for render in RENDERS.values():
+        for render in [*RENDERS.values(), self.secret_namespaces_render()]:
             objects = self.rbac_objects(render)
-            self.assertEqual(sorted(o["kind"] for o, _ in objects), ["ClusterRole", "Role"], render.label)
+            extra = len(render.values.get("rbac", {}).get("secretNamespaces", [NAMESPACE])) - 1
+            self.assertEqual(sorted(o["kind"] for o, _ in objects), ["ClusterRole", "Role", *["Role"] * extra],
+                             render.label)
             for obj, text in objects:
                 where = f"{render.label}: {obj['kind']} {obj['metadata']['name']}"
                 verbs_total = 0
@@ -334,6 +340,42 @@ class Rbac(unittest.TestCase):
                                                         "namespace": NAMESPACE}])
             bindings = render.of_kind("ClusterRoleBinding") + render.of_kind("RoleBinding")
             self.assertEqual(len(bindings), 2, f"{render.label}: only the operator is bound to roles")
+
+    def test_no_cluster_role_grants_secrets(self) -> None:
+        # Reading Secrets cluster-wide would hand the operator every credential in the
+        # cluster; Secret access is namespaced (release namespace, rbac.secretNamespaces).
+        for render in [*RENDERS.values(), self.secret_namespaces_render()]:
+            for role in render.of_kind("ClusterRole"):
+                for rule in role["rules"]:
+                    if "" in rule.get("apiGroups", []):
+                        self.assertNotIn("secrets", rule.get("resources", []),
+                                         f"{render.label}: ClusterRole {role['metadata']['name']} grants Secrets")
+
+    def test_secret_namespaces_get_read_only_roles_and_reach_the_operator(self) -> None:
+        render = self.secret_namespaces_render()
+        for namespace in ("databases", "web"):
+            role = [r for r in render.of_kind("Role") if r["metadata"]["namespace"] == namespace]
+            self.assertEqual(len(role), 1, namespace)
+            self.assertEqual(role[0]["metadata"]["name"], f"{FULLNAME}-secrets")
+            self.assertEqual(role[0]["rules"], [{"apiGroups": [""], "resources": ["secrets"],
+                                                 "verbs": ["get", "list", "watch"]}], namespace)
+            binding = [b for b in render.of_kind("RoleBinding") if b["metadata"]["namespace"] == namespace]
+            self.assertEqual(len(binding), 1, namespace)
+            self.assertEqual(binding[0]["roleRef"], {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                     "name": f"{FULLNAME}-secrets"})
+            self.assertEqual(binding[0]["subjects"], [{"kind": "ServiceAccount", "name": FULLNAME,
+                                                       "namespace": NAMESPACE}])
+        self.assertEqual([r["metadata"]["namespace"] for r in render.of_kind("Role")],
+                         [NAMESPACE, "databases", "web"])
+        args = pod_spec(render.one("Deployment", FULLNAME))["containers"][0]["args"]
+        self.assertEqual([a for a in args if a.startswith("--secret-namespace")],
+                         ["--secret-namespace=databases", "--secret-namespace=web"])
+        # By default: the release namespace only, and no flag.
+        args = pod_spec(RENDERS["defaults"].one("Deployment", FULLNAME))["containers"][0]["args"]
+        self.assertFalse([a for a in args if a.startswith("--secret-namespace")])
+        for version in KUBE_VERSIONS:
+            for obj, _ in render.objects:
+                kubernetes_validate.validate(obj, version, strict=True)
 
     @staticmethod
     def fullname(render: Render) -> str:

@@ -9,6 +9,7 @@
 //! 409 on a stale `resourceVersion`), JSON patch (a `test` for null passes on a missing
 //! path, as on the real server), server-side apply of `status` (simplified: the applied
 //! status replaces the stored one), and merge patch. Every request is counted by verb.
+//! [`FakeApi::forbid`] answers 403 for one resource in one namespace, as missing RBAC does.
 //!
 //! It is used in process (as the `kube::Client`'s service) or served over plain HTTP from a
 //! process of its own ([`FakeApi::serve`]), so that a benchmark can measure the operator's
@@ -84,6 +85,10 @@ struct World {
     counts: Counts,
     /// Writes by resource (and subresource), for the benchmark's breakdown.
     writes_by: BTreeMap<String, u64>,
+    /// (resource, namespace) pairs answered with 403 Forbidden.
+    forbidden: std::collections::BTreeSet<(String, String)>,
+    /// Reads (lists, watches, gets) by resource and namespace ("" for all namespaces).
+    reads_by: BTreeMap<(String, String), u64>,
 }
 
 /// A summary of the objects of one resource ([`FakeApi::tally`]).
@@ -122,6 +127,7 @@ fn status_body(code: StatusCode, message: &str) -> Value {
     // looks for NotFound).
     let reason = match code {
         StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::FORBIDDEN => "Forbidden",
         StatusCode::CONFLICT => "Conflict",
         StatusCode::UNPROCESSABLE_ENTITY => "Invalid",
         StatusCode::BAD_REQUEST => "BadRequest",
@@ -201,6 +207,26 @@ impl FakeApi {
         let _ = self.changes.send(Change { resource: resource.to_string(), namespace, kind: "ADDED", object });
     }
 
+    /// Answers every request for `resource` in `namespace` with 403 Forbidden (`true`), as
+    /// the API server does without RBAC for it, or serves them again (`false`). Watches
+    /// already open stay open, as on a real server.
+    pub fn forbid(&self, resource: &str, namespace: &str, forbidden: bool) {
+        let place = (resource.to_string(), namespace.to_string());
+        let mut world = self.lock();
+        if forbidden {
+            world.forbidden.insert(place);
+        } else {
+            world.forbidden.remove(&place);
+        }
+    }
+
+    /// Reads of `resource` so far (lists, watches, gets, also refused ones) by namespace,
+    /// "" for requests across all namespaces.
+    pub fn reads_of(&self, resource: &str) -> BTreeMap<String, u64> {
+        let world = self.lock();
+        world.reads_by.iter().filter(|((r, _), _)| r == resource).map(|((_, ns), n)| (ns.clone(), *n)).collect()
+    }
+
     /// Every stored object of `resource`.
     pub fn objects(&self, resource: &str) -> Vec<Value> {
         self.lock().objects.iter().filter(|((r, _, _), _)| r == resource).map(|(_, o)| o.clone()).collect()
@@ -263,6 +289,13 @@ impl FakeApi {
         };
         let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
         let mut world = self.lock();
+        if method == Method::GET {
+            *world.reads_by.entry((resource.clone(), namespace.clone())).or_default() += 1;
+        }
+        if world.forbidden.contains(&(resource.clone(), namespace.clone())) {
+            let message = format!("{resource} is forbidden in namespace {namespace:?}");
+            return respond(StatusCode::FORBIDDEN, &status_body(StatusCode::FORBIDDEN, &message));
+        }
         match (method, name) {
             (Method::GET, None) if watch => {
                 world.counts.watches += 1;

@@ -164,7 +164,11 @@ async fn the_operator_reconciles_the_examples_on_a_real_cluster() {
                     renew_deadline: Duration::from_secs(4),
                     retry_period: Duration::from_secs(1),
                 },
-                term: TermConfig::new(&operator_ns, "e2e-replica-0", "hapair-e2e-state", "hapair-e2e-tokens"),
+                term: TermConfig {
+                    // The examples' heartbeat-key Secrets: Secrets are read only where told.
+                    secret_namespaces: namespaces.clone(),
+                    ..TermConfig::new(&operator_ns, "e2e-replica-0", "hapair-e2e-state", "hapair-e2e-tokens")
+                },
                 runtime_file: None,
             };
             let operator = tokio::spawn(run(client.clone(), config, None, async move {

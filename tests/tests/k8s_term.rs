@@ -1,8 +1,10 @@
 //! One leader term (`hapair_operator::k8s::term::Term`: reflectors, kube-runtime
 //! controllers, the reconcile core, the Kubernetes store) against the in-process fake API
-//! server, for what only a running term does: the Secret watch that reruns reconcile when a
-//! Secret a group references appears or changes, and the term's own witness (new at every
-//! takeover: it waits out its restart period and continues the epochs the statuses record).
+//! server, for what only a running term does: the Secret watches (one per namespace the
+//! operator reads Secrets in) that rerun reconcile when a Secret a group references appears
+//! or changes, the status error for a Secret the operator may not read, and the term's own
+//! witness (new at every takeover: it waits out its restart period and continues the epochs
+//! the statuses record).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -71,11 +73,12 @@ async fn a_change_to_a_referenced_secret_reruns_reconcile() {
     let api = FakeApi::new();
     api.insert("hagroups", group());
     let (ca, _) = Ca::generate().unwrap();
-    let config = TermConfig::new("hapair-system", "operator-0", "hapair-state", "hapair-tokens");
+    let mut config = TermConfig::new("hapair-system", "operator-0", "hapair-state", "hapair-tokens");
+    config.secret_namespaces = vec!["ns".into()];
     let term = Term::start(api.client(), Arc::new(ca), &config, None, Arc::new(Metrics::new())).await.unwrap();
 
     let message = wait_for_valid(&api, "False", "the group refused for its missing Secret").await;
-    assert!(message.contains("hb"), "the message names the Secret: {message}");
+    assert!(message.contains("no Secret named \"hb\" in namespace \"ns\""), "{message}");
 
     // Nothing but the Secret changes: only the Secret watch can make the group valid.
     api.insert("secrets", secret(&[7u8; 32]));
@@ -85,6 +88,54 @@ async fn a_change_to_a_referenced_secret_reruns_reconcile() {
     api.insert("secrets", secret(b"short"));
     let message = wait_for_valid(&api, "False", "the group refused for its short key").await;
     assert!(message.contains("key \"key\" of Secret ns/hb"), "{message}");
+    term.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_outside_the_operators_namespaces_is_a_status_error_not_a_read() {
+    let api = FakeApi::new();
+    api.insert("hagroups", group());
+    api.insert("secrets", secret(&[7u8; 32]));
+    let (ca, _) = Ca::generate().unwrap();
+    // Only its own namespace: the group's Secret in "ns" is out of bounds.
+    let config = TermConfig::new("hapair-system", "operator-0", "hapair-state", "hapair-tokens");
+    let term = Term::start(api.client(), Arc::new(ca), &config, None, Arc::new(Metrics::new())).await.unwrap();
+    let message = wait_for_valid(&api, "False", "the group refused for its unreadable Secret").await;
+    assert!(message.contains("cannot read Secret ns/hb"), "{message}");
+    assert!(message.contains("rbac.secretNamespaces"), "the message says how to allow it: {message}");
+    // Secrets are read in hapair-system only: never across all namespaces, never in "ns".
+    let reads = api.reads_of("secrets");
+    assert_eq!(reads.keys().collect::<Vec<_>>(), ["hapair-system"], "{reads:?}");
+    term.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_without_rbac_refuses_its_groups_until_access_is_granted() {
+    let api = FakeApi::new();
+    api.insert("hagroups", group());
+    api.insert("secrets", secret(&[7u8; 32]));
+    // Configured, but the Role+RoleBinding in "ns" are missing.
+    api.forbid("secrets", "ns", true);
+    let (ca, _) = Ca::generate().unwrap();
+    let mut config = TermConfig::new("hapair-system", "operator-0", "hapair-state", "hapair-tokens");
+    config.secret_namespaces = vec!["ns".into()];
+    // The term starts nevertheless: one namespace's RBAC must not stop every group.
+    let term = tokio::time::timeout(
+        Duration::from_secs(20),
+        Term::start(api.client(), Arc::new(ca), &config, None, Arc::new(Metrics::new())),
+    )
+    .await
+    .expect("a forbidden namespace must not hold the term back")
+    .unwrap();
+    let message = wait_for_valid(&api, "False", "the group refused for its forbidden Secret").await;
+    assert!(message.contains("cannot read Secret ns/hb"), "{message}");
+    assert!(message.contains("may not list Secrets in namespace \"ns\""), "{message}");
+
+    // Granted: the retrying watch lists them, and the group resolves without any change to it.
+    api.forbid("secrets", "ns", false);
+    wait_for_valid(&api, "True", "the group accepted once its Secret may be read").await;
+    let reads = api.reads_of("secrets");
+    assert_eq!(reads.keys().collect::<Vec<_>>(), ["hapair-system", "ns"], "never cluster-wide: {reads:?}");
     term.stop();
 }
 

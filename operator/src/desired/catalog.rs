@@ -29,6 +29,9 @@ pub struct Catalog {
     /// Keyed by namespace and name, like groups.
     pub volumes: BTreeMap<GroupKey, (ReplicatedVolume, Origin)>,
     pub secrets: BTreeMap<GroupKey, Secret>,
+    /// Referenced Secrets the source could not read (Kubernetes RBAC), and why: their
+    /// groups are refused naming the Secret, rather than told it does not exist.
+    pub unreadable_secrets: BTreeMap<GroupKey, String>,
     pub errors: Vec<ManifestError>,
     /// `metadata.generation` of every HaGroup seen, valid or refused, when the source
     /// assigns one: the status reports it as `observedGeneration` even for a refused edit.

@@ -127,6 +127,12 @@ fn source_for(
     let heartbeat_key = match &group.spec.heartbeat.key_secret_ref {
         Some(reference) => {
             let secret_key = GroupKey::new(&key.namespace, &reference.name);
+            if let Some(why) = catalog.unreadable_secrets.get(&secret_key) {
+                return Err(error(
+                    "spec.heartbeat.keySecretRef.name",
+                    format!("cannot read Secret {secret_key}: {why}"),
+                ));
+            }
             let Some(secret) = catalog.secrets.get(&secret_key) else {
                 return Err(error(
                     "spec.heartbeat.keySecretRef.name",

@@ -3,9 +3,11 @@
 //!
 //! - **Dereference** ([`Store::snapshot`]) reads the operator's caches of HaGroups and
 //!   ReplicatedVolumes (kept by kube-runtime reflectors, so no request per reconcile) and
-//!   the heartbeat-key Secrets the groups reference. Secrets are watched by metadata only:
-//!   a referenced Secret's data is fetched when its `resourceVersion` changes, so the
-//!   operator never holds every Secret of the cluster in memory.
+//!   the heartbeat-key Secrets the groups reference. Secrets are watched by metadata only,
+//!   and only in the namespaces the operator is given ([`SecretCaches`]; its RBAC grants
+//!   no more): a referenced Secret's data is fetched when its `resourceVersion` changes,
+//!   so the operator never holds every Secret of the cluster in memory. A Secret it may not
+//!   read refuses its group with a status error naming it, like a missing one.
 //! - **State** ([`Store::save_state`]) goes to the sharded state Secrets in the operator's
 //!   namespace ([`crate::k8s::state_secrets`]).
 //! - **Statuses** are applied with server-side apply under the field manager
@@ -47,7 +49,7 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 pub struct Caches {
     pub groups: Cache<HaGroup>,
     pub volumes: Cache<ReplicatedVolume>,
-    pub secrets: Cache<PartialObjectMeta<Secret>>,
+    pub secrets: SecretCaches,
     /// Set once every reflector has listed everything. Not kube's `wait_until_ready`: its
     /// future wakes only the latest of several waiters, and the controllers wait on it too.
     pub synced: Arc<AtomicBool>,
@@ -57,6 +59,71 @@ impl Caches {
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)
     }
+}
+
+/// Secret metadata, one cache per namespace the operator reads Secrets in: its own and those
+/// it is told (`--secret-namespace`). Never all namespaces: reading every Secret of the
+/// cluster would need a ClusterRole on Secrets, which the chart does not grant.
+#[derive(Clone, Debug, Default)]
+pub struct SecretCaches {
+    namespaces: BTreeMap<String, NamespaceSecrets>,
+}
+
+/// The Secret metadata of one namespace.
+#[derive(Clone, Debug)]
+pub struct NamespaceSecrets {
+    pub cache: Cache<PartialObjectMeta<Secret>>,
+    /// The API server's refusal to list Secrets here, while it refuses (missing RBAC).
+    pub denied: Arc<Mutex<Option<String>>>,
+}
+
+/// What the metadata caches know of one Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretMeta {
+    /// It exists, at this `resourceVersion`.
+    Present(String),
+    Absent,
+    /// The operator cannot see it; why, for the group's status.
+    Unreadable(String),
+}
+
+impl SecretCaches {
+    pub fn insert(&mut self, namespace: &str, secrets: NamespaceSecrets) {
+        self.namespaces.insert(namespace.to_string(), secrets);
+    }
+
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.namespaces.keys().map(String::as_str)
+    }
+
+    pub fn lookup(&self, key: &GroupKey) -> SecretMeta {
+        let Some(namespace) = self.namespaces.get(&key.namespace) else {
+            let watched: Vec<&str> = self.namespaces().collect();
+            return SecretMeta::Unreadable(format!(
+                "the operator reads Secrets only in namespaces {watched:?}; add {:?} to the chart's \
+                 rbac.secretNamespaces (hapair-operator run --secret-namespace)",
+                key.namespace
+            ));
+        };
+        if let Some(why) = namespace.denied.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return SecretMeta::Unreadable(format!(
+                "the operator may not list Secrets in namespace {:?} ({why}); grant it with the chart's \
+                 rbac.secretNamespaces",
+                key.namespace
+            ));
+        }
+        match namespace.cache.get(&ObjectRef::new(&key.name).within(&key.namespace)) {
+            Some(meta) => SecretMeta::Present(meta.resource_version().unwrap_or_default()),
+            None => SecretMeta::Absent,
+        }
+    }
+}
+
+/// A referenced Secret, as [`KubeStore`] found it.
+enum Lookup {
+    Found(Box<Secret>),
+    Missing,
+    Unreadable(String),
 }
 
 fn key_of(meta: &ObjectMeta) -> GroupKey {
@@ -158,31 +225,45 @@ impl KubeStore {
     }
 
     /// The referenced Secret `key`, from the data cache while its `resourceVersion` is the
-    /// one the metadata watch last saw, else read afresh. `None`: it does not exist.
-    async fn secret(&self, key: &GroupKey) -> Result<Option<Secret>, StoreError> {
-        let Some(meta) = self.caches.secrets.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
-            self.lock().secrets.remove(key);
-            return Ok(None);
+    /// one the metadata watch last saw, else read afresh (a namespaced `get` by name).
+    async fn secret(&self, key: &GroupKey) -> Result<Lookup, StoreError> {
+        let version = match self.caches.secrets.lookup(key) {
+            SecretMeta::Present(version) => version,
+            SecretMeta::Absent => {
+                self.lock().secrets.remove(key);
+                return Ok(Lookup::Missing);
+            }
+            SecretMeta::Unreadable(why) => {
+                self.lock().secrets.remove(key);
+                return Ok(Lookup::Unreadable(why));
+            }
         };
-        let version = meta.resource_version().unwrap_or_default();
         if let Some((cached, secret)) = self.lock().secrets.get(key)
             && *cached == version
         {
-            return Ok(Some(secret.clone()));
+            return Ok(Lookup::Found(Box::new(secret.clone())));
         }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-        let fetched =
-            api.get_opt(&key.name).await.map_err(|e| StoreError::Backend(format!("reading Secret {key}: {e}")))?;
+        let fetched = match api.get_opt(&key.name).await {
+            Ok(fetched) => fetched,
+            // Missing RBAC is this group's problem, reported on it; the others reconcile.
+            Err(kube::Error::Api(status)) if status.is_forbidden() => {
+                self.lock().secrets.remove(key);
+                return Ok(Lookup::Unreadable(format!(
+                    "the operator may not read it ({status}); grant it with the chart's rbac.secretNamespaces"
+                )));
+            }
+            Err(e) => return Err(StoreError::Backend(format!("reading Secret {key}: {e}"))),
+        };
         match fetched {
             Some(mut secret) => {
                 secret.metadata = core_meta(&secret.metadata);
-                let version = version.clone();
                 self.lock().secrets.insert(key.clone(), (version, secret.clone()));
-                Ok(Some(secret))
+                Ok(Lookup::Found(Box::new(secret)))
             }
             None => {
                 self.lock().secrets.remove(key);
-                Ok(None)
+                Ok(Lookup::Missing)
             }
         }
     }
@@ -288,12 +369,19 @@ impl Store for KubeStore {
         referenced.sort();
         referenced.dedup();
         let mut secrets = Vec::with_capacity(referenced.len());
+        let mut unreadable = BTreeMap::new();
         for key in &referenced {
-            if let Some(secret) = self.secret(key).await? {
-                secrets.push(secret);
+            match self.secret(key).await? {
+                Lookup::Found(secret) => secrets.push(*secret),
+                Lookup::Missing => {}
+                Lookup::Unreadable(why) => {
+                    unreadable.insert(key.clone(), why);
+                }
             }
         }
-        Ok(Catalog::from_objects(groups, volumes, secrets))
+        let mut catalog = Catalog::from_objects(groups, volumes, secrets);
+        catalog.unreadable_secrets = unreadable;
+        Ok(catalog)
     }
 
     async fn load_state(&self) -> Result<ControllerState, StoreError> {

@@ -1,9 +1,9 @@
 //! A term: everything an operator replica runs while it is the elected leader.
 //!
 //! Starting a term builds everything afresh: the caches (kube-runtime reflectors for
-//! HaGroups, ReplicatedVolumes and Secret metadata), the two kube-runtime `Controller`s, the
-//! store, the reconcile core (loaded from the state Secrets) and the node API with a new
-//! witness authority. Nothing of a previous term is reused, so a replica that leads again
+//! HaGroups, ReplicatedVolumes and, in each namespace the operator reads Secrets in, Secret
+//! metadata), the two kube-runtime `Controller`s, the store, the reconcile core (loaded from
+//! the state Secrets) and the node API with a new witness authority. Nothing of a previous term is reused, so a replica that leads again
 //! after losing the lead starts from what the API server says, and the new witness waits
 //! out its restart period before granting anything.
 
@@ -28,7 +28,7 @@ use crate::controller::{Controller, Settings};
 use crate::k8s::K8sError;
 use crate::k8s::reconciler::{Context, error_policy, reconcile_group, reconcile_volume};
 use crate::k8s::state_secrets::StateSecrets;
-use crate::k8s::store::{Caches, KubeStore};
+use crate::k8s::store::{Caches, KubeStore, NamespaceSecrets, SecretCaches};
 use crate::k8s::token_secret::TokenSecret;
 use crate::k8s::writer::Writer;
 use crate::pki::Ca;
@@ -40,6 +40,9 @@ use crate::witness::lease::LeaseAuthority;
 pub struct TermConfig {
     /// The operator's namespace: state and token Secrets live here.
     pub namespace: String,
+    /// Namespaces besides `namespace` whose Secrets groups may name as heartbeat keys. Only
+    /// these are watched (and the chart's Roles grant only these), never the whole cluster.
+    pub secret_namespaces: Vec<String>,
     /// This replica's name (the pod's), in Events.
     pub identity: String,
     /// State Secrets are `<prefix>-0` … `<prefix>-15`.
@@ -57,6 +60,7 @@ impl TermConfig {
     pub fn new(namespace: &str, identity: &str, state_prefix: &str, tokens_secret: &str) -> Self {
         TermConfig {
             namespace: namespace.to_string(),
+            secret_namespaces: Vec::new(),
             identity: identity.to_string(),
             state_prefix: state_prefix.to_string(),
             tokens_secret: tokens_secret.to_string(),
@@ -108,7 +112,18 @@ impl Term {
         // snapshot), each announcing its first complete listing on its own channel.
         let (groups, groups_writer) = reflector::store_shared::<HaGroup>(SHARED_BUFFER);
         let (volumes, volumes_writer) = reflector::store_shared::<ReplicatedVolume>(SHARED_BUFFER);
-        let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let mut secrets = SecretCaches::default();
+        let mut secret_watches = Vec::new();
+        let mut secret_namespaces: Vec<&str> = config.secret_namespaces.iter().map(String::as_str).collect();
+        secret_namespaces.push(&config.namespace);
+        secret_namespaces.sort_unstable();
+        secret_namespaces.dedup();
+        for namespace in secret_namespaces {
+            let (cache, writer) = reflector::store::<PartialObjectMeta<Secret>>();
+            let denied = Arc::new(std::sync::Mutex::new(None));
+            secrets.insert(namespace, NamespaceSecrets { cache, denied: denied.clone() });
+            secret_watches.push((namespace.to_string(), writer, denied));
+        }
         let caches = Caches {
             groups: groups.clone(),
             volumes: volumes.clone(),
@@ -120,9 +135,8 @@ impl Term {
         let volume_events = volumes_writer
             .subscribe()
             .ok_or_else(|| K8sError::Invalid("the ReplicatedVolume store cannot be shared".into()))?;
-        let (groups_synced, mut groups_ready) = watch::channel(false);
-        let (volumes_synced, mut volumes_ready) = watch::channel(false);
-        let (secrets_synced, mut secrets_ready) = watch::channel(false);
+        let (groups_synced, groups_ready) = watch::channel(false);
+        let (volumes_synced, volumes_ready) = watch::channel(false);
         let groups_api: Api<HaGroup> = Api::all(client.clone());
         let volumes_api: Api<ReplicatedVolume> = Api::all(client.clone());
         tasks.0.push(tokio::spawn(reflect("HaGroups", groups_api, groups_writer, groups_synced)));
@@ -144,19 +158,19 @@ impl Term {
                 }
             },
         )));
-        tasks.0.push(tokio::spawn(watch_secrets(
-            client.clone(),
-            secrets_writer,
-            caches.clone(),
-            core_rx,
-            secrets_synced,
-        )));
+        let mut secrets_ready = Vec::new();
+        for (namespace, writer, denied) in secret_watches {
+            let (synced, ready) = watch::channel(false);
+            secrets_ready.push((format!("Secrets in namespace {namespace}"), ready));
+            let watch =
+                SecretWatch { namespace, writer, denied, caches: caches.clone(), core: core_rx.clone(), synced };
+            tasks.0.push(tokio::spawn(watch_secrets(client.clone(), watch)));
+        }
 
-        for (what, ready) in [
-            ("HaGroups", &mut groups_ready),
-            ("ReplicatedVolumes", &mut volumes_ready),
-            ("Secrets", &mut secrets_ready),
-        ] {
+        let mut ready: Vec<(String, watch::Receiver<bool>)> =
+            vec![("HaGroups".into(), groups_ready), ("ReplicatedVolumes".into(), volumes_ready)];
+        ready.extend(secrets_ready);
+        for (what, mut ready) in ready {
             ready
                 .wait_for(|synced| *synced)
                 .await
@@ -253,41 +267,84 @@ where
     }
 }
 
-/// Keeps the cache of Secret metadata, and reruns the core when a Secret some group
-/// references (its heartbeat key) is created, changed or deleted.
-async fn watch_secrets(
-    client: Client,
+/// The watch of the Secrets of one namespace.
+struct SecretWatch {
+    namespace: String,
     writer: reflector::store::Writer<PartialObjectMeta<Secret>>,
+    /// Set while the API server refuses to list them; cleared once it lists them.
+    denied: Arc<std::sync::Mutex<Option<String>>>,
     caches: Caches,
     core: watch::Receiver<Option<Arc<Controller<KubeStore>>>>,
     synced: watch::Sender<bool>,
-) {
+}
+
+/// The API server's refusal, when a watch error is one: missing RBAC, not a passing fault.
+fn forbidden(error: &watcher::Error) -> Option<String> {
+    let status = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status))
+        | watcher::Error::WatchError(status) => status,
+        _ => return None,
+    };
+    status.is_forbidden().then(|| status.to_string())
+}
+
+/// Keeps the cache of one namespace's Secret metadata, and reruns the core when a Secret
+/// some group references (its heartbeat key) is created, changed or deleted, or when the
+/// operator loses or gains the right to list them.
+async fn watch_secrets(client: Client, watch: SecretWatch) {
+    let SecretWatch { namespace, writer, denied, caches, core, synced } = watch;
     // Metadata only: the data of the few Secrets groups reference is read on demand.
-    let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client);
+    let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(client, &namespace);
     let stream = watcher(secrets, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|meta| meta.metadata.managed_fields = None);
     let mut changes = std::pin::pin!(reflector::reflector(writer, stream));
+    let set_denied = |why: Option<String>| {
+        let mut denied = denied.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *denied != why;
+        *denied = why;
+        changed
+    };
     while let Some(change) = changes.next().await {
-        let meta = match change {
+        let rerun = match change {
             Ok(watcher::Event::InitDone) => {
                 synced.send_replace(true);
-                continue;
+                // Listed at last after a refusal: the groups refused for it may now resolve.
+                set_denied(None)
             }
-            Ok(watcher::Event::Apply(meta) | watcher::Event::Delete(meta)) => meta,
-            Ok(_) => continue,
-            Err(e) => {
-                warn!(error = %e, "watching Secrets");
-                continue;
+            Ok(watcher::Event::Apply(meta) | watcher::Event::Delete(meta)) => {
+                let key = GroupKey::new(meta.namespace().unwrap_or_default(), meta.name_any());
+                let referenced = referenced(&caches, &key);
+                if referenced {
+                    info!(secret = %key, "a referenced Secret changed; reconciling");
+                }
+                referenced
             }
+            Ok(_) => false,
+            Err(e) => match forbidden(&e) {
+                Some(why) => {
+                    // Not a reason to hold the term back: the groups that need these
+                    // Secrets are refused naming them; the watch keeps retrying.
+                    synced.send_replace(true);
+                    let changed = set_denied(Some(why.clone()));
+                    if changed {
+                        warn!(namespace = %namespace, error = %why, "may not list Secrets in this namespace");
+                    }
+                    changed
+                }
+                None => {
+                    warn!(namespace = %namespace, error = %e, "watching Secrets");
+                    false
+                }
+            },
         };
+        if !rerun {
+            continue;
+        }
         let Some(core) = core.borrow().clone() else { continue };
-        let key = GroupKey::new(meta.namespace().unwrap_or_default(), meta.name_any());
-        if referenced(&caches, &key) {
-            info!(secret = %key, "a referenced Secret changed; reconciling");
-            if let Err(e) = core.reconcile_coalesced().await {
-                warn!(secret = %key, error = %e, "reconcile after a Secret change failed");
-            }
+        if let Err(e) = core.reconcile_coalesced().await {
+            warn!(namespace = %namespace, error = %e, "reconcile after a Secret change failed");
         }
     }
 }
