@@ -424,6 +424,20 @@ mod tests {
         assert_eq!(Heartbeat::decode(&bytes), Ok(minimal));
     }
 
+    /// Captured from the release that spoke only version 1, before version 2 existed: a
+    /// node forced to version 1 must send exactly these bytes.
+    const FULL_V1_HEX: &str = "0103646231000000000000000700000000000004d2000000000000002a000000000000002b03030101010000000000000003000000000000006300000320010364623201056163742d3101010000";
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn version_1_bytes_are_unchanged() {
+        let bytes = full().encode().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(hex(&bytes), FULL_V1_HEX);
+    }
+
     #[test]
     fn every_truncation_is_an_error() {
         let bytes = full().encode().unwrap_or_else(|e| panic!("{e}"));
