@@ -40,4 +40,5 @@ pub mod nbd_client;
 pub mod netns;
 pub mod replica_proc;
 pub mod sim;
+pub mod soak;
 pub mod topology;
