@@ -23,6 +23,8 @@
 //!   message the engines exchange.
 //! - [`replication`]: DRBD-style block replication of a `ReplicatedVolume` (sans-IO state
 //!   machine, metadata, wire protocol, and the [`replication::replica::Replica`] driver).
+//! - [`protocol`]: the wire-protocol versions this agent speaks and how two sides agree
+//!   on one (see docs/upgrades.md, "Version skew policy").
 //! - [`nbd`]: the NBD export the primary serves its replicated volume on.
 //! - [`volume_step`]: attach, filesystem and mount pieces of the `volume` flow step.
 //!
@@ -42,6 +44,7 @@ pub mod iface;
 pub mod metrics;
 pub mod nbd;
 pub mod probe;
+pub mod protocol;
 pub mod replication;
 pub mod runtime;
 pub mod state;

@@ -43,6 +43,10 @@ enum Command {
         /// Where the volumes' NBD sockets live (with --bundle; default /run/hapair).
         #[arg(long, requires = "bundle")]
         runtime_dir: Option<PathBuf>,
+        /// Speak only this wire-protocol version (a test aid for rehearsing rolling
+        /// upgrades; see docs/upgrades.md). Also HAPAIR_PROTOCOL_VERSION.
+        #[arg(long, hide = true)]
+        protocol_version: Option<u8>,
     },
     /// Check a desired-config bundle file for this node and print what it would run.
     CheckConfig {
@@ -135,8 +139,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn command(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Run { protocol_version, .. } = &cli.command {
+        match protocol_version {
+            Some(v) => hapair_agent::protocol::force(*v).map_err(|e| anyhow::anyhow!("--protocol-version: {e}"))?,
+            None => hapair_agent::protocol::force_from_env().map_err(anyhow::Error::msg)?,
+        }
+    }
     match cli.command {
-        Command::Run { config, bundle: Some(bundle), node, state_dir, listen, watchdog, runtime_dir } => {
+        Command::Run { config, bundle: Some(bundle), node, state_dir, listen, watchdog, runtime_dir, .. } => {
             use hapair_agent::agent_config::{AgentConfig, Endpoints, WatchdogSettings};
             let config = AgentConfig {
                 node: node.unwrap_or_default(),

@@ -172,6 +172,7 @@ pub struct AgentMetrics {
     link_up: Family<Labels, Gauge>,
     heartbeat_loss: Family<Labels, Gauge>,
     heartbeat_dropped: Family<Labels, Counter>,
+    peer_protocol_version: Family<Labels, Gauge>,
     probe_healthy: Family<Labels, Gauge>,
     step_state: Family<Labels, Gauge>,
     step_restarts: Family<Labels, Gauge>,
@@ -214,6 +215,7 @@ impl AgentMetrics {
             link_up: Family::default(),
             heartbeat_loss: Family::default(),
             heartbeat_dropped: Family::default(),
+            peer_protocol_version: Family::default(),
             probe_healthy: Family::default(),
             step_state: Family::default(),
             step_restarts: Family::default(),
@@ -251,6 +253,11 @@ impl AgentMetrics {
             "heartbeat_dropped",
             "Received heartbeat datagrams dropped, by reason",
             m.heartbeat_dropped.clone(),
+        );
+        registry.register(
+            "peer_protocol_version",
+            "The wire-protocol version this node and its peer agreed on, by protocol",
+            m.peer_protocol_version.clone(),
         );
         registry.register("probe_healthy", "1 while the monitor's probe is healthy", m.probe_healthy.clone());
         registry.register(
@@ -480,6 +487,18 @@ impl AgentMetrics {
     pub fn record_undecodable(&self, group: &str) {
         let labels = vec![("group", group.to_string()), ("reason", "undecodable".to_string())];
         self.heartbeat_dropped.get_or_create(&labels).inc();
+    }
+
+    /// An authenticated heartbeat in a version this agent does not speak: the peer is more
+    /// than one version away, outside the supported skew.
+    pub fn record_unsupported_heartbeat(&self, group: &str) {
+        let labels = vec![("group", group.to_string()), ("reason", "unsupported_version".to_string())];
+        self.heartbeat_dropped.get_or_create(&labels).inc();
+    }
+
+    pub fn set_peer_protocol_version(&self, group: &str, protocol: &str, version: u8) {
+        let labels = vec![("group", group.to_string()), ("protocol", protocol.to_string())];
+        self.peer_protocol_version.get_or_create(&labels).set(i64::from(version));
     }
 
     pub fn set_probe(&self, group: &str, monitor: &str, healthy: bool) {

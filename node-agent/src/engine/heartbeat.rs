@@ -11,7 +11,7 @@
 //! every message of one incarnation. A receiver drops anything not newer than what it has
 //! seen, per link for liveness and overall for state.
 //!
-//! Encoding (version 1), all integers big-endian:
+//! Encoding (version 1, what the previous release speaks), all integers big-endian:
 //!
 //! ```text
 //! u8 version=1 | str sender | u64 incarnation | u64 seq | u64 epoch | u64 floor | u8 role | u8 flags
@@ -19,6 +19,10 @@
 //! | opt handover{str to, opt str action, u8 force} | opt takeover{opt str action, u8 force}
 //! str = u8 length + UTF-8 bytes; opt = u8 0 (absent) or 1 (present) + value
 //! ```
+//!
+//! Version 2 is version 1 with the sender's supported range after the version byte
+//! (`u8 version=2 | u8 min | u8 max | …`), so a receiver learns what the sender could
+//! speak and the pair settles on the highest both accept (see [`crate::protocol`]).
 //!
 //! Decoding checks every length, tag and flag and refuses trailing bytes: any byte
 //! string gives a message or a [`DecodeError`] naming the field, never a panic.
@@ -29,13 +33,15 @@ use serde::{Deserialize, Serialize};
 
 use super::role::Role;
 
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = crate::protocol::CURRENT;
+/// The oldest version decoded: the previous release's.
+pub const OLDEST_WIRE_VERSION: u8 = crate::protocol::OLDEST;
 /// Node names are DNS labels.
 pub const MAX_NAME_LEN: usize = 63;
 /// Admin action ids longer than this are refused by the engine before they reach a heartbeat.
 pub const MAX_ACTION_ID_LEN: usize = 128;
 /// Upper bound of an encoded heartbeat.
-pub const MAX_ENCODED_LEN: usize = 1
+pub const MAX_ENCODED_LEN: usize = 3
     + (1 + MAX_NAME_LEN)
     + 32
     + 4
@@ -123,7 +129,7 @@ pub struct Takeover {
 pub enum DecodeError {
     #[error("heartbeat truncated in field {0}")]
     Truncated(&'static str),
-    #[error("heartbeat version {0} is not supported (expected {WIRE_VERSION})")]
+    #[error("heartbeat version {0} is not supported (this agent speaks {OLDEST_WIRE_VERSION} to {WIRE_VERSION})")]
     Version(u8),
     #[error("heartbeat field {field}: invalid value {value}")]
     BadValue { field: &'static str, value: u8 },
@@ -143,9 +149,19 @@ pub enum EncodeError {
 }
 
 impl Heartbeat {
+    /// The version 1 encoding, what the previous release sends.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        self.encode_as(1, crate::protocol::Range::V1)
+    }
+
+    /// Encodes in `version`; from version 2 on, announcing `range`.
+    pub fn encode_as(&self, version: u8, range: crate::protocol::Range) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::with_capacity(64);
-        out.push(WIRE_VERSION);
+        out.push(version);
+        if version >= 2 {
+            out.push(range.min);
+            out.push(range.max);
+        }
         put_str(&mut out, "sender", &self.sender, MAX_NAME_LEN)?;
         out.extend_from_slice(&self.incarnation.to_be_bytes());
         out.extend_from_slice(&self.seq.to_be_bytes());
@@ -192,11 +208,31 @@ impl Heartbeat {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Heartbeat, DecodeError> {
+        Self::decode_versioned(bytes).map(|(hb, _, _)| hb)
+    }
+
+    /// Decodes any supported version; also returns the version and the range the sender
+    /// announced (version 1 announces nothing: it speaks only 1).
+    pub fn decode_versioned(bytes: &[u8]) -> Result<(Heartbeat, u8, crate::protocol::Range), DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u8("version")?;
-        if version != WIRE_VERSION {
+        if !(OLDEST_WIRE_VERSION..=WIRE_VERSION).contains(&version) {
             return Err(DecodeError::Version(version));
         }
+        let range = if version >= 2 {
+            let min = r.u8("min")?;
+            let max = r.u8("max")?;
+            // A sender always speaks the version it sends in.
+            if min > version {
+                return Err(DecodeError::BadValue { field: "min", value: min });
+            }
+            if max < version {
+                return Err(DecodeError::BadValue { field: "max", value: max });
+            }
+            crate::protocol::Range { min, max }
+        } else {
+            crate::protocol::Range::V1
+        };
         let sender = r.string("sender", MAX_NAME_LEN)?;
         let incarnation = r.u64("incarnation")?;
         let seq = r.u64("seq")?;
@@ -236,7 +272,7 @@ impl Heartbeat {
         if rest != 0 {
             return Err(DecodeError::Trailing(rest));
         }
-        Ok(Heartbeat {
+        let hb = Heartbeat {
             sender,
             incarnation,
             seq,
@@ -250,7 +286,8 @@ impl Heartbeat {
             grant,
             handover,
             takeover,
-        })
+        };
+        Ok((hb, version, range))
     }
 }
 
@@ -393,6 +430,7 @@ fn disk_from(value: u8) -> Result<DiskState, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Range;
     use rand::{Rng, SeedableRng};
 
     fn full() -> Heartbeat {
@@ -436,6 +474,33 @@ mod tests {
     fn version_1_bytes_are_unchanged() {
         let bytes = full().encode().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(hex(&bytes), FULL_V1_HEX);
+        // Forced to version 1, whatever range is at hand, nothing is announced.
+        let bytes = full().encode_as(1, Range { min: 1, max: 2 }).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(hex(&bytes), FULL_V1_HEX);
+        assert_eq!(Heartbeat::decode_versioned(&bytes), Ok((full(), 1, Range::V1)));
+    }
+
+    #[test]
+    fn version_2_announces_the_range_and_round_trips() {
+        let range = Range { min: 1, max: 2 };
+        let bytes = full().encode_as(2, range).unwrap_or_else(|e| panic!("{e}"));
+        assert!(bytes.len() <= MAX_ENCODED_LEN);
+        assert_eq!(hex(&bytes), format!("020102{}", &FULL_V1_HEX[2..]));
+        assert_eq!(Heartbeat::decode_versioned(&bytes), Ok((full(), 2, range)));
+        // A later release announcing more is still understood at version 2.
+        let later = full().encode_as(2, Range { min: 2, max: 3 }).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Heartbeat::decode_versioned(&later), Ok((full(), 2, Range { min: 2, max: 3 })));
+        let mut lying = bytes.clone();
+        lying[1] = 3;
+        assert_eq!(Heartbeat::decode(&lying), Err(DecodeError::BadValue { field: "min", value: 3 }));
+        lying[1] = 1;
+        lying[2] = 1;
+        assert_eq!(Heartbeat::decode(&lying), Err(DecodeError::BadValue { field: "max", value: 1 }));
+        for len in 0..bytes.len() {
+            assert!(Heartbeat::decode(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+        }
+        let err = Heartbeat::decode(&[3, 1, 3]).err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("heartbeat version 3 is not supported (this agent speaks 1 to 2)"));
     }
 
     #[test]
@@ -459,7 +524,8 @@ mod tests {
         bytes[role_at] = 0;
         bytes[role_at + 1] = 0x80;
         assert_eq!(Heartbeat::decode(&bytes), Err(DecodeError::BadValue { field: "flags", value: 0x80 }));
-        assert_eq!(Heartbeat::decode(&[2]), Err(DecodeError::Version(2)));
+        assert_eq!(Heartbeat::decode(&[3]), Err(DecodeError::Version(3)));
+        assert_eq!(Heartbeat::decode(&[0]), Err(DecodeError::Version(0)));
         assert_eq!(Heartbeat::decode(&[1, 200]), Err(DecodeError::TooLong { field: "sender", len: 200, max: 63 }));
         assert_eq!(Heartbeat::decode(&[1, 1, 0xff]), Err(DecodeError::NotUtf8("sender")));
     }
@@ -481,9 +547,15 @@ mod tests {
             let mut mutated = good.clone();
             let i = rng.random_range(0..mutated.len());
             mutated[i] = rng.random();
-            if let Ok(hb) = Heartbeat::decode(&mutated) {
+            if let Ok((hb, version, range)) = Heartbeat::decode_versioned(&mutated) {
                 // Whatever decodes must encode back to the same bytes.
-                assert_eq!(hb.encode().ok(), Some(mutated));
+                assert_eq!(hb.encode_as(version, range).ok(), Some(mutated));
+            }
+            let mut mutated = full().encode_as(2, Range { min: 1, max: 2 }).unwrap_or_else(|e| panic!("{e}"));
+            let i = rng.random_range(0..mutated.len());
+            mutated[i] = rng.random();
+            if let Ok((hb, version, range)) = Heartbeat::decode_versioned(&mutated) {
+                assert_eq!(hb.encode_as(version, range).ok(), Some(mutated));
             }
         }
     }

@@ -158,6 +158,10 @@ struct GroupTask {
     /// A persisted state that could not be written yet.
     undurable: Option<PersistedState>,
     removing: bool,
+    /// The heartbeat version the peer speaks, so ours can match.
+    peer_version: crate::protocol::PeerVersion,
+    /// The last unsupported heartbeat version logged, so a peer out of skew is logged once.
+    refused_version: Option<u8>,
     published: Option<(NodeRole, u64)>,
     last_publish: std::time::Instant,
     last_failover: Option<(u64, FailoverRecord)>,
@@ -331,6 +335,8 @@ async fn run(
         tx,
         undurable: None,
         removing: false,
+        peer_version: crate::protocol::PeerVersion::default(),
+        refused_version: None,
         published: None,
         last_publish: std::time::Instant::now(),
         last_failover: None,
@@ -425,8 +431,27 @@ impl GroupTask {
     }
 
     async fn on_datagram(&mut self, hb: crate::heartbeat::Heartbeat) {
-        match crate::engine::Heartbeat::decode(&hb.payload) {
-            Ok(message) => self.feed(Event::Heartbeat { link: usize::from(hb.header.link), message }).await,
+        match crate::engine::Heartbeat::decode_versioned(&hb.payload) {
+            Ok((message, version, range)) => {
+                self.peer_version.heard(message.incarnation, version, range);
+                if let Some(agreed) = self.peer_version.agreed(crate::protocol::Range::ours()) {
+                    self.ctx.metrics.set_peer_protocol_version(&self.group(), "heartbeat", agreed);
+                }
+                self.feed(Event::Heartbeat { link: usize::from(hb.header.link), message }).await;
+            }
+            Err(crate::engine::heartbeat::DecodeError::Version(version)) => {
+                self.ctx.metrics.record_unsupported_heartbeat(&self.group());
+                if self.refused_version != Some(version) {
+                    self.refused_version = Some(version);
+                    tracing::warn!(
+                        version,
+                        oldest = crate::protocol::OLDEST,
+                        newest = crate::protocol::highest(),
+                        "the peer sends heartbeats in a version this agent does not speak: it is more than one \
+                         version away, outside the supported skew (docs/upgrades.md)"
+                    );
+                }
+            }
             Err(e) => {
                 self.ctx.metrics.record_undecodable(&self.group());
                 tracing::debug!(link = hb.header.link, error = %e, "authenticated heartbeat payload does not decode");
@@ -665,7 +690,8 @@ impl GroupTask {
                     if !self.durable().await {
                         continue;
                     }
-                    match hb.encode() {
+                    let ours = crate::protocol::Range::ours();
+                    match hb.encode_as(self.peer_version.send_version(ours), ours) {
                         Ok(payload) => match self.transport.sender.send(hb.epoch, &payload).await {
                             Ok(failures) => {
                                 for (link, e) in failures.0 {
