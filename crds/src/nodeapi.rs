@@ -43,6 +43,28 @@ pub mod paths {
 /// configured with, so a hint can never send them somewhere new.
 pub const LEADER_HEADER: &str = "x-hapair-leader";
 
+/// Header carrying the node-API protocol version: an agent sends the version it speaks,
+/// the controller answers with the one it used. Version 1, the previous release, sends
+/// no header, so its absence means 1.
+pub const PROTOCOL_HEADER: &str = "x-hapair-protocol";
+/// The node-API protocol version of this release.
+pub const NODE_API_VERSION: u8 = 2;
+/// The oldest node-API protocol version still accepted: the previous release's.
+pub const NODE_API_OLDEST: u8 = NODE_API_VERSION - 1;
+
+/// The version of a request that carried `header` (its [`PROTOCOL_HEADER`] value, if
+/// any), or why it is refused, naming both sides' versions.
+pub fn node_api_version(header: Option<&str>) -> Result<u8, String> {
+    let Some(value) = header else { return Ok(1) };
+    match value.trim().parse::<u8>() {
+        Ok(v) if (NODE_API_OLDEST..=NODE_API_VERSION).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "node API protocol version {value:?} is not supported: this controller speaks {NODE_API_OLDEST} to \
+             {NODE_API_VERSION}; upgrade the controller first, then the agents, one version at a time"
+        )),
+    }
+}
+
 /// A group's identity across namespaces, written `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupKey {
@@ -469,6 +491,17 @@ pub struct ApiError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_api_versions_one_behind_are_accepted() {
+        assert_eq!(node_api_version(None), Ok(1));
+        assert_eq!(node_api_version(Some("1")), Ok(1));
+        assert_eq!(node_api_version(Some("2")), Ok(2));
+        for bad in ["0", "3", "", "two", "256"] {
+            let err = node_api_version(Some(bad)).err().unwrap_or_default();
+            assert!(err.contains("this controller speaks 1 to 2"), "{bad}: {err}");
+        }
+    }
+
     use super::*;
 
     #[test]

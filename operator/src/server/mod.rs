@@ -44,7 +44,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hapair_crds::nodeapi::{
-    EnrollRequest, EnrollResponse, GroupKey, LEADER_HEADER, LeaseRequest, LeaseResponse, NodeReport, paths,
+    EnrollRequest, EnrollResponse, GroupKey, LEADER_HEADER, LeaseRequest, LeaseResponse, NodeReport, PROTOCOL_HEADER,
+    node_api_version, paths,
 };
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -269,15 +270,28 @@ async fn guard<S: Store>(
         _ => format!("ip:{}", peer.addr.ip()),
     };
     let span = info_span!("request", endpoint = %endpoint, peer = %peer.identity.label());
-    let response = match api.limiter.check(&key, Instant::now()) {
+    let announced = request.headers().get(PROTOCOL_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let version = node_api_version(announced.as_deref());
+    let mut response = match api.limiter.check(&key, Instant::now()) {
         Err(wait) if endpoint != "/healthz" => {
             let mut failure =
                 ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, format!("rate limit exceeded for {key}; slow down"));
             failure.retry_after = Some(wait.as_secs().max(1));
             failure.into_response()
         }
-        _ => next.run(request).instrument(span.clone()).await,
+        _ => match &version {
+            // A peer out of skew would misread whatever it got; it is told why instead.
+            Err(message) => {
+                span.in_scope(|| warn!(peer = %peer.identity.label(), "{message}"));
+                ApiFailure::new(StatusCode::BAD_REQUEST, message.clone()).into_response()
+            }
+            Ok(_) => next.run(request).instrument(span.clone()).await,
+        },
     };
+    if let (Some(_), Ok(v)) = (&announced, &version) {
+        // Only a peer that announced gets an answer: version 1 never sees the header.
+        response.headers_mut().insert(PROTOCOL_HEADER, HeaderValue::from(u16::from(*v)));
+    }
     let code = response.status().as_u16();
     if code >= 400 {
         span.in_scope(|| debug!(code, "request refused"));

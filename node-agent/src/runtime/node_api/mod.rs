@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use hapair_crds::nodeapi::{ApiError, DesiredConfig, LEADER_HEADER, LeaseRequest, LeaseResponse, NodeReport, paths};
+use hapair_crds::nodeapi::{
+    ApiError, DesiredConfig, LEADER_HEADER, LeaseRequest, LeaseResponse, NodeReport, PROTOCOL_HEADER, paths,
+};
 
 use crate::agent_config::base_url;
 use crate::engine::WitnessAnswer;
@@ -192,6 +194,7 @@ impl NodeApiClient {
         let response = self
             .http
             .get(&url)
+            .headers(announce())
             .query(&query)
             .timeout(wait + Duration::from_secs(10))
             .send()
@@ -220,6 +223,7 @@ impl NodeApiClient {
         let response = self
             .http
             .post(&url)
+            .headers(announce())
             .json(report)
             .timeout(Duration::from_secs(5))
             .send()
@@ -256,7 +260,7 @@ impl NodeApiClient {
     /// controller could not be reached or is not the leader.
     async fn lease_at(&self, base: &str, request: &LeaseRequest) -> Result<WitnessAnswer, String> {
         let url = format!("{base}{}", paths::LEASE);
-        let response = match self.http.post(&url).json(request).send().await {
+        let response = match self.http.post(&url).headers(announce()).json(request).send().await {
             Ok(response) => response,
             Err(e) => return Err(format!("{url}: {}", chain(&e))),
         };
@@ -288,6 +292,17 @@ impl NodeApiClient {
             );
         }
     }
+}
+
+/// The node-API version header: from version 2 on every request names the version it
+/// speaks; version 1 (the previous release, or `--protocol-version 1`) sends none.
+fn announce() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let version = crate::protocol::highest();
+    if version >= 2 {
+        headers.insert(PROTOCOL_HEADER, reqwest::header::HeaderValue::from(u16::from(version)));
+    }
+    headers
 }
 
 /// Where a group's witness requests go.
