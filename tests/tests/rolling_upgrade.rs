@@ -1,0 +1,254 @@
+//! A rolling upgrade across protocol versions: both agents start speaking only the
+//! previous protocol version (`--protocol-version 1`, byte for byte what the previous
+//! release sends), `a` active. The standby `b` is upgraded (restarted without the flag),
+//! the service switched over to it, then `a` is upgraded. After every step both agents
+//! hear each other, the standby stands by, and each reports the heartbeat version they
+//! agreed on; a client connecting every 5 ms sees answers throughout, with one outage:
+//! the switchover's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hapair_tests::agents::{Agent, GROUP, group, metric, role, status};
+use hapair_tests::controller::{Controller, enroll, unenrolled_config};
+use hapair_tests::failover_bench::probe::{self, DEFAULT_PACE};
+use hapair_tests::failover_bench::{SERVICE_PORT, service_address};
+use hapair_tests::netns::{Netns, require_root, wait_for};
+use hapair_tests::topology::{A0, A1, B0, B1, C0, TwoServersAndClient};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_bench-failover");
+const VIP: &str = "198.18.0.100";
+const INTERVAL: Duration = Duration::from_millis(50);
+const DEAD_AFTER: Duration = Duration::from_millis(800);
+const LEASE: Duration = Duration::from_millis(600);
+const DRIFT_PPM: u32 = 500;
+const UP: Duration = Duration::from_secs(30);
+/// Longest silence the client may see outside the switchover.
+const MAX_GAP: Duration = Duration::from_secs(5);
+
+fn manifest(dir: &Path) -> String {
+    let pid_file = format!("'{}'/\"$HAPAIR_NODE\"-service.pid", dir.display());
+    let start = format!(
+        "'{BENCH}' serve --name \"$HAPAIR_NODE\" --port {SERVICE_PORT} --daemon --pid-file {pid_file} </dev/null >/dev/null 2>&1"
+    );
+    let stop = format!("f={pid_file}; if [ -f \"$f\" ]; then kill \"$(cat \"$f\")\"; rm -f \"$f\"; fi");
+    let failback = serde_json::json!({"mode": "manual"});
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    serde_json::json!({
+        "apiVersion": "hapair.dev/v1alpha1",
+        "kind": "HaGroup",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "nodes": [
+                {"name": "a", "heartbeatAddresses": [A0, A1], "preferred": false},
+                {"name": "b", "heartbeatAddresses": [B0, B1]},
+            ],
+            "heartbeat": {"interval": ms(INTERVAL), "deadAfter": ms(DEAD_AFTER), "leaseTTL": ms(LEASE), "maxClockDriftPpm": DRIFT_PPM},
+            "witness": {"mode": "controller"},
+            "failback": failback,
+            "virtualIPs": [{"name": "www", "address": format!("{VIP}/24"), "interface": "eth0", "garp": {"count": 3, "interval": "100ms"}}],
+            "flow": [
+                {"name": "service", "exec": {"start": start, "stop": stop}},
+                {"name": "service-ip", "virtualIP": {"name": "www"}},
+            ],
+        },
+    })
+    .to_string()
+}
+
+fn has_vip(ns: &Netns) -> bool {
+    ns.ip(&["-o", "-4", "addr", "show", "dev", "eth0"]).unwrap_or_default().contains(&format!(" {VIP}/"))
+}
+
+/// The client's connections, one started every 5 ms in the client namespace, each
+/// recorded as (finished, answering node).
+struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<(Instant, String)>>>,
+}
+
+impl ClientLoop {
+    fn start(client: &Netns) -> ClientLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = client.path();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on a valid namespace descriptor affects only this thread.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let mut answers = Vec::new();
+                let mut attempts = tokio::task::JoinSet::new();
+                let mut ticks = tokio::time::interval(DEFAULT_PACE.every);
+                while !flag.load(Ordering::SeqCst) {
+                    tokio::select! {
+                        _ = ticks.tick() => {
+                            attempts.spawn(async move {
+                                let answer = probe::ask(service_address(), DEFAULT_PACE.attempt_timeout).await.map(|a| a.server);
+                                (Instant::now(), answer)
+                            });
+                        }
+                        Some(Ok((at, Some(answer)))) = attempts.join_next(), if !attempts.is_empty() => {
+                            answers.push((at, answer));
+                        }
+                    }
+                }
+                answers
+            })
+        });
+        ClientLoop { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> Vec<(Instant, String)> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut answers = self.thread.take().map(|t| t.join().unwrap()).unwrap_or_default();
+        answers.sort_by_key(|(at, _)| *at);
+        answers
+    }
+}
+
+impl Drop for ClientLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// An agent of the previous protocol version, or of this one.
+fn agent(node: &str, home: &Path, old: bool) -> Agent {
+    let mut agent = Agent::with_config(node, home);
+    if old {
+        agent.arg("--protocol-version");
+        agent.arg("1");
+    }
+    agent
+}
+
+fn describe(topo: &TwoServersAndClient) -> String {
+    format!("a: {:?}\nb: {:?}", status(&topo.a), status(&topo.b))
+}
+
+fn ask(topo: &TwoServersAndClient) -> Option<String> {
+    topo.client.block_on(|| probe::ask(service_address(), Duration::from_millis(500))).map(|a| a.server)
+}
+
+/// `primary` serves, the other stands by; both hear each other and agree on `version`.
+fn check_pair(topo: &TwoServersAndClient, primary: &str, version: f64, step: &str) {
+    let (p, s) = if primary == "a" { (&topo.a, &topo.b) } else { (&topo.b, &topo.a) };
+    let ok = wait_for(UP, || {
+        let pg = group(&status(p)?, GROUP)?;
+        let sg = group(&status(s)?, GROUP)?;
+        let agreed = |ns: &Netns| {
+            metric(ns, "hapair_agent_peer_protocol_version", "group=\"default/web\",protocol=\"heartbeat\"")
+        };
+        (pg["role"] == "Primary"
+            && has_vip(p)
+            && pg["peerReachable"] == true
+            && sg["role"] == "Standby"
+            && sg["peerReachable"] == true
+            && !has_vip(s)
+            && agreed(p)? == version
+            && agreed(s)? == version
+            && ask(topo)? == primary)
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{step}: {primary} does not serve with its peer standing by at version {version}:\n{}",
+        describe(topo)
+    );
+    println!("{step}: {primary} primary, peer standby, heartbeat version {version}");
+}
+
+/// The longest gap between two answers within [from, to).
+fn longest_gap(answers: &[(Instant, String)], from: Instant, to: Instant) -> Duration {
+    let times: Vec<Instant> = answers.iter().map(|(at, _)| *at).filter(|at| *at >= from && *at < to).collect();
+    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(Duration::ZERO)
+}
+
+#[test]
+fn a_rolling_upgrade_from_the_previous_protocol_version_has_only_the_switchover_outage() {
+    require_root();
+    let topo = TwoServersAndClient::build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&topo.client, C0, dir.path(), &manifest(dir.path()));
+    let mut homes = Vec::new();
+    for (node, ns) in [("a", &topo.a), ("b", &topo.b)] {
+        let home = dir.path().join(node);
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(home.join("agent.yaml"), unenrolled_config(&home)).unwrap();
+        enroll(ns, &controller, node, &home);
+        homes.push(home);
+    }
+    let mut a = agent("a", &homes[0], true);
+    let mut b = agent("b", &homes[1], true);
+    a.start(&topo.a);
+    let up = wait_for(UP, || (role(&topo.a, GROUP)? == "Primary" && ask(&topo)? == "a").then_some(()));
+    assert!(up.is_some(), "a does not serve:\n{}", describe(&topo));
+    b.start(&topo.b);
+    check_pair(&topo, "a", 1.0, "both old");
+
+    let client = ClientLoop::start(&topo.client);
+    let started = Instant::now();
+
+    // 1. Upgrade the standby.
+    b.kill();
+    let mut b = agent("b", &homes[1], false);
+    b.start(&topo.b);
+    check_pair(&topo, "a", 1.0, "b upgraded");
+    let standby_upgraded = Instant::now();
+
+    // 2. Switch over to it.
+    let out = controller.kubectl(&topo.client, &["switchover", GROUP, "--to", "b", "--timeout", "30s"]);
+    assert!(
+        out.status.success(),
+        "switchover to b: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_pair(&topo, "b", 1.0, "switched over");
+    let switched = Instant::now();
+
+    // 3. Upgrade the other node, now standby; the pair moves to version 2.
+    a.kill();
+    let mut a = agent("a", &homes[0], false);
+    a.start(&topo.a);
+    check_pair(&topo, "b", 2.0, "a upgraded");
+    std::thread::sleep(Duration::from_millis(500));
+    let finished = Instant::now();
+    let answers = client.finish();
+    drop((a, b));
+
+    let before = longest_gap(&answers, started, standby_upgraded);
+    let during = longest_gap(&answers, standby_upgraded, switched);
+    let after = longest_gap(&answers, switched, finished);
+    println!(
+        "client: {} answers; longest gap: {:.0} ms while the standby was upgraded, {:.0} ms around the switchover, {:.0} ms while the other node was upgraded",
+        answers.len(),
+        ms(before),
+        ms(during),
+        ms(after)
+    );
+    assert!(before < MAX_GAP && after < MAX_GAP, "an outage outside the switchover");
+    // Restarting a standby must not disturb the primary at all: gaps there are the
+    // client's own pace (every 5 ms) plus scheduling, not an outage.
+    let outage = Duration::from_millis(500);
+    assert!(before < outage, "upgrading the standby b interrupted the service for {:.0} ms", ms(before));
+    assert!(after < outage, "upgrading the standby a interrupted the service for {:.0} ms", ms(after));
+    assert!(answers.iter().any(|(at, who)| *at < standby_upgraded && who == "a"));
+    assert!(answers.iter().any(|(at, who)| *at > switched && who == "b"));
+    drop(controller);
+}
