@@ -4,11 +4,13 @@
 //! so a failure can be reproduced with `bash scripts/soak.sh --faults 10 --seed N`.
 //!
 //! The isolated primary and the cut of all links are left out of the CI run until the
-//! product bug they find is fixed: a primary cut off from its peer (isolated, or all links
-//! cut just after a witness restart, which makes the witness refuse its renewal) self-fences,
-//! yet its replica acknowledges the write that was in flight when the links died once the
-//! replication link times out (3 s), after the peer took over; the pair then reconnects
-//! into a split brain. The ignored test below runs the isolation alone and fails on it today.
+//! product bug they found is fully fixed. A primary cut off from its peer (isolated, or all
+//! links cut just after a witness restart, which makes the witness refuse its renewal)
+//! self-fences. Its replica used to acknowledge the write in flight when the links died
+//! once the replication link timed out, after the peer took over; a self-fenced engine now
+//! fences its replica, which fails that write instead (0 lost writes). What is left: the
+//! fenced replica keeps those refused blocks and meets the new primary as a split brain
+//! rather than resyncing from it. The ignored test below runs the isolation alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
@@ -37,7 +39,7 @@ fn ten_random_faults_lose_no_acknowledged_write_and_never_have_two_active_nodes(
 }
 
 #[test]
-#[ignore = "product bug: an isolated primary acknowledges its in-flight write after the peer took over"]
+#[ignore = "product bug: a primary fenced with unreplicated (refused) writes meets its successor as a split brain instead of resyncing from it"]
 fn an_isolated_primary_under_writes_fails_over_cleanly() {
     require_root();
     let seed = seed();

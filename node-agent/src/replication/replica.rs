@@ -156,6 +156,7 @@ pub enum ReplicaError {
 enum Cmd {
     Request { make: Box<dyn FnOnce(ReqId) -> Input + Send>, reply: oneshot::Sender<Result<(), Refusal>> },
     ObserveEpoch(u64),
+    LeaseLost(String),
     Stop(oneshot::Sender<()>),
 }
 
@@ -448,6 +449,11 @@ impl Replica {
         let _ = self.shared.cmd.try_send(Cmd::ObserveEpoch(epoch));
     }
 
+    /// The engine self-fenced: this primary may be superseded once its lease runs out.
+    pub fn lease_lost(&self, reason: &str) {
+        let _ = self.shared.cmd.try_send(Cmd::LeaseLost(reason.to_string()));
+    }
+
     /// Starts an online verify from this node; progress and results appear in the status.
     pub async fn start_verify(&self) -> Result<(), ReplicaError> {
         self.shared.request(|req| Input::StartVerify { req }).await.map_err(|r| self.refused(r))
@@ -609,6 +615,7 @@ impl Core {
                         self.feed(make(req));
                     }
                     Some(Cmd::ObserveEpoch(epoch)) => self.feed(Input::ObserveEpoch { epoch }),
+                    Some(Cmd::LeaseLost(reason)) => self.feed(Input::LeaseLost { reason }),
                     Some(Cmd::Stop(reply)) => {
                         stop_reply = Some(reply);
                         break;

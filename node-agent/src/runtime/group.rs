@@ -426,6 +426,9 @@ impl GroupTask {
         let span = tracing::info_span!("term", epoch = self.engine.epoch());
         let commands = span.in_scope(|| self.engine.handle(clock::now(), event));
         self.volumes.observe_epoch(self.engine.epoch());
+        if self.engine.role() == crate::engine::Role::Fenced {
+            self.volumes.lease_lost("the engine self-fenced: its lease ends unrenewed");
+        }
         self.execute(commands).instrument(span).await;
         self.after_engine();
     }

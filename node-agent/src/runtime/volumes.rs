@@ -154,6 +154,13 @@ impl GroupVolumes {
         }
     }
 
+    /// The engine self-fenced (its lease is ending unrenewed): fences every primary replica.
+    pub fn lease_lost(&self, reason: &str) {
+        for replica in self.replicas.values() {
+            replica.lease_lost(reason);
+        }
+    }
+
     /// Per-volume disk state, connection, out-of-sync bytes and sync progress.
     pub fn reports(&self) -> Vec<VolumeReport> {
         self.status.values().map(ReplicaStatus::report).collect()

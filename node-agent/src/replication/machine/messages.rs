@@ -120,6 +120,11 @@ pub enum Input {
     ObserveEpoch {
         epoch: u64,
     },
+    /// The engine gave up its lease (self-fenced): the peer may be promoted once the lease
+    /// has run out, so nothing may complete here any more without the peer's ack.
+    LeaseLost {
+        reason: String,
+    },
     StartVerify {
         req: ReqId,
     },

@@ -219,6 +219,7 @@ impl Machine {
             Input::Promote { req, epoch, force, wall_ms } => self.on_promote(req, epoch, force, wall_ms),
             Input::Demote { req, force, open_clients } => self.on_demote(req, force, open_clients),
             Input::ObserveEpoch { epoch } => self.observe_epoch(epoch, "the engine reported a newer epoch"),
+            Input::LeaseLost { reason } => self.on_lease_lost(&reason),
             Input::StartVerify { req } => self.on_start_verify(req),
             Input::ResolveSplitBrain { req, resolution } => self.on_resolve(req, resolution),
             Input::Checkpoint { req } => self.persist(Some(IoTag::Meta(MetaPurpose::Checkpoint(req))), true),

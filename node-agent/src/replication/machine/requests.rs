@@ -238,11 +238,21 @@ impl Machine {
     /// The peer acknowledged (or can no longer acknowledge) a request.
     pub(super) fn peer_finished(&mut self, req: ReqId, ok: bool) {
         let mut lost = None;
+        let fenced = self.fenced;
         if let Some(r) = self.requests.get_mut(&req) {
             r.peer_acked = true;
             r.peer_sent = true;
             if !ok && r.kind != ReqKind::Flush {
                 lost = Some(r.range);
+            }
+            // Completing locally is what a primary that keeps its lease does when its peer
+            // dies; a fenced one may already be superseded, so the writer must not see
+            // success for something the serving node may not have.
+            if !ok && fenced && r.error.is_none() {
+                r.error = Some(refusal(
+                    ErrorCode::Io,
+                    "this primary is fenced and lost its peer before the peer acknowledged: not durable on the serving node",
+                ));
             }
         }
         if let Some(range) = lost {

@@ -208,6 +208,17 @@ impl Machine {
         }
     }
 
+    /// Fences a primary whose engine lost its lease. Writes still waiting for the peer are
+    /// not completed locally if the link then drops (see `peer_finished`): by that time
+    /// the peer may serve in a newer epoch, and a write acknowledged here would be missing
+    /// there.
+    pub(super) fn on_lease_lost(&mut self, reason: &str) {
+        if self.role == Role::Primary && !self.fenced {
+            self.fenced = true;
+            self.event(ReplicaEvent::Fenced { epoch: self.sb.known_epoch, reason: reason.to_string() });
+        }
+    }
+
     pub(super) fn on_resolve(&mut self, req: ReqId, resolution: Resolution) {
         self.resolution = Some(resolution);
         self.split_brain = None;

@@ -861,3 +861,26 @@ fn sim_verify_finds_a_corrupted_block_and_the_primary_repairs_it() {
     assert!(sim.same_data(), "the primary resynced the mismatched block");
     assert_eq!(sim.snap(1).out_of_sync_bytes, 0);
 }
+
+#[test]
+fn a_fenced_primary_that_loses_its_peer_fails_the_writes_the_peer_never_acknowledged() {
+    let mut m = promoted("a", "b");
+    connect_in_sync(&mut m, "b", 1);
+    m.handle(1, Input::Write { req: 8, offset: 1 << 20, data: Bytes::from(vec![3u8; 8192]), fua: false });
+    m.handle(2, Input::IoDone { tag: IoTag::App(8), result: Ok(IoOutput::Done) });
+    let reason = "the engine self-fenced: its lease ends unrenewed";
+    let out = m.handle(3, Input::LeaseLost { reason: reason.into() });
+    assert_eq!(out, vec![Output::Event(ReplicaEvent::Fenced { epoch: 2, reason: reason.into() })]);
+    // The peer may serve in a newer epoch by now: the write must not be acknowledged.
+    let out = m.handle(4, Input::Disconnected { conn: 1, reason: "peer b silent for 3000 ms".into() });
+    assert!(!out.contains(&ok(8)), "a fenced primary acknowledged a write its peer never had: {out:?}");
+    let failed = out.iter().find_map(|o| match o {
+        Output::Complete { req: 8, result: Err(e) } => Some(e.clone()),
+        _ => None,
+    });
+    let e = failed.unwrap_or_else(|| panic!("the write was not failed: {out:?}"));
+    assert!(e.message.contains("fenced"), "{e}");
+    // New writes are refused outright.
+    let e = refused(&m.handle(5, Input::Write { req: 9, offset: 0, data: Bytes::from_static(&[0; 512]), fua: false }));
+    assert!(e.message.contains("fenced"), "{e}");
+}
