@@ -11,6 +11,7 @@
 //!   linked pair whose link can be cut and healed.
 //! - [`agents`]: real `hapair-agent` processes in those namespaces (built binaries,
 //!   bundles, `/v1/status` and `/metrics` read from inside the namespace).
+//! - [`client_loop`]: a client connecting to the VIP every 5 ms, recording who answered.
 //! - [`controller`]: the standalone controller (and witness) as a real process, agents
 //!   enrolled against it, and its admin API and `kubectl-hapair` driven as a user would.
 //! - [`enrolled_pair`]: a pair as an operator runs it (controller, enrolled agents, a
@@ -30,6 +31,7 @@
 //!   tests may mock), for the operator's scale benchmark and multi-replica tests.
 
 pub mod agents;
+pub mod client_loop;
 pub mod controller;
 pub mod enrolled_pair;
 pub mod etcd;

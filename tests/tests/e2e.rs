@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hapair_tests::agents::{Agent, GROUP, group, role, status};
+use hapair_tests::client_loop::ClientLoop;
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
 use hapair_tests::failover_bench::probe::{self, DEFAULT_PACE};
 use hapair_tests::failover_bench::{SERVICE_PORT, service_address};
@@ -242,64 +243,6 @@ fn changes(samples: &[Sample]) -> Vec<(Instant, Instant, bool)> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// The client's connections, one started every 5 ms in the client namespace, each
-/// recorded as (finished, answering node).
-struct ClientLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<(Instant, String)>>>,
-}
-
-impl ClientLoop {
-    fn start(client: &Netns) -> ClientLoop {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let path = client.path();
-        let thread = std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on a valid namespace descriptor affects only this thread.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let mut answers = Vec::new();
-                let mut attempts = tokio::task::JoinSet::new();
-                let mut ticks = tokio::time::interval(DEFAULT_PACE.every);
-                while !flag.load(Ordering::SeqCst) {
-                    tokio::select! {
-                        _ = ticks.tick() => {
-                            attempts.spawn(async move {
-                                let answer = probe::ask(service_address(), DEFAULT_PACE.attempt_timeout).await.map(|a| a.server);
-                                (Instant::now(), answer)
-                            });
-                        }
-                        Some(Ok((at, Some(answer)))) = attempts.join_next(), if !attempts.is_empty() => {
-                            answers.push((at, answer));
-                        }
-                    }
-                }
-                answers
-            })
-        });
-        ClientLoop { stop, thread: Some(thread) }
-    }
-
-    fn finish(mut self) -> Vec<(Instant, String)> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut answers = self.thread.take().map(|t| t.join().unwrap()).unwrap_or_default();
-        answers.sort_by_key(|(at, _)| *at);
-        answers
-    }
-}
-
-impl Drop for ClientLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// The engine's failover bound for a crashed primary (see `sim::Params::failover_bound`):

@@ -8,14 +8,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hapair_tests::agents::{Agent, GROUP, group, metric, role, status};
+use hapair_tests::client_loop::ClientLoop;
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
-use hapair_tests::failover_bench::probe::{self, DEFAULT_PACE};
+use hapair_tests::failover_bench::probe;
 use hapair_tests::failover_bench::{SERVICE_PORT, service_address};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{A0, A1, B0, B1, C0, TwoServersAndClient};
@@ -62,64 +60,6 @@ fn manifest(dir: &Path) -> String {
 
 fn has_vip(ns: &Netns) -> bool {
     ns.ip(&["-o", "-4", "addr", "show", "dev", "eth0"]).unwrap_or_default().contains(&format!(" {VIP}/"))
-}
-
-/// The client's connections, one started every 5 ms in the client namespace, each
-/// recorded as (finished, answering node).
-struct ClientLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<(Instant, String)>>>,
-}
-
-impl ClientLoop {
-    fn start(client: &Netns) -> ClientLoop {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let path = client.path();
-        let thread = std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on a valid namespace descriptor affects only this thread.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let mut answers = Vec::new();
-                let mut attempts = tokio::task::JoinSet::new();
-                let mut ticks = tokio::time::interval(DEFAULT_PACE.every);
-                while !flag.load(Ordering::SeqCst) {
-                    tokio::select! {
-                        _ = ticks.tick() => {
-                            attempts.spawn(async move {
-                                let answer = probe::ask(service_address(), DEFAULT_PACE.attempt_timeout).await.map(|a| a.server);
-                                (Instant::now(), answer)
-                            });
-                        }
-                        Some(Ok((at, Some(answer)))) = attempts.join_next(), if !attempts.is_empty() => {
-                            answers.push((at, answer));
-                        }
-                    }
-                }
-                answers
-            })
-        });
-        ClientLoop { stop, thread: Some(thread) }
-    }
-
-    fn finish(mut self) -> Vec<(Instant, String)> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut answers = self.thread.take().map(|t| t.join().unwrap()).unwrap_or_default();
-        answers.sort_by_key(|(at, _)| *at);
-        answers
-    }
-}
-
-impl Drop for ClientLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn ms(d: Duration) -> f64 {
