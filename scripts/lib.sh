@@ -22,7 +22,9 @@ ensure_debian_packages() {
 # What building the workspace needs besides Rust: protoc, which etcd-client's build script
 # runs to generate etcd's gRPC API.
 ensure_build_packages() {
-    ensure_debian_packages protobuf-compiler
+    # etcd-client compiles its protos with protoc, which needs the well-known types
+    # (google/protobuf/*.proto) from libprotobuf-dev; protoc only recommends it.
+    ensure_debian_packages protobuf-compiler libprotobuf-dev
 }
 
 # Installs the PyPI packages named in "$@" (name==version) that are not installed at that
