@@ -380,6 +380,7 @@ impl AgentMetrics {
         for counter in [&self.volume_verify_mismatched, &self.volume_al_transactions] {
             counter.remove(&base);
         }
+        self.peer_protocol_version.remove(&with(&[("protocol", "replication")]));
         for direction in ["sent", "received"] {
             let labels = with(&[("direction", direction)]);
             self.volume_resync_bytes.remove(&labels);
@@ -436,6 +437,10 @@ impl AgentMetrics {
         self.volume_resync_rate.get_or_create(&base).set(gauge(rate));
         self.volume_resync_eta.get_or_create(&base).set(gauge(eta));
         self.volume_nbd_clients.get_or_create(&base).set(gauge(status.nbd_clients as u64));
+        if let Some(version) = status.protocol_version {
+            let labels = with(&[("protocol", "replication")]);
+            self.peer_protocol_version.get_or_create(&labels).set(i64::from(version));
+        }
 
         let now = VolumeTotals::of(status);
         let Ok(mut seen) = self.volume_totals_seen.lock() else { return };
@@ -641,6 +646,7 @@ mod tests {
                 "hapair_agent_volume_resync_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 16777216",
                 "hapair_agent_volume_replication_bytes_total{group=\"db/pg\",volume=\"data\",direction=\"sent\"} 17825792",
                 "hapair_agent_volume_nbd_clients{group=\"db/pg\",volume=\"data\"} 1",
+                "hapair_agent_peer_protocol_version{group=\"db/pg\",volume=\"data\",protocol=\"replication\"} 2",
                 "hapair_agent_volume_activity_log_transactions_total{group=\"db/pg\",volume=\"data\"} 3",
             ],
         );

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use hapair_agent::nbd::proto::{Action, Op, run_session};
 use hapair_agent::replication::generation::Generations;
 use hapair_agent::replication::wire::{
-    Envelope, Frame, Hello, PROTOCOL_VERSION, Resolution, WireDisk, WirePolicy, WireProtocol, WireRole, decode_all,
-    decode_frame, encode_envelope,
+    Envelope, Frame, HEADER_LEN, Hello, PROTOCOL_VERSION, Resolution, WireDisk, WirePolicy, WireProtocol, WireRole,
+    decode_all, decode_frame, encode_envelope,
 };
 
 fn corpus(target: &str) -> PathBuf {
@@ -33,8 +33,10 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 fn seed_frames() -> Vec<Frame> {
+    // The previous release's layout (version 1) first, so its seed file keeps its bytes.
     let hello = Hello {
-        version: PROTOCOL_VERSION,
+        version: 1,
+        speaks: hapair_agent::protocol::Range::V1,
         node: "node-a".into(),
         volume_uuid: [7; 16],
         size: 64 << 20,
@@ -43,6 +45,7 @@ fn seed_frames() -> Vec<Frame> {
         role: WireRole::Primary,
         crashed_primary: false,
         data_zeroed: true,
+        superseded: false,
         dirty_blocks: 3,
         promoted_epoch: 2,
         promoted_at_ms: 1_700_000_000_000,
@@ -50,6 +53,13 @@ fn seed_frames() -> Vec<Frame> {
         policy: WirePolicy::DiscardYoungerPrimary,
         protocol: WireProtocol::C,
         resolution: Some(Resolution::DiscardLocal),
+    };
+    let hello_v2 = Hello {
+        version: PROTOCOL_VERSION,
+        speaks: hapair_agent::protocol::Range { min: 1, max: 2 },
+        superseded: true,
+        role: WireRole::Secondary,
+        ..hello.clone()
     };
     vec![
         Frame::Hello(Box::new(hello)),
@@ -72,6 +82,7 @@ fn seed_frames() -> Vec<Frame> {
         Frame::State { role: WireRole::Secondary, disk: WireDisk::Inconsistent },
         Frame::StartResync,
         Frame::Goodbye { reason: "split brain".into() },
+        Frame::Hello(Box::new(hello_v2)),
     ]
 }
 
@@ -88,6 +99,13 @@ fn write_frame_seeds(dir: &Path) {
     let mut oversized = encode_envelope(&Envelope { epoch: 1, frame: Frame::Ping }).to_vec();
     oversized[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
     std::fs::write(dir.join("seed-oversized"), oversized).unwrap();
+    // Hellos in versions no release speaks: the decoder must refuse them, not misread them.
+    let hello = encode_envelope(&Envelope { epoch: 1, frame: seed_frames().swap_remove(0) }).to_vec();
+    for version in [0u32, 3] {
+        let mut bytes = hello.clone();
+        bytes[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&version.to_be_bytes());
+        std::fs::write(dir.join(format!("seed-hello-version-{version}")), bytes).unwrap();
+    }
 }
 
 fn nbd_seed(parts: &[&[u8]]) -> Vec<u8> {
@@ -166,6 +184,28 @@ fn frame_decoder_corpus_decodes_without_panics_and_round_trips() {
         }
     }
     assert!(decoded >= 20, "only {decoded} frames decoded from the corpus");
+}
+
+#[test]
+fn the_previous_release_hello_in_the_corpus_still_decodes_as_version_1() {
+    // seed-00 was written by the release before replication protocol version 2.
+    let data = std::fs::read(corpus("frame_decoder").join("seed-00")).unwrap();
+    let (frames, err) = decode_all(&data);
+    assert_eq!(err, None);
+    let [Envelope { frame: Frame::Hello(h), .. }] = frames.as_slice() else { panic!("{frames:?}") };
+    assert_eq!((h.version, h.speaks, h.superseded), (1, hapair_agent::protocol::Range::V1, false));
+    assert_eq!(h.node, "node-a");
+}
+
+#[test]
+fn hellos_in_unspoken_versions_are_refused() {
+    for version in [0, 3] {
+        let data = std::fs::read(corpus("frame_decoder").join(format!("seed-hello-version-{version}"))).unwrap();
+        let (frames, err) = decode_all(&data);
+        assert!(frames.is_empty(), "version {version}: {frames:?}");
+        let reason = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(reason.contains(&format!("protocol version {version}, this side speaks 1 to 2")), "{reason}");
+    }
 }
 
 #[test]

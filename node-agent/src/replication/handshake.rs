@@ -3,6 +3,10 @@
 //! Both sides run [`decide`] on the same two [`Hello`]s (each from its own point of view)
 //! and reach mirrored decisions, so no negotiation round is needed:
 //! `decide(a, b) == decide(b, a).mirror()`.
+//!
+//! The two hellos may be in different layout versions during a rolling upgrade; a field
+//! only the newer layout carries counts only when both hellos carry it (see [`both_speak`]),
+//! because each side must decide on exactly what the other one knows.
 
 use super::generation::{Relation, compare};
 use super::split_brain::{self, ResolvedBy, Verdict};
@@ -37,7 +41,14 @@ pub enum SyncReason {
     OutOfSyncBlocks,
     /// A split brain was resolved; the target's changes are discarded.
     SplitBrainResolved(ResolvedBy),
+    /// The target was fenced while primary and the source has been promoted in a newer
+    /// epoch since: the target's writes after its fence, refused to its clients, are
+    /// discarded.
+    Superseded,
 }
+
+/// How a discard record names the rule that discarded a superseded primary's writes.
+pub const SUPERSEDED_LABEL: &str = "superseded-primary";
 
 impl SyncReason {
     pub fn label(&self) -> String {
@@ -47,6 +58,19 @@ impl SyncReason {
             SyncReason::CrashedPrimary => "primary crashed; resyncing its activity-log extents".into(),
             SyncReason::OutOfSyncBlocks => "resyncing blocks marked out of sync".into(),
             SyncReason::SplitBrainResolved(by) => format!("split brain resolved by {}", by.label()),
+            SyncReason::Superseded => {
+                "the target was fenced as primary and a newer primary has served since; its later writes are discarded"
+                    .into()
+            }
+        }
+    }
+
+    /// The rule a discard record names, when this resync discards the target's changes.
+    pub fn discards(&self) -> Option<&'static str> {
+        match self {
+            SyncReason::SplitBrainResolved(by) => Some(by.label()),
+            SyncReason::Superseded => Some(SUPERSEDED_LABEL),
+            _ => None,
         }
     }
 }
@@ -91,11 +115,56 @@ fn consistent(d: WireDisk) -> bool {
     d != WireDisk::Inconsistent
 }
 
+/// Whether both hellos are in layout `version` or later.
+pub fn both_speak(a: &Hello, b: &Hello, version: u32) -> bool {
+    a.version.min(b.version) >= version
+}
+
+/// When one replica was fenced as primary and the other promoted in a newer epoch since,
+/// whether the local one is the newer primary (the source). The fenced one stopped serving
+/// at its fence: every write it took after that was refused to its writer, so the newer
+/// primary's data is the only one any client has relied on since. This is what keeps a
+/// primary isolated under writes from coming back as a split brain; a real split brain
+/// (both served) has no fenced side and still goes by the policy.
+fn superseded(a: &Hello, b: &Hello) -> Option<bool> {
+    if !both_speak(a, b, 2) {
+        return None;
+    }
+    if a.superseded && b.promoted_epoch > a.promoted_epoch {
+        return Some(false);
+    }
+    if b.superseded && a.promoted_epoch > b.promoted_epoch {
+        return Some(true);
+    }
+    None
+}
+
 /// Decides what the connection does, from the local replica's point of view.
 pub fn decide(local: &Hello, peer: &Hello) -> Decision {
     let (a, b) = (local, peer);
+    let superseded = superseded(a, b);
     if a.role == WireRole::Primary && b.role == WireRole::Primary {
+        if let Some(local_is_source) = superseded {
+            let old = if local_is_source { b } else { a };
+            return Decision::Refuse {
+                reason: format!(
+                    "{} was fenced as primary in epoch {} and is not demoted yet; it resyncs from the newer primary once it is",
+                    old.node, old.promoted_epoch
+                ),
+            };
+        }
         return Decision::SplitBrain { reason: "both replicas are primary".into() };
+    }
+    if let Some(local_is_source) = superseded {
+        match compare(&a.gens, &b.gens) {
+            Relation::LocalNewer { full } | Relation::PeerNewer { full } | Relation::Diverged { full } => {
+                return directed(a, b, local_is_source, full, SyncReason::Superseded);
+            }
+            Relation::Same if a.dirty_blocks > 0 || b.dirty_blocks > 0 => {
+                return directed(a, b, local_is_source, false, SyncReason::Superseded);
+            }
+            Relation::Same | Relation::BothJustCreated | Relation::Unrelated => {}
+        }
     }
     match compare(&a.gens, &b.gens) {
         Relation::BothJustCreated => {
@@ -193,6 +262,7 @@ fn same_generation(a: &Hello, b: &Hello) -> Decision {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::protocol::Range;
     use crate::replication::generation::{Generations, JUST_CREATED};
     use crate::replication::wire::{PROTOCOL_VERSION, Resolution, WirePolicy, WireProtocol};
     use rand::{Rng, SeedableRng};
@@ -200,6 +270,7 @@ mod tests {
     fn hello(node: &str, current: u64, bitmap: u64) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
+            speaks: Range::ours(),
             node: node.into(),
             volume_uuid: [1; 16],
             size: 1 << 30,
@@ -208,6 +279,7 @@ mod tests {
             role: WireRole::Secondary,
             crashed_primary: false,
             data_zeroed: false,
+            superseded: false,
             dirty_blocks: 0,
             promoted_epoch: 0,
             promoted_at_ms: 0,
@@ -345,6 +417,63 @@ mod tests {
         assert!(matches!(both(&a, &b), Decision::SplitBrain { .. }));
     }
 
+    /// The isolation case: `a`, primary in epoch 2, lost its lease and fenced with writes
+    /// its peer never got; `b` was promoted in epoch 3 and wrote as well.
+    fn isolated_pair() -> (Hello, Hello) {
+        let mut a = hello("a", 300, 100);
+        a.superseded = true;
+        a.promoted_epoch = 2;
+        a.dirty_blocks = 4;
+        let mut b = hello("b", 400, 100);
+        b.role = WireRole::Primary;
+        b.promoted_epoch = 3;
+        b.dirty_blocks = 9;
+        (a, b)
+    }
+
+    #[test]
+    fn a_superseded_primary_resyncs_from_the_newer_one_instead_of_a_split_brain() {
+        let (a, b) = isolated_pair();
+        let want = Decision::Resync { local_is_source: false, full: false, reason: SyncReason::Superseded };
+        assert_eq!(both(&a, &b), want);
+        assert_eq!(SyncReason::Superseded.discards(), Some(SUPERSEDED_LABEL));
+        // The newer primary need not be serving any more: its epoch is what counts.
+        let mut b_demoted = b.clone();
+        b_demoted.role = WireRole::Secondary;
+        assert_eq!(both(&a, &b_demoted), want);
+        // The fenced one holding the newer generation (the new primary never wrote) still
+        // yields, with its bitmap saying what to take back.
+        let b_idle = Hello { gens: Generations { current: 100, bitmap: 0, history: [0, 0] }, dirty_blocks: 0, ..b };
+        assert_eq!(
+            both(&a, &b_idle),
+            Decision::Resync { local_is_source: false, full: false, reason: SyncReason::Superseded }
+        );
+    }
+
+    #[test]
+    fn a_superseded_primary_not_yet_demoted_waits_rather_than_a_split_brain() {
+        let (mut a, b) = isolated_pair();
+        a.role = WireRole::Primary;
+        let Decision::Refuse { reason } = both(&a, &b) else { panic!("expected a refusal") };
+        assert!(reason.contains("a was fenced as primary in epoch 2 and is not demoted yet"), "{reason}");
+    }
+
+    #[test]
+    fn superseded_counts_only_against_a_newer_epoch_and_only_in_version_2() {
+        let (mut a, mut b) = isolated_pair();
+        // A fence older than nothing: the other side was not promoted after it.
+        b.promoted_epoch = 2;
+        assert!(matches!(both(&a, &b), Decision::SplitBrain { .. }));
+        b.promoted_epoch = 3;
+        // A previous-release peer cannot know the flag, so neither side uses it.
+        b.version = 1;
+        b.speaks = Range::V1;
+        assert!(matches!(both(&a, &b), Decision::SplitBrain { .. }));
+        b.version = PROTOCOL_VERSION;
+        a.version = 1;
+        assert!(matches!(both(&a, &b), Decision::SplitBrain { .. }));
+    }
+
     #[test]
     fn operator_resolution_beats_policy() {
         let mut a = hello("a", 300, 100);
@@ -389,6 +518,8 @@ mod tests {
                 x.disk = [WireDisk::UpToDate, WireDisk::Inconsistent, WireDisk::Outdated][rng.random_range(0..3)];
                 x.role = if rng.random_bool(0.3) { WireRole::Primary } else { WireRole::Secondary };
                 x.crashed_primary = rng.random_bool(0.2);
+                x.superseded = rng.random_bool(0.3);
+                x.version = if rng.random_bool(0.2) { 1 } else { PROTOCOL_VERSION };
                 x.data_zeroed = rng.random_bool(0.5);
                 x.dirty_blocks = rng.random_range(0..3);
                 x.promoted_epoch = rng.random_range(0..3);

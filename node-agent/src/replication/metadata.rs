@@ -36,6 +36,9 @@ pub mod flags {
     pub const CRASHED_PRIMARY: u32 = 2;
     /// The data area is known to be all zeroes (hapair created the sparse file itself).
     pub const DATA_ZEROED: u32 = 4;
+    /// The replica was fenced while primary in `promoted_epoch` and has not served since;
+    /// announced in the handshake as `superseded` (see `handshake`).
+    pub const SUPERSEDED: u32 = 8;
 }
 
 /// The persisted part of a replica's disk state.

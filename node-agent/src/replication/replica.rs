@@ -307,6 +307,7 @@ fn machine_config(
         handshake_timeout_ms: ms(timing.handshake_timeout),
         bitmap_flush_interval_ms: ms(timing.bitmap_flush),
         layout,
+        speaks: crate::protocol::Range::ours(),
     }
 }
 

@@ -27,6 +27,9 @@ pub struct ReplicaStatus {
     pub split_brain: Option<String>,
     pub refused: Option<String>,
     pub crashed_primary: bool,
+    pub superseded: bool,
+    /// The replication protocol version agreed with the peer on the current connection.
+    pub protocol_version: Option<u32>,
     pub writes_allowed: bool,
     pub reads_allowed: bool,
     pub generations: Generations,
@@ -60,6 +63,8 @@ impl ReplicaStatus {
             split_brain: s.split_brain,
             refused: s.refused,
             crashed_primary: s.crashed_primary,
+            superseded: s.superseded,
+            protocol_version: s.protocol_version,
             writes_allowed: s.writes_allowed,
             reads_allowed: s.reads_allowed,
             generations: s.generations,
@@ -113,6 +118,9 @@ impl ReplicaEvent {
             ReplicaEvent::SplitBrain { .. } => ("SplitBrain", true),
             ReplicaEvent::SyncStarted { .. } => ("ResyncStarted", false),
             ReplicaEvent::SyncFinished { .. } => ("ResyncFinished", false),
+            ReplicaEvent::Discarded(d) if d.resolved_by == super::handshake::SUPERSEDED_LABEL => {
+                ("SupersededWritesDiscarded", true)
+            }
             ReplicaEvent::Discarded(_) => ("SplitBrainDiscarded", true),
             ReplicaEvent::VerifyFinished { mismatched, .. } => {
                 if mismatched.is_empty() {
@@ -153,6 +161,8 @@ pub(crate) mod tests {
             split_brain: None,
             refused: None,
             crashed_primary: false,
+            superseded: false,
+            protocol_version: Some(2),
             generations: Generations::default(),
             last_discard: None,
             last_verify_mismatches: None,

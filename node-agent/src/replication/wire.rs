@@ -23,7 +23,10 @@ pub const HEADER_LEN: usize = 20;
 pub const MAX_PAYLOAD: usize = (4 << 20) + 256;
 /// Largest data carried by a single data, resync-reply or verify range.
 pub const MAX_DATA: u32 = 4 << 20;
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest handshake layout this build reads and writes (see [`Hello`]).
+pub const PROTOCOL_VERSION: u32 = crate::protocol::CURRENT as u32;
+/// The oldest one it still reads: the previous release's.
+pub const OLDEST_PROTOCOL_VERSION: u32 = crate::protocol::OLDEST as u32;
 const MAX_NAME: usize = 253;
 const MAX_REASON: usize = 1024;
 
@@ -87,9 +90,16 @@ pub enum Resolution {
 }
 
 /// What each side announces when a connection opens.
+///
+/// `version` is the layout the hello is written in. Version 1 is the previous release's,
+/// byte for byte; version 2 appends the range of versions the sender speaks and may set
+/// the `superseded` flag. Both sides use the fields only the newer layout carries only
+/// when both hellos are in it, so the two decisions stay mirrored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u32,
+    /// The versions the sender speaks; a version 1 hello implies `1..=1`.
+    pub speaks: crate::protocol::Range,
     pub node: String,
     pub volume_uuid: [u8; 16],
     pub size: u64,
@@ -98,6 +108,10 @@ pub struct Hello {
     pub role: WireRole,
     pub crashed_primary: bool,
     pub data_zeroed: bool,
+    /// The replica was fenced while primary in `promoted_epoch` (its lease ran out, or a
+    /// newer epoch appeared) and has not served since: what it wrote after that is what a
+    /// newer primary's clients never saw. Version 2 and later.
+    pub superseded: bool,
     pub dirty_blocks: u64,
     pub promoted_epoch: u64,
     pub promoted_at_ms: u64,
@@ -585,7 +599,8 @@ fn encode_hello(h: &Hello, b: &mut BytesMut) {
     put_gens(b, &h.gens);
     b.put_u8(disk_code(h.disk));
     b.put_u8(role_code(h.role));
-    b.put_u8(u8::from(h.crashed_primary) | (u8::from(h.data_zeroed) << 1));
+    let superseded = h.version >= 2 && h.superseded;
+    b.put_u8(u8::from(h.crashed_primary) | (u8::from(h.data_zeroed) << 1) | (u8::from(superseded) << 2));
     b.put_u64(h.dirty_blocks);
     b.put_u64(h.promoted_epoch);
     b.put_u64(h.promoted_at_ms);
@@ -604,25 +619,33 @@ fn encode_hello(h: &Hello, b: &mut BytesMut) {
         Some(Resolution::DiscardLocal) => 1,
         Some(Resolution::KeepLocal) => 2,
     });
+    if h.version >= 2 {
+        b.put_u32(u32::from(h.speaks.min));
+        b.put_u32(u32::from(h.speaks.max));
+    }
 }
 
 fn decode_hello(p: &mut Bytes) -> Result<Hello, WireError> {
     const K: u8 = 1;
     at_least(K, p, 6)?;
     let version = p.get_u32();
-    if version != PROTOCOL_VERSION {
-        return Err(bad(K, format!("protocol version {version}, this side speaks {PROTOCOL_VERSION}")));
+    if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        return Err(bad(
+            K,
+            format!("protocol version {version}, this side speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"),
+        ));
     }
     let name_len = p.get_u16() as usize;
     if name_len == 0 || name_len > MAX_NAME {
         return Err(bad(K, format!("node name of {name_len} bytes")));
     }
-    let rest = name_len + 16 + 8 + 32 + 3 + 32 + 3;
+    let trailer = if version >= 2 { 8 } else { 0 };
+    let rest = name_len + 16 + 8 + 32 + 3 + 32 + 3 + trailer;
     if p.len() != rest {
         return Err(WireError::BadLength {
             kind: "hello",
             len: p.len() + 6,
-            expected: format!("expected {}", rest + 6),
+            expected: format!("expected {} for version {version}", rest + 6),
         });
     }
     let node = std::str::from_utf8(&p.split_to(name_len)).map_err(|_| bad(K, "node name is not UTF-8"))?.to_string();
@@ -633,8 +656,9 @@ fn decode_hello(p: &mut Bytes) -> Result<Hello, WireError> {
     let disk = disk_from(p.get_u8()).ok_or_else(|| bad(K, "unknown disk state"))?;
     let role = role_from(p.get_u8()).ok_or_else(|| bad(K, "unknown role"))?;
     let fl = p.get_u8();
-    if fl & !3 != 0 {
-        return Err(bad(K, format!("undefined flags {fl:#04x}")));
+    let defined = if version >= 2 { 7 } else { 3 };
+    if fl & !defined != 0 {
+        return Err(bad(K, format!("undefined flags {fl:#04x} for version {version}")));
     }
     let dirty_blocks = p.get_u64();
     let promoted_epoch = p.get_u64();
@@ -657,8 +681,20 @@ fn decode_hello(p: &mut Bytes) -> Result<Hello, WireError> {
         2 => Some(Resolution::KeepLocal),
         other => return Err(bad(K, format!("unknown resolution {other}"))),
     };
+    let speaks = if version >= 2 {
+        let (min, max) = (p.get_u32(), p.get_u32());
+        // A sender speaks the version it writes in.
+        if min > version || max < version {
+            return Err(bad(K, format!("a version {version} hello announcing versions {min} to {max}")));
+        }
+        let small = |v: u32| u8::try_from(v).map_err(|_| bad(K, format!("protocol version {v} out of range")));
+        crate::protocol::Range { min: small(min)?, max: small(max)? }
+    } else {
+        crate::protocol::Range::V1
+    };
     Ok(Hello {
         version,
+        speaks,
         node,
         volume_uuid,
         size,
@@ -667,6 +703,7 @@ fn decode_hello(p: &mut Bytes) -> Result<Hello, WireError> {
         role,
         crashed_primary: fl & 1 != 0,
         data_zeroed: fl & 2 != 0,
+        superseded: fl & 4 != 0,
         dirty_blocks,
         promoted_epoch,
         promoted_at_ms,
@@ -764,6 +801,7 @@ mod tests {
     pub(crate) fn sample_hello() -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
+            speaks: crate::protocol::Range::ours(),
             node: "node-a".into(),
             volume_uuid: [3; 16],
             size: 1 << 30,
@@ -772,6 +810,7 @@ mod tests {
             role: WireRole::Primary,
             crashed_primary: true,
             data_zeroed: false,
+            superseded: true,
             dirty_blocks: 12,
             promoted_epoch: 4,
             promoted_at_ms: 99,
@@ -782,9 +821,15 @@ mod tests {
         }
     }
 
+    /// The hello the previous release sends: layout version 1.
+    fn v1_hello() -> Hello {
+        Hello { version: 1, speaks: crate::protocol::Range::V1, superseded: false, ..sample_hello() }
+    }
+
     pub(crate) fn samples() -> Vec<Frame> {
         vec![
             Frame::Hello(Box::new(sample_hello())),
+            Frame::Hello(Box::new(v1_hello())),
             Frame::Data { seq: 1, offset: 4096, fua: true, data: Bytes::from(vec![7u8; 8192]) },
             Frame::Ack { seq: 1, ok: true },
             Frame::Ack { seq: 2, ok: false },
@@ -883,6 +928,59 @@ mod tests {
         assert!(bulk.is_none());
         hello[HEADER_LEN + 5] = 200;
         assert!(matches!(decode_frame(&mut hello), Err(WireError::BadLength { kind: "hello", .. })));
+    }
+
+    fn encoded(h: Hello) -> BytesMut {
+        let mut b = BytesMut::new();
+        FrameCodec::default().encode(Frame::Hello(Box::new(h)), &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_version_1_hello_is_the_previous_release_layout() {
+        let v1 = encoded(v1_hello());
+        let v2 = encoded(sample_hello());
+        // Version 2 appends exactly the announced range; everything before it is unchanged,
+        // apart from the version number and the flag only version 2 defines.
+        assert_eq!(v2.len(), v1.len() + 8);
+        assert_eq!(&v1[HEADER_LEN..HEADER_LEN + 4], &1u32.to_be_bytes());
+        assert_eq!(&v2[v2.len() - 8..], &[0, 0, 0, 1, 0, 0, 0, 2]);
+        // A version 1 hello never carries the version 2 flag, even when the replica is
+        // superseded: the previous release would refuse the whole hello for it.
+        let superseded_v1 = encoded(Hello { superseded: true, ..v1_hello() });
+        assert_eq!(superseded_v1, v1);
+    }
+
+    #[test]
+    fn hellos_in_versions_this_side_does_not_speak_are_refused_naming_both() {
+        for version in [0u32, PROTOCOL_VERSION + 1] {
+            let mut b = encoded(sample_hello());
+            b[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&version.to_be_bytes());
+            let Err(WireError::BadField { kind: "hello", reason }) = decode_frame(&mut b) else {
+                panic!("version {version} was accepted")
+            };
+            assert!(reason.contains(&format!("protocol version {version}")), "{reason}");
+            assert!(reason.contains(&format!("speaks 1 to {PROTOCOL_VERSION}")), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_version_1_hello_with_the_version_2_flag_or_trailer_is_refused() {
+        let mut b = encoded(v1_hello());
+        let flags_at = b.len() - 3 - 32 - 1;
+        b[flags_at] |= 4;
+        let Err(WireError::BadField { reason, .. }) = decode_frame(&mut b) else { panic!("flag 4 accepted in v1") };
+        assert!(reason.contains("undefined flags 0x05 for version 1"), "{reason}");
+        // A version 2 layout labelled version 1 has the wrong length for it.
+        let mut b = encoded(sample_hello());
+        b[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&1u32.to_be_bytes());
+        assert!(matches!(decode_frame(&mut b), Err(WireError::BadLength { kind: "hello", .. })));
+        // A version 2 hello must speak its own version.
+        let mut b = encoded(sample_hello());
+        let n = b.len();
+        b[n - 4..].copy_from_slice(&1u32.to_be_bytes());
+        let Err(WireError::BadField { reason, .. }) = decode_frame(&mut b) else { panic!("range 1..1 accepted in v2") };
+        assert!(reason.contains("a version 2 hello announcing versions 1 to 1"), "{reason}");
     }
 
     #[test]

@@ -5,12 +5,29 @@ use super::{ConnId, Link, Machine, Phase, RETRY_LATER_MS, RETRY_SOON_MS, ReqId, 
 use crate::replication::geometry::{BLOCK_SIZE, blocks_touched};
 use crate::replication::handshake::{self, Decision, SyncReason};
 use crate::replication::metadata::{StoredDisk, flags};
-use crate::replication::wire::{Envelope, Frame, Hello, PROTOCOL_VERSION, WireDisk, WireRole};
+use crate::replication::wire::{Envelope, Frame, Hello, WireDisk, WireRole};
 
 impl Machine {
+    /// The layout version of the next hello.
+    fn hello_version(&self) -> u32 {
+        let ours = self.cfg.speaks;
+        let version = match self.peer_speaks {
+            None => ours.max,
+            Some(peer) => crate::protocol::negotiate(ours, peer).unwrap_or(ours.min),
+        };
+        u32::from(version)
+    }
+
+    /// The version this connection's handshake was decided in, once both hellos are known.
+    pub(super) fn agreed_version(&self) -> Option<u32> {
+        let link = self.link.as_ref()?;
+        link.peer.as_ref().map(|p| p.version.min(link.local_hello.version))
+    }
+
     pub(super) fn hello(&self) -> Hello {
         Hello {
-            version: PROTOCOL_VERSION,
+            version: self.hello_version(),
+            speaks: self.cfg.speaks,
             node: self.cfg.node.clone(),
             volume_uuid: self.sb.volume_uuid,
             size: self.sb.data_size,
@@ -19,6 +36,7 @@ impl Machine {
             role: self.wire_role(),
             crashed_primary: self.sb.has(flags::CRASHED_PRIMARY),
             data_zeroed: self.sb.has(flags::DATA_ZEROED),
+            superseded: self.sb.has(flags::SUPERSEDED),
             dirty_blocks: self.bitmap.count(),
             promoted_epoch: self.sb.promoted_epoch,
             promoted_at_ms: self.sb.promoted_at_ms,
@@ -228,6 +246,12 @@ impl Machine {
 
     fn on_hello(&mut self, conn: ConnId, peer: Hello) {
         let Some(local) = self.link.as_ref().map(|l| l.local_hello.clone()) else { return };
+        if let Err(reason) = self.check_peer_version(&peer) {
+            self.refused = Some(reason.clone());
+            self.event(ReplicaEvent::PeerRefused { reason: reason.clone() });
+            self.close(conn, &reason, RETRY_LATER_MS);
+            return;
+        }
         if let Err(reason) = handshake::check_peer(&local, &peer, &self.cfg.peer) {
             self.refused = Some(reason.clone());
             self.event(ReplicaEvent::PeerRefused { reason: reason.clone() });
@@ -248,9 +272,11 @@ impl Machine {
                 self.split_brain = None;
                 self.set_phase(Phase::Ready);
                 self.event(ReplicaEvent::Connected { peer: self.cfg.peer.clone() });
-                if self.sb.has(flags::CRASHED_PRIMARY) {
-                    self.sb.set_flag(flags::CRASHED_PRIMARY, false);
-                    self.sb_dirty = true;
+                for flag in [flags::CRASHED_PRIMARY, flags::SUPERSEDED] {
+                    if self.sb.has(flag) {
+                        self.sb.set_flag(flag, false);
+                        self.sb_dirty = true;
+                    }
                 }
             }
             Decision::InitialSkip { current } => {
@@ -272,10 +298,7 @@ impl Machine {
             Decision::Resync { local_is_source, full, reason } => {
                 self.split_brain = None;
                 self.event(ReplicaEvent::Connected { peer: self.cfg.peer.clone() });
-                let resolved_by = match reason {
-                    SyncReason::SplitBrainResolved(by) => Some(by.label().to_string()),
-                    _ => None,
-                };
+                let resolved_by = reason.discards().map(str::to_string);
                 self.begin_sync(conn, local_is_source, full, reason, resolved_by);
             }
             Decision::WaitForForce { reason } => {
@@ -293,6 +316,23 @@ impl Machine {
                 self.close(conn, &reason, RETRY_LATER_MS);
             }
         }
+    }
+
+    /// Learns which versions the peer speaks, and refuses a peer this side cannot talk to:
+    /// a hello in a newer layout than this replica speaks is what the previous release's
+    /// decoder refuses, so a replica told to speak only that version refuses it too.
+    fn check_peer_version(&mut self, peer: &Hello) -> Result<(), String> {
+        let ours = self.cfg.speaks;
+        if peer.version > u32::from(ours.max) {
+            return Err(format!(
+                "peer {} sent a version {} handshake; this replica speaks replication protocol versions {} to {}",
+                self.cfg.peer, peer.version, ours.min, ours.max
+            ));
+        }
+        self.peer_speaks = Some(peer.speaks);
+        crate::protocol::negotiate(ours, peer.speaks)
+            .map(|_| ())
+            .map_err(|e| format!("peer {}: replication protocol: {e}", self.cfg.peer))
     }
 
     pub(super) fn set_phase(&mut self, phase: Phase) {

@@ -67,6 +67,9 @@ pub struct MachineConfig {
     pub handshake_timeout_ms: u64,
     pub bitmap_flush_interval_ms: u64,
     pub layout: Layout,
+    /// The replication protocol versions this replica speaks: the build's, or fewer when
+    /// the agent was told to speak an older version for a rolling upgrade.
+    pub speaks: crate::protocol::Range,
 }
 
 const RETRY_SOON_MS: u64 = 200;
@@ -144,6 +147,10 @@ pub struct Machine {
     link: Option<Link>,
     last_peer_disk: Option<WireDisk>,
     last_peer_role: Option<WireRole>,
+    /// What the peer last announced it speaks; the next hello is written in the version
+    /// both speak. Unknown, it is this side's highest: an older peer refuses that hello but
+    /// sends its own, which is enough to step down on the next connection.
+    peer_speaks: Option<crate::protocol::Range>,
     split_brain: Option<String>,
     refused: Option<String>,
     resolution: Option<Resolution>,
@@ -186,6 +193,7 @@ impl Machine {
             link: None,
             last_peer_disk: None,
             last_peer_role: None,
+            peer_speaks: None,
             split_brain: None,
             refused: None,
             resolution: None,

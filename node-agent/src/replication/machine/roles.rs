@@ -99,6 +99,7 @@ impl Machine {
         }
         self.role = Role::Primary;
         self.fenced = false;
+        self.sb.set_flag(flags::SUPERSEDED, false);
         self.split_brain = None;
         self.refused = None;
         self.sb.known_epoch = self.sb.known_epoch.max(epoch);
@@ -203,9 +204,17 @@ impl Machine {
         self.sb.known_epoch = epoch;
         self.sb_dirty = true;
         if self.role == Role::Primary && epoch > self.sb.promoted_epoch && !self.fenced {
-            self.fenced = true;
-            self.event(ReplicaEvent::Fenced { epoch, reason: reason.to_string() });
+            self.fence(epoch, reason);
         }
+    }
+
+    /// Stops taking writes as primary, and remembers it on disk: the handshake with a
+    /// primary of a newer epoch then knows this replica's later changes were never served.
+    fn fence(&mut self, epoch: u64, reason: &str) {
+        self.fenced = true;
+        self.sb.set_flag(flags::SUPERSEDED, true);
+        self.persist(None, false);
+        self.event(ReplicaEvent::Fenced { epoch, reason: reason.to_string() });
     }
 
     /// Fences a primary whose engine lost its lease. Writes still waiting for the peer are
@@ -214,8 +223,7 @@ impl Machine {
     /// there.
     pub(super) fn on_lease_lost(&mut self, reason: &str) {
         if self.role == Role::Primary && !self.fenced {
-            self.fenced = true;
-            self.event(ReplicaEvent::Fenced { epoch: self.sb.known_epoch, reason: reason.to_string() });
+            self.fence(self.sb.known_epoch, reason);
         }
     }
 

@@ -45,6 +45,10 @@ pub struct Snapshot {
     pub split_brain: Option<String>,
     pub refused: Option<String>,
     pub crashed_primary: bool,
+    /// Fenced as primary and not served since (see `handshake`).
+    pub superseded: bool,
+    /// The replication protocol version the current connection's handshake used.
+    pub protocol_version: Option<u32>,
     pub generations: crate::replication::generation::Generations,
     pub last_discard: Option<DiscardRecord>,
     pub last_verify_mismatches: Option<Vec<(u64, u64)>>,
@@ -110,6 +114,8 @@ impl Machine {
             split_brain: self.split_brain.clone(),
             refused: self.refused.clone(),
             crashed_primary: self.sb.has(flags::CRASHED_PRIMARY),
+            superseded: self.sb.has(flags::SUPERSEDED),
+            protocol_version: self.agreed_version(),
             generations: self.sb.gens,
             last_discard: self.last_discard.as_ref().map(|d| DiscardRecord {
                 local_discarded: d.local_discarded,

@@ -197,6 +197,7 @@ impl Machine {
         self.sb.gens = gens;
         self.sb.set_flag(flags::CRASHED_PRIMARY, false);
         self.sb.set_flag(flags::DATA_ZEROED, false);
+        self.sb.set_flag(flags::SUPERSEDED, false);
         self.set_disk(StoredDisk::UpToDate, "resync completed");
         self.persist(Some(IoTag::Meta(MetaPurpose::SyncTargetDone(conn))), true);
     }
@@ -212,6 +213,7 @@ impl Machine {
         self.sb.gens = expected;
         self.sb.set_flag(flags::CRASHED_PRIMARY, false);
         self.sb.set_flag(flags::DATA_ZEROED, false);
+        self.sb.set_flag(flags::SUPERSEDED, false);
         let (bytes, elapsed) = self
             .link
             .as_ref()

@@ -34,6 +34,7 @@ fn config(node: &str, peer: &str) -> MachineConfig {
         handshake_timeout_ms: 2000,
         bitmap_flush_interval_ms: 1000,
         layout: layout(),
+        speaks: crate::protocol::Range { min: 1, max: 2 },
     }
 }
 
@@ -77,6 +78,31 @@ fn sb_write(m: &Machine, seq: u64) -> MetaStep {
     let mut sb = m.sb.clone();
     sb.seq = seq;
     MetaStep::Write { offset: m.cfg.layout.superblock_offset((seq % 2) as usize), bytes: sb.encode() }
+}
+
+/// The flags of every superblock an output list writes.
+fn persisted_flags(out: &[Output]) -> Vec<u32> {
+    let mut found = Vec::new();
+    for o in out {
+        if let Output::Io(IoOp::Meta { steps, .. }) = o {
+            for step in steps {
+                if let MetaStep::Write { bytes, .. } = step
+                    && let crate::replication::metadata::SlotContent::Valid(sb) = Superblock::decode(bytes)
+                {
+                    found.push(sb.flags);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A fence: the superseded flag made durable, then the event.
+fn assert_fenced(out: &[Output], epoch: u64, reason: &str) {
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(matches!(&out[0], Output::Io(IoOp::Meta { tag: None, .. })), "{out:?}");
+    assert!(persisted_flags(out).iter().all(|f| f & flags::SUPERSEDED != 0), "{out:?}");
+    assert_eq!(out[1], Output::Event(ReplicaEvent::Fenced { epoch, reason: reason.into() }));
 }
 
 fn ok(req: ReqId) -> Output {
@@ -378,10 +404,8 @@ fn writes_from_a_superseded_epoch_close_the_connection() {
 fn a_primary_learning_a_newer_epoch_fences_itself() {
     let mut m = promoted("a", "b");
     let out = m.handle(1, Input::ObserveEpoch { epoch: 3 });
-    assert_eq!(
-        out,
-        vec![Output::Event(ReplicaEvent::Fenced { epoch: 3, reason: "the engine reported a newer epoch".into() })]
-    );
+    assert_fenced(&out, 3, "the engine reported a newer epoch");
+    assert!(m.snapshot().superseded);
     let e = refused(&m.handle(2, Input::Write { req: 1, offset: 0, data: Bytes::from_static(&[0; 512]), fua: false }));
     assert!(e.message.contains("fenced"), "{e}");
 }
@@ -870,7 +894,7 @@ fn a_fenced_primary_that_loses_its_peer_fails_the_writes_the_peer_never_acknowle
     m.handle(2, Input::IoDone { tag: IoTag::App(8), result: Ok(IoOutput::Done) });
     let reason = "the engine self-fenced: its lease ends unrenewed";
     let out = m.handle(3, Input::LeaseLost { reason: reason.into() });
-    assert_eq!(out, vec![Output::Event(ReplicaEvent::Fenced { epoch: 2, reason: reason.into() })]);
+    assert_fenced(&out, 2, reason);
     // The peer may serve in a newer epoch by now: the write must not be acknowledged.
     let out = m.handle(4, Input::Disconnected { conn: 1, reason: "peer b silent for 3000 ms".into() });
     assert!(!out.contains(&ok(8)), "a fenced primary acknowledged a write its peer never had: {out:?}");
@@ -883,4 +907,73 @@ fn a_fenced_primary_that_loses_its_peer_fails_the_writes_the_peer_never_acknowle
     // New writes are refused outright.
     let e = refused(&m.handle(5, Input::Write { req: 9, offset: 0, data: Bytes::from_static(&[0; 512]), fua: false }));
     assert!(e.message.contains("fenced"), "{e}");
+}
+
+#[test]
+fn sim_an_isolated_primary_resyncs_from_the_newer_one_and_records_what_it_discarded() {
+    let mut sim = fresh_pair();
+    sim.promote(0, 1);
+    sim.write(0, 0, 1, 4096);
+    sim.settle();
+    // The write in flight when every link dies: it lands on a's disk, never on b's.
+    let lost = sim.req();
+    sim.input(0, Input::Write { req: lost, offset: 4 << 20, data: Bytes::from(vec![0xa1; 4096]), fua: false });
+    while sim.exec_io(0) {}
+    sim.input(0, Input::LeaseLost { reason: "lease ended unrenewed".into() });
+    sim.cut();
+    assert!(sim.result(0, lost).is_err(), "a fenced primary acknowledged a write its peer never had");
+    assert_eq!(sim.nodes[0].disk[4 << 20], 0xa1);
+    sim.demote(0);
+    assert!(sim.snap(0).superseded, "the fence is remembered across the demotion");
+    sim.promote(1, 2);
+    sim.write(1, 8 << 20, 2, 4096);
+    sim.settle();
+    sim.connect();
+    sim.settle();
+    assert!(sim.same_data(), "a took b's data back");
+    assert_eq!(sim.nodes[0].disk[4 << 20], 0, "the refused write is gone");
+    assert_eq!(sim.nodes[0].disk[8 << 20], 2);
+    assert_eq!(sim.snap(0).split_brain, None);
+    assert!(!sim.snap(0).superseded, "in sync again: nothing superseded is left");
+    assert_eq!(sim.snap(0).protocol_version, Some(2));
+    let record = sim.nodes[0].events.iter().find_map(|e| match e {
+        ReplicaEvent::Discarded(d) => Some(d.clone()),
+        _ => None,
+    });
+    let record = record.unwrap_or_else(|| panic!("no discard record: {:?}", sim.nodes[0].events));
+    assert!(record.local_discarded);
+    assert_eq!(record.resolved_by, crate::replication::handshake::SUPERSEDED_LABEL);
+    assert!(record.ranges.iter().any(|&(off, len)| off <= 4 << 20 && (4 << 20) < off + len), "{record:?}");
+    assert_eq!(ReplicaEvent::Discarded(record).reason(), ("SupersededWritesDiscarded", true));
+}
+
+#[test]
+fn sim_a_replica_speaking_only_version_1_talks_version_1_and_a_newer_hello_is_refused() {
+    let g = Generations::just_created();
+    let mut old = config("b", "a");
+    old.speaks = crate::protocol::Range::V1;
+    let mut a = machine_with(config("a", "b"), g, StoredDisk::Inconsistent, 11);
+    let mut b = machine_with(old, g, StoredDisk::Inconsistent, 22);
+    a.sb.set_flag(flags::DATA_ZEROED, true);
+    b.sb.set_flag(flags::DATA_ZEROED, true);
+    let mut sim = Sim::new(a, b);
+    // First contact: a does not know b and writes version 2, which b refuses as the
+    // previous release would; a learns from b's own hello.
+    sim.connect();
+    sim.settle();
+    let refusal = sim.nodes[1].events.iter().find_map(|e| match e {
+        ReplicaEvent::PeerRefused { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    let refusal = refusal.unwrap_or_else(|| panic!("b accepted a version 2 hello: {:?}", sim.nodes[1].events));
+    assert!(
+        refusal.contains("peer a sent a version 2 handshake; this replica speaks replication protocol versions 1 to 1"),
+        "{refusal}"
+    );
+    // The next connection is in version 1 from both sides.
+    sim.connect();
+    sim.settle();
+    assert_eq!(sim.snap(0).protocol_version, Some(1));
+    assert_eq!(sim.snap(1).protocol_version, Some(1));
+    assert_eq!(sim.snap(0).connection, ConnectionState::Connected);
 }
