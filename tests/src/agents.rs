@@ -174,6 +174,11 @@ pub fn group(status: &serde_json::Value, key: &str) -> Option<serde_json::Value>
     status["groups"].as_array()?.iter().find(|g| g["key"] == key).cloned()
 }
 
+/// What the agent in `ns` reports of the volume `data` of the group [`GROUP`].
+pub fn volume_report(ns: &Netns) -> Option<serde_json::Value> {
+    group(&status(ns)?, GROUP)?["volumes"].as_array()?.iter().find(|v| v["name"] == "data").cloned()
+}
+
 /// The node's role in the group (`Primary`, `Standby`, …).
 pub fn role(ns: &Netns, key: &str) -> Option<String> {
     group(&status(ns)?, key)?["role"].as_str().map(str::to_string)

@@ -17,7 +17,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hapair_tests::agents::{Agent, BundleSpec, GROUP, bundle, group, metric, status, wait_role, write_file};
+use hapair_tests::agents::{
+    Agent, BundleSpec, GROUP, bundle, group, metric, status, volume_report, wait_role, write_file,
+};
 use hapair_tests::mounts::{AttachDirCleanup, attach_script};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::TwoServersAndClient;
@@ -37,10 +39,6 @@ fn in_mounts_of(pid: u32, script: &str) -> (bool, String) {
 
 fn monitor_report(ns: &Netns) -> Option<serde_json::Value> {
     group(&status(ns)?, GROUP)?["monitors"].as_array()?.iter().find(|m| m["name"] == "repl").cloned()
-}
-
-fn volume_report(ns: &Netns) -> Option<serde_json::Value> {
-    group(&status(ns)?, GROUP)?["volumes"].as_array()?.iter().find(|v| v["name"] == "data").cloned()
 }
 
 #[test]

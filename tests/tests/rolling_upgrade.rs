@@ -4,17 +4,19 @@
 //! the service switched over to it, then `a` is upgraded. After every step both agents
 //! hear each other, the standby stands by, and each reports the heartbeat version they
 //! agreed on; a client connecting every 5 ms sees answers throughout, with one outage:
-//! the switchover's.
+//! the switchover's. The group has a protocol C volume: after every step the standby's
+//! replica is UpToDate and connected, in the replication version both agents speak.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hapair_tests::agents::{Agent, GROUP, group, metric, role, status};
+use hapair_tests::agents::{Agent, GROUP, group, metric, role, status, volume_report};
 use hapair_tests::client_loop::ClientLoop;
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
 use hapair_tests::failover_bench::probe;
 use hapair_tests::failover_bench::{SERVICE_PORT, service_address};
+use hapair_tests::mounts::{AttachDirCleanup, attach_script};
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{A0, A1, B0, B1, C0, TwoServersAndClient};
 
@@ -28,6 +30,8 @@ const UP: Duration = Duration::from_secs(30);
 /// Longest silence the client may see outside the switchover.
 const MAX_GAP: Duration = Duration::from_secs(5);
 
+const VOLUME: &str = "data";
+
 fn manifest(dir: &Path) -> String {
     let pid_file = format!("'{}'/\"$HAPAIR_NODE\"-service.pid", dir.display());
     let start = format!(
@@ -35,8 +39,14 @@ fn manifest(dir: &Path) -> String {
     );
     let stop = format!("f={pid_file}; if [ -f \"$f\" ]; then kill \"$(cat \"$f\")\"; rm -f \"$f\"; fi");
     let failback = serde_json::json!({"mode": "manual"});
+    // The export attached with nbdfuse, as on a machine without the nbd module.
+    let helper = format!(
+        "HAPAIR_ATTACH_DIR={} {}",
+        dir.join("attach").display(),
+        attach_script().canonicalize().unwrap().display()
+    );
     let ms = |d: Duration| format!("{}ms", d.as_millis());
-    serde_json::json!({
+    let group = serde_json::json!({
         "apiVersion": "hapair.dev/v1alpha1",
         "kind": "HaGroup",
         "metadata": {"name": "web", "namespace": "default"},
@@ -50,12 +60,28 @@ fn manifest(dir: &Path) -> String {
             "failback": failback,
             "virtualIPs": [{"name": "www", "address": format!("{VIP}/24"), "interface": "eth0", "garp": {"count": 3, "interval": "100ms"}}],
             "flow": [
+                {"name": VOLUME, "volume": {"volumeRef": VOLUME, "attachCommand": format!("{helper} attach"), "detachCommand": format!("{helper} detach")}, "timeout": "60s"},
                 {"name": "service", "exec": {"start": start, "stop": stop}},
                 {"name": "service-ip", "virtualIP": {"name": "www"}},
             ],
         },
-    })
-    .to_string()
+    });
+    let volume = serde_json::json!({
+        "apiVersion": "hapair.dev/v1alpha1",
+        "kind": "ReplicatedVolume",
+        "metadata": {"name": VOLUME, "namespace": "default"},
+        "spec": {
+            "group": "web",
+            "size": "16Mi",
+            "protocol": "C",
+            "port": 7790,
+            "backing": [
+                {"node": "a", "path": dir.join("a.img").display().to_string(), "address": A1},
+                {"node": "b", "path": dir.join("b.img").display().to_string(), "address": B1},
+            ],
+        },
+    });
+    format!("{group}\n---\n{volume}\n")
 }
 
 fn has_vip(ns: &Netns) -> bool {
@@ -84,7 +110,8 @@ fn ask(topo: &TwoServersAndClient) -> Option<String> {
     topo.client.block_on(|| probe::ask(service_address(), Duration::from_millis(500))).map(|a| a.server)
 }
 
-/// `primary` serves, the other stands by; both hear each other and agree on `version`.
+/// `primary` serves, the other stands by in sync; both hear each other and agree on
+/// `version` of the heartbeat and of replication.
 fn check_pair(topo: &TwoServersAndClient, primary: &str, version: f64, step: &str) {
     let (p, s) = if primary == "a" { (&topo.a, &topo.b) } else { (&topo.b, &topo.a) };
     let ok = wait_for(UP, || {
@@ -93,6 +120,14 @@ fn check_pair(topo: &TwoServersAndClient, primary: &str, version: f64, step: &st
         let agreed = |ns: &Netns| {
             metric(ns, "hapair_agent_peer_protocol_version", "group=\"default/web\",protocol=\"heartbeat\"")
         };
+        let replicating = |ns: &Netns| {
+            metric(
+                ns,
+                "hapair_agent_peer_protocol_version",
+                "group=\"default/web\",volume=\"data\",protocol=\"replication\"",
+            )
+        };
+        let v = volume_report(s)?;
         (pg["role"] == "Primary"
             && has_vip(p)
             && pg["peerReachable"] == true
@@ -101,6 +136,10 @@ fn check_pair(topo: &TwoServersAndClient, primary: &str, version: f64, step: &st
             && !has_vip(s)
             && agreed(p)? == version
             && agreed(s)? == version
+            && v["diskState"] == "UpToDate"
+            && v["connection"] == "Connected"
+            && replicating(p)? == version
+            && replicating(s)? == version
             && ask(topo)? == primary)
             .then_some(())
     });
@@ -109,7 +148,7 @@ fn check_pair(topo: &TwoServersAndClient, primary: &str, version: f64, step: &st
         "{step}: {primary} does not serve with its peer standing by at version {version}:\n{}",
         describe(topo)
     );
-    println!("{step}: {primary} primary, peer standby, heartbeat version {version}");
+    println!("{step}: {primary} primary, peer standby in sync, heartbeat and replication version {version}");
 }
 
 /// The longest gap between two answers within [from, to).
@@ -121,8 +160,11 @@ fn longest_gap(answers: &[(Instant, String)], from: Instant, to: Instant) -> Dur
 #[test]
 fn a_rolling_upgrade_from_the_previous_protocol_version_has_only_the_switchover_outage() {
     require_root();
-    let topo = TwoServersAndClient::build().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Dropped after the network, which kills what the agents left in the namespaces.
+    let _attached = AttachDirCleanup(dir.path().join("attach"));
+    std::fs::create_dir_all(dir.path().join("attach")).unwrap();
+    let topo = TwoServersAndClient::build().unwrap();
     let controller = Controller::start(&topo.client, C0, dir.path(), &manifest(dir.path()));
     let mut homes = Vec::new();
     for (node, ns) in [("a", &topo.a), ("b", &topo.b)] {
@@ -134,10 +176,12 @@ fn a_rolling_upgrade_from_the_previous_protocol_version_has_only_the_switchover_
     }
     let mut a = agent("a", &homes[0], true);
     let mut b = agent("b", &homes[1], true);
+    // Both at once: a new volume is UpToDate only once both replicas have met. Then a,
+    // first by name, takes the service.
     a.start(&topo.a);
+    b.start(&topo.b);
     let up = wait_for(UP, || (role(&topo.a, GROUP)? == "Primary" && ask(&topo)? == "a").then_some(()));
     assert!(up.is_some(), "a does not serve:\n{}", describe(&topo));
-    b.start(&topo.b);
     check_pair(&topo, "a", 1.0, "both old");
 
     let client = ClientLoop::start(&topo.client);

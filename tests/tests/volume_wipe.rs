@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use hapair_agent::replication::store::{self, BackingPlan, MetaLocation, volume_uuid_bytes};
 use hapair_agent::replication::wipe::{Wiped, wipe};
-use hapair_tests::agents::{Agent, GROUP, group, group_manifest, role, status};
+use hapair_tests::agents::{Agent, GROUP, group_manifest, role, status, volume_report};
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
 use hapair_tests::mounts::{AttachDirCleanup, LoopGuard, attach_script};
-use hapair_tests::netns::{Netns, require_root, wait_for};
+use hapair_tests::netns::{require_root, wait_for};
 use hapair_tests::topology::{C0, TwoServersAndClient};
 
 const UP: Duration = Duration::from_secs(60);
@@ -57,10 +57,6 @@ fn volume_manifest(dir: &Path, name: &str, port: u16, policy: &str) -> String {
         a = dir.join(format!("{name}-a.img")).display(),
         b = dir.join(format!("{name}-b.img")).display()
     )
-}
-
-fn volume_report(ns: &Netns) -> Option<serde_json::Value> {
-    group(&status(ns)?, GROUP)?["volumes"].as_array()?.iter().find(|v| v["name"] == "data").cloned()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -36,7 +36,8 @@ pub mod flags {
     pub const CRASHED_PRIMARY: u32 = 2;
     /// The data area is known to be all zeroes (hapair created the sparse file itself).
     pub const DATA_ZEROED: u32 = 4;
-    /// The replica was fenced while primary in `promoted_epoch` and has not served since;
+    /// The replica was fenced at the end of its lease while primary in `promoted_epoch`,
+    /// and has not served since;
     /// announced in the handshake as `superseded` (see `handshake`).
     pub const SUPERSEDED: u32 = 8;
 }

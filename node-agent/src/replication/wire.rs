@@ -108,9 +108,9 @@ pub struct Hello {
     pub role: WireRole,
     pub crashed_primary: bool,
     pub data_zeroed: bool,
-    /// The replica was fenced while primary in `promoted_epoch` (its lease ran out, or a
-    /// newer epoch appeared) and has not served since: what it wrote after that is what a
-    /// newer primary's clients never saw. Version 2 and later.
+    /// The replica was fenced while primary in `promoted_epoch` because its engine's lease
+    /// ran out, and has not served since: what it holds that a newer primary lacks was
+    /// refused to its writers. Version 2 and later.
     pub superseded: bool,
     pub dirty_blocks: u64,
     pub promoted_epoch: u64,

@@ -7,6 +7,20 @@ use crate::replication::handshake::{self, Decision, SyncReason};
 use crate::replication::metadata::{StoredDisk, flags};
 use crate::replication::wire::{Envelope, Frame, Hello, WireDisk, WireRole};
 
+/// What the peer's hello version means for this connection.
+enum VersionCheck {
+    /// Both hellos are in the version both speak.
+    Agreed,
+    /// The peer wrote a layout this replica does not speak.
+    Unknown(String),
+    /// No version both accept.
+    Mismatch(String),
+    /// This side wrote the newer hello; the peer ends the connection (see `Link::outpaced`).
+    Outpaced,
+    /// This side wrote an older hello than both speak: start again in this version.
+    Renegotiate(u8),
+}
+
 impl Machine {
     /// The layout version of the next hello.
     fn hello_version(&self) -> u32 {
@@ -63,6 +77,8 @@ impl Machine {
             last_ping_ms: self.now,
             opened_ms: self.now,
             sync: None,
+            outpaced: false,
+            heard_goodbye: false,
         });
         self.send(conn, Frame::Hello(Box::new(hello)));
     }
@@ -95,6 +111,11 @@ impl Machine {
             self.last_peer_disk = Some(link.peer_disk);
             self.last_peer_role = Some(link.peer_role);
         }
+        if link.outpaced && !link.heard_goodbye {
+            // Closed without a goodbye after our newer hello: what the previous release's
+            // decoder does with a layout it does not know.
+            self.peer_speaks = Some(crate::protocol::Range::V1);
+        }
         self.verify = None;
         self.event(ReplicaEvent::Disconnected { reason: reason.to_string() });
     }
@@ -102,6 +123,7 @@ impl Machine {
     pub(super) fn on_frame(&mut self, conn: ConnId, env: Envelope) {
         let Some(link) = self.link.as_mut().filter(|l| l.conn == conn) else { return };
         link.last_rx_ms = self.now;
+        link.heard_goodbye |= matches!(env.frame, Frame::Goodbye { .. });
         let phase = link.phase.clone();
         let frame = env.frame;
         // Writes stamped with an older epoch come from a primary that has been superseded.
@@ -246,11 +268,35 @@ impl Machine {
 
     fn on_hello(&mut self, conn: ConnId, peer: Hello) {
         let Some(local) = self.link.as_ref().map(|l| l.local_hello.clone()) else { return };
-        if let Err(reason) = self.check_peer_version(&peer) {
-            self.refused = Some(reason.clone());
-            self.event(ReplicaEvent::PeerRefused { reason: reason.clone() });
-            self.close(conn, &reason, RETRY_LATER_MS);
-            return;
+        match self.check_peer_version(&local, &peer) {
+            VersionCheck::Agreed => {}
+            VersionCheck::Unknown(reason) => {
+                // As the previous release's decoder would: no goodbye, which is what tells
+                // the peer to step down.
+                self.refused = Some(reason.clone());
+                self.event(ReplicaEvent::PeerRefused { reason: reason.clone() });
+                self.drop_link(&reason);
+                self.emit(Output::Close { conn, reason, retry_after_ms: RETRY_LATER_MS });
+                return;
+            }
+            VersionCheck::Mismatch(reason) => {
+                self.refused = Some(reason.clone());
+                self.event(ReplicaEvent::PeerRefused { reason: reason.clone() });
+                self.close(conn, &reason, RETRY_LATER_MS);
+                return;
+            }
+            VersionCheck::Outpaced => {
+                if let Some(link) = self.link.as_mut() {
+                    link.outpaced = true;
+                    link.peer = Some(peer);
+                }
+                return;
+            }
+            VersionCheck::Renegotiate(version) => {
+                let r = format!("peer {} speaks replication protocol version {version}: renegotiating", self.cfg.peer);
+                self.close(conn, &r, RETRY_SOON_MS);
+                return;
+            }
         }
         if let Err(reason) = handshake::check_peer(&local, &peer, &self.cfg.peer) {
             self.refused = Some(reason.clone());
@@ -318,21 +364,34 @@ impl Machine {
         }
     }
 
-    /// Learns which versions the peer speaks, and refuses a peer this side cannot talk to:
-    /// a hello in a newer layout than this replica speaks is what the previous release's
-    /// decoder refuses, so a replica told to speak only that version refuses it too.
-    fn check_peer_version(&mut self, peer: &Hello) -> Result<(), String> {
+    /// Learns which versions the peer speaks from its hello, and says whether this
+    /// connection can be decided on: both hellos must be in the version both speak.
+    fn check_peer_version(&mut self, local: &Hello, peer: &Hello) -> VersionCheck {
         let ours = self.cfg.speaks;
         if peer.version > u32::from(ours.max) {
-            return Err(format!(
+            // The previous release's decoder refuses such a hello, so a replica told to
+            // speak only that version refuses it too.
+            return VersionCheck::Unknown(format!(
                 "peer {} sent a version {} handshake; this replica speaks replication protocol versions {} to {}",
                 self.cfg.peer, peer.version, ours.min, ours.max
             ));
         }
+        if peer.version < u32::from(ours.min) {
+            return VersionCheck::Mismatch(format!(
+                "peer {} sent a version {} handshake; this replica speaks replication protocol versions {} to {}",
+                self.cfg.peer, peer.version, ours.min, ours.max
+            ));
+        }
+        if peer.version < local.version {
+            return VersionCheck::Outpaced;
+        }
+        // Only a newer hello announces a range; an older one may be careful rather than old.
         self.peer_speaks = Some(peer.speaks);
-        crate::protocol::negotiate(ours, peer.speaks)
-            .map(|_| ())
-            .map_err(|e| format!("peer {}: replication protocol: {e}", self.cfg.peer))
+        match crate::protocol::negotiate(ours, peer.speaks) {
+            Err(e) => VersionCheck::Mismatch(format!("peer {}: replication protocol: {e}", self.cfg.peer)),
+            Ok(v) if u32::from(v) > local.version => VersionCheck::Renegotiate(v),
+            Ok(_) => VersionCheck::Agreed,
+        }
     }
 
     pub(super) fn set_phase(&mut self, phase: Phase) {

@@ -113,6 +113,11 @@ struct Link {
     last_ping_ms: u64,
     opened_ms: u64,
     sync: Option<SyncRun>,
+    /// This side wrote a newer hello than the peer: the peer either is of the previous
+    /// release and refuses it (closing without a word), or remembered this side as older
+    /// and renegotiates (saying goodbye). Either way the connection ends undecided.
+    outpaced: bool,
+    heard_goodbye: bool,
 }
 
 impl Link {
@@ -147,9 +152,9 @@ pub struct Machine {
     link: Option<Link>,
     last_peer_disk: Option<WireDisk>,
     last_peer_role: Option<WireRole>,
-    /// What the peer last announced it speaks; the next hello is written in the version
-    /// both speak. Unknown, it is this side's highest: an older peer refuses that hello but
-    /// sends its own, which is enough to step down on the next connection.
+    /// What the peer speaks, as far as this replica knows: announced in its last newer
+    /// hello, or [`crate::protocol::Range::V1`] once it refused one of ours. The next hello
+    /// is written in the newest version both speak; unknown, in this side's newest.
     peer_speaks: Option<crate::protocol::Range>,
     split_brain: Option<String>,
     refused: Option<String>,

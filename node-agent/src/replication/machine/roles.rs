@@ -203,27 +203,26 @@ impl Machine {
         }
         self.sb.known_epoch = epoch;
         self.sb_dirty = true;
+        // Not superseded: a newer epoch seen while still primary means both served (two-node
+        // mode, a forced promotion), a split brain that the policy or the operator resolves.
         if self.role == Role::Primary && epoch > self.sb.promoted_epoch && !self.fenced {
-            self.fence(epoch, reason);
+            self.fenced = true;
+            self.event(ReplicaEvent::Fenced { epoch, reason: reason.to_string() });
         }
-    }
-
-    /// Stops taking writes as primary, and remembers it on disk: the handshake with a
-    /// primary of a newer epoch then knows this replica's later changes were never served.
-    fn fence(&mut self, epoch: u64, reason: &str) {
-        self.fenced = true;
-        self.sb.set_flag(flags::SUPERSEDED, true);
-        self.persist(None, false);
-        self.event(ReplicaEvent::Fenced { epoch, reason: reason.to_string() });
     }
 
     /// Fences a primary whose engine lost its lease. Writes still waiting for the peer are
     /// not completed locally if the link then drops (see `peer_finished`): by that time
     /// the peer may serve in a newer epoch, and a write acknowledged here would be missing
-    /// there.
+    /// there. It is remembered on disk: the peer can only be promoted after this lease, so
+    /// every change this replica holds that a newer primary lacks was refused to its
+    /// writer, and the handshake may discard it (see `handshake`).
     pub(super) fn on_lease_lost(&mut self, reason: &str) {
         if self.role == Role::Primary && !self.fenced {
-            self.fence(self.sb.known_epoch, reason);
+            self.fenced = true;
+            self.sb.set_flag(flags::SUPERSEDED, true);
+            self.persist(None, false);
+            self.event(ReplicaEvent::Fenced { epoch: self.sb.known_epoch, reason: reason.to_string() });
         }
     }
 

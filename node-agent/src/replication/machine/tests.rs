@@ -404,8 +404,11 @@ fn writes_from_a_superseded_epoch_close_the_connection() {
 fn a_primary_learning_a_newer_epoch_fences_itself() {
     let mut m = promoted("a", "b");
     let out = m.handle(1, Input::ObserveEpoch { epoch: 3 });
-    assert_fenced(&out, 3, "the engine reported a newer epoch");
-    assert!(m.snapshot().superseded);
+    assert_eq!(
+        out,
+        vec![Output::Event(ReplicaEvent::Fenced { epoch: 3, reason: "the engine reported a newer epoch".into() })]
+    );
+    assert!(!m.snapshot().superseded, "a primary that learns of a newer epoch served alongside it");
     let e = refused(&m.handle(2, Input::Write { req: 1, offset: 0, data: Bytes::from_static(&[0; 512]), fua: false }));
     assert!(e.message.contains("fenced"), "{e}");
 }
@@ -947,18 +950,24 @@ fn sim_an_isolated_primary_resyncs_from_the_newer_one_and_records_what_it_discar
     assert_eq!(ReplicaEvent::Discarded(record).reason(), ("SupersededWritesDiscarded", true));
 }
 
-#[test]
-fn sim_a_replica_speaking_only_version_1_talks_version_1_and_a_newer_hello_is_refused() {
+fn zeroed_pair(a: MachineConfig, b: MachineConfig) -> Sim {
     let g = Generations::just_created();
-    let mut old = config("b", "a");
-    old.speaks = crate::protocol::Range::V1;
-    let mut a = machine_with(config("a", "b"), g, StoredDisk::Inconsistent, 11);
-    let mut b = machine_with(old, g, StoredDisk::Inconsistent, 22);
+    let mut a = machine_with(a, g, StoredDisk::Inconsistent, 11);
+    let mut b = machine_with(b, g, StoredDisk::Inconsistent, 22);
     a.sb.set_flag(flags::DATA_ZEROED, true);
     b.sb.set_flag(flags::DATA_ZEROED, true);
-    let mut sim = Sim::new(a, b);
-    // First contact: a does not know b and writes version 2, which b refuses as the
-    // previous release would; a learns from b's own hello.
+    Sim::new(a, b)
+}
+
+#[test]
+fn sim_a_replica_of_the_previous_release_makes_its_peer_step_down_to_version_1() {
+    let mut old = config("b", "a");
+    old.speaks = crate::protocol::Range::V1;
+    let mut sim = zeroed_pair(config("a", "b"), old);
+    // Even a peer known to speak version 2 may have been rolled back.
+    sim.nodes[0].m.peer_speaks = Some(crate::protocol::Range { min: 1, max: 2 });
+    // a writes version 2, which b refuses as the previous release's decoder does: without
+    // a goodbye. a takes that as the answer.
     sim.connect();
     sim.settle();
     let refusal = sim.nodes[1].events.iter().find_map(|e| match e {
@@ -970,10 +979,35 @@ fn sim_a_replica_speaking_only_version_1_talks_version_1_and_a_newer_hello_is_re
         refusal.contains("peer a sent a version 2 handshake; this replica speaks replication protocol versions 1 to 1"),
         "{refusal}"
     );
+    assert_eq!(sim.nodes[0].m.peer_speaks, Some(crate::protocol::Range::V1));
+    assert!(sim.snap(0).generations.is_just_created(), "a decided nothing on the doomed connection");
     // The next connection is in version 1 from both sides.
     sim.connect();
     sim.settle();
     assert_eq!(sim.snap(0).protocol_version, Some(1));
     assert_eq!(sim.snap(1).protocol_version, Some(1));
+    assert_eq!(sim.snap(0).connection, ConnectionState::Connected);
+}
+
+#[test]
+fn sim_an_upgraded_peer_is_met_in_version_2_after_one_renegotiation() {
+    let mut sim = zeroed_pair(config("a", "b"), config("b", "a"));
+    // b remembers a from before a's upgrade; a, restarted, knows nothing of b.
+    sim.nodes[1].m.peer_speaks = Some(crate::protocol::Range::V1);
+    sim.connect();
+    sim.settle();
+    assert!(
+        sim.nodes[1]
+            .events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::Disconnected { reason } if reason.contains("renegotiating"))),
+        "{:?}",
+        sim.nodes[1].events
+    );
+    assert_eq!(sim.nodes[0].m.peer_speaks, None, "a goodbye is not a refusal: a does not step down");
+    sim.connect();
+    sim.settle();
+    assert_eq!(sim.snap(0).protocol_version, Some(2));
+    assert_eq!(sim.snap(1).protocol_version, Some(2));
     assert_eq!(sim.snap(0).connection, ConnectionState::Connected);
 }
