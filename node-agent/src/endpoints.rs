@@ -34,6 +34,10 @@ pub struct StatusSnapshot {
     /// Deleted volumes this node was asked to erase, and how that went.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wipes: Vec<WipeReport>,
+    /// The node-API version agreed with the controller (see docs/upgrades.md), once it
+    /// has answered a report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_protocol_version: Option<u8>,
 }
 
 #[derive(Clone, Debug)]
@@ -147,6 +151,7 @@ mod tests {
             config_revision: Some(3),
             config_error: None,
             wipes: vec![],
+            controller_protocol_version: Some(2),
             groups: vec![GroupReport {
                 key: GroupKey::new("db", "pg"),
                 role: NodeRole::Primary,

@@ -4,7 +4,8 @@
 //! the service switched over to it, then `a` is upgraded. After every step both agents
 //! hear each other, the standby stands by, and each reports the heartbeat version they
 //! agreed on; a client connecting every 5 ms sees answers throughout, with one outage:
-//! the switchover's. The group has a protocol C volume: after every step the standby's
+//! the switchover's. Each agent also reports the node-API version the controller answered
+//! it in. The group has a protocol C volume: after every step the standby's
 //! replica is UpToDate and connected, in the replication version both agents speak.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -151,6 +152,20 @@ fn check_pair(topo: &TwoServersAndClient, primary: &str, version: f64, step: &st
     println!("{step}: {primary} primary, peer standby in sync, heartbeat and replication version {version}");
 }
 
+/// Each agent reports the node-API version the controller answered it in: 1 for an agent
+/// speaking the previous version (it sends no header, so gets none back), 2 for an
+/// upgraded one.
+fn check_controller_versions(topo: &TwoServersAndClient, a: f64, b: f64, step: &str) {
+    let version = |ns: &Netns| status(ns)?["controllerProtocolVersion"].as_f64();
+    let ok = wait_for(UP, || (version(&topo.a)? == a && version(&topo.b)? == b).then_some(()));
+    assert!(
+        ok.is_some(),
+        "{step}: the agents do not report node API versions {a} and {b}: a {:?}, b {:?}",
+        version(&topo.a),
+        version(&topo.b)
+    );
+}
+
 /// The longest gap between two answers within [from, to).
 fn longest_gap(answers: &[(Instant, String)], from: Instant, to: Instant) -> Duration {
     let times: Vec<Instant> = answers.iter().map(|(at, _)| *at).filter(|at| *at >= from && *at < to).collect();
@@ -183,6 +198,7 @@ fn a_rolling_upgrade_from_the_previous_protocol_version_has_only_the_switchover_
     let up = wait_for(UP, || (role(&topo.a, GROUP)? == "Primary" && ask(&topo)? == "a").then_some(()));
     assert!(up.is_some(), "a does not serve:\n{}", describe(&topo));
     check_pair(&topo, "a", 1.0, "both old");
+    check_controller_versions(&topo, 1.0, 1.0, "both old");
 
     let client = ClientLoop::start(&topo.client);
     let started = Instant::now();
@@ -192,6 +208,7 @@ fn a_rolling_upgrade_from_the_previous_protocol_version_has_only_the_switchover_
     let mut b = agent("b", &homes[1], false);
     b.start(&topo.b);
     check_pair(&topo, "a", 1.0, "b upgraded");
+    check_controller_versions(&topo, 1.0, 2.0, "b upgraded");
     let standby_upgraded = Instant::now();
 
     // 2. Switch over to it.
@@ -211,6 +228,7 @@ fn a_rolling_upgrade_from_the_previous_protocol_version_has_only_the_switchover_
     let mut a = agent("a", &homes[0], false);
     a.start(&topo.a);
     check_pair(&topo, "b", 2.0, "a upgraded");
+    check_controller_versions(&topo, 2.0, 2.0, "a upgraded");
     std::thread::sleep(Duration::from_millis(500));
     let finished = Instant::now();
     let answers = client.finish();

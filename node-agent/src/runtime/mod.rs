@@ -396,6 +396,9 @@ async fn report_loop(board: Arc<Board>, state: Arc<Mutex<NodeState>>, client: No
         match client.post_report(&report).await {
             Ok(()) => {
                 board.delivered(&newest);
+                if let Ok(mut s) = state.lock() {
+                    s.controller_protocol_version = client.agreed_version();
+                }
                 if std::mem::replace(&mut failing, false) {
                     tracing::info!("reports reach the controller again");
                 }

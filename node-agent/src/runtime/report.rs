@@ -211,6 +211,8 @@ pub struct NodeState {
     pub config_error: Option<String>,
     /// The latest answer to each wipe of the bundle in force.
     pub wipes: Vec<WipeReport>,
+    /// The node-API version the controller answered the last report in.
+    pub controller_protocol_version: Option<u8>,
 }
 
 pub fn status_snapshot(state: &NodeState, board: &Board, agent_uptime: Duration) -> StatusSnapshot {
@@ -222,6 +224,7 @@ pub fn status_snapshot(state: &NodeState, board: &Board, agent_uptime: Duration)
         config_error: state.config_error.clone(),
         groups: board.for_status(),
         wipes: state.wipes.clone(),
+        controller_protocol_version: state.controller_protocol_version,
     }
 }
 

@@ -593,8 +593,9 @@ impl LeaseJournal for TestJournal {
     }
 }
 
-#[tokio::test]
-async fn grants_are_recorded_before_they_are_answered_and_unrecorded_ones_answered_503() {
+/// The node API of a standalone controller with one group `default/g` (nodes a and b),
+/// its witness journal, and the directories it lives in.
+async fn node_api_with_one_group() -> (Router, Arc<TestJournal>, [tempfile::TempDir; 2]) {
     use crate::standalone::file_store::FileStore;
     let manifests = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -618,7 +619,45 @@ async fn grants_are_recorded_before_they_are_answered_and_unrecorded_ones_answer
         ApiSettings::default(),
     )
     .with_journal(journal.clone());
-    let app = router(Arc::new(api));
+    (router(Arc::new(api)), journal, [manifests, state])
+}
+
+#[tokio::test]
+async fn the_node_api_version_is_echoed_to_a_peer_that_announced_it_and_one_out_of_skew_gets_a_400() {
+    let (app, _journal, _dirs) = node_api_with_one_group().await;
+    let ask = |header: Option<&'static str>| {
+        let app = app.clone();
+        async move {
+            let mut request = axum::http::Request::get("/healthz");
+            if let Some(v) = header {
+                request = request.header(PROTOCOL_HEADER, v);
+            }
+            let mut request = request.body(axum::body::Body::empty()).unwrap();
+            let addr: SocketAddr = "198.18.1.1:40000".parse().unwrap();
+            request.extensions_mut().insert(Peer { identity: PeerIdentity::Node("a".into()), addr });
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let echoed = response.headers().get(PROTOCOL_HEADER).map(|v| v.to_str().unwrap().to_string());
+            let bytes = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+            (status, echoed, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    // The previous release sends no header and must never see one.
+    assert_eq!(ask(None).await, (200, None, "ok\n".into()));
+    assert_eq!(ask(Some("1")).await, (200, Some("1".into()), "ok\n".into()));
+    assert_eq!(ask(Some("2")).await, (200, Some("2".into()), "ok\n".into()));
+    for bad in ["3", "0", "two"] {
+        let (status, echoed, body) = ask(Some(bad)).await;
+        assert_eq!((status, echoed), (400, None), "{bad}: {body}");
+        let error: hapair_crds::nodeapi::ApiError = serde_json::from_str(&body).unwrap();
+        assert!(error.error.contains(&format!("node API protocol version {bad:?} is not supported")), "{body}");
+        assert!(error.error.contains("this controller speaks 1 to 2"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn grants_are_recorded_before_they_are_answered_and_unrecorded_ones_answered_503() {
+    let (app, journal, _dirs) = node_api_with_one_group().await;
     let ask = |op: &str| {
         let app = app.clone();
         let body = format!(r#"{{"group":"default/g","node":"a","op":"{op}","epoch":3,"ttlMs":600}}"#);

@@ -10,7 +10,7 @@
 //! wins, its endpoint becoming the current one.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -74,6 +74,8 @@ pub struct NodeApiClient {
     /// Index into `endpoints` of the one in use.
     current: Arc<AtomicUsize>,
     node: String,
+    /// The node-API version of the controller's last successful answer; 0 before one.
+    agreed: Arc<AtomicU8>,
 }
 
 impl NodeApiClient {
@@ -95,7 +97,24 @@ impl NodeApiClient {
             endpoints: endpoints.into(),
             current: Arc::new(AtomicUsize::new(0)),
             node: config.node.clone(),
+            agreed: Arc::new(AtomicU8::new(0)),
         })
+    }
+
+    /// The node-API version the controller last answered in: what it echoed, or 1 when it
+    /// echoed nothing (a controller of the previous release, or this agent speaking 1).
+    pub fn agreed_version(&self) -> Option<u8> {
+        Some(self.agreed.load(Ordering::SeqCst)).filter(|v| *v > 0)
+    }
+
+    /// Notes the version of a successful answer (a refusal says nothing about it).
+    fn heard(&self, response: &reqwest::Response) {
+        let status = response.status();
+        if status.is_success() || status == reqwest::StatusCode::NOT_MODIFIED {
+            let echoed = response.headers().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok());
+            let version = echoed.and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(1);
+            self.agreed.store(version, Ordering::SeqCst);
+        }
     }
 
     /// The endpoint in use.
@@ -200,6 +219,7 @@ impl NodeApiClient {
             .send()
             .await
             .map_err(|e| NodeApiError::Transport { url: url.clone(), message: chain(&e) })?;
+        self.heard(&response);
         if response.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(None);
         }
@@ -229,6 +249,7 @@ impl NodeApiClient {
             .send()
             .await
             .map_err(|e| NodeApiError::Transport { url: url.clone(), message: chain(&e) })?;
+        self.heard(&response);
         if response.status().is_success() { Ok(()) } else { Err(Self::failure(&url, response).await) }
     }
 
