@@ -121,6 +121,13 @@ impl EnrolledPair {
         pair
     }
 
+    /// Kills `node`'s agent and starts it again, as after a crash.
+    pub fn restart_agent(&mut self, node: &str) {
+        let (i, ns) = if node == "a" { (0, &self.topo.a) } else { (1, &self.topo.b) };
+        self.agents[i].kill();
+        self.agents[i].start(ns);
+    }
+
     pub fn ns(&self, node: &str) -> &Netns {
         if node == "a" { &self.topo.a } else { &self.topo.b }
     }

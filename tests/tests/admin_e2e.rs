@@ -2,8 +2,8 @@
 //! real standalone controller, which relays the action to two real enrolled agents in
 //! network namespaces, which act on a real protocol C volume, a real service and a real
 //! virtual IP. Also the monitors whose action is not an alert (a gateway monitor that
-//! fails the service over, a process monitor that restarts its step in place), and a whole
-//! failover on an IPv6 virtual IP.
+//! fails the service over, a process monitor that restarts its step in place), a whole
+//! failover on an IPv6 virtual IP, and a volume resize that is refused up front.
 //!
 //! Heartbeats run at 100 ms with deadAfter 1.5 s; every wait is bounded by
 //! [`hapair_tests::enrolled_pair::UP`] and is a condition, never a timed assertion.
@@ -275,4 +275,47 @@ fn a_full_failover_on_an_ipv6_virtual_ip() {
     // a comes back as the standby and clears the address it left behind.
     p.agents[0].start(&p.topo.a);
     p.wait_pair("b");
+}
+
+#[test]
+fn a_resize_edit_is_refused_up_front_and_the_volume_runs_on_at_its_size_across_an_agent_restart() {
+    require_root();
+    let mut p = EnrolledPair::start(with_volume("controller"));
+    write_blocks(&p, "a", &[0, 1], 0x5a);
+    let revision =
+        |p: &EnrolledPair, node: &str| hapair_tests::agents::status(p.ns(node)).map(|s| s["configRevision"].clone());
+    let before = (revision(&p, "a"), revision(&p, "b"));
+    let path = p.controller.manifests.join("web.yaml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let shrunk = good.replace("\"16Mi\"", "\"8Mi\"");
+    assert_ne!(shrunk, good, "the manifest has no 16Mi volume to shrink");
+    hapair_tests::agents::write_file(&path, &shrunk);
+
+    let reported = wait_for(UP, || {
+        let out = p.hapair_output(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("spec.size").then_some(text)
+    });
+    let text = reported.unwrap_or_else(|| panic!("`status` does not report the shrink: {}", p.hapair(&["status"])));
+    println!("kubectl-hapair status:\n{text}");
+    let line = text.lines().find(|l| l.contains("spec.size")).unwrap();
+    for part in ["default/web", "ReplicatedVolume default/data", "8Mi", "is smaller than the volume's 16Mi"] {
+        assert!(line.contains(part), "the error does not name {part:?}: {line}");
+    }
+
+    // Nothing reached the nodes, and a restarted agent opens its replica at the size it has.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!((revision(&p, "a"), revision(&p, "b")), before, "a refused edit changed the nodes' config");
+    p.restart_agent("b");
+    p.wait_pair("a");
+    assert_eq!(read_block(&p, "a", 1), vec![0x5a; BLOCK as usize]);
+    assert_eq!(backing_block(&p, "b", 1), vec![0x5a; BLOCK as usize], "the standby resynced at its size");
+
+    // Put back, the error is gone.
+    hapair_tests::agents::write_file(&path, &good);
+    let cleared = wait_for(UP, || {
+        let out = p.hapair_output(&["status"]);
+        (!String::from_utf8_lossy(&out.stdout).contains("spec.size")).then_some(())
+    });
+    assert!(cleared.is_some(), "the error stays after the edit is undone: {}", p.hapair(&["status"]));
 }

@@ -298,6 +298,35 @@ spec:
     }
 
     #[test]
+    fn a_size_edit_is_refused_naming_the_volume_and_its_field_and_nothing_changes() {
+        let mut state = ControllerState::default();
+        let good = reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", VOLUME)]), &mut state, 0, &mut rng());
+        for (size, words) in [("512Mi", "is smaller than the volume's 1Gi"), ("2Gi", "cannot grow yet")] {
+            let resized = VOLUME.replace("1Gi", size);
+            let out =
+                reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", resized.as_str())]), &mut state, 1, &mut rng());
+            assert!(out.changed.is_empty(), "{size}: nothing may change on the nodes");
+            assert_eq!(out.bundles, good.bundles);
+            let plan = out.groups.get(&key()).unwrap_or_else(|| panic!("group kept"));
+            let error = plan.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                error.starts_with("v.yaml (document 1), HaGroup ns/g: ReplicatedVolume ns/data: spec.size: "),
+                "{error}"
+            );
+            assert!(error.contains(words), "{error}");
+            assert!(plan.config.is_some() && !plan.deleting);
+            // Still refused on the next pass: the refused size was not remembered as accepted.
+            let again =
+                reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", resized.as_str())]), &mut state, 2, &mut rng());
+            assert!(again.changed.is_empty() && again.groups.get(&key()).is_some_and(|p| p.error.is_some()));
+        }
+        // The same size in bytes is no change at all.
+        let same = VOLUME.replace("1Gi", "1073741824");
+        let out = reconcile(&catalog(&[("g.yaml", GROUP), ("v.yaml", same.as_str())]), &mut state, 3, &mut rng());
+        assert!(out.groups.get(&key()).is_some_and(|p| p.error.is_none()), "{:?}", out.errors);
+    }
+
+    #[test]
     fn a_group_never_valid_runs_nothing_but_is_reported() {
         let mut state = ControllerState::default();
         let broken = GROUP.replace("198.18.1.2]", "not-an-ip]");

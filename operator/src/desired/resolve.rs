@@ -13,6 +13,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hapair_crds::HaGroup;
 use hapair_crds::manifest::ManifestError;
 use hapair_crds::nodeapi::GroupKey;
+use hapair_crds::quantity::parse_bytes;
+use hapair_crds::volume::ReplicatedVolumeSpec;
 use rand::RngCore;
 
 use crate::desired::catalog::{Catalog, Origin, refusal_in_file};
@@ -115,9 +117,20 @@ fn source_for(
         let volume_key = GroupKey::new(&key.namespace, &name);
         // The catalog refuses groups whose references do not resolve, so this only fails
         // when the catalog was built some other way.
-        let Some((volume, _)) = catalog.volumes.get(&volume_key) else {
+        let Some((volume, volume_origin)) = catalog.volumes.get(&volume_key) else {
             return Err(error("spec.flow", format!("no ReplicatedVolume named {name:?} in the group's namespace")));
         };
+        // Both replicas hold data of the size they were made with: a new size would keep
+        // them from opening at the next start, so the edit is refused before it gets there.
+        if let Some(message) = state.volume_specs.get(&volume_key).and_then(|k| resize_refusal(&k.spec, &volume.spec)) {
+            return Err(ManifestError {
+                file: volume_origin.file.clone(),
+                index: volume_origin.index,
+                object: Some(format!("HaGroup {key}")),
+                field: Some(format!("ReplicatedVolume {volume_key}: spec.size")),
+                message,
+            });
+        }
         // The group runs on the spec; a deletion mark is the volume's business (see
         // `retire`) and would only make the recorded source differ for nothing.
         let mut volume = volume.clone();
@@ -172,6 +185,25 @@ fn source_for(
             .clone(),
     };
     Ok(GroupSource { group: group.clone(), volumes, heartbeat_key, origin: origin.clone() })
+}
+
+/// Why a volume's new spec cannot replace its accepted one, when its size changed: a
+/// shrink would cut off data, and growing is not supported yet. The same size written
+/// another way (`1Gi`, `1073741824`) is no change.
+pub fn resize_refusal(known: &ReplicatedVolumeSpec, new: &ReplicatedVolumeSpec) -> Option<String> {
+    let (Ok(before), Ok(after)) = (parse_bytes(&known.size), parse_bytes(&new.size)) else { return None };
+    let (old, wanted) = (&known.size.0, &new.size.0);
+    match after.cmp(&before) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Less => Some(format!(
+            "{wanted} ({after} bytes) is smaller than the volume's {old} ({before} bytes): shrinking would cut off \
+             data, so the edit is refused and the volume keeps its size"
+        )),
+        std::cmp::Ordering::Greater => Some(format!(
+            "{wanted} ({after} bytes) is larger than the volume's {old} ({before} bytes): a replicated volume cannot \
+             grow yet, so the edit is refused and the volume keeps its size"
+        )),
+    }
 }
 
 /// Names of the ReplicatedVolumes a group's flow and monitors use, sorted, without repeats.

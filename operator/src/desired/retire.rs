@@ -16,7 +16,7 @@ use hapair_crds::nodeapi::{GroupKey, WipeReport};
 use hapair_crds::volume::DeletionPolicy;
 
 use crate::desired::catalog::{Catalog, refusal_in_file, refused_object};
-use crate::desired::resolve::referenced_volumes;
+use crate::desired::resolve::{referenced_volumes, resize_refusal};
 use crate::desired::state::{ControllerState, KnownVolume, Wiping};
 use crate::support::timestamp::UnixMillis;
 
@@ -47,7 +47,9 @@ pub fn retire_volumes(catalog: &Catalog, state: &mut ControllerState, now: UnixM
         if state.wiping.remove(key).is_some() {
             out.wipe_cancelled.push(key.clone());
         }
-        if state.volume_uuids.contains_key(key) {
+        // A resized spec is refused (see `resolve`): the size on the disks stays what is known.
+        let resized = state.volume_specs.get(key).is_some_and(|k| resize_refusal(&k.spec, &volume.spec).is_some());
+        if state.volume_uuids.contains_key(key) && !resized {
             state.volume_specs.insert(key.clone(), KnownVolume { spec: volume.spec.clone(), origin: origin.clone() });
         }
     }
