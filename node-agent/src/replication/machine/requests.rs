@@ -211,12 +211,17 @@ impl Machine {
 
     pub(super) fn maybe_finish(&mut self, req: ReqId) {
         let protocol_a = self.cfg.protocol == WireProtocol::A;
+        let fenced = self.fenced;
         let Some(r) = self.requests.get_mut(&req) else { return };
         if !r.local_done {
             return;
         }
         let mut result = None;
-        if !r.completed && (r.peer_acked || (protocol_a && r.peer_sent)) {
+        // A fenced primary's failed request is answered without waiting for the peer: it
+        // fails whatever the peer says. It keeps its activity-log extents until the peer
+        // answers or the link drops, as every request does.
+        let failed_while_fenced = fenced && r.error.is_some();
+        if !r.completed && (r.peer_acked || (protocol_a && r.peer_sent) || failed_while_fenced) {
             r.completed = true;
             result = Some(match r.error.clone() {
                 Some(e) => Err(e),
@@ -232,6 +237,24 @@ impl Machine {
             && r.kind != ReqKind::Flush
         {
             self.al.release(r.extents.clone());
+        }
+    }
+
+    /// Fails every request the peer has not acknowledged yet. A primary whose lease ended
+    /// may be superseded from now on, so none of them may succeed here; failing them at
+    /// once rather than when the link times out (seconds later, if the peer is gone) lets
+    /// their writers move to the new primary sooner.
+    pub(super) fn fail_unacknowledged(&mut self, reason: &str) {
+        let mut waiting: Vec<ReqId> =
+            self.requests.iter().filter(|(_, r)| !r.peer_acked && !r.completed).map(|(id, _)| *id).collect();
+        waiting.sort_unstable();
+        for req in waiting {
+            if let Some(r) = self.requests.get_mut(&req)
+                && r.error.is_none()
+            {
+                r.error = Some(refusal(ErrorCode::Io, reason));
+            }
+            self.maybe_finish(req);
         }
     }
 

@@ -211,10 +211,10 @@ impl Machine {
         }
     }
 
-    /// Fences a primary whose engine lost its lease. Writes still waiting for the peer are
-    /// not completed locally if the link then drops (see `peer_finished`): by that time
-    /// the peer may serve in a newer epoch, and a write acknowledged here would be missing
-    /// there. It is remembered on disk: the peer can only be promoted after this lease, so
+    /// Fences a primary whose engine lost its lease. Writes still waiting for the peer fail
+    /// now (see `fail_unacknowledged`), and are never completed locally if the link then
+    /// drops (see `peer_finished`): the peer may serve in a newer epoch by then, and a
+    /// write acknowledged here would be missing there. It is remembered on disk: the peer can only be promoted after this lease, so
     /// every change this replica holds that a newer primary lacks was refused to its
     /// writer, and the handshake may discard it (see `handshake`).
     pub(super) fn on_lease_lost(&mut self, reason: &str) {
@@ -223,6 +223,9 @@ impl Machine {
             self.sb.set_flag(flags::SUPERSEDED, true);
             self.persist(None, false);
             self.event(ReplicaEvent::Fenced { epoch: self.sb.known_epoch, reason: reason.to_string() });
+            self.fail_unacknowledged(
+                "this primary is fenced (its lease ended) before the peer acknowledged: not durable on the serving node",
+            );
         }
     }
 
