@@ -297,16 +297,7 @@ fn manifest(dir: &Path, options: &PairOptions) -> String {
             .unwrap_or_else(|e| panic!("the monitors with the directory: {e}"));
     let mut flow = Vec::new();
     if options.volume {
-        let helper = format!(
-            "HAPAIR_ATTACH_DIR={} {}",
-            dir.join("attach").display(),
-            attach_script().canonicalize().unwrap_or_else(|e| panic!("the attach script: {e}")).display()
-        );
-        flow.push(serde_json::json!({
-            "name": VOLUME,
-            "volume": {"volumeRef": VOLUME, "attachCommand": format!("{helper} attach"), "detachCommand": format!("{helper} detach")},
-            "timeout": "60s",
-        }));
+        flow.push(volume_step(dir));
     }
     flow.push(serde_json::json!({"name": "service", "exec": {"start": start, "stop": stop}}));
     flow.push(serde_json::json!({"name": "service-ip", "virtualIP": {"name": "www"}}));
@@ -328,23 +319,44 @@ fn manifest(dir: &Path, options: &PairOptions) -> String {
     });
     let mut text = group.to_string();
     if options.volume {
-        let volume = serde_json::json!({
-            "apiVersion": "hapair.dev/v1alpha1",
-            "kind": "ReplicatedVolume",
-            "metadata": {"name": VOLUME, "namespace": "default"},
-            "spec": {
-                "group": "web",
-                "size": "16Mi",
-                "protocol": "C",
-                "port": 7790,
-                "splitBrainPolicy": "manual",
-                "backing": [
-                    {"node": "a", "path": dir.join("a.img").display().to_string(), "address": A1},
-                    {"node": "b", "path": dir.join("b.img").display().to_string(), "address": B1},
-                ],
-            },
-        });
+        let volume = volume_manifest(dir);
         text = format!("{text}\n---\n{volume}\n");
     }
     text
+}
+
+/// The flow step of the volume [`VOLUME`], attached with `scripts/nbd-attach-fuse.sh` under
+/// `dir/attach`, as on a machine without the nbd module.
+pub fn volume_step(dir: &Path) -> serde_json::Value {
+    let helper = format!(
+        "HAPAIR_ATTACH_DIR={} {}",
+        dir.join("attach").display(),
+        attach_script().canonicalize().unwrap_or_else(|e| panic!("the attach script: {e}")).display()
+    );
+    serde_json::json!({
+        "name": VOLUME,
+        "volume": {"volumeRef": VOLUME, "attachCommand": format!("{helper} attach"), "detachCommand": format!("{helper} detach")},
+        "timeout": "60s",
+    })
+}
+
+/// The 16 MiB protocol C volume [`VOLUME`] of group `default/web`, backed by `dir/a.img` and
+/// `dir/b.img`, replicating over the second link.
+pub fn volume_manifest(dir: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "hapair.dev/v1alpha1",
+        "kind": "ReplicatedVolume",
+        "metadata": {"name": VOLUME, "namespace": "default"},
+        "spec": {
+            "group": "web",
+            "size": "16Mi",
+            "protocol": "C",
+            "port": 7790,
+            "splitBrainPolicy": "manual",
+            "backing": [
+                {"node": "a", "path": dir.join("a.img").display().to_string(), "address": A1},
+                {"node": "b", "path": dir.join("b.img").display().to_string(), "address": B1},
+            ],
+        },
+    })
 }

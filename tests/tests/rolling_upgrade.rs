@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use hapair_tests::agents::{Agent, GROUP, group, metric, role, status, volume_report};
 use hapair_tests::client_loop::ClientLoop;
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
+use hapair_tests::enrolled_pair::{volume_manifest, volume_step};
 use hapair_tests::failover_bench::probe;
 use hapair_tests::failover_bench::{SERVICE_PORT, service_address};
-use hapair_tests::mounts::{AttachDirCleanup, attach_script};
+use hapair_tests::mounts::AttachDirCleanup;
 use hapair_tests::netns::{Netns, require_root, wait_for};
 use hapair_tests::topology::{A0, A1, B0, B1, C0, TwoServersAndClient};
 
@@ -31,8 +32,6 @@ const UP: Duration = Duration::from_secs(30);
 /// Longest silence the client may see outside the switchover.
 const MAX_GAP: Duration = Duration::from_secs(5);
 
-const VOLUME: &str = "data";
-
 fn manifest(dir: &Path) -> String {
     let pid_file = format!("'{}'/\"$HAPAIR_NODE\"-service.pid", dir.display());
     let start = format!(
@@ -40,12 +39,6 @@ fn manifest(dir: &Path) -> String {
     );
     let stop = format!("f={pid_file}; if [ -f \"$f\" ]; then kill \"$(cat \"$f\")\"; rm -f \"$f\"; fi");
     let failback = serde_json::json!({"mode": "manual"});
-    // The export attached with nbdfuse, as on a machine without the nbd module.
-    let helper = format!(
-        "HAPAIR_ATTACH_DIR={} {}",
-        dir.join("attach").display(),
-        attach_script().canonicalize().unwrap().display()
-    );
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let group = serde_json::json!({
         "apiVersion": "hapair.dev/v1alpha1",
@@ -61,27 +54,13 @@ fn manifest(dir: &Path) -> String {
             "failback": failback,
             "virtualIPs": [{"name": "www", "address": format!("{VIP}/24"), "interface": "eth0", "garp": {"count": 3, "interval": "100ms"}}],
             "flow": [
-                {"name": VOLUME, "volume": {"volumeRef": VOLUME, "attachCommand": format!("{helper} attach"), "detachCommand": format!("{helper} detach")}, "timeout": "60s"},
+                volume_step(dir),
                 {"name": "service", "exec": {"start": start, "stop": stop}},
                 {"name": "service-ip", "virtualIP": {"name": "www"}},
             ],
         },
     });
-    let volume = serde_json::json!({
-        "apiVersion": "hapair.dev/v1alpha1",
-        "kind": "ReplicatedVolume",
-        "metadata": {"name": VOLUME, "namespace": "default"},
-        "spec": {
-            "group": "web",
-            "size": "16Mi",
-            "protocol": "C",
-            "port": 7790,
-            "backing": [
-                {"node": "a", "path": dir.join("a.img").display().to_string(), "address": A1},
-                {"node": "b", "path": dir.join("b.img").display().to_string(), "address": B1},
-            ],
-        },
-    });
+    let volume = volume_manifest(dir);
     format!("{group}\n---\n{volume}\n")
 }
 

@@ -368,19 +368,19 @@ impl Machine {
     /// connection can be decided on: both hellos must be in the version both speak.
     fn check_peer_version(&mut self, local: &Hello, peer: &Hello) -> VersionCheck {
         let ours = self.cfg.speaks;
+        let unspoken = || {
+            format!(
+                "peer {} sent a version {} handshake; this replica speaks replication protocol versions {} to {}",
+                self.cfg.peer, peer.version, ours.min, ours.max
+            )
+        };
         if peer.version > u32::from(ours.max) {
             // The previous release's decoder refuses such a hello, so a replica told to
             // speak only that version refuses it too.
-            return VersionCheck::Unknown(format!(
-                "peer {} sent a version {} handshake; this replica speaks replication protocol versions {} to {}",
-                self.cfg.peer, peer.version, ours.min, ours.max
-            ));
+            return VersionCheck::Unknown(unspoken());
         }
         if peer.version < u32::from(ours.min) {
-            return VersionCheck::Mismatch(format!(
-                "peer {} sent a version {} handshake; this replica speaks replication protocol versions {} to {}",
-                self.cfg.peer, peer.version, ours.min, ours.max
-            ));
+            return VersionCheck::Mismatch(unspoken());
         }
         if peer.version < local.version {
             return VersionCheck::Outpaced;
