@@ -51,16 +51,18 @@ cleanup)
     if [ -d "$conns" ] && [ -z "$(ls -A "$conns" 2>/dev/null)" ]; then
         mount -t fusectl none "$conns" 2>/dev/null || true
     fi
+    # The abort comes first: anything that touches the loop device or the mount before it
+    # can wait forever on a FUSE request nobody will answer. Each step is bounded anyway.
     for dir in "$base"/hapair-nbdfuse.*; do
         [ -d "$dir" ] || continue
-        dev=$(cat "$dir/loop" 2>/dev/null || true)
-        [ -n "$dev" ] && losetup -d "$dev" 2>/dev/null || true
         conn=$(cat "$dir/fuse-connection" 2>/dev/null || true)
         [ -n "$conn" ] && [ -e "$conns/$conn/abort" ] && echo 1 >"$conns/$conn/abort" 2>/dev/null || true
         pid=$(cat "$dir/pid" 2>/dev/null || true)
         [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
-        fusermount3 -u -z "$dir/mnt" 2>/dev/null || true
-        rm -rf "$dir" 2>/dev/null || true
+        dev=$(cat "$dir/loop" 2>/dev/null || true)
+        [ -n "$dev" ] && timeout 10 losetup -d "$dev" 2>/dev/null || true
+        timeout 10 fusermount3 -u -z "$dir/mnt" 2>/dev/null || true
+        timeout 10 rm -rf "$dir" 2>/dev/null || true
     done
     ;;
 detach)

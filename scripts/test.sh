@@ -29,7 +29,11 @@ echo "==> crdgen --check (CRDs in the chart, CRD reference in docs/reference)"
 ./target/debug/crdgen --docs --check
 
 echo "==> cargo test"
-cargo test --workspace --locked --no-fail-fast
+# Each test binary runs under a time budget (scripts/test-runner.sh), so a hang fails the
+# run with the evidence instead of stalling it.
+host=$(rustc -vV | sed -n 's/^host: //p')
+runner="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUNNER"
+env "$runner=$PWD/scripts/test-runner.sh" cargo test --workspace --locked --no-fail-fast
 
 bash scripts/test-chart.sh
 bash scripts/test-install.sh

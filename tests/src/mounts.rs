@@ -3,6 +3,7 @@
 //! even when the NBD server behind it is dead.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::netns::run;
 
@@ -104,7 +105,18 @@ pub struct AttachDirCleanup(pub PathBuf);
 
 impl Drop for AttachDirCleanup {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(attach_script()).arg("cleanup").env("HAPAIR_ATTACH_DIR", &self.0).output();
+        let cleanup = std::process::Command::new(attach_script())
+            .arg("cleanup")
+            .env("HAPAIR_ATTACH_DIR", &self.0)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        // Bounded: a test must not hang in its cleanup, whatever the kernel is waiting for.
+        if let Ok(child) = cleanup {
+            let mut guard = crate::netns::ChildGuard::new(child, "nbd-attach-fuse.sh cleanup");
+            if guard.wait(Duration::from_secs(60)).is_none() {
+                eprintln!("cleanup: nbd-attach-fuse.sh cleanup in {} did not finish within 60 s", self.0.display());
+            }
+        }
     }
 }
 

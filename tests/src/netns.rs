@@ -344,6 +344,17 @@ impl Drop for Address {
     }
 }
 
+/// How long a SIGKILLed child may take to exit before cleanup gives up waiting for it.
+const KILLED_EXIT: Duration = Duration::from_secs(30);
+
+/// Where process `pid` waits in the kernel: its state, wait channel and kernel stack.
+pub fn kernel_wait(pid: u32) -> String {
+    let read = |what: &str| std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default();
+    let state: String =
+        read("stat").rsplit_once(") ").map(|(_, rest)| rest.chars().take(1).collect()).unwrap_or_default();
+    format!("state {state}, wchan {}, stack:\n{}", read("wchan"), read("stack"))
+}
+
 /// A child process, killed with its whole process group and reaped on drop.
 #[derive(Debug)]
 pub struct ChildGuard {
@@ -378,7 +389,17 @@ impl ChildGuard {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        // A killed process still in the kernel (a FUSE request, a loop device) cannot be
+        // reaped until that returns; a bounded wait keeps a test from hanging on it, and
+        // what it waits in is the evidence.
+        if self.wait(KILLED_EXIT).is_none() {
+            eprintln!(
+                "cleanup: {} (pid {}) has not exited {KILLED_EXIT:?} after SIGKILL: {}",
+                self.label,
+                self.child.id(),
+                kernel_wait(self.child.id())
+            );
+        }
     }
 
     /// Waits up to `timeout` for it to exit on its own.

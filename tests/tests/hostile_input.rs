@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hapair_tests::agents::{Agent, GROUP, binary, role, status, write_file};
+use hapair_tests::agents::{Agent, GROUP, binary, group, role, status, write_file};
 use hapair_tests::controller::{Controller, enroll, unenrolled_config};
 use hapair_tests::mounts::{AttachDirCleanup, attach_script};
 use hapair_tests::netns::{require_root, wait_for};
@@ -156,5 +156,15 @@ fn a_typo_a_fifo_or_a_bomb_in_a_running_pairs_file_neither_deletes_nor_wipes() {
     let deleted =
         wait_for(UP, || homes.iter().all(|h| matches!(verdict(h), (false, _, _) | (true, true, _))).then_some(()));
     assert!(deleted.is_some(), "removing the file did not delete: {:?}", homes.map(|h| desired(&h)));
+    // The agents stop the flow (the detach lets go of the loop device and nbdfuse) before
+    // they go: one killed mid-detach would leave its attachment half torn down.
+    let released = |ns| status(ns).is_some_and(|s| group(&s, GROUP).is_none_or(|g| g["cleanedUp"] == true));
+    let stopped = wait_for(UP, || (released(&topo.a) && released(&topo.b)).then_some(()));
+    assert!(
+        stopped.is_some(),
+        "the deleted group's flow did not stop: a {:?}\nb {:?}",
+        status(&topo.a),
+        status(&topo.b)
+    );
     drop(agents);
 }
