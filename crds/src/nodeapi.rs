@@ -259,6 +259,8 @@ pub enum AdminActionKind {
     ResolveSplitBrain { winner: String },
     /// Freeze (or unfreeze) automatic actions.
     Maintenance { enabled: bool },
+    /// Start an online verify of `volume` on the node that serves it. Node API 2 and later.
+    Verify { volume: String },
 }
 
 impl AdminActionKind {
@@ -268,6 +270,7 @@ impl AdminActionKind {
             AdminActionKind::ForceActive { .. } => "force-active",
             AdminActionKind::ResolveSplitBrain { .. } => "resolve-split-brain",
             AdminActionKind::Maintenance { .. } => "maintenance",
+            AdminActionKind::Verify { .. } => "verify",
         }
     }
 }
@@ -398,6 +401,8 @@ pub struct VolumeReport {
     /// Whether the peer's replica was UpToDate at last contact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_disk_state: Option<DiskState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<crate::volume::VerifyReport>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -151,7 +151,28 @@ pub struct VolumeNodeStatus {
     pub out_of_sync_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncProgress>,
+    /// The last online verify this node ran (only the primary runs one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<VerifyReport>,
 }
+
+/// The outcome of an online verify: both replicas' block digests compared, and what did
+/// not match marked out of sync, so the resync that follows repairs it from the primary.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    /// When it finished, RFC 3339.
+    pub finished: String,
+    pub duration_seconds: u64,
+    pub checked_bytes: u64,
+    pub mismatched_bytes: u64,
+    /// The first mismatched ranges, as `offset+length` in bytes (the event lists more).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mismatched_ranges: Vec<String>,
+}
+
+/// How many mismatched ranges a [`VerifyReport`] lists; the event names them all.
+pub const VERIFY_RANGES_SHOWN: usize = 16;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum DiskState {

@@ -389,7 +389,10 @@ impl Harness {
     async fn report(&mut self, node: &str, report: hapair_crds::nodeapi::NodeReport) -> Vec<String> {
         let core = self.core.clone();
         let node = node.to_string();
-        let task = tokio::spawn(async move { core.accept_report(&node, report).await });
+        let task =
+            tokio::spawn(
+                async move { core.accept_report(&node, report, hapair_crds::nodeapi::NODE_API_VERSION).await },
+            );
         let lines = self.server.collect().await;
         task.await.unwrap().unwrap();
         lines

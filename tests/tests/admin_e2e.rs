@@ -3,7 +3,8 @@
 //! network namespaces, which act on a real protocol C volume, a real service and a real
 //! virtual IP. Also the monitors whose action is not an alert (a gateway monitor that
 //! fails the service over, a process monitor that restarts its step in place), a whole
-//! failover on an IPv6 virtual IP, and a volume resize that is refused up front.
+//! failover on an IPv6 virtual IP, a volume resize that is refused up front, and an online
+//! verify that finds a corrupted block on the standby and has it repaired.
 //!
 //! Heartbeats run at 100 ms with deadAfter 1.5 s; every wait is bounded by
 //! [`hapair_tests::enrolled_pair::UP`] and is a condition, never a timed assertion.
@@ -318,4 +319,57 @@ fn a_resize_edit_is_refused_up_front_and_the_volume_runs_on_at_its_size_across_a
         (!String::from_utf8_lossy(&out.stdout).contains("spec.size")).then_some(())
     });
     assert!(cleared.is_some(), "the error stays after the edit is undone: {}", p.hapair(&["status"]));
+}
+
+/// What `describe -o json` shows of `node`'s last verify of the volume.
+fn last_verify(p: &EnrolledPair, node: &str) -> Option<serde_json::Value> {
+    let view: serde_json::Value = serde_json::from_str(&p.hapair(&["describe", GROUP, "-o", "json"])).ok()?;
+    let volume = view["volumes"].as_array()?.iter().find(|v| v["name"] == "data")?.clone();
+    let replica = volume["status"]["nodes"].as_array()?.iter().find(|n| n["node"] == node)?.clone();
+    Some(replica["lastVerify"].clone()).filter(|v| !v.is_null())
+}
+
+#[test]
+fn a_verify_from_the_cli_finds_a_block_corrupted_on_the_standby_and_the_resync_repairs_it() {
+    require_root();
+    let p = EnrolledPair::start(with_volume("controller"));
+    write_blocks(&p, "a", &[3, 4, 5], 0x5a);
+    let good = vec![0x5a; BLOCK as usize];
+    assert_eq!(backing_block(&p, "b", 4), good, "protocol C acknowledged a write the standby does not hold");
+    // Rot on the standby's disk, behind the replica's back: nothing marks it out of sync.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(p.backing("b")).unwrap();
+        f.write_all_at(&[0xff; 512], 4 * BLOCK + 1024).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_eq!(p.volume("a").unwrap()["outOfSyncBytes"], 0, "{}", p.describe());
+
+    let out = p.hapair(&["volume", "verify", "default/data"]);
+    println!("kubectl-hapair volume verify default/data:\n{out}");
+    assert!(out.contains("verify of volume data") && out.contains("Succeeded"), "{out}");
+    let found = wait_for(UP, || last_verify(&p, "a"));
+    let found = found.unwrap_or_else(|| panic!("no verify in the volume's status: {}", p.describe()));
+    println!("lastVerify on a: {found}");
+    assert_eq!(found["mismatchedBytes"], BLOCK, "{found}");
+    assert_eq!(found["mismatchedRanges"], serde_json::json!([format!("{}+{BLOCK}", 4 * BLOCK)]), "{found}");
+    assert_eq!(found["checkedBytes"], 16 << 20, "the whole volume is checked: {found}");
+    assert!(found["finished"].as_str().is_some_and(|t| t.ends_with('Z')), "{found}");
+    assert_eq!(last_verify(&p, "b"), None, "the standby ran a verify of its own");
+    let events = p.events("a");
+    assert!(events.contains("VerifyMismatch") && events.contains(&format!("{}+{BLOCK}", 4 * BLOCK)), "{events}");
+
+    // The primary resyncs what differs from itself, and only that.
+    let repaired = wait_for(UP, || (backing_block(&p, "b", 4) == good).then_some(()));
+    assert!(repaired.is_some(), "the corrupted block was not repaired: {}", p.describe());
+    assert_eq!(backing_block(&p, "b", 5), good);
+    assert_eq!(read_block(&p, "a", 4), good, "the primary's copy changed");
+    let synced = wait_for(UP, || (p.volume("a")?["outOfSyncBytes"] == 0).then_some(()));
+    assert!(synced.is_some(), "the pair stays out of sync: {}", p.describe());
+
+    // A volume no group uses is refused before anything is queued, naming it.
+    let refused = p.hapair_output(&["volume", "verify", "default/logs"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a verify of an unknown volume was accepted");
+    assert!(stderr.contains("no HaGroup uses a ReplicatedVolume default/logs"), "{stderr}");
 }

@@ -1,4 +1,4 @@
-//! Admin actions: switchover, force-active, resolve-split-brain, maintenance.
+//! Admin actions: switchover, force-active, resolve-split-brain, maintenance, verify.
 //!
 //! Both nodes receive every action (in their desired config, or as `Event::Admin`); each
 //! does its part, and the target also tells the peer through its heartbeats (a takeover
@@ -15,6 +15,9 @@
 //! - **resolve-split-brain `winner`**: the winner keeps its data and becomes active
 //!   (forced); the loser demotes if it serves, then discards its local changes.
 //! - **maintenance on/off**: freezes (or unfreezes) automatic actions; survives restarts.
+//! - **verify `volume`**: the serving node starts an online verify of the volume (its
+//!   replica compares block digests with the peer's and resyncs what differs); the
+//!   standby answers that the serving peer runs it. With no node serving it fails.
 //!
 //! Each action id is handled once; repeated deliveries are ignored.
 
@@ -46,7 +49,7 @@ impl Engine {
             AdminActionKind::Switchover { to } => Some(to),
             AdminActionKind::ForceActive { node } => Some(node),
             AdminActionKind::ResolveSplitBrain { winner } => Some(winner),
-            AdminActionKind::Maintenance { .. } => None,
+            AdminActionKind::Maintenance { .. } | AdminActionKind::Verify { .. } => None,
         };
         if let Some(node) = named
             && node != &me
@@ -119,6 +122,7 @@ impl Engine {
                     self.pending_actions.retain(|p| p != &id);
                 }
             }
+            AdminActionKind::Verify { volume } => self.on_verify(now, id, volume, serving),
             AdminActionKind::ResolveSplitBrain { winner } if winner == me => {
                 for volume in self.cfg.flow.volumes.clone() {
                     self.out.push(Command::ResolveSplitBrain { volume, keep_local: true });
@@ -152,6 +156,45 @@ impl Engine {
                     }
                     self.action_result(Some(id), ActionOutcome::Succeeded, "local changes discarded");
                 }
+            }
+        }
+    }
+
+    fn on_verify(&mut self, now: Instant, id: String, volume: String, serving: bool) {
+        let refused = if !self.cfg.flow.volumes.contains(&volume) {
+            Some(format!("verify: {volume:?} is not a volume of this group's flow"))
+        } else if serving {
+            None
+        } else if self.peer.fresh(now, self.cfg.timing.dead_after).is_some_and(|hb| hb.role == Role::Primary) {
+            let message = format!("verify of {volume}: runs on {}, which serves it", self.cfg.peer);
+            self.action_result(Some(id), ActionOutcome::Succeeded, message);
+            return;
+        } else {
+            Some(format!("verify of {volume}: no node serves the group; a verify runs on the primary"))
+        };
+        if let Some(message) = refused {
+            self.notice(EventType::Warning, Reason::ActionRejected, message.clone());
+            self.action_result(Some(id), ActionOutcome::Rejected, message);
+            return;
+        }
+        self.out.push(Command::StartVerify { volume: volume.clone(), action: id.clone() });
+        self.action_result(Some(id), ActionOutcome::Pending, format!("verify of {volume}: starting"));
+    }
+
+    pub(super) fn on_verify_started(&mut self, id: String, volume: &str, result: Result<(), String>) {
+        if !self.pending_actions.contains(&id) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let message = format!("verify of {volume} started: the replicas' block digests are compared");
+                self.notice(EventType::Normal, Reason::Verify, message.clone());
+                self.action_result(Some(id), ActionOutcome::Succeeded, message);
+            }
+            Err(e) => {
+                let message = format!("verify of {volume} refused: {e}");
+                self.notice(EventType::Warning, Reason::ActionFailed, message.clone());
+                self.action_result(Some(id), ActionOutcome::Failed, message);
             }
         }
     }

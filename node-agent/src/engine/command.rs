@@ -71,6 +71,12 @@ pub enum Command {
         volume: String,
         keep_local: bool,
     },
+    /// Start an online verify of `volume` for admin action `action`; reports back with
+    /// `Event::VerifyStarted`.
+    StartVerify {
+        volume: String,
+        action: String,
+    },
     ArmWatchdog {
         deadline: Instant,
     },
@@ -120,6 +126,8 @@ pub enum Reason {
     Failback,
     ForceActive,
     SplitBrainResolved,
+    /// An online verify was asked for (started, or refused).
+    Verify,
     Candidacy,
     StepFailed,
     StepRestarted,
@@ -157,6 +165,7 @@ impl Reason {
             Reason::Failback => "Failback",
             Reason::ForceActive => "ForceActive",
             Reason::SplitBrainResolved => "SplitBrainResolved",
+            Reason::Verify => "Verify",
             Reason::Candidacy => "Candidacy",
             Reason::StepFailed => "StepFailed",
             Reason::StepRestarted => "StepRestarted",

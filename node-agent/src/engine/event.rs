@@ -33,6 +33,8 @@ pub enum Event {
     StepDone { step: usize, op: StepOp, result: Result<(), String> },
     /// A volume promotion or demotion finished.
     VolumeDone { volume: String, op: VolumeOp, result: Result<(), String> },
+    /// The replica of `volume` started the verify of admin action `action`, or refused it.
+    VerifyStarted { action: String, volume: String, result: Result<(), String> },
     /// The local replica of a volume changed state.
     Volume { volume: String, disk: DiskState, connection: ConnectionState },
     /// An admin action (also accepted inside [`Event::Config`]).

@@ -294,6 +294,7 @@ impl Engine {
             Event::StepCheck { step, healthy, message } => self.on_step_check(now, step, healthy, message),
             Event::StepDone { step, op, result } => self.on_step_done(now, step, op, result),
             Event::VolumeDone { volume, op, result } => self.on_volume_done(now, &volume, op, result),
+            Event::VerifyStarted { action, volume, result } => self.on_verify_started(action, &volume, result),
             Event::Volume { volume, disk, connection } => {
                 self.volumes.insert(volume, (disk, connection));
                 self.promotion_refused_until = None;

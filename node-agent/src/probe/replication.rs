@@ -69,6 +69,7 @@ mod tests {
             out_of_sync_bytes: out_of_sync,
             sync: None,
             peer_disk_state: peer,
+            last_verify: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! [`VolumeReport`].
 
 use hapair_crds::nodeapi::VolumeReport;
-use hapair_crds::volume::{ConnectionState, DiskState, SyncProgress, VolumeRole};
+use hapair_crds::volume::{ConnectionState, DiskState, SyncProgress, VERIFY_RANGES_SHOWN, VerifyReport, VolumeRole};
 use serde::Serialize;
 
 use super::generation::Generations;
@@ -89,6 +89,7 @@ impl ReplicaStatus {
             out_of_sync_bytes: self.out_of_sync_bytes,
             sync: self.sync.clone(),
             peer_disk_state: self.peer_disk,
+            last_verify: None,
         }
     }
 
@@ -105,7 +106,48 @@ impl ReplicaStatus {
     }
 }
 
+/// How many mismatched ranges a verify's event names.
+const VERIFY_RANGES_IN_EVENT: usize = 64;
+
 impl ReplicaEvent {
+    /// What a finished verify found, as status shows it, stamped `finished` (RFC 3339).
+    pub fn verify_report(&self, finished: String) -> Option<VerifyReport> {
+        let ReplicaEvent::VerifyFinished { mismatched, checked_bytes, elapsed_ms } = self else { return None };
+        Some(VerifyReport {
+            finished,
+            duration_seconds: elapsed_ms.div_ceil(1000),
+            checked_bytes: *checked_bytes,
+            mismatched_bytes: mismatched.iter().map(|(_, len)| len).sum(),
+            mismatched_ranges: mismatched.iter().take(VERIFY_RANGES_SHOWN).map(|(o, l)| format!("{o}+{l}")).collect(),
+        })
+    }
+
+    /// The event's message: plain words where an operator reads them.
+    pub fn message(&self) -> String {
+        match self {
+            ReplicaEvent::VerifyFinished { mismatched, checked_bytes, elapsed_ms } => {
+                let took = format!("{:.1} s", *elapsed_ms as f64 / 1000.0);
+                if mismatched.is_empty() {
+                    return format!("verify finished in {took}: {checked_bytes} bytes checked, both replicas match");
+                }
+                let bytes: u64 = mismatched.iter().map(|(_, len)| len).sum();
+                // An event stays readable however much differs; the bitmap holds the rest.
+                let mut ranges: Vec<String> =
+                    mismatched.iter().take(VERIFY_RANGES_IN_EVENT).map(|(o, l)| format!("{o}+{l}")).collect();
+                if mismatched.len() > VERIFY_RANGES_IN_EVENT {
+                    ranges.push(format!("and {} more", mismatched.len() - VERIFY_RANGES_IN_EVENT));
+                }
+                format!(
+                    "verify finished in {took}: {checked_bytes} bytes checked, {bytes} bytes in {} ranges differ from \
+                     the peer (offset+length: {}); marked out of sync, the primary resyncs them",
+                    mismatched.len(),
+                    ranges.join(", ")
+                )
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
     /// The Kubernetes-style reason for this event (CamelCase) and whether it is a warning.
     pub fn reason(&self) -> (&'static str, bool) {
         match self {
@@ -189,7 +231,7 @@ pub(crate) mod tests {
     fn event_reasons_flag_warnings() {
         assert_eq!(ReplicaEvent::Demoted.reason(), ("VolumeDemoted", false));
         assert_eq!(ReplicaEvent::SplitBrain { reason: "x".into() }.reason(), ("SplitBrain", true));
-        let clean = ReplicaEvent::VerifyFinished { mismatched: vec![], checked_bytes: 1 };
+        let clean = ReplicaEvent::VerifyFinished { mismatched: vec![], checked_bytes: 1, elapsed_ms: 1 };
         assert_eq!(clean.reason(), ("VerifyClean", false));
     }
 }

@@ -489,6 +489,10 @@ impl GroupTask {
                 self.feed(Event::StepDone { step, op, result }).await;
             }
             Input::VolumeDone { volume, op, result } => self.feed(Event::VolumeDone { volume, op, result }).await,
+            Input::VerifyStarted { action, volume, result } => {
+                self.feed(Event::VerifyStarted { action, volume, result }).await;
+            }
+            Input::VolumeVerified { volume, report } => self.volumes.verified(volume, *report),
             Input::VolumeOpened { volume, replica } => {
                 self.steps.set_replica(&volume, (*replica).clone());
                 self.volumes.opened(&self.volume_ctx, volume, *replica);
@@ -761,6 +765,7 @@ impl GroupTask {
                     let epoch = self.engine.epoch();
                     self.volumes.resolve_split_brain(&self.ctx.board, &self.key, &volume, keep_local, epoch);
                 }
+                Command::StartVerify { volume, action } => self.volumes.start_verify(&self.tx, &volume, action),
                 Command::ArmWatchdog { deadline } => {
                     if let Some(risk) = self.ctx.watchdog.arm(&self.group(), deadline, clock::now()) {
                         self.runtime_event(EventType::Warning, "WatchdogRisk", risk);

@@ -5,6 +5,7 @@
 //! depend on the message and not on the group task that reads it.
 
 use hapair_crds::nodeapi::GroupConfig;
+use hapair_crds::volume::VerifyReport;
 
 use crate::engine::{StepOp, VolumeOp, WitnessAnswer};
 use crate::probe::{Observation, Probe};
@@ -27,6 +28,17 @@ pub enum Input {
         volume: String,
         op: VolumeOp,
         result: Result<(), String>,
+    },
+    /// A replica started (or refused) the verify of an admin action.
+    VerifyStarted {
+        action: String,
+        volume: String,
+        result: Result<(), String>,
+    },
+    /// A replica finished a verify: what it found, for the reports.
+    VolumeVerified {
+        volume: String,
+        report: Box<VerifyReport>,
     },
     /// A replica of the group finished opening.
     VolumeOpened {

@@ -10,8 +10,9 @@
 //!   an Inconsistent or outdated standby is kept from being promoted.
 //! - Replica events (connected, resync started/finished, split brain, discards, fencing)
 //!   become the group's events, with their reason.
-//! - The engine's promote/demote/resolve commands run as tasks and answer with
-//!   [`Input::VolumeDone`] (resolution results are events).
+//! - The engine's promote/demote/resolve/verify commands run as tasks and answer with
+//!   [`Input::VolumeDone`] or [`Input::VerifyStarted`] (resolution results are events; a
+//!   finished verify is an event and goes into the volume's reports).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hapair_crds::nodeapi::{EventType, GroupConfig, GroupKey, VolumeConfig, VolumeReport};
-use hapair_crds::volume::{ConnectionState, DiskState};
+use hapair_crds::volume::{ConnectionState, DiskState, VerifyReport};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -86,6 +87,8 @@ pub struct GroupVolumes {
     told: BTreeMap<String, (DiskState, ConnectionState)>,
     /// The same states for the group's `replication` monitors.
     states: VolumeStates,
+    /// The last verify each volume's replica finished on this node.
+    verified: BTreeMap<String, VerifyReport>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -129,7 +132,8 @@ impl GroupVolumes {
             forward_status(ctx.inbox.clone(), volume.clone(), replica.clone()).instrument(span.clone()),
         ));
         self.tasks.push(tokio::spawn(
-            forward_events(Arc::clone(&ctx.board), ctx.key.clone(), volume.clone(), replica.clone()).instrument(span),
+            forward_events(ctx.inbox.clone(), Arc::clone(&ctx.board), ctx.key.clone(), volume.clone(), replica.clone())
+                .instrument(span),
         ));
         self.replicas.insert(volume, replica);
     }
@@ -163,7 +167,33 @@ impl GroupVolumes {
 
     /// Per-volume disk state, connection, out-of-sync bytes and sync progress.
     pub fn reports(&self) -> Vec<VolumeReport> {
-        self.status.values().map(ReplicaStatus::report).collect()
+        self.status
+            .values()
+            .map(|status| VolumeReport { last_verify: self.verified.get(&status.volume).cloned(), ..status.report() })
+            .collect()
+    }
+
+    /// Records what a finished verify found, for the reports.
+    pub fn verified(&mut self, volume: String, report: VerifyReport) {
+        self.verified.insert(volume, report);
+    }
+
+    /// Starts an online verify for admin action `action`; the answer arrives as
+    /// [`Input::VerifyStarted`], the findings as an event and [`Input::VolumeVerified`].
+    pub fn start_verify(&self, inbox: &UnboundedSender<Input>, volume: &str, action: String) {
+        let (inbox, volume) = (inbox.clone(), volume.to_string());
+        let Some(replica) = self.replicas.get(&volume).cloned() else {
+            let result = Err(format!("volume {volume}: the replica is not open on this node (see its events)"));
+            let _ = inbox.send(Input::VerifyStarted { action, volume, result });
+            return;
+        };
+        tokio::spawn(
+            async move {
+                let result = replica.start_verify().await.map_err(|e| e.to_string());
+                let _ = inbox.send(Input::VerifyStarted { action, volume, result });
+            }
+            .in_current_span(),
+        );
     }
 
     /// Carries out a promotion or demotion; the answer arrives as [`Input::VolumeDone`].
@@ -302,13 +332,22 @@ async fn forward_status(inbox: UnboundedSender<Input>, volume: String, replica: 
     }
 }
 
-async fn forward_events(board: Arc<Board>, key: GroupKey, volume: String, replica: Replica) {
+async fn forward_events(
+    inbox: UnboundedSender<Input>,
+    board: Arc<Board>,
+    key: GroupKey,
+    volume: String,
+    replica: Replica,
+) {
     let mut events = replica.events();
     loop {
         match events.recv().await {
             Ok(event) => {
+                if let Some(report) = event.verify_report(super::clock::rfc3339_now()) {
+                    let _ = inbox.send(Input::VolumeVerified { volume: volume.clone(), report: Box::new(report) });
+                }
                 let (reason, warning) = event.reason();
-                let message = format!("volume {volume}: {event:?}");
+                let message = format!("volume {volume}: {}", event.message());
                 let type_ = if warning { EventType::Warning } else { EventType::Normal };
                 if warning {
                     tracing::warn!(reason, "{message}");

@@ -152,11 +152,27 @@ pub enum Command {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// ReplicatedVolume operations.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
     /// One-time enrollment tokens (against a cluster; on a standalone controller host use
     /// `hapair-operator token create --state DIR`).
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Online verify: the primary compares its blocks' digests with the standby's while the
+    /// volume stays in use, marks what differs out of sync and resyncs it from itself. The
+    /// findings go into the volume's status (`lastVerify`) and events.
+    Verify {
+        /// `name`, or `namespace/name`.
+        volume: String,
     },
 }
 
@@ -356,6 +372,21 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
         Command::Maintenance { group, state } => {
             let kind = AdminActionKind::Maintenance { enabled: *state == OnOff::On };
             act(transport, &parse_group(group, ns)?, kind, timeout, out).await
+        }
+        Command::Volume { command: VolumeCommand::Verify { volume } } => {
+            let volume_key = parse_group_or(volume, ns, default_ns)
+                .map_err(|e| CliError::Config(e.to_string().replace("GROUP", "VOLUME")))?;
+            let overview = transport.groups().await?;
+            let group = overview
+                .groups
+                .iter()
+                .find(|g| g.key.namespace == volume_key.namespace && g.volumes.iter().any(|v| v.name == volume_key.name))
+                .map(|g| g.key.clone())
+                .ok_or_else(|| {
+                    CliError::Config(format!("VOLUME: no HaGroup uses a ReplicatedVolume {volume_key}"))
+                })?;
+            let kind = AdminActionKind::Verify { volume: volume_key.name.clone() };
+            act(transport, &group, kind, timeout, out).await
         }
         Command::Token { .. } => Err(CliError::Config(
             "token create works against a cluster; on a standalone controller's host run `hapair-operator token create --state DIR --node NODE`".into(),

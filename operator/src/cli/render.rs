@@ -340,6 +340,7 @@ pub fn action_words(kind: &AdminActionKind) -> String {
         AdminActionKind::ForceActive { node } => format!("force-active {}", field(node)),
         AdminActionKind::ResolveSplitBrain { winner } => format!("resolve-split-brain, winner {}", field(winner)),
         AdminActionKind::Maintenance { enabled } => format!("maintenance {}", if *enabled { "on" } else { "off" }),
+        AdminActionKind::Verify { volume } => format!("verify of volume {}", field(volume)),
     }
 }
 

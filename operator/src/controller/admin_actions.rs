@@ -1,4 +1,4 @@
-//! Admin actions (switchover, force-active, resolve-split-brain, maintenance): queued for
+//! Admin actions (switchover, force-active, resolve-split-brain, maintenance, verify): queued for
 //! the group's agents, refused when they cannot apply, and shown as they progress.
 
 use super::*;
@@ -15,11 +15,9 @@ impl<S: Store> Controller<S> {
                 format!("a-{}", crate::support::hex::encode(&bytes))
             }
         };
-        let target = core
-            .reconciled
-            .groups
-            .get(key)
-            .and_then(|p| p.config.as_ref().map(|c| Target { spec: &c.spec, deleting: p.deleting }));
+        let target = core.reconciled.groups.get(key).and_then(|p| {
+            p.config.as_ref().map(|c| Target { spec: &c.spec, deleting: p.deleting, node_api: &core.node_api })
+        });
         if let Some(existing) = actions::check(key, &id, &request.kind, target, &core.state.actions)? {
             return Ok(view(existing));
         }
@@ -95,6 +93,7 @@ fn describe_kind(kind: &AdminActionKind) -> String {
         AdminActionKind::ForceActive { node } => format!(": force {node} active"),
         AdminActionKind::ResolveSplitBrain { winner } => format!(": {winner} keeps its data"),
         AdminActionKind::Maintenance { enabled } => format!(": maintenance {}", if *enabled { "on" } else { "off" }),
+        AdminActionKind::Verify { volume } => format!(": verify volume {volume}"),
     }
 }
 

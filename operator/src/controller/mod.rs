@@ -109,6 +109,8 @@ struct Core {
     catalog: Catalog,
     reconciled: Reconciled,
     reports: BTreeMap<String, (NodeReport, UnixMillis)>,
+    /// The node-API version each node spoke in its latest report.
+    node_api: BTreeMap<String, u8>,
     statuses: Statuses,
     events: EventRing,
     /// Manifest errors already logged, so each is reported once, not every second.
@@ -183,6 +185,7 @@ impl<S: Store> Controller<S> {
                 statuses,
                 events,
                 known_errors: BTreeSet::new(),
+                node_api: BTreeMap::new(),
                 rng: StdRng::from_rng(&mut rand::rng()),
                 started: crate::support::timestamp::now_millis(),
             }),

@@ -5,7 +5,7 @@ use super::*;
 
 impl<S: Store> Controller<S> {
     /// Applies a node's report. `node` is the authenticated node the report was posted for.
-    pub async fn accept_report(&self, node: &str, report: NodeReport) -> Result<(), ReportRefusal> {
+    pub async fn accept_report(&self, node: &str, report: NodeReport, node_api: u8) -> Result<(), ReportRefusal> {
         if report.node != node {
             return Err(ReportRefusal::NodeMismatch { path: node.to_string(), found: report.node.clone() });
         }
@@ -84,6 +84,7 @@ impl<S: Store> Controller<S> {
             warn!(node, revision = report.applied_revision, "agent refused its desired config: {error}");
         }
         core.reports.insert(node.to_string(), (report, now));
+        core.node_api.insert(node.to_string(), node_api);
         for (key, event) in events {
             self.record_event(&mut core, &key, event).await;
         }

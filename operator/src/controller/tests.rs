@@ -119,10 +119,16 @@ async fn a_deleted_group_is_released_once_both_nodes_cleaned_up_and_the_confirma
         }],
     };
     let saves = store.saves.load(Ordering::SeqCst);
-    controller.accept_report("a", report("a")).await.unwrap_or_else(|e| panic!("{e}"));
+    controller
+        .accept_report("a", report("a"), hapair_crds::nodeapi::NODE_API_VERSION)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store.saves.load(Ordering::SeqCst), saves + 1, "a's confirmation is saved");
     assert!(store.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
-    controller.accept_report("b", report("b")).await.unwrap_or_else(|e| panic!("{e}"));
+    controller
+        .accept_report("b", report("b"), hapair_crds::nodeapi::NODE_API_VERSION)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(*store.released.lock().unwrap_or_else(|p| p.into_inner()), std::slice::from_ref(&key));
     assert!(!controller.cleanup_pending(&key).await);
 }

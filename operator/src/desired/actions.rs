@@ -1,4 +1,4 @@
-//! Admin actions (switchover, force-active, resolve-split-brain, maintenance): checking a
+//! Admin actions (switchover, force-active, resolve-split-brain, maintenance, verify): checking a
 //! request, carrying it to the agents inside their bundles, and deciding its outcome from
 //! what the agents answer.
 //!
@@ -37,7 +37,12 @@ pub enum Refusal {
 pub struct Target<'a> {
     pub spec: &'a HaGroupSpec,
     pub deleting: bool,
+    /// The node-API version each node spoke in its latest report (none yet: absent).
+    pub node_api: &'a BTreeMap<String, u8>,
 }
+
+/// The first node-API version whose agents know the verify action.
+pub const VERIFY_NODE_API: u8 = 2;
 
 /// The node whose success completes the action, if one node decides it.
 pub fn deciding_node(kind: &AdminActionKind) -> Option<&str> {
@@ -45,7 +50,7 @@ pub fn deciding_node(kind: &AdminActionKind) -> Option<&str> {
         AdminActionKind::Switchover { to } => Some(to),
         AdminActionKind::ForceActive { node } => Some(node),
         AdminActionKind::ResolveSplitBrain { winner } => Some(winner),
-        AdminActionKind::Maintenance { .. } => None,
+        AdminActionKind::Maintenance { .. } | AdminActionKind::Verify { .. } => None,
     }
 }
 
@@ -90,6 +95,9 @@ pub fn check<'s>(
             nodes.join(", ")
         )));
     }
+    if let AdminActionKind::Verify { volume } = kind {
+        check_verify(key, volume, target)?;
+    }
     if let Some((other_id, other)) = actions.iter().find(|(_, a)| a.group == *key && !a.is_final()) {
         return Err(Refusal::Conflict(format!(
             "action {other_id} ({}) on HaGroup {key} is still pending",
@@ -97,6 +105,37 @@ pub fn check<'s>(
         )));
     }
     Ok(None)
+}
+
+/// A verify names a volume of the group's flow, and every node must know the action: an
+/// agent of the previous release would refuse the whole config that carried it.
+fn check_verify(key: &GroupKey, volume: &str, target: Target<'_>) -> Result<(), Refusal> {
+    let volumes: Vec<&str> =
+        target.spec.flow.iter().filter_map(|s| s.volume.as_ref().map(|v| v.volume_ref.as_str())).collect();
+    if !volumes.contains(&volume) {
+        let known = if volumes.is_empty() { "none".to_string() } else { volumes.join(", ") };
+        return Err(Refusal::Invalid(format!(
+            "volume: {volume:?} is not a volume of HaGroup {key}'s flow (volumes: {known})"
+        )));
+    }
+    for node in &target.spec.nodes {
+        match target.node_api.get(&node.name) {
+            Some(v) if *v >= VERIFY_NODE_API => {}
+            Some(v) => {
+                return Err(Refusal::Conflict(format!(
+                    "verify: node {} speaks node API {v}, from before verify; upgrade its agent first",
+                    node.name
+                )));
+            }
+            None => {
+                return Err(Refusal::Conflict(format!(
+                    "verify: node {} has not reported to this controller yet, so its agent's version is unknown",
+                    node.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A freshly queued action.
@@ -232,7 +271,8 @@ mod tests {
     #[test]
     fn refuses_foreign_nodes_unknown_groups_and_a_second_pending_action() {
         let spec = spec();
-        let target = Some(Target { spec: &spec, deleting: false });
+        let versions = BTreeMap::new();
+        let target = Some(Target { spec: &spec, deleting: false, node_api: &versions });
         let mut actions = BTreeMap::new();
         let to_c = AdminActionKind::Switchover { to: "c".into() };
         assert_eq!(
@@ -252,8 +292,45 @@ mod tests {
             Err(Refusal::Conflict("action x1 (switchover) on HaGroup default/g is still pending".into()))
         );
         assert!(matches!(check(&key(), "x1", &maintenance, target, &actions), Err(Refusal::Conflict(_))));
-        let deleting = Some(Target { spec: &spec, deleting: true });
+        let deleting = Some(Target { spec: &spec, deleting: true, node_api: &versions });
         assert!(matches!(check(&key(), "x3", &maintenance, deleting, &BTreeMap::new()), Err(Refusal::Conflict(_))));
+    }
+
+    #[test]
+    fn verify_names_a_volume_of_the_flow_and_waits_for_agents_that_know_it() {
+        let spec: HaGroupSpec = serde_yaml::from_str(
+            "nodes: [{name: a, heartbeatAddresses: [198.18.1.1]}, {name: b, heartbeatAddresses: [198.18.1.2]}]\n\
+             flow: [{name: data, volume: {volumeRef: pgdata}}]",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let verify = |volume: &str| AdminActionKind::Verify { volume: volume.into() };
+        let check_with = |versions: &[(&str, u8)], kind: &AdminActionKind| {
+            let node_api: BTreeMap<String, u8> = versions.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+            let target = Some(Target { spec: &spec, deleting: false, node_api: &node_api });
+            check(&key(), "v1", kind, target, &BTreeMap::new()).map(|existing| existing.is_some())
+        };
+        let current = [("a", VERIFY_NODE_API), ("b", VERIFY_NODE_API)];
+        assert_eq!(check_with(&current, &verify("pgdata")), Ok(false));
+        assert_eq!(
+            check_with(&current, &verify("logs")),
+            Err(Refusal::Invalid(
+                "volume: \"logs\" is not a volume of HaGroup default/g's flow (volumes: pgdata)".into()
+            ))
+        );
+        assert_eq!(
+            check_with(&[("a", VERIFY_NODE_API), ("b", 1)], &verify("pgdata")),
+            Err(Refusal::Conflict(
+                "verify: node b speaks node API 1, from before verify; upgrade its agent first".into()
+            ))
+        );
+        assert_eq!(
+            check_with(&[("b", VERIFY_NODE_API)], &verify("pgdata")),
+            Err(Refusal::Conflict(
+                "verify: node a has not reported to this controller yet, so its agent's version is unknown".into()
+            ))
+        );
+        // Nothing else asks for versions.
+        assert_eq!(check_with(&[], &AdminActionKind::Maintenance { enabled: true }), Ok(false));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Admin actions as annotations on a HaGroup, the Kubernetes way of asking the operator for a
-//! switchover, a forced activation, a split-brain resolution or maintenance.
+//! switchover, a forced activation, a split-brain resolution, maintenance or a verify.
 //!
 //! One annotation per kind of action, whose value is a comma-separated list of `key=value`
 //! pairs: the request id and the action's argument, named as in the node API's
@@ -11,6 +11,7 @@
 //! | `hapair.dev/force-active` | `id=r2,node=db1` |
 //! | `hapair.dev/resolve-split-brain` | `id=r3,winner=db1` |
 //! | `hapair.dev/maintenance` | `id=r4,enabled=true` |
+//! | `hapair.dev/verify` | `id=r5,volume=pgdata` |
 //!
 //! The operator delivers the action to the agents, records the outcome in
 //! `status.lastAction` (with the same id) and then removes the annotation. The id makes a
@@ -27,9 +28,10 @@ pub const SWITCHOVER: &str = "hapair.dev/switchover";
 pub const FORCE_ACTIVE: &str = "hapair.dev/force-active";
 pub const RESOLVE_SPLIT_BRAIN: &str = "hapair.dev/resolve-split-brain";
 pub const MAINTENANCE: &str = "hapair.dev/maintenance";
+pub const VERIFY: &str = "hapair.dev/verify";
 
 /// Every action annotation, in the order the operator handles them.
-pub const ALL: [&str; 4] = [SWITCHOVER, FORCE_ACTIVE, RESOLVE_SPLIT_BRAIN, MAINTENANCE];
+pub const ALL: [&str; 5] = [SWITCHOVER, FORCE_ACTIVE, RESOLVE_SPLIT_BRAIN, MAINTENANCE, VERIFY];
 
 /// An action annotation that cannot be read. The message names the annotation and the key.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +67,7 @@ pub fn annotation_for(kind: &AdminActionKind) -> &'static str {
         AdminActionKind::ForceActive { .. } => FORCE_ACTIVE,
         AdminActionKind::ResolveSplitBrain { .. } => RESOLVE_SPLIT_BRAIN,
         AdminActionKind::Maintenance { .. } => MAINTENANCE,
+        AdminActionKind::Verify { .. } => VERIFY,
     }
 }
 
@@ -75,6 +78,7 @@ pub fn render(id: &str, kind: &AdminActionKind) -> String {
         AdminActionKind::ForceActive { node } => format!("id={id},node={node}"),
         AdminActionKind::ResolveSplitBrain { winner } => format!("id={id},winner={winner}"),
         AdminActionKind::Maintenance { enabled } => format!("id={id},enabled={enabled}"),
+        AdminActionKind::Verify { volume } => format!("id={id},volume={volume}"),
     }
 }
 
@@ -113,6 +117,7 @@ pub fn parse(annotation: &str, value: &str) -> Result<AnnotatedAction, Annotatio
         SWITCHOVER => "to",
         FORCE_ACTIVE => "node",
         RESOLVE_SPLIT_BRAIN => "winner",
+        VERIFY => "volume",
         _ => "enabled",
     };
     if let Some(unknown) = fields.keys().find(|k| **k != "id" && **k != argument) {
@@ -131,6 +136,8 @@ pub fn parse(annotation: &str, value: &str) -> Result<AnnotatedAction, Annotatio
         SWITCHOVER => AdminActionKind::Switchover { to: node_name(argument, arg).map_err(&fail)? },
         FORCE_ACTIVE => AdminActionKind::ForceActive { node: node_name(argument, arg).map_err(&fail)? },
         RESOLVE_SPLIT_BRAIN => AdminActionKind::ResolveSplitBrain { winner: node_name(argument, arg).map_err(&fail)? },
+        VERIFY if is_valid_name(arg) => AdminActionKind::Verify { volume: arg.to_string() },
+        VERIFY => return Err(fail(format!("volume: {arg:?} is not a valid volume name"))),
         _ => AdminActionKind::Maintenance {
             enabled: match arg {
                 "true" | "on" => true,
@@ -162,6 +169,7 @@ mod tests {
             AdminActionKind::ResolveSplitBrain { winner: "db1".into() },
             AdminActionKind::Maintenance { enabled: true },
             AdminActionKind::Maintenance { enabled: false },
+            AdminActionKind::Verify { volume: "pgdata".into() },
         ];
         for kind in kinds {
             let value = render("r1", &kind);
@@ -209,6 +217,10 @@ mod tests {
         assert_eq!(
             error(SWITCHOVER, "id=r1,id=r2,to=a"),
             Some("annotation hapair.dev/switchover: id is given twice".into())
+        );
+        assert_eq!(
+            error(VERIFY, "id=r1,volume=Pg Data"),
+            Some("annotation hapair.dev/verify: volume: \"Pg Data\" is not a valid volume name".into())
         );
         assert_eq!(error(SWITCHOVER, "db2"), Some("annotation hapair.dev/switchover: \"db2\" is not key=value".into()));
         let refused = parse(SWITCHOVER, "id=r9,to=Bad").err();

@@ -532,6 +532,7 @@ mod tests {
                     bytes_per_second: rate,
                     eta_seconds: Some(rate),
                 }),
+                last_verify: None,
             }],
             ..ReplicatedVolumeStatus::default()
         };

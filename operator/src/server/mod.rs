@@ -346,8 +346,11 @@ async fn report<S: Store>(
     if !api.controller.knows_node(&node) {
         return Err(ApiFailure::forbidden(format!("node {node:?} is not in any group")));
     }
+    // The guard refused an unsupported version already.
+    let announced = request.headers().get(PROTOCOL_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let node_api = node_api_version(announced.as_deref()).unwrap_or(1);
     let ApiJson(report) = ApiJson::<NodeReport>::from_request(request, &()).await?;
-    match api.controller.accept_report(&node, report).await {
+    match api.controller.accept_report(&node, report, node_api).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(refusal @ (ReportRefusal::NodeMismatch { .. } | ReportRefusal::NotAMember { .. })) => {
             api.controller.metrics().error("report");

@@ -52,6 +52,11 @@ pub fn volume_status(
                 connection: r.connection,
                 out_of_sync_bytes: r.out_of_sync_bytes,
                 sync: r.sync.clone(),
+                // An agent forgets its last verify when it restarts; the status does not.
+                last_verify: r
+                    .last_verify
+                    .clone()
+                    .or_else(|| previous.nodes.iter().find(|n| n.node == *node).and_then(|n| n.last_verify.clone())),
             })
         })
         .collect();
@@ -161,6 +166,7 @@ pub(super) mod tests {
             out_of_sync_bytes: 0,
             sync: None,
             peer_disk_state: None,
+            last_verify: None,
         }
     }
 
@@ -184,5 +190,32 @@ pub(super) mod tests {
         assert_eq!(find(&s.conditions, types::SYNCED).map(|c| c.status), Some(ConditionStatus::True));
         let s = volume_status(&s, Some(2), &[("a", Some(&up), false), ("b", None, false)], NOW);
         assert_eq!(s.sync_state.as_deref(), Some("Unknown"));
+    }
+
+    #[test]
+    fn the_last_verify_outlives_an_agent_restart_until_a_newer_one() {
+        let report = |finished: &str| hapair_crds::volume::VerifyReport {
+            finished: finished.into(),
+            duration_seconds: 3,
+            checked_bytes: 64 << 20,
+            mismatched_bytes: 4096,
+            mismatched_ranges: vec!["8192+4096".into()],
+        };
+        let verified = VolumeReport {
+            last_verify: Some(report("2026-12-07T10:00:00Z")),
+            ..volume(DiskState::UpToDate, ConnectionState::Connected, VolumeRole::Primary)
+        };
+        let b = volume(DiskState::UpToDate, ConnectionState::Connected, VolumeRole::Secondary);
+        let first = volume_status(&ReplicatedVolumeStatus::default(), None, &[("a", Some(&verified), true)], NOW);
+        let last = |s: &ReplicatedVolumeStatus| s.nodes[0].last_verify.as_ref().map(|v| v.finished.clone());
+        assert_eq!(last(&first).as_deref(), Some("2026-12-07T10:00:00Z"));
+        // a restarted: its report has no verify, the status keeps the one it had.
+        let restarted = volume(DiskState::UpToDate, ConnectionState::Connected, VolumeRole::Primary);
+        let kept = volume_status(&first, None, &[("a", Some(&restarted), true), ("b", Some(&b), true)], NOW);
+        assert_eq!(last(&kept).as_deref(), Some("2026-12-07T10:00:00Z"));
+        assert_eq!(kept.nodes[1].last_verify, None);
+        let newer = VolumeReport { last_verify: Some(report("2026-12-08T10:00:00Z")), ..restarted };
+        let replaced = volume_status(&kept, None, &[("a", Some(&newer), true)], NOW);
+        assert_eq!(last(&replaced).as_deref(), Some("2026-12-08T10:00:00Z"));
     }
 }

@@ -124,6 +124,7 @@ fn report(i: usize, primary: bool, uptime: u64) -> (String, NodeReport) {
             out_of_sync_bytes: 0,
             sync: None,
             peer_disk_state: Some(DiskState::UpToDate),
+            last_verify: None,
         }]
     } else {
         Vec::new()
@@ -437,7 +438,9 @@ async fn bench(args: Args, arenas: bool) -> anyhow::Result<()> {
                         let core = core.clone();
                         tasks.spawn(async move {
                             let (node, report) = report(i, primary, uptime);
-                            core.accept_report(&node, report).await.map_err(|e| anyhow::anyhow!("{e}"))
+                            core.accept_report(&node, report, hapair_crds::nodeapi::NODE_API_VERSION)
+                                .await
+                                .map_err(|e| anyhow::anyhow!("{e}"))
                         });
                     }
                 }

@@ -778,7 +778,8 @@ impl World {
                     }
                     self.start_op(node, Op::Step(step, StepOp::Restart))?;
                 }
-                Command::ResolveSplitBrain { .. } => {}
+                // The simulated volumes hold no data to resolve or verify.
+                Command::ResolveSplitBrain { .. } | Command::StartVerify { .. } => {}
                 Command::ArmWatchdog { deadline } => {
                     let n = &mut self.nodes[node];
                     n.watchdog_gen += 1;

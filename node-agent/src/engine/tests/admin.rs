@@ -1,11 +1,11 @@
-//! Admin actions: switchover, force-active, resolve-split-brain, maintenance; and their
+//! Admin actions: switchover, force-active, resolve-split-brain, maintenance, verify; and their
 //! idempotency.
 
 use hapair_crds::nodeapi::AdminActionKind;
 use hapair_crds::volume::DiskState;
 
 use super::*;
-use crate::engine::Role;
+use crate::engine::{Event, Role};
 
 fn switchover(to: &str) -> AdminActionKind {
     AdminActionKind::Switchover { to: to.into() }
@@ -329,5 +329,59 @@ fn actions_arrive_inside_the_config_too() {
             "persist e0 f0 peer#0 maintenance=true done=m1",
             "hb #2 Standby e0 f0 maintenance",
         ],
+    );
+}
+
+fn verify(volume: &str) -> AdminActionKind {
+    AdminActionKind::Verify { volume: volume.into() }
+}
+
+fn verify_started(action: &str, result: Result<(), String>) -> Event {
+    Event::VerifyStarted { action: action.into(), volume: "data".into(), result }
+}
+
+#[test]
+fn verify_on_the_serving_node_starts_the_replicas_verify_and_succeeds_once_it_runs() {
+    let mut h = primary();
+    h.expect(400, admin("v1", verify("data")), &["verify data v1", "result v1 Pending"]);
+    h.expect(
+        410,
+        verify_started("v1", Ok(())),
+        &["event Normal Verify", "result v1 Succeeded", "persist e1 f1 peer#3 done=v1"],
+    );
+    // A second answer for a finished action changes nothing.
+    h.expect(420, verify_started("v1", Ok(())), &[]);
+}
+
+#[test]
+fn verify_refused_by_the_replica_fails_the_action() {
+    let mut h = primary();
+    h.expect(400, admin("v1", verify("data")), &["verify data v1", "result v1 Pending"]);
+    h.expect(
+        410,
+        verify_started("v1", Err("the replicas are not in sync yet".into())),
+        &["event Warning ActionFailed", "result v1 Failed", "persist e1 f1 peer#3 done=v1"],
+    );
+}
+
+#[test]
+fn verify_on_the_standby_defers_to_the_serving_peer() {
+    let mut h = standby();
+    h.expect(150, admin("v1", verify("data")), &["result v1 Succeeded", "persist e1 f1 peer#3 done=v1"]);
+}
+
+#[test]
+fn verify_of_a_volume_outside_the_flow_or_with_no_node_serving_is_refused() {
+    let mut h = standby();
+    h.expect(
+        150,
+        admin("v1", verify("logs")),
+        &["event Warning ActionRejected", "result v1 Rejected", "persist e1 f1 peer#3 done=v1"],
+    );
+    let mut alone = H::standby("");
+    alone.expect(
+        50,
+        admin("v2", verify("data")),
+        &["event Warning ActionRejected", "result v2 Rejected", "persist e0 f0 peer#0 done=v2"],
     );
 }

@@ -390,6 +390,7 @@ fn render_one(c: &Command) -> String {
         Command::ResolveSplitBrain { volume, keep_local } => {
             format!("resolve {volume} {}", if *keep_local { "keep" } else { "discard" })
         }
+        Command::StartVerify { volume, action } => format!("verify {volume} {action}"),
         Command::ArmWatchdog { deadline } => format!("watchdog {}ms", deadline.as_nanos() / 1_000_000),
         Command::DisarmWatchdog => "watchdog off".into(),
         Command::Persist(p) => {

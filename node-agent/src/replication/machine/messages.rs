@@ -212,7 +212,7 @@ pub enum ReplicaEvent {
     SyncStarted { source: bool, full: bool, bytes: u64, reason: String },
     SyncFinished { source: bool, bytes: u64, elapsed_ms: u64 },
     Discarded(DiscardRecord),
-    VerifyFinished { mismatched: Vec<(u64, u64)>, checked_bytes: u64 },
+    VerifyFinished { mismatched: Vec<(u64, u64)>, checked_bytes: u64, elapsed_ms: u64 },
     DiskStateChanged { from: DiskState, to: DiskState, reason: String },
     IoError { operation: String, message: String },
 }

@@ -13,6 +13,7 @@ use crate::replication::wire::{Frame, MAX_DATA};
 pub(super) struct VerifyRun {
     pub(super) conn: ConnId,
     pub(super) planner: VerifyPlanner,
+    pub(super) started_ms: u64,
 }
 
 impl Machine {
@@ -31,7 +32,7 @@ impl Machine {
         }
         let conn = link.conn;
         let planner = VerifyPlanner::new(self.blocks(), 256, self.cfg.resync.rate, self.now);
-        self.verify = Some(VerifyRun { conn, planner });
+        self.verify = Some(VerifyRun { conn, planner, started_ms: self.now });
         self.complete(req, Ok(()));
         self.poll_verify();
     }
@@ -44,12 +45,13 @@ impl Machine {
             let mismatched: Vec<(u64, u64)> =
                 v.planner.mismatched().iter().map(|r| (r.byte_offset(), r.byte_len())).collect();
             let checked = v.planner.progress(now).done_bytes;
+            let elapsed_ms = now.saturating_sub(v.started_ms);
             self.verify = None;
             let bytes: u64 = mismatched.iter().map(|(_, l)| l).sum();
             self.counters.verify_mismatched_bytes = bytes;
             self.counters.verifies_completed += 1;
             self.last_verify = Some(mismatched.clone());
-            self.event(ReplicaEvent::VerifyFinished { mismatched, checked_bytes: checked });
+            self.event(ReplicaEvent::VerifyFinished { mismatched, checked_bytes: checked, elapsed_ms });
             let ready = self.link.as_ref().is_some_and(|l| l.conn == conn && l.phase == Phase::Ready);
             if ready && self.role == Role::Primary && !self.bitmap.is_empty() {
                 self.begin_resync_as_source(conn, SyncReason::OutOfSyncBlocks);
