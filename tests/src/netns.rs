@@ -348,7 +348,7 @@ impl Drop for Address {
 const KILLED_EXIT: Duration = Duration::from_secs(30);
 
 /// Where process `pid` waits in the kernel: its state, wait channel and kernel stack.
-pub fn kernel_wait(pid: u32) -> String {
+fn kernel_wait(pid: u32) -> String {
     let read = |what: &str| std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default();
     let state: String =
         read("stat").rsplit_once(") ").map(|(_, rest)| rest.chars().take(1).collect()).unwrap_or_default();

@@ -229,20 +229,26 @@ pub fn parse_group(text: &str, namespace: Option<&str>) -> Result<GroupKey, CliE
 
 /// Like [`parse_group`], with `default` for a bare name without `-n`.
 pub fn parse_group_or(text: &str, namespace: Option<&str>, default: &str) -> Result<GroupKey, CliError> {
+    parse_namespaced("GROUP", text, namespace, default)
+}
+
+/// The object the command-line argument `argument` names: `name` or `namespace/name`,
+/// with `-n`, else `default`, as the namespace of a bare name.
+fn parse_namespaced(argument: &str, text: &str, namespace: Option<&str>, default: &str) -> Result<GroupKey, CliError> {
     if text.matches('/').count() > 1 {
-        return Err(CliError::Config(format!("GROUP {text:?}: expected NAME or NAMESPACE/NAME")));
+        return Err(CliError::Config(format!("{argument} {text:?}: expected NAME or NAMESPACE/NAME")));
     }
     if text.contains('/') {
-        let key: GroupKey = text.parse().map_err(|e| CliError::Config(format!("GROUP: {e}")))?;
+        let key: GroupKey = text.parse().map_err(|e| CliError::Config(format!("{argument}: {e}")))?;
         if let Some(ns) = namespace
             && ns != key.namespace
         {
-            return Err(CliError::Config(format!("GROUP {text} contradicts --namespace {ns}")));
+            return Err(CliError::Config(format!("{argument} {text} contradicts --namespace {ns}")));
         }
         return Ok(key);
     }
     if text.is_empty() {
-        return Err(CliError::Config("GROUP must not be empty".into()));
+        return Err(CliError::Config(format!("{argument} must not be empty")));
     }
     Ok(GroupKey::new(namespace.unwrap_or(default), text))
 }
@@ -374,8 +380,7 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
             act(transport, &parse_group(group, ns)?, kind, timeout, out).await
         }
         Command::Volume { command: VolumeCommand::Verify { volume } } => {
-            let volume_key = parse_group_or(volume, ns, default_ns)
-                .map_err(|e| CliError::Config(e.to_string().replace("GROUP", "VOLUME")))?;
+            let volume_key = parse_namespaced("VOLUME", volume, ns, default_ns)?;
             let overview = transport.groups().await?;
             let group = overview
                 .groups

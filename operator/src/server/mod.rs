@@ -256,12 +256,16 @@ pub fn router<S: Store>(api: Arc<NodeApi<S>>) -> Router {
         .with_state(api)
 }
 
+/// The node-API version a request was made in, as the guard read it.
+#[derive(Clone, Copy, Debug)]
+struct NodeApiVersion(u8);
+
 /// Rate limiting, request metrics and a tracing span, around every endpoint.
 async fn guard<S: Store>(
     State(api): State<Arc<NodeApi<S>>>,
     Extension(peer): Extension<Peer>,
     matched: Option<MatchedPath>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let endpoint = matched.map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
@@ -285,7 +289,10 @@ async fn guard<S: Store>(
                 span.in_scope(|| warn!(peer = %peer.identity.label(), "{message}"));
                 ApiFailure::new(StatusCode::BAD_REQUEST, message.clone()).into_response()
             }
-            Ok(_) => next.run(request).instrument(span.clone()).await,
+            Ok(v) => {
+                request.extensions_mut().insert(NodeApiVersion(*v));
+                next.run(request).instrument(span.clone()).await
+            }
         },
     };
     if let (Some(_), Ok(v)) = (&announced, &version) {
@@ -346,9 +353,7 @@ async fn report<S: Store>(
     if !api.controller.knows_node(&node) {
         return Err(ApiFailure::forbidden(format!("node {node:?} is not in any group")));
     }
-    // The guard refused an unsupported version already.
-    let announced = request.headers().get(PROTOCOL_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let node_api = node_api_version(announced.as_deref()).unwrap_or(1);
+    let node_api = request.extensions().get::<NodeApiVersion>().map_or(1, |v| v.0);
     let ApiJson(report) = ApiJson::<NodeReport>::from_request(request, &()).await?;
     match api.controller.accept_report(&node, report, node_api).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
