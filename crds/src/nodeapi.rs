@@ -403,6 +403,9 @@ pub struct VolumeReport {
     pub peer_disk_state: Option<DiskState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<crate::volume::VerifyReport>,
+    /// The backing: path, size, free space, device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::volume::StorageReport>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -154,6 +154,36 @@ pub struct VolumeNodeStatus {
     /// The last online verify this node ran (only the primary runs one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<VerifyReport>,
+    /// The replica's backing on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageReport>,
+}
+
+/// Where a replica's data lives on its node, as the agent found it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageReport {
+    /// The backing's path.
+    pub path: String,
+    /// `File` or `BlockDevice`.
+    pub kind: BackingKind,
+    /// Size of the backing (data and internal metadata).
+    pub size_bytes: u64,
+    /// Free space on the filesystem holding a file backing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem_free_bytes: Option<u64>,
+    /// The block device under it, e.g. `sda`, `nvme0n1`, `vda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// That device's model, where the kernel knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_model: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BackingKind {
+    File,
+    BlockDevice,
 }
 
 /// The outcome of an online verify: both replicas' block digests compared, and what did

@@ -70,6 +70,7 @@ mod tests {
             sync: None,
             peer_disk_state: peer,
             last_verify: None,
+            storage: None,
         }
     }
 

@@ -90,6 +90,7 @@ impl ReplicaStatus {
             sync: self.sync.clone(),
             peer_disk_state: self.peer_disk,
             last_verify: None,
+            storage: None,
         }
     }
 

@@ -32,6 +32,7 @@ pub mod records;
 pub mod report;
 pub mod source;
 pub mod steps;
+pub mod storage;
 pub mod volumes;
 pub mod watchdog;
 pub mod wipes;

@@ -34,6 +34,7 @@ use crate::replication::replica::{Replica, ReplicaOptions};
 use crate::replication::status::ReplicaStatus;
 use crate::replication::tls::TlsMaterial;
 use crate::replication::wire::Resolution;
+use crate::runtime::storage::storage_report;
 
 /// How long a failed open waits before the next attempt.
 const REOPEN_EVERY: Duration = Duration::from_secs(2);
@@ -89,6 +90,8 @@ pub struct GroupVolumes {
     states: VolumeStates,
     /// The last verify each volume's replica finished on this node.
     verified: BTreeMap<String, VerifyReport>,
+    /// Each volume's backing on this node, for the storage part of the reports.
+    backings: BTreeMap<String, PathBuf>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -105,9 +108,10 @@ impl GroupVolumes {
     pub fn open(ctx: &VolumeContext, config: &GroupConfig) -> GroupVolumes {
         let mut volumes = GroupVolumes::default();
         for volume in &config.volumes {
-            if !volume.spec.backing.iter().any(|b| b.node == ctx.node) {
+            let Some(backing) = volume.spec.backing.iter().find(|b| b.node == ctx.node) else {
                 continue;
-            }
+            };
+            volumes.backings.insert(volume.name.clone(), PathBuf::from(&backing.path));
             let (ctx, volume) = (ctx.clone(), volume.clone());
             let span = tracing::info_span!("volume", volume = %volume.name);
             let ping_every = ping_interval(config.spec.heartbeat.interval.as_std());
@@ -169,7 +173,11 @@ impl GroupVolumes {
     pub fn reports(&self) -> Vec<VolumeReport> {
         self.status
             .values()
-            .map(|status| VolumeReport { last_verify: self.verified.get(&status.volume).cloned(), ..status.report() })
+            .map(|status| VolumeReport {
+                last_verify: self.verified.get(&status.volume).cloned(),
+                storage: self.backings.get(&status.volume).and_then(|path| storage_report(path)),
+                ..status.report()
+            })
             .collect()
     }
 

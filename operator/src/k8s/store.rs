@@ -533,6 +533,7 @@ mod tests {
                     eta_seconds: Some(rate),
                 }),
                 last_verify: None,
+                storage: None,
             }],
             ..ReplicatedVolumeStatus::default()
         };

@@ -57,6 +57,7 @@ pub fn volume_status(
                     .last_verify
                     .clone()
                     .or_else(|| previous.nodes.iter().find(|n| n.node == *node).and_then(|n| n.last_verify.clone())),
+                storage: r.storage.clone(),
             })
         })
         .collect();
@@ -167,6 +168,7 @@ pub(super) mod tests {
             sync: None,
             peer_disk_state: None,
             last_verify: None,
+            storage: None,
         }
     }
 

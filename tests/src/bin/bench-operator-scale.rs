@@ -125,6 +125,7 @@ fn report(i: usize, primary: bool, uptime: u64) -> (String, NodeReport) {
             sync: None,
             peer_disk_state: Some(DiskState::UpToDate),
             last_verify: None,
+            storage: None,
         }]
     } else {
         Vec::new()
