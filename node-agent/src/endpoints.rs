@@ -1,16 +1,26 @@
-//! The agent's local HTTP endpoints: `/healthz`, `/metrics` (Prometheus text) and
-//! `/v1/status` (JSON of the latest [`StatusSnapshot`] the runtime published).
+//! The agent's local HTTP endpoints: `/healthz`, `/metrics` (Prometheus text),
+//! `/v1/status` (JSON of the latest [`StatusSnapshot`] the runtime published), and the
+//! role checks `/primary` and `/standby` for load balancers.
+//!
+//! The role checks answer as Patroni's do, so HAProxy's `option httpchk GET /primary` or a
+//! cloud load balancer's HTTP health check can send traffic to whichever node serves:
+//! 200 only in that role (Primary: the flow is up and serving; Standby: standing by),
+//! 503 otherwise, including while promoting or demoting. An agent that runs several groups
+//! needs `?group=namespace/name`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hapair_crds::hagroup::NodeRole;
 use hapair_crds::nodeapi::{GroupReport, WipeReport};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -80,6 +90,8 @@ pub fn router(metrics: Arc<AgentMetrics>, status: watch::Receiver<StatusSnapshot
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_handler))
         .route("/v1/status", get(status_handler))
+        .route("/primary", get(|s, q| role_check(s, q, NodeRole::Primary)))
+        .route("/standby", get(|s, q| role_check(s, q, NodeRole::Standby)))
         .with_state(Shared { metrics, status })
 }
 
@@ -94,6 +106,44 @@ async fn metrics_handler(State(shared): State<Shared>) -> impl IntoResponse {
 async fn status_handler(State(shared): State<Shared>) -> impl IntoResponse {
     let snapshot = shared.status.borrow().clone();
     axum::Json(snapshot)
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RoleQuery {
+    group: Option<String>,
+}
+
+async fn role_check(
+    State(shared): State<Shared>,
+    query: Result<Query<RoleQuery>, QueryRejection>,
+    want: NodeRole,
+) -> Response {
+    let answer = |code: StatusCode, body: serde_json::Value| (code, axum::Json(body)).into_response();
+    let Ok(Query(query)) = query else {
+        return answer(StatusCode::BAD_REQUEST, json!({"error": "the only query parameter is group=namespace/name"}));
+    };
+    let snapshot = shared.status.borrow().clone();
+    let group = match &query.group {
+        Some(wanted) => match snapshot.groups.iter().find(|g| g.key.to_string() == *wanted) {
+            Some(g) => g,
+            None => {
+                return answer(StatusCode::NOT_FOUND, json!({"error": format!("this node runs no group {wanted:?}")}));
+            }
+        },
+        None => match snapshot.groups.as_slice() {
+            [only] => only,
+            [] => return answer(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "this node runs no group yet"})),
+            _ => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "this node runs several groups: add ?group=namespace/name"}),
+                );
+            }
+        },
+    };
+    let code = if group.role == want { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    answer(code, json!({"group": group.key.to_string(), "role": group.role.as_str(), "epoch": group.epoch}))
 }
 
 /// Binds `addr` (port 0 picks a free port) and serves the endpoints in a background task.
@@ -120,7 +170,7 @@ pub async fn serve(
 mod tests {
     use std::time::Duration;
 
-    use hapair_crds::hagroup::{NodeHealth, NodeRole};
+    use hapair_crds::hagroup::NodeHealth;
     use hapair_crds::nodeapi::GroupKey;
 
     use super::*;
@@ -176,6 +226,26 @@ mod tests {
         assert_eq!(json["configRevision"], 3);
         assert_eq!(json["groups"][0]["key"], "db/pg");
         assert_eq!(json["groups"][0]["role"], "Primary");
+
+        // Patroni-style role checks: 200 only in that role.
+        let primary = http_get(&format!("{base}/primary"), t).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(primary.status, 200, "{}", String::from_utf8_lossy(&primary.body));
+        let body: serde_json::Value = serde_json::from_slice(&primary.body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body, json!({"group": "db/pg", "role": "Primary", "epoch": 9}));
+        assert_eq!(http_get(&format!("{base}/standby"), t).await.unwrap_or_else(|e| panic!("{e}")).status, 503);
+        let named = http_get(&format!("{base}/primary?group=db/pg"), t).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(named.status, 200);
+        let unknown = http_get(&format!("{base}/primary?group=db/other"), t).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(unknown.status, 404);
+        let error: serde_json::Value = serde_json::from_slice(&unknown.body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(error["error"], "this node runs no group \"db/other\"");
+        let typo = http_get(&format!("{base}/primary?grop=db/pg"), t).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(typo.status, 400);
+        publish.send_modify(|s| s.groups[0].role = NodeRole::Promoting);
+        assert_eq!(http_get(&format!("{base}/primary"), t).await.unwrap_or_else(|e| panic!("{e}")).status, 503);
+        publish.send_modify(|s| s.groups[0].role = NodeRole::Standby);
+        assert_eq!(http_get(&format!("{base}/standby"), t).await.unwrap_or_else(|e| panic!("{e}")).status, 200);
+        assert_eq!(http_get(&format!("{base}/primary"), t).await.unwrap_or_else(|e| panic!("{e}")).status, 503);
 
         let missing = http_get(&format!("{base}/nope"), t).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(missing.status, 404);
