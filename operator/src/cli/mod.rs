@@ -95,6 +95,17 @@ pub struct ConnectionArgs {
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchArgs {
+    /// Keep asking and show each change (redrawn in place on a terminal) until Ctrl-C.
+    #[arg(short, long)]
+    pub watch: bool,
+    /// How often --watch asks the controller.
+    #[arg(long, default_value = "1s", requires = "watch")]
+    pub interval: hapair_crds::Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -114,6 +125,8 @@ pub enum Command {
     Status {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// One group in detail: nodes, hardware, links, probes, flow steps, recent events.
     Describe {
@@ -121,6 +134,8 @@ pub enum Command {
         group: String,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Move the service gracefully to NODE (no data loss; refused if NODE is not in sync).
     Switchover {
@@ -335,24 +350,26 @@ pub async fn run<T: Transport>(cli: &Cli, transport: &T, out: &mut dyn Write) ->
     let timeout = cli.timeout.as_std();
     match &cli.command {
         Command::Validate { files } => validate(files, out),
-        Command::Status { output } => {
-            let overview = transport.groups().await?;
-            let text = match output {
-                Output::Table => render::status(&overview),
-                Output::Json => to_json(&overview)?,
+        Command::Status { output, watch } => {
+            let frame = async || {
+                let overview = transport.groups().await?;
+                match output {
+                    Output::Table => Ok(render::status(&overview)),
+                    other => encode(*other, &overview),
+                }
             };
-            emit(out, &text)?;
-            Ok(ExitCode::SUCCESS)
+            show(frame, *watch, *output, out).await
         }
-        Command::Describe { group, output } => {
+        Command::Describe { group, output, watch } => {
             let key = parse_group(group, ns)?;
-            let view = transport.group(&key).await?;
-            let text = match output {
-                Output::Table => render::describe(&view),
-                Output::Json => to_json(&view)?,
+            let frame = async || {
+                let view = transport.group(&key).await?;
+                match output {
+                    Output::Table => Ok(render::describe(&view)),
+                    other => encode(*other, &view),
+                }
             };
-            emit(out, &text)?;
-            Ok(ExitCode::SUCCESS)
+            show(frame, *watch, *output, out).await
         }
         Command::Switchover { group, to } => {
             act(transport, &parse_group(group, ns)?, AdminActionKind::Switchover { to: to.clone() }, timeout, out).await
@@ -440,6 +457,70 @@ async fn run_against_cluster(cli: &mut Cli, out: &mut dyn Write) -> Result<ExitC
 /// Pretty JSON with DEL, C1 and the other characters [`terminal`] will not show written as
 /// JSON escapes: the same document, safe on a terminal (and passed through [`emit`]
 /// unchanged, having no other controls).
+/// `value` as `-o json` or `-o yaml` prints it.
+fn encode<T: serde::Serialize>(format: Output, value: &T) -> Result<String, CliError> {
+    match format {
+        Output::Yaml => {
+            serde_yaml::to_string(value).map_err(|e| CliError::Config(format!("encoding the answer as YAML: {e}")))
+        }
+        _ => to_json(value),
+    }
+}
+
+/// Prints one frame, or with `--watch` a frame each time it changes until Ctrl-C.
+async fn show(
+    mut frame: impl AsyncFnMut() -> Result<String, CliError>,
+    watch: WatchArgs,
+    output: Output,
+    out: &mut dyn Write,
+) -> Result<ExitCode, CliError> {
+    if !watch.watch {
+        emit(out, &frame().await?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    use std::io::IsTerminal;
+    let redraw = output == Output::Table && std::io::stdout().is_terminal();
+    let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
+    watch_frames(&mut frame, watch.interval.as_std(), redraw, output, out, &mut stop).await
+}
+
+/// The loop of `--watch`, ended by `stop`. A failed ask (the controller restarting) is shown
+/// as a frame and asked again, as `watch` would.
+async fn watch_frames<S: std::future::Future + Unpin>(
+    frame: &mut impl AsyncFnMut() -> Result<String, CliError>,
+    interval: Duration,
+    redraw: bool,
+    output: Output,
+    out: &mut dyn Write,
+    stop: &mut S,
+) -> Result<ExitCode, CliError> {
+    let mut last: Option<String> = None;
+    loop {
+        let text = match frame().await {
+            Ok(text) => text,
+            Err(e) => {
+                format!("cannot ask the controller ({e}); retrying every {}\n", hapair_crds::Duration::from(interval))
+            }
+        };
+        if last.as_ref() != Some(&text) {
+            if redraw {
+                // Home and clear, then the frame: the table redrawn in place.
+                out.write_all(b"\x1b[H\x1b[2J").map_err(CliError::Output)?;
+            } else if last.is_some() {
+                let separator: &[u8] = if output == Output::Yaml { b"---\n" } else { b"\n" };
+                out.write_all(separator).map_err(CliError::Output)?;
+            }
+            emit(out, &text)?;
+            out.flush().map_err(CliError::Output)?;
+            last = Some(text);
+        }
+        tokio::select! {
+            _ = &mut *stop => return Ok(ExitCode::SUCCESS),
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::Config(format!("encoding the answer as JSON: {e}")))?;
@@ -542,6 +623,7 @@ fn dispatch(matches: &ArgMatches, mut cli: Cli, out: &mut dyn Write) -> Result<E
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::cell::Cell;
 
@@ -699,6 +781,38 @@ mod tests {
         let cli = Cli::try_parse_from(["hapair", "status"]).unwrap_or_else(|e| panic!("{e}"));
         let error = run(&cli, &fake, &mut Full).await.err().map(|e| e.to_string());
         assert_eq!(error.as_deref(), Some("writing output: No space left on device"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_prints_each_change_once_and_keeps_going_through_errors() {
+        let answers = std::cell::RefCell::new(vec![
+            Ok("a\n".to_string()),
+            Ok("a\n".to_string()),
+            Err(CliError::Config("refused".into())),
+            Ok("b\n".to_string()),
+        ]);
+        let mut frame = async || answers.borrow_mut().remove(0);
+        let mut out = Vec::new();
+        // Stops after the fourth ask (the asks are a second apart, on the paused clock).
+        let mut stop = std::pin::pin!(tokio::time::sleep(Duration::from_millis(3500)));
+        let code = watch_frames(&mut frame, Duration::from_secs(1), false, Output::Table, &mut out, &mut stop).await;
+        assert_eq!(code.map_err(|e| e.to_string()), Ok(ExitCode::SUCCESS));
+        assert_eq!(String::from_utf8_lossy(&out), "a\n\ncannot ask the controller (refused); retrying every 1s\n\nb\n");
+        // On a terminal the table is redrawn in place.
+        let answers = std::cell::RefCell::new(vec![Ok("x\n".to_string()), Ok("y\n".to_string())]);
+        let mut frame = async || answers.borrow_mut().remove(0);
+        let mut out = Vec::new();
+        let mut stop = std::pin::pin!(tokio::time::sleep(Duration::from_millis(1500)));
+        watch_frames(&mut frame, Duration::from_secs(1), true, Output::Table, &mut out, &mut stop).await.ok();
+        assert_eq!(String::from_utf8_lossy(&out), "\x1b[H\x1b[2Jx\n\x1b[H\x1b[2Jy\n");
+    }
+
+    #[tokio::test]
+    async fn yaml_is_the_same_document_as_json() {
+        let overview = GroupsOverview { errors: vec!["bad: x".into()], ..GroupsOverview::default() };
+        let yaml: serde_json::Value = serde_yaml::from_str(&encode(Output::Yaml, &overview).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&encode(Output::Json, &overview).unwrap()).unwrap();
+        assert_eq!(yaml, json);
     }
 
     #[test]
