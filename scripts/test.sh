@@ -12,7 +12,7 @@ if [[ -n "${ENGINE_TEST_RECORD+set}" ]]; then
     exit 2
 fi
 
-ensure_debian_packages iproute2 qemu-utils systemd iputils-ping procps libnbd-bin nbdkit fuse3 e2fsprogs mount util-linux keepalived fio etcd-server
+ensure_debian_packages iproute2 qemu-utils systemd iputils-ping procps libnbd-bin nbdkit fuse3 e2fsprogs mount util-linux keepalived fio etcd-server chromium chromium-driver
 ensure_build_packages
 
 echo "==> cargo fmt --check"

@@ -13,6 +13,7 @@
 //!   the published bundles the agents long-poll, and the Prometheus metrics;
 //! - [`status`]: the agents' reports folded into group and volume statuses and events;
 //! - [`server`]: the node API and the admin API over HTTPS with mutual TLS;
+//! - [`console`]: the web console on the same listener, for people signed in with a token;
 //! - [`witness`]: the pure lease state machine that breaks ties while a pair's heartbeats
 //!   fail, and [`witness::lease`], the seam through which the server reaches it;
 //! - [`pki`]: the controller's CA, certificates and one-time enrollment tokens;
@@ -25,6 +26,7 @@
 //! - [`support`]: atomic files, timestamps and the allocator setting the others share.
 
 pub mod cli;
+pub mod console;
 pub mod controller;
 pub mod desired;
 pub mod etcd;

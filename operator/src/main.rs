@@ -174,6 +174,10 @@ enum Command {
         /// when many agents share an address behind NAT.
         #[arg(long, default_value_t = ApiSettings::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
         max_connections_per_client: usize,
+        /// Do not serve the web console under /ui/ (sign-in needs a token from
+        /// `console-token create` either way).
+        #[arg(long)]
+        no_console: bool,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
         #[command(flatten)]
@@ -195,6 +199,39 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Manage sign-in tokens for the web console (standalone controllers).
+    ConsoleToken {
+        #[command(subcommand)]
+        command: ConsoleTokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConsoleTokenCommand {
+    /// Issue a token to sign in to the console at https://CONTROLLER:7443/ui/.
+    ///
+    /// Tokens are signed with a key derived from the controller CA, so every controller
+    /// holding the CA accepts them and nothing is stored. They cannot be revoked one by one:
+    /// keep the ttl short.
+    Create {
+        /// State directory of a standalone controller.
+        #[arg(long, required_unless_present = "etcd")]
+        state: Option<PathBuf>,
+        /// viewer: sees everything; operator: also runs admin actions.
+        #[arg(long)]
+        role: hapair_operator::console::session::ConsoleRole,
+        /// Who the token is for; audit events name them.
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, e.g. 8h, 24h (at most 720h).
+        #[arg(long, default_value = "8h")]
+        ttl: hapair_crds::Duration,
+        /// Controllers on etcd: the etcd client URLs (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "state")]
+        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd_args: EtcdArgs,
     },
 }
 
@@ -325,6 +362,58 @@ fn token_create_file(state: PathBuf, node: String, ttl: hapair_crds::Duration) -
     Ok(())
 }
 
+/// `console-token create`: signs a token with the CA of the state directory or of etcd.
+async fn console_token_create(
+    state: Option<PathBuf>,
+    role: hapair_operator::console::session::ConsoleRole,
+    name: Option<String>,
+    ttl: hapair_crds::Duration,
+    etcd: Option<EtcdConfig>,
+) -> anyhow::Result<()> {
+    use hapair_operator::console::session::ConsoleKeys;
+    use hapair_operator::pki::{CA_KEY_FILE, Ca};
+    let (ca, controller) = match (etcd, state) {
+        (Some(etcd), _) => {
+            use hapair_operator::etcd::{Keys, connect, election::LeaderRecord, get_json, shared};
+            let client = connect(&etcd).await?;
+            let keys = Keys::new(&etcd.prefix);
+            let ca = shared::load_ca(&client, &keys).await?.with_context(|| {
+                format!("no CA in etcd under {}: has a controller started with --etcd?", etcd.prefix)
+            })?;
+            let leader = get_json::<LeaderRecord>(&client, &keys.leader()).await.ok().flatten().map(|l| l.url);
+            (ca, leader)
+        }
+        (None, Some(state)) => {
+            let read = |file: &str| {
+                let path = state.join(file);
+                std::fs::read_to_string(&path).with_context(|| {
+                    format!("reading {} (start the standalone controller once to create the CA)", path.display())
+                })
+            };
+            let ca = Ca::from_pems(&read(CA_CERT_FILE)?, &read(CA_KEY_FILE)?)?;
+            let controller = std::fs::read(state.join(CLI_CONFIG_FILE))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<AdminConfig>(&bytes).ok())
+                .map(|c| c.controller);
+            (ca, controller)
+        }
+        (None, None) => anyhow::bail!("give --state DIR or --etcd URL"),
+    };
+    let now = now_millis();
+    let (token, claims) =
+        ConsoleKeys::from_ca(&ca).issue_token(role, name.as_deref(), ttl.as_std(), now, &mut rand::rng())?;
+    let url = controller.unwrap_or_else(|| "https://CONTROLLER:7443".into());
+    println!("{token}");
+    eprintln!(
+        "console token {} for the {} role, valid until {}; sign in at {}/ui/",
+        claims.id,
+        role.as_str(),
+        format_millis(claims.exp),
+        url.trim_end_matches('/')
+    );
+    Ok(())
+}
+
 /// `token create --etcd`: into the token book the controllers on etcd share.
 async fn token_create_etcd(node: String, ttl: hapair_crds::Duration, etcd: EtcdConfig) -> anyhow::Result<()> {
     use hapair_operator::etcd::{Keys, connect, election::LeaderRecord, get_json, shared};
@@ -446,6 +535,7 @@ fn main() -> ExitCode {
             advertise,
             max_connections,
             max_connections_per_client,
+            no_console,
             log_format,
             replicated,
         } => {
@@ -455,6 +545,7 @@ fn main() -> ExitCode {
             config.advertise = advertise;
             config.api.max_connections = max_connections;
             config.api.max_connections_per_client = max_connections_per_client;
+            config.console = !no_console;
             config.api.controllers =
                 replicated.controllers.iter().map(|c| c.trim_end_matches('/').to_string()).collect();
             if replicated.etcd.is_empty() {
@@ -480,6 +571,10 @@ fn main() -> ExitCode {
             } else {
                 runtime().and_then(|rt| rt.block_on(token_create_kube(node, ttl, namespace, tokens_secret, pki_secret)))
             }
+        }
+        Command::ConsoleToken { command: ConsoleTokenCommand::Create { state, role, name, ttl, etcd, etcd_args } } => {
+            let etcd = (!etcd.is_empty()).then(|| etcd_args.config(etcd));
+            runtime().and_then(|rt| rt.block_on(console_token_create(state, role, name, ttl, etcd)))
         }
     };
     match result {

@@ -544,7 +544,7 @@ async fn a_switchover_annotation_is_delivered_recorded_and_removed() {
         lines,
         [
             "UPDATE secret hapair-state-0: running=ns/g deleting=- keys=ns/g actions=s1:Pending",
-            "EVENT ns/g Normal ActionRequested: switchover s1 requested: move the service to b",
+            "EVENT ns/g Normal ActionRequested: switchover s1 requested by the HaGroup annotation: move the service to b",
             "APPLY ns/hagroups/g/status phase=Healthy active=a gen=1 Valid=True,Ready=True lastAction=s1:Pending",
         ]
     );

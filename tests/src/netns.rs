@@ -158,17 +158,7 @@ impl Netns {
     /// Runs `f` on a new thread that has joined this namespace, and returns its result.
     /// A panic in `f` is resumed on the caller's thread.
     pub fn run<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> T {
-        let path = self.path();
-        std::thread::scope(|scope| {
-            let handle = scope.spawn(move || {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-                // SAFETY: setns on a valid namespace descriptor affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
-                f()
-            });
-            handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        run_in(self.path(), f)
     }
 
     /// Runs a future inside the namespace on a current-thread tokio runtime.
@@ -490,4 +480,19 @@ pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> O
 /// The multi-host tests build namespaces, which needs root; CI runs as root.
 pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "this test builds network namespaces and must run as root");
+}
+
+/// [`Netns::run`] for the namespace at `path`, for a caller that must lend `f` what owns
+/// the namespace.
+pub fn run_in<T: Send, F: FnOnce() -> T + Send>(path: PathBuf, f: F) -> T {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            // SAFETY: setns on a valid namespace descriptor affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+            f()
+        });
+        handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }

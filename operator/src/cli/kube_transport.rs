@@ -18,7 +18,7 @@ use kube::{Api, Client, ResourceExt};
 use rand::RngCore;
 
 use crate::cli::transport::{CliError, Transport};
-use crate::controller::views::{ActionRequest, ActionView, GroupView, GroupsOverview, VolumeView};
+use crate::controller::views::{ActionRequest, ActionView, GroupView, GroupsOverview, VirtualIpView, VolumeView};
 use crate::k8s::annotations::{self, annotation_for};
 use crate::k8s::pki_secret;
 use crate::k8s::state_secrets::SECRET_ROLE_LABEL;
@@ -76,6 +76,7 @@ pub fn group_view(group: &HaGroup, volumes: &[ReplicatedVolume], events: Vec<Gro
         deleting: group.metadata.deletion_timestamp.is_some(),
         status,
         volumes,
+        virtual_ips: VirtualIpView::of_spec(&group.spec),
         node_details: Vec::new(),
         events,
         key,

@@ -415,6 +415,7 @@ mod tests {
                     ..ReplicatedVolumeStatus::default()
                 },
             }],
+            virtual_ips: vec![],
             node_details: vec![],
             events: vec![GroupEvent::controller(
                 "2025-01-01T10:00:01Z".into(),

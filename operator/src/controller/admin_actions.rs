@@ -4,8 +4,14 @@
 use super::*;
 
 impl<S: Store> Controller<S> {
-    /// Queues an admin action for the group's agents.
-    pub async fn submit_action(&self, key: &GroupKey, request: ActionRequest) -> Result<ActionView, Refusal> {
+    /// Queues an admin action for the group's agents. `actor` says who asked (the admin
+    /// certificate, an annotation, a console user) in the audit event.
+    pub async fn submit_action(
+        &self,
+        key: &GroupKey,
+        request: ActionRequest,
+        actor: &str,
+    ) -> Result<ActionView, Refusal> {
         let mut core = self.core.lock().await;
         let id = match &request.id {
             Some(id) => id.clone(),
@@ -23,7 +29,7 @@ impl<S: Store> Controller<S> {
         }
         let now = crate::support::timestamp::now_millis();
         let entry = actions::queue(key, &id, request.kind.clone(), now);
-        let message = format!("{} {id} requested{}", request.kind.label(), describe_kind(&request.kind));
+        let message = format!("{} {id} requested by {actor}{}", request.kind.label(), describe_kind(&request.kind));
         info!(group = %key, action = %id, "{message}");
         core.state.actions.insert(id.clone(), entry);
         core.unsaved = true;

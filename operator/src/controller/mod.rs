@@ -50,6 +50,7 @@ use crate::desired::retire::{Retirement, note_wipe_answer};
 use crate::desired::state::{ActionEntry, ControllerState};
 use crate::status::events::{EventRing, GroupEvent};
 use crate::status::group::{self, GroupInputs, Observation};
+use crate::status::usage::UsageHistory;
 use crate::status::{transitions, volume};
 use crate::support::timestamp::{UnixMillis, format_millis};
 use crate::witness::lease::{LeaseParams, LeaseRefusal, admit};
@@ -113,6 +114,8 @@ struct Core {
     node_api: BTreeMap<String, u8>,
     statuses: Statuses,
     events: EventRing,
+    /// Each node's CPU and memory use over the last hour, for the console.
+    usage: UsageHistory,
     /// Manifest errors already logged, so each is reported once, not every second.
     known_errors: BTreeSet<String>,
     rng: StdRng,
@@ -184,6 +187,7 @@ impl<S: Store> Controller<S> {
                 reports: BTreeMap::new(),
                 statuses,
                 events,
+                usage: UsageHistory::default(),
                 known_errors: BTreeSet::new(),
                 node_api: BTreeMap::new(),
                 rng: StdRng::from_rng(&mut rand::rng()),

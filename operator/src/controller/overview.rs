@@ -1,7 +1,10 @@
 //! The overview `status` and `describe` show: every group with its plan, status, nodes,
-//! volumes and recent events, read from the controller's memory in one pass.
+//! volumes and recent events, read from the controller's memory in one pass; and the
+//! nodes' CPU and memory history the console charts.
 
 use super::*;
+use crate::controller::views::VirtualIpView;
+use crate::status::usage::UsageSample;
 
 impl<S: Store> Controller<S> {
     /// Everything `status` and `describe` show.
@@ -35,8 +38,10 @@ impl<S: Store> Controller<S> {
                         Some(VolumeView { name: v.name.clone(), status: status.clone() })
                     })
                     .collect();
+                let virtual_ips = plan.config.as_ref().map(|c| VirtualIpView::of_spec(&c.spec)).unwrap_or_default();
                 GroupView {
                     key: key.clone(),
+                    virtual_ips,
                     nodes,
                     witness: plan.config.as_ref().map(|c| c.spec.witness.mode).unwrap_or_default(),
                     error: plan.error.as_ref().map(|e| e.to_string()),
@@ -64,5 +69,15 @@ impl<S: Store> Controller<S> {
             errors: core.reconciled.errors.iter().map(|e| e.to_string()).collect(),
             deleting_volumes,
         }
+    }
+}
+
+impl<S: Store> Controller<S> {
+    /// CPU and memory use of every node that reported, over the last hour, and the bytes
+    /// that history holds.
+    pub async fn usage_history(&self) -> (BTreeMap<String, Vec<UsageSample>>, usize) {
+        let core = self.core.lock().await;
+        let nodes = core.reports.keys().map(|n| (n.clone(), core.usage.node(n))).collect();
+        (nodes, core.usage.bytes())
     }
 }

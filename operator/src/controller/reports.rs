@@ -83,6 +83,7 @@ impl<S: Store> Controller<S> {
         if let Some(error) = &report.config_error {
             warn!(node, revision = report.applied_revision, "agent refused its desired config: {error}");
         }
+        core.usage.record(node, now, &report.hardware);
         core.reports.insert(node.to_string(), (report, now));
         core.node_api.insert(node.to_string(), node_api);
         for (key, event) in events {

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use hapair_crds::hagroup::WitnessMode;
+use hapair_crds::hagroup::{HaGroupSpec, WitnessMode};
 use hapair_crds::nodeapi::{ActionOutcome, AdminActionKind, GroupKey, GroupReport};
 use hapair_crds::{HaGroupStatus, ReplicatedVolumeStatus};
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,9 @@ pub struct GroupView {
     pub status: HaGroupStatus,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeView>,
+    /// The group's virtual IPs and the flow steps that bring them up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_ips: Vec<VirtualIpView>,
     /// Per node: what its agent last said about this group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_details: Vec<NodeDetail>,
@@ -65,6 +68,37 @@ pub struct GroupView {
 pub struct VolumeView {
     pub name: String,
     pub status: ReplicatedVolumeStatus,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualIpView {
+    pub name: String,
+    /// With its prefix length.
+    pub address: String,
+    pub interface: String,
+    /// The flow step that brings it up: the node whose step runs holds the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+impl VirtualIpView {
+    /// The virtual IPs `spec` declares.
+    pub fn of_spec(spec: &HaGroupSpec) -> Vec<VirtualIpView> {
+        spec.virtual_ips
+            .iter()
+            .map(|vip| VirtualIpView {
+                name: vip.name.clone(),
+                address: vip.address.clone(),
+                interface: vip.interface.clone(),
+                step: spec
+                    .flow
+                    .iter()
+                    .find(|s| s.virtual_ip.as_ref().is_some_and(|v| v.name == vip.name))
+                    .map(|s| s.name.clone()),
+            })
+            .collect()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

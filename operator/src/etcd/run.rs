@@ -27,6 +27,7 @@ use super::journal::{EtcdJournal, load_records};
 use super::shared::{EtcdTokens, SharedError, load_or_create_ca};
 use super::store::EtcdStore;
 use super::{EtcdConfig, EtcdError, Keys, connect};
+use crate::console::session::ConsoleKeys;
 use crate::controller::Controller;
 use crate::controller::metrics::Metrics;
 use crate::controller::store::StoreError;
@@ -104,7 +105,7 @@ impl Term {
         }
         let authority: Box<dyn LeaseAuthority> =
             Box::new(FencedAuthority::new(Box::new(witness), election.leadership.clone(), config.election.renew_every));
-        let api = NodeApi::new(
+        let mut api = NodeApi::new(
             controller.clone(),
             ca.clone(),
             EtcdTokens::new(client.clone(), keys),
@@ -112,6 +113,10 @@ impl Term {
             standalone.api.clone(),
         )
         .with_journal(Arc::new(EtcdJournal::new(client.clone(), keys.clone(), fence)));
+        if standalone.console {
+            // Every controller holds the shared CA, so a session survives a change of leader.
+            api = api.with_console(ConsoleKeys::from_ca(ca));
+        }
         let (stop, stopped) = watch::channel(false);
         let watcher = tokio::spawn(watch_manifests(
             controller.clone(),

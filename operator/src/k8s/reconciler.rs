@@ -251,7 +251,7 @@ async fn handle_action(
     key: &GroupKey,
     action: &AnnotatedAction,
 ) -> Result<Option<AnnotatedAction>, ReconcileError> {
-    let view = match core.submit_action(key, action.request()).await {
+    let view = match core.submit_action(key, action.request(), "the HaGroup annotation").await {
         Ok(view) => view,
         Err(refusal) => core.reject_action(key, &action.id, action.kind.clone(), refusal.to_string()).await?,
     };

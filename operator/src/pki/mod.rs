@@ -180,6 +180,12 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The private key, DER: the secret the console's signing keys are derived from, so
+    /// that every controller holding this CA accepts the same console sessions.
+    pub(crate) fn private_key_der(&self) -> &[u8] {
+        self.issuer.key().serialized_der()
+    }
+
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }

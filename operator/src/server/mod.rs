@@ -11,6 +11,7 @@
 //! | `POST /v1/groups/{ns}/{name}/actions` | admin | queue an admin action |
 //! | `GET /v1/groups/{ns}/{name}/actions/{id}` | admin | an action's outcome |
 //! | `GET /healthz`, `GET /metrics` | anyone | liveness, Prometheus metrics |
+//! | `/ui/…` | console users | the web console, when enabled (see [`crate::console`]) |
 //!
 //! No client certificate → 401; a certificate that is expired or from another CA → 401 with
 //! the reason; a valid certificate for the wrong node or role → 403. Refused requests change
@@ -54,6 +55,8 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::console::session::ConsoleKeys;
+use crate::console::{self, Console};
 use crate::controller::metrics::Metrics;
 use crate::controller::publish::Poll;
 use crate::controller::store::Store;
@@ -157,6 +160,8 @@ pub struct NodeApi<S: Store> {
     started: Instant,
     limiter: RateLimiter,
     settings: ApiSettings,
+    /// Signs console sessions; without, no console is served.
+    console: Option<ConsoleKeys>,
 }
 
 impl<S: Store> std::fmt::Debug for NodeApi<S> {
@@ -185,7 +190,14 @@ impl<S: Store> NodeApi<S> {
             started: Instant::now(),
             limiter: RateLimiter::new(settings.rate),
             settings,
+            console: None,
         }
+    }
+
+    /// Also serves the web console under `/ui/`, its sessions signed with `keys`.
+    pub fn with_console(mut self, keys: ConsoleKeys) -> Self {
+        self.console = Some(keys);
+        self
     }
 
     /// Records every grant and release in `journal` before answering it; an answer whose
@@ -241,7 +253,7 @@ impl Peer {
 /// The axum router of the node API.
 pub fn router<S: Store>(api: Arc<NodeApi<S>>) -> Router {
     let group_actions = paths::actions("{namespace}", "{name}");
-    Router::new()
+    let mut routes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics::<S>))
         .route(paths::ENROLL, post(enroll::<S>))
@@ -251,9 +263,13 @@ pub fn router<S: Store>(api: Arc<NodeApi<S>>) -> Router {
         .route(paths::GROUPS, get(groups::<S>))
         .route(&group_actions, post(submit_action::<S>))
         .route(&format!("{group_actions}/{{id}}"), get(get_action::<S>))
+        .with_state(api.clone());
+    if let Some(keys) = &api.console {
+        routes = routes.merge(console::router(Arc::new(Console::new(api.controller.clone(), keys.clone()))));
+    }
+    routes
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .layer(middleware::from_fn_with_state(api.clone(), guard::<S>))
-        .with_state(api)
+        .layer(middleware::from_fn_with_state(api, guard::<S>))
 }
 
 /// The node-API version a request was made in, as the guard read it.
@@ -477,19 +493,30 @@ async fn submit_action<S: Store>(
     peer.require_admin()?;
     let ApiJson(action) = ApiJson::<ActionRequest>::from_request(request, &()).await?;
     let key = GroupKey::new(namespace, name);
-    match api.controller.submit_action(&key, action).await {
+    match api.controller.submit_action(&key, action, "the admin certificate").await {
         Ok(view) => Ok((StatusCode::ACCEPTED, Json(view)).into_response()),
         Err(refusal) => {
             api.controller.metrics().error("action");
-            let status = match refusal {
-                Refusal::NotFound(_) => StatusCode::NOT_FOUND,
-                Refusal::Invalid(_) => StatusCode::BAD_REQUEST,
-                Refusal::Conflict(_) => StatusCode::CONFLICT,
-            };
-            Err(ApiFailure::new(status, refusal.to_string()))
+            Err(action_refused(refusal))
         }
     }
 }
+
+/// The answer to an action the controller refused to queue.
+pub(crate) fn action_refused(refusal: Refusal) -> ApiFailure {
+    let status = match refusal {
+        Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+        Refusal::Invalid(_) => StatusCode::BAD_REQUEST,
+        Refusal::Conflict(_) => StatusCode::CONFLICT,
+    };
+    ApiFailure::new(status, refusal.to_string())
+}
+
+/// Put in a response's extensions by a handler whose answer streams for long (server-sent
+/// events): the connection counts as busy until the body ends, so the idle deadline, which
+/// otherwise runs while an answer is written, does not cut it.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamingAnswer;
 
 async fn get_action<S: Store>(
     State(api): State<Arc<NodeApi<S>>>,
@@ -588,8 +615,18 @@ async fn serve_connection(
         let app = routes.borrow().clone();
         let metrics = body_metrics.clone();
         async move {
-            let _handling = handling;
             let mut response = app.oneshot(request).await?;
+            if response.extensions().get::<StreamingAnswer>().is_some() {
+                // The guard goes with the body: the connection is idle once the stream ends.
+                response = response.map(|body| {
+                    axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+                        let _busy = &handling;
+                        frame
+                    }))
+                });
+            } else {
+                drop(handling);
+            }
             if timed_out.load(Ordering::SeqCst) {
                 // The rest of the body may still be on its way: the connection cannot be
                 // reused, and a client this slow should not keep it.

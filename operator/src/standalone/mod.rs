@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::console::session::ConsoleKeys;
 use crate::controller::metrics::Metrics;
 use crate::controller::store::{Store, StoreError};
 use crate::controller::views::{AdminConfig, CLI_CONFIG_FILE};
@@ -53,6 +54,8 @@ pub struct StandaloneConfig {
     pub poll_interval: Duration,
     pub controller: Settings,
     pub api: ApiSettings,
+    /// Serve the web console under `/ui/`.
+    pub console: bool,
 }
 
 impl StandaloneConfig {
@@ -66,6 +69,7 @@ impl StandaloneConfig {
             poll_interval: Duration::from_secs(1),
             controller: Settings::default(),
             api: ApiSettings::default(),
+            console: true,
         }
     }
 }
@@ -232,8 +236,11 @@ impl Standalone {
             None => None,
         };
         let (tls, auth) = server_config(ca.cert_der(), &server_cert.cert_pem, &server_cert.key_pem)?;
-        let api =
-            Arc::new(NodeApi::new(controller.clone(), ca.clone(), TokenFile::new(dir), authority, config.api.clone()));
+        let mut api = NodeApi::new(controller.clone(), ca.clone(), TokenFile::new(dir), authority, config.api.clone());
+        if config.console {
+            api = api.with_console(ConsoleKeys::from_ca(&ca));
+        }
+        let api = Arc::new(api);
         let server = Server::start(listener, tls, auth, api)
             .map_err(|source| StandaloneError::Listen { addr: config.listen, source })?;
         info!(listen = %bound, url = %url, manifests = %config.manifests.display(), ca_fingerprint = %ca.fingerprint(), "standalone controller serving");
