@@ -71,6 +71,12 @@ impl<S: Store> Console<S> {
     pub fn new(controller: Arc<Controller<S>>, keys: ConsoleKeys) -> Self {
         Console { controller, keys }
     }
+
+    /// The console of `controller`, with sessions signed with keys from `ca`: the routes
+    /// to hand to [`crate::server::NodeApi::with_routes`].
+    pub fn routes(controller: Arc<Controller<S>>, ca: &crate::pki::Ca) -> Router {
+        router(Arc::new(Console::new(controller, ConsoleKeys::from_ca(ca))))
+    }
 }
 
 /// The console's routes, to merge into the node API's router.

@@ -47,14 +47,14 @@ async fn fixture(console: bool) -> Fixture {
     let ca = Ca::generate().unwrap().0;
     let keys = ConsoleKeys::from_ca(&ca);
     let mut api = NodeApi::new(
-        controller,
+        controller.clone(),
         Arc::new(ca),
         crate::pki::tokens::TokenFile::new(state.path()),
         None,
         ApiSettings::default(),
     );
     if console {
-        api = api.with_console(keys.clone());
+        api = api.with_routes(router(Arc::new(Console::new(controller.clone(), keys.clone()))));
     }
     Fixture { app: node_api_router(Arc::new(api)), keys, _dirs: [manifests, state] }
 }

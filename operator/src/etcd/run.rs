@@ -27,7 +27,7 @@ use super::journal::{EtcdJournal, load_records};
 use super::shared::{EtcdTokens, SharedError, load_or_create_ca};
 use super::store::EtcdStore;
 use super::{EtcdConfig, EtcdError, Keys, connect};
-use crate::console::session::ConsoleKeys;
+use crate::console::Console;
 use crate::controller::Controller;
 use crate::controller::metrics::Metrics;
 use crate::controller::store::StoreError;
@@ -115,7 +115,7 @@ impl Term {
         .with_journal(Arc::new(EtcdJournal::new(client.clone(), keys.clone(), fence)));
         if standalone.console {
             // Every controller holds the shared CA, so a session survives a change of leader.
-            api = api.with_console(ConsoleKeys::from_ca(ca));
+            api = api.with_routes(Console::routes(controller.clone(), ca));
         }
         let (stop, stopped) = watch::channel(false);
         let watcher = tokio::spawn(watch_manifests(

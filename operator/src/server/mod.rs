@@ -11,7 +11,7 @@
 //! | `POST /v1/groups/{ns}/{name}/actions` | admin | queue an admin action |
 //! | `GET /v1/groups/{ns}/{name}/actions/{id}` | admin | an action's outcome |
 //! | `GET /healthz`, `GET /metrics` | anyone | liveness, Prometheus metrics |
-//! | `/ui/…` | console users | the web console, when enabled (see [`crate::console`]) |
+//! | `/ui/…` | console users | the web console, when enabled ([`NodeApi::with_routes`]) |
 //!
 //! No client certificate → 401; a certificate that is expired or from another CA → 401 with
 //! the reason; a valid certificate for the wrong node or role → 403. Refused requests change
@@ -55,8 +55,6 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::console::session::ConsoleKeys;
-use crate::console::{self, Console};
 use crate::controller::metrics::Metrics;
 use crate::controller::publish::Poll;
 use crate::controller::store::Store;
@@ -160,8 +158,8 @@ pub struct NodeApi<S: Store> {
     started: Instant,
     limiter: RateLimiter,
     settings: ApiSettings,
-    /// Signs console sessions; without, no console is served.
-    console: Option<ConsoleKeys>,
+    /// More routes served behind the same guard (rate limit, metrics, span): the console.
+    extra: Option<Router>,
 }
 
 impl<S: Store> std::fmt::Debug for NodeApi<S> {
@@ -190,13 +188,14 @@ impl<S: Store> NodeApi<S> {
             started: Instant::now(),
             limiter: RateLimiter::new(settings.rate),
             settings,
-            console: None,
+            extra: None,
         }
     }
 
-    /// Also serves the web console under `/ui/`, its sessions signed with `keys`.
-    pub fn with_console(mut self, keys: ConsoleKeys) -> Self {
-        self.console = Some(keys);
+    /// Also serves `routes` (the web console) on this listener,
+    /// behind the same rate limit, metrics and tracing.
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        self.extra = Some(routes);
         self
     }
 
@@ -264,8 +263,8 @@ pub fn router<S: Store>(api: Arc<NodeApi<S>>) -> Router {
         .route(&group_actions, post(submit_action::<S>))
         .route(&format!("{group_actions}/{{id}}"), get(get_action::<S>))
         .with_state(api.clone());
-    if let Some(keys) = &api.console {
-        routes = routes.merge(console::router(Arc::new(Console::new(api.controller.clone(), keys.clone()))));
+    if let Some(extra) = &api.extra {
+        routes = routes.merge(extra.clone());
     }
     routes
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "no such endpoint") })

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::console::session::ConsoleKeys;
+use crate::console::Console;
 use crate::controller::metrics::Metrics;
 use crate::controller::store::{Store, StoreError};
 use crate::controller::views::{AdminConfig, CLI_CONFIG_FILE};
@@ -238,7 +238,7 @@ impl Standalone {
         let (tls, auth) = server_config(ca.cert_der(), &server_cert.cert_pem, &server_cert.key_pem)?;
         let mut api = NodeApi::new(controller.clone(), ca.clone(), TokenFile::new(dir), authority, config.api.clone());
         if config.console {
-            api = api.with_console(ConsoleKeys::from_ca(&ca));
+            api = api.with_routes(Console::routes(controller.clone(), &ca));
         }
         let api = Arc::new(api);
         let server = Server::start(listener, tls, auth, api)

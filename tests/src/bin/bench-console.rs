@@ -24,6 +24,7 @@ use clap::Parser;
 use hapair_crds::hagroup::{Hardware, NodeHealth, NodeRole};
 use hapair_crds::nodeapi::{GroupKey, GroupReport, NodeReport, VolumeReport};
 use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
+use hapair_operator::console::Console;
 use hapair_operator::console::session::{ConsoleKeys, ConsoleRole};
 use hapair_operator::controller::metrics::Metrics;
 use hapair_operator::controller::{Controller, Settings};
@@ -161,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
         None,
         ApiSettings::default(),
     )
-    .with_console(keys.clone());
+    .with_routes(hapair_operator::console::router(Arc::new(Console::new(controller.clone(), keys.clone()))));
     let app = router(Arc::new(api));
     let now = hapair_operator::support::timestamp::now_millis();
     let (token, _) =
