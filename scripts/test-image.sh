@@ -456,7 +456,7 @@ runs_with() {
     }
 }
 check "operator image: --help (read-only, no capabilities, no network)" \
-    runs_with "standalone  Run the controller on a directory of manifests" "${locked[@]}" --network none "$operator_image" --help
+    runs_with "Run the controller on a directory of manifests" "${locked[@]}" --network none "$operator_image" --help
 check "operator image: --version is $version" \
     runs_with "hapair-operator $version" "${locked[@]}" --network none "$operator_image" --version
 check "operator image: plan reads the example manifests" \
