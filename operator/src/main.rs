@@ -352,14 +352,25 @@ fn token_create_file(state: PathBuf, node: String, ttl: hapair_crds::Duration) -
     let now = now_millis();
     let token = TokenFile::new(&state).create(&node, ttl.as_std(), now)?;
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    let controller = std::fs::read(state.join(CLI_CONFIG_FILE))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<AdminConfig>(&bytes).ok())
-        .map(|c| c.controller)
-        .unwrap_or_else(|| "https://CONTROLLER:7443".into());
+    let controller = standalone_url(&state).unwrap_or_else(|| UNKNOWN_CONTROLLER.into());
     let expires = format_millis(now.saturating_add(ttl_ms));
     print!("{}", enroll_instructions(&token, &node, &expires, &fingerprint(&ca), &controller));
     Ok(())
+}
+
+/// Stands for the controller's URL in printed instructions when it cannot be found out.
+const UNKNOWN_CONTROLLER: &str = "https://CONTROLLER:7443";
+
+/// The URL a standalone controller wrote into its CLI config, if it has started once.
+fn standalone_url(state: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(state.join(CLI_CONFIG_FILE)).ok()?;
+    serde_json::from_slice::<AdminConfig>(&bytes).ok().map(|c| c.controller)
+}
+
+/// The URL of the controller leading on etcd, if one leads.
+async fn etcd_leader_url(client: &etcd_client::Client, keys: &hapair_operator::etcd::Keys) -> Option<String> {
+    use hapair_operator::etcd::{election::LeaderRecord, get_json};
+    get_json::<LeaderRecord>(client, &keys.leader()).await.ok().flatten().map(|leader| leader.url)
 }
 
 /// `console-token create`: signs a token with the CA of the state directory or of etcd.
@@ -374,14 +385,13 @@ async fn console_token_create(
     use hapair_operator::pki::{CA_KEY_FILE, Ca};
     let (ca, controller) = match (etcd, state) {
         (Some(etcd), _) => {
-            use hapair_operator::etcd::{Keys, connect, election::LeaderRecord, get_json, shared};
+            use hapair_operator::etcd::{Keys, connect, shared};
             let client = connect(&etcd).await?;
             let keys = Keys::new(&etcd.prefix);
             let ca = shared::load_ca(&client, &keys).await?.with_context(|| {
                 format!("no CA in etcd under {}: has a controller started with --etcd?", etcd.prefix)
             })?;
-            let leader = get_json::<LeaderRecord>(&client, &keys.leader()).await.ok().flatten().map(|l| l.url);
-            (ca, leader)
+            (ca, etcd_leader_url(&client, &keys).await)
         }
         (None, Some(state)) => {
             let read = |file: &str| {
@@ -391,18 +401,14 @@ async fn console_token_create(
                 })
             };
             let ca = Ca::from_pems(&read(CA_CERT_FILE)?, &read(CA_KEY_FILE)?)?;
-            let controller = std::fs::read(state.join(CLI_CONFIG_FILE))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<AdminConfig>(&bytes).ok())
-                .map(|c| c.controller);
-            (ca, controller)
+            (ca, standalone_url(&state))
         }
         (None, None) => anyhow::bail!("give --state DIR or --etcd URL"),
     };
     let now = now_millis();
     let (token, claims) =
         ConsoleKeys::from_ca(&ca).issue_token(role, name.as_deref(), ttl.as_std(), now, &mut rand::rng())?;
-    let url = controller.unwrap_or_else(|| "https://CONTROLLER:7443".into());
+    let url = controller.unwrap_or_else(|| UNKNOWN_CONTROLLER.into());
     println!("{token}");
     eprintln!(
         "console token {} for the {} role, valid until {}; sign in at {}/ui/",
@@ -416,7 +422,7 @@ async fn console_token_create(
 
 /// `token create --etcd`: into the token book the controllers on etcd share.
 async fn token_create_etcd(node: String, ttl: hapair_crds::Duration, etcd: EtcdConfig) -> anyhow::Result<()> {
-    use hapair_operator::etcd::{Keys, connect, election::LeaderRecord, get_json, shared};
+    use hapair_operator::etcd::{Keys, connect, shared};
     let client = connect(&etcd).await?;
     let keys = Keys::new(&etcd.prefix);
     let ca = shared::load_ca(&client, &keys)
@@ -424,12 +430,7 @@ async fn token_create_etcd(node: String, ttl: hapair_crds::Duration, etcd: EtcdC
         .with_context(|| format!("no CA in etcd under {}: has a controller started with --etcd?", etcd.prefix))?;
     let now = now_millis();
     let token = shared::EtcdTokens::new(client.clone(), &keys).issue(&node, ttl.as_std(), now).await?;
-    let controller = get_json::<LeaderRecord>(&client, &keys.leader())
-        .await
-        .ok()
-        .flatten()
-        .map(|leader| leader.url)
-        .unwrap_or_else(|| "https://CONTROLLER:7443".into());
+    let controller = etcd_leader_url(&client, &keys).await.unwrap_or_else(|| UNKNOWN_CONTROLLER.into());
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let expires = format_millis(now.saturating_add(ttl_ms));
     print!("{}", enroll_instructions(&token, &node, &expires, &ca.fingerprint(), &controller));

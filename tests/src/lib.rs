@@ -27,6 +27,7 @@
 //! - [`failover_bench`]: the `failover` benchmark's harness (kill the primary of a real pair,
 //!   time the client until the other server answers on the VIP), with hapair and
 //!   keepalived behind one trait; run by `bench-failover`.
+//! - [`simulated_reports`]: reports of a settled pair, for benchmarks that stand in for agents.
 //! - [`fake_kube`]: an in-process stand-in for the Kubernetes API server (the one thing
 //!   tests may mock), for the operator's scale benchmark and multi-replica tests.
 
@@ -42,5 +43,6 @@ pub mod nbd_client;
 pub mod netns;
 pub mod replica_proc;
 pub mod sim;
+pub mod simulated_reports;
 pub mod soak;
 pub mod topology;

@@ -228,9 +228,9 @@ struct ConsoleOverview {
     overview: crate::controller::views::GroupsOverview,
 }
 
-async fn overview_json<S: Store>(controller: &Controller<S>) -> String {
-    let overview = ConsoleOverview { now: format_millis(now_millis()), overview: controller.overview().await };
-    serde_json::to_string(&overview).unwrap_or_default()
+/// What the page renders from: `overview`, stamped with the controller's time.
+fn overview_json(overview: crate::controller::views::GroupsOverview) -> String {
+    serde_json::to_string(&ConsoleOverview { now: format_millis(now_millis()), overview }).unwrap_or_default()
 }
 
 async fn overview<S: Store>(
@@ -238,7 +238,7 @@ async fn overview<S: Store>(
     headers: HeaderMap,
 ) -> Result<Response, ApiFailure> {
     console.session(&headers)?;
-    let json = overview_json(&console.controller).await;
+    let json = overview_json(console.controller.overview().await);
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
@@ -267,8 +267,7 @@ async fn stream<S: Store>(State(console): State<Arc<Console<S>>>, headers: Heade
             let overview = state.console.controller.overview().await;
             let fingerprint = serde_json::to_string(&overview).unwrap_or_default();
             if fingerprint != state.last {
-                let json = serde_json::to_string(&ConsoleOverview { now: format_millis(now_millis()), overview })
-                    .unwrap_or_default();
+                let json = overview_json(overview);
                 state.last = fingerprint;
                 state.sent = Instant::now();
                 return Some((Ok(Event::default().event("overview").data(json)), state));

@@ -21,9 +21,8 @@ use anyhow::Context;
 use axum::body::Body;
 use axum::http::{Request, header};
 use clap::Parser;
-use hapair_crds::hagroup::{Hardware, NodeHealth, NodeRole};
-use hapair_crds::nodeapi::{GroupKey, GroupReport, NodeReport, VolumeReport};
-use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
+use hapair_crds::hagroup::Hardware;
+use hapair_crds::nodeapi::{GroupKey, NodeReport};
 use hapair_operator::console::Console;
 use hapair_operator::console::session::{ConsoleKeys, ConsoleRole};
 use hapair_operator::controller::metrics::Metrics;
@@ -33,6 +32,7 @@ use hapair_operator::server::identity::PeerIdentity;
 use hapair_operator::server::{ApiSettings, NodeApi, Peer, router};
 use hapair_operator::standalone::file_store::FileStore;
 use hapair_operator::status::usage::{SAMPLE_EVERY_MS, SAMPLES, UsageHistory};
+use hapair_tests::simulated_reports::settled_report;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
@@ -64,56 +64,10 @@ fn manifest(i: usize) -> String {
 
 fn report(i: usize, primary: bool) -> (String, NodeReport) {
     let node = format!("n{i}{}", if primary { "a" } else { "b" });
-    let volumes = if i.is_multiple_of(10) {
-        vec![VolumeReport {
-            name: format!("d{i}"),
-            disk_state: DiskState::UpToDate,
-            role: if primary { VolumeRole::Primary } else { VolumeRole::Secondary },
-            connection: ConnectionState::Connected,
-            out_of_sync_bytes: 0,
-            sync: None,
-            peer_disk_state: Some(DiskState::UpToDate),
-            last_verify: None,
-            storage: None,
-        }]
-    } else {
-        Vec::new()
-    };
-    let group = GroupReport {
-        key: GroupKey::new("default", format!("g{i}")),
-        role: if primary { NodeRole::Primary } else { NodeRole::Standby },
-        epoch: 1,
-        health: NodeHealth::Healthy,
-        role_reason: None,
-        peer_reachable: true,
-        last_peer_heartbeat: None,
-        heartbeat_links: vec![],
-        steps: vec![],
-        monitors: vec![],
-        volumes,
-        last_failover: None,
-        actions: vec![],
-        events: vec![],
-        cleaned_up: false,
-    };
-    let report = NodeReport {
-        node: node.clone(),
-        applied_revision: 1,
-        config_error: None,
-        agent_version: "bench".into(),
-        os: "Debian GNU/Linux 12".into(),
-        uptime_seconds: 1000,
-        hardware: Hardware {
-            cpus: 8,
-            cpu_percent: 30,
-            memory_bytes: 16 << 30,
-            memory_percent: 40,
-            ..Hardware::default()
-        },
-        links: vec![],
-        groups: vec![group],
-        wipes: vec![],
-    };
+    let volume = i.is_multiple_of(10).then(|| format!("d{i}"));
+    let hardware =
+        Hardware { cpus: 8, cpu_percent: 30, memory_bytes: 16 << 30, memory_percent: 40, ..Hardware::default() };
+    let report = settled_report(&node, GroupKey::new("default", format!("g{i}")), primary, volume, hardware, 1000);
     (node, report)
 }
 

@@ -28,11 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use hapair_crds::hagroup::{Hardware, NodeHealth, NodeRole};
-use hapair_crds::nodeapi::{
-    GroupKey, GroupReport, LeaseOp, LeaseRequest, LeaseResponse, NodeReport, VolumeReport, paths,
-};
-use hapair_crds::volume::{ConnectionState, DiskState, VolumeRole};
+use hapair_crds::hagroup::Hardware;
+use hapair_crds::nodeapi::{GroupKey, LeaseOp, LeaseRequest, LeaseResponse, NodeReport, paths};
 use hapair_operator::controller::metrics::Metrics;
 use hapair_operator::k8s::election::{FencedAuthority, Leadership};
 use hapair_operator::k8s::term::{Term, TermConfig};
@@ -41,6 +38,7 @@ use hapair_operator::server::Peer;
 use hapair_operator::server::identity::PeerIdentity;
 use hapair_operator::witness::Witness;
 use hapair_tests::fake_kube::{Counts, FakeApi, Tally, control};
+use hapair_tests::simulated_reports::settled_report;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -115,55 +113,10 @@ fn volume(i: usize) -> Value {
 fn report(i: usize, primary: bool, uptime: u64) -> (String, NodeReport) {
     let (a, b) = node_names(i);
     let node = if primary { a } else { b };
-    let volumes = if has_volume(i) {
-        vec![VolumeReport {
-            name: format!("data{i}"),
-            disk_state: DiskState::UpToDate,
-            role: if primary { VolumeRole::Primary } else { VolumeRole::Secondary },
-            connection: ConnectionState::Connected,
-            out_of_sync_bytes: 0,
-            sync: None,
-            peer_disk_state: Some(DiskState::UpToDate),
-            last_verify: None,
-            storage: None,
-        }]
-    } else {
-        Vec::new()
-    };
-    let group = GroupReport {
-        key: key(i),
-        role: if primary { NodeRole::Primary } else { NodeRole::Standby },
-        epoch: 1,
-        health: NodeHealth::Healthy,
-        role_reason: None,
-        peer_reachable: true,
-        last_peer_heartbeat: None,
-        heartbeat_links: vec![],
-        steps: vec![],
-        monitors: vec![],
-        volumes,
-        last_failover: None,
-        actions: vec![],
-        events: vec![],
-        cleaned_up: false,
-    };
-    let report = NodeReport {
-        node: node.clone(),
-        applied_revision: 1,
-        config_error: None,
-        agent_version: "bench".into(),
-        os: "Debian GNU/Linux 12".into(),
-        uptime_seconds: uptime,
-        hardware: Hardware {
-            cpus: 8,
-            cpu_percent: (uptime % 100) as u32,
-            memory_bytes: 16 << 30,
-            ..Hardware::default()
-        },
-        links: vec![],
-        groups: vec![group],
-        wipes: vec![],
-    };
+    let volume = has_volume(i).then(|| format!("data{i}"));
+    let hardware =
+        Hardware { cpus: 8, cpu_percent: (uptime % 100) as u32, memory_bytes: 16 << 30, ..Hardware::default() };
+    let report = settled_report(&node, key(i), primary, volume, hardware, uptime);
     (node, report)
 }
 
